@@ -1,0 +1,9 @@
+"""Built-in passes, one module per technique. Importing this package registers them.
+
+Each module imports only ``sparsify_fx``'s public API; the core imports this package
+lazily (``sparsify_fx.registry.load_builtin_passes``) the first time a pass is needed.
+"""
+
+from .dropit import DropIT
+
+__all__ = ["DropIT"]

@@ -1,0 +1,330 @@
+"""DropIT (arXiv 2202.13808): Linear / Conv / matmul-against-a-parameter keep only the top-k
+of ``|x|`` of the input they save for backward.
+
+Forward is exact. The saved input is split into chunks of ``chunk_size`` elements and each
+chunk keeps its ``ceil(keep * chunk_size)`` largest-magnitude values with int16 in-chunk
+indices (2 bytes, not the 8 of a flat int64 top-k), so the compressed copy costs
+``keep * (itemsize + 2)`` bytes per element. Backward scatters the kept values into a zero
+tensor to compute ``grad_weight``; ``grad_input`` and ``grad_bias`` never read ``x`` and are
+exact. In eval mode (or under ``no_grad``) the layer runs the plain dense op.
+
+The ops are ``torch.library.custom_op`` with registered autograd and fake kernels, so they
+work in eager, FX, ``torch.export`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
+
+__all__ = ["DropIT", "compress_topk", "decompress_topk", "DropITLinear", "DropITConv"]
+
+_MAX_CHUNK = 32768  # in-chunk indices 0..32767 fit in int16
+
+
+@dataclass(frozen=True)
+class DropIT(PassConfig):
+    """Keep only the top-``keep`` fraction (by ``|x|``) of each dense layer's saved input.
+
+    Args:
+        keep: fraction of the saved input kept (``1 - gamma`` in the paper), in (0, 1].
+        chunk_size: elements per selection chunk (indices are int16 within a chunk), 64..32768.
+        skip_first_last: leave the model's first and last dense layers dense (the paper's
+            default: the first layer's input is the data, held by the caller anyway).
+
+    Example:
+        >>> import torch, sparsify_fx as sfx
+        >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+        ...                         torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> fast = sfx.sparsify(m, sfx.DropIT(keep=0.25), example_inputs=(torch.randn(4, 8),))
+        >>> [r.module for r in sfx.explain(fast).rewrites]
+        ['2']
+    """
+
+    keep: float = 0.1
+    chunk_size: int = 16384
+    skip_first_last: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "keep", self.keep, 0.0, 1.0, low_open=True)
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+            raise ConfigError(f"DropIT.chunk_size must be an int, got {self.chunk_size!r}")
+        check_range(self, "chunk_size", self.chunk_size, 64, _MAX_CHUNK)
+        if not isinstance(self.skip_first_last, bool):
+            raise ConfigError(f"DropIT.skip_first_last must be a bool, got {self.skip_first_last!r}")
+
+
+# ---------------------------------------------------------------- compression
+
+
+def _chunking(numel: int, keep: float, chunk: int) -> tuple[int, int, int]:
+    chunk = max(1, min(chunk, numel))
+    n_chunks = math.ceil(numel / chunk)
+    k = min(chunk, max(1, math.ceil(keep * chunk)))
+    return chunk, n_chunks, k
+
+
+def compress_topk(x: torch.Tensor, keep: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk top-k of ``|x|``: values ``(n_chunks, k)`` and int16 in-chunk indices."""
+    flat = x.detach().reshape(-1)
+    chunk, n_chunks, k = _chunking(flat.numel(), keep, chunk)
+    pad = n_chunks * chunk - flat.numel()
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    rows = flat.view(n_chunks, chunk)
+    if k == chunk:
+        idx = torch.arange(chunk, device=x.device).expand(n_chunks, chunk)
+        return rows.clone(), idx.to(torch.int16)
+    _, idx = torch.topk(rows.abs(), k, dim=1, sorted=False)
+    return torch.gather(rows, 1, idx), idx.to(torch.int16)
+
+
+def decompress_topk(
+    values: torch.Tensor, indices: torch.Tensor, shape: list[int] | torch.Size, chunk: int
+) -> torch.Tensor:
+    """Scatter kept values back into a zero tensor of ``shape`` (``chunk`` as compressed)."""
+    numel = math.prod(shape)
+    chunk = _chunking(numel, 1.0, chunk)[0]
+    rows = values.new_zeros(values.shape[0], chunk)
+    rows.scatter_(1, indices.long(), values)
+    return rows.view(-1)[:numel].view(shape)
+
+
+def compressed_bytes(numel: int, itemsize: int, keep: float, chunk: int) -> int:
+    chunk, n_chunks, k = _chunking(numel, keep, chunk)
+    return n_chunks * k * (itemsize + 2)
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("sparsify_fx::dropit_linear", mutates_args=())
+def _dropit_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: float,
+    chunk: int,
+    transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = F.linear(x, weight.t() if transposed else weight, bias)
+    values, indices = compress_topk(x, keep, chunk)
+    return out, values, indices
+
+
+@_dropit_linear.register_fake
+def _(x, weight, bias, keep, chunk, transposed):
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    out = x.new_empty(*x.shape[:-1], out_features)
+    c, n, k = _chunking(x.numel(), keep, chunk)
+    return out, x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int16)
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, keep, chunk, transposed = inputs
+    _, values, indices = output
+    ctx.save_for_backward(values, indices, weight)
+    ctx.x_shape = list(x.shape)
+    ctx.chunk = _chunking(x.numel(), keep, chunk)[0]
+    ctx.transposed = transposed
+    ctx.has_bias = bias is not None
+
+
+def _restore_input(ctx, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return decompress_topk(values, indices, ctx.x_shape, ctx.chunk)
+
+
+def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
+    values, indices, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    w = weight.t() if ctx.transposed else weight  # [out, in]
+    grad_x = grad_out @ w if need_x else None
+    grad_w = grad_b = None
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    if need_w:
+        x2 = _restore_input(ctx, values, indices).reshape(-1, ctx.x_shape[-1])
+        grad_w = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
+    if need_b and ctx.has_bias:
+        grad_b = g2.sum(0)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+_dropit_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("sparsify_fx::dropit_conv", mutates_args=())
+def _dropit_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    keep: float,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    zeros = [0] * len(stride)
+    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+    values, indices = compress_topk(x, keep, chunk)
+    return out, values, indices
+
+
+@_dropit_conv.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, keep, chunk):
+    spatial = []
+    for i, size in enumerate(x.shape[2:]):
+        k = weight.shape[2 + i]
+        spatial.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
+    out = x.new_empty(x.shape[0], weight.shape[0], *spatial)
+    c, n, k = _chunking(x.numel(), keep, chunk)
+    return out, x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int16)
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation, groups, keep, chunk = inputs
+    _, values, indices = output
+    ctx.save_for_backward(values, indices, weight)
+    ctx.x_shape = list(x.shape)
+    ctx.chunk = _chunking(x.numel(), keep, chunk)[0]
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.bias_sizes = [weight.shape[0]] if bias is not None else None
+
+
+def _conv_backward(ctx, grad_out, _grad_values, _grad_indices):
+    values, indices, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    stride, padding, dilation, groups = ctx.conv
+    x = _restore_input(ctx, values, indices) if need_w else values.new_zeros(ctx.x_shape)
+    zeros = [0] * len(stride)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out.contiguous(),
+        x,
+        weight,
+        ctx.bias_sizes,
+        stride,
+        padding,
+        dilation,
+        False,
+        zeros,
+        groups,
+        [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
+    )
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+_dropit_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---------------------------------------------------------------- op modules
+
+
+class DropITLinear(nn.Module):
+    """Parameter-free op module: ``forward(x, weight, bias)`` like the op it replaced.
+
+    ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"): eval mode runs exactly
+    that op, so eval outputs are bit-identical to the original graph's.
+    """
+
+    def __init__(self, keep: float, chunk: int, kind: str = "linear"):
+        super().__init__()
+        self.keep, self.chunk, self.kind = keep, chunk, kind
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, chunk={self.chunk}, kind={self.kind}"
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.training and torch.is_grad_enabled() and weight.requires_grad:
+            return torch.ops.sparsify_fx.dropit_linear(
+                x, weight, bias, self.keep, self.chunk, self.kind != "linear"
+            )[0]
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "addmm":
+            return torch.addmm(bias, x, weight)
+        return torch.matmul(x, weight)
+
+
+class DropITConv(nn.Module):
+    """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
+
+    def __init__(self, keep: float, chunk: int, stride, padding, dilation, groups: int):
+        super().__init__()
+        self.keep, self.chunk = keep, chunk
+        self.stride, self.padding = list(stride), list(padding)
+        self.dilation, self.groups = list(dilation), int(groups)
+        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.training and torch.is_grad_enabled() and weight.requires_grad:
+            return torch.ops.sparsify_fx.dropit_conv(
+                x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                self.keep, self.chunk,
+            )[0]
+        return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+@sfx.register_pass(DropIT, name="dropit")
+def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
+    ops, unmatched = sfx.find_dense_ops(gm)
+    result = PassResult(gm, modified=False)
+    for node, why in unmatched:
+        result.skips.append(ctx.skip(node, why))
+    for op in ops:
+        qualified = ctx.qualified(op.module_name)
+        weight = gm.get_parameter(op.weight_name)
+        reason = ctx.selection_reason(config, op, op.module_name, gm)
+        if reason is None and config.skip_first_last and qualified in ctx.first_last:
+            reason = "first/last dense layer kept dense (skip_first_last=True)"
+        if reason is None and not weight.requires_grad:
+            reason = "weight does not require grad: no input is saved for it"
+        padding = None
+        if reason is None and op.kind == "conv":
+            padding = op.conv_padding_ints(weight.shape)
+            if padding is None:
+                reason = "padding='same' with an even kernel needs asymmetric padding (not supported)"
+        if reason is not None:
+            result.skips.append(ctx.skip(op, reason))
+            continue
+        if op.kind == "conv":
+            module = DropITConv(config.keep, config.chunk_size, op.stride, padding, op.dilation, op.groups)
+            op_name = f"conv{op.conv_ndim}d"
+        else:
+            kind = "addmm" if op.node.target is torch.addmm else op.kind
+            module = DropITLinear(config.keep, config.chunk_size, kind)
+            op_name = kind
+        target = sfx.install_module(gm, f"dropit_{op.module_name or op.node.name}", module)
+        with gm.graph.inserting_before(op.node):
+            new = gm.graph.call_module(target, (op.input, op.weight, op.bias))
+        sfx.replace_node(op.node, new)
+        before = sfx.tensor_bytes(op.input)
+        after = None
+        if before is not None:
+            shape, dtype = sfx.tensor_meta(op.input)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            after = compressed_bytes(math.prod(shape), itemsize, config.keep, config.chunk_size)
+        flops = sfx.dense_op_flops(op, weight.shape)
+        result.rewrites.append(
+            Rewrite(
+                ctx.pass_name, op.node.name, qualified, op_name, target,
+                saved_bytes_before=before, saved_bytes_after=after,
+                flops_before=flops, flops_after=flops,
+                details={"keep": config.keep},
+            )
+        )
+        result.modified = True
+    return result

@@ -1,0 +1,58 @@
+"""sparsify_fx: torch.fx graph rewrites that make neural-network training cheaper.
+
+    >>> import torch, sparsify_fx as sfx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> fast = sfx.sparsify(model, sfx.DropIT(keep=0.1), example_inputs=(torch.randn(8, 16),))
+
+Technique configs (``DropIT``, ...) live in the built-in ``passes`` package and are
+loaded lazily on first access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .analysis import ShapeRecorder, dense_op_flops, tensor_bytes, tensor_meta
+from .backend import backend
+from .capture import CAPTURE_METHODS, Capture, capture, structural_copy
+from .config import PassConfig, check_range
+from .errors import (
+    CaptureError,
+    ConfigError,
+    PassError,
+    RecipeError,
+    SparsifyError,
+    VerificationError,
+)
+from .graph import DenseOp, canonicalize, find_dense_ops, install_module, module_name_of, replace_node
+from .pass_base import PassContext, PassResult, Rewrite, Skip
+from .recipes import parse_recipe, resolve_recipe
+from .registry import register_pass, registered
+from .report import ExplainReport, explain
+from .sparsify import SparsifyRecord, sparsify
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sparsify", "capture", "verify", "explain", "backend",
+    "Capture", "CAPTURE_METHODS", "VerifyReport", "ExplainReport", "SparsifyRecord",
+    "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
+    "parse_recipe", "resolve_recipe", "check_range",
+    "DenseOp", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
+    "ShapeRecorder", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
+    "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
+    "DropIT",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # technique configs come from the built-in passes package, imported on first use
+    from .registry import load_builtin_passes
+
+    load_builtin_passes()
+    import passes
+
+    if name in getattr(passes, "__all__", ()):
+        return getattr(passes, name)
+    raise AttributeError(f"module 'sparsify_fx' has no attribute {name!r}")

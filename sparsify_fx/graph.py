@@ -1,0 +1,387 @@
+"""The canonical graph form every pass works on, and the helpers passes use to read it.
+
+Whatever captured a model (``symbolic_trace`` with module calls, ``torch.export`` with aten
+ops, Dynamo with torch functions), :func:`canonicalize` brings the graph to one form:
+
+* **stateless layers are functions**: ``nn.Linear`` / ``nn.ConvNd`` / activation modules and
+  every spelling of the same op (``torch._C._nn.linear``, ``aten.linear.default``,
+  ``x @ w``, ``x.relu()``) become one canonical ``call_function`` target
+  (``F.linear``, ``F.conv2d``, ``torch.matmul``, ``F.relu``...), with parameters as
+  ``get_attr`` nodes under their original qualified names;
+* **mode-dependent layers are modules**: BatchNorm, Dropout and anything unknown stay (or are
+  turned back into) ``call_module`` nodes, so ``train()`` / ``eval()`` keep working;
+* every node carries ``node.meta["sfx_module"]``: the qualified name of the module it
+  belongs to (used by ``include=`` / ``exclude=`` and by the reports).
+
+A pass then matches one pattern per op: :func:`find_dense_ops` returns every Linear, Conv
+and matmul-against-a-parameter as a :class:`DenseOp`, whatever its spelling was.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "DenseOp",
+    "canonicalize",
+    "find_dense_ops",
+    "install_module",
+    "module_name_of",
+    "replace_node",
+    "OPS_CONTAINER",
+    "DENSE_LAYER_TYPES",
+]
+
+#: name of the submodule that holds the (parameter-free) op modules passes insert.
+OPS_CONTAINER = "sfx_ops"
+
+DENSE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+aten = torch.ops.aten
+
+# every spelling -> (canonical target, extra kwargs). "before -> after" is the table itself.
+_FUNCTION_ALIASES: dict[Any, tuple[Callable, dict]] = {
+    torch._C._nn.linear: (F.linear, {}),  # torch._C._nn.linear(x, w, b) -> F.linear(x, w, b)
+    aten.linear.default: (F.linear, {}),  # aten.linear(x, w, b) -> F.linear(x, w, b)
+    torch.conv1d: (F.conv1d, {}),  # torch.conv1d -> F.conv1d
+    torch.conv2d: (F.conv2d, {}),  # torch.conv2d -> F.conv2d
+    torch.conv3d: (F.conv3d, {}),  # torch.conv3d -> F.conv3d
+    aten.conv1d.default: (F.conv1d, {}),  # aten.conv1d -> F.conv1d
+    aten.conv2d.default: (F.conv2d, {}),  # aten.conv2d -> F.conv2d
+    aten.conv3d.default: (F.conv3d, {}),  # aten.conv3d -> F.conv3d
+    operator.matmul: (torch.matmul, {}),  # a @ b -> torch.matmul(a, b)
+    aten.matmul.default: (torch.matmul, {}),  # aten.matmul -> torch.matmul
+    aten.mm.default: (torch.matmul, {}),  # aten.mm(a, b) -> torch.matmul(a, b)
+    torch.mm: (torch.matmul, {}),  # torch.mm(a, b) -> torch.matmul(a, b)
+    aten.addmm.default: (torch.addmm, {}),  # aten.addmm -> torch.addmm
+    torch.relu: (F.relu, {}),  # torch.relu(x) -> F.relu(x)
+    aten.relu.default: (F.relu, {}),  # aten.relu(x) -> F.relu(x)
+    torch.relu_: (F.relu, {"inplace": True}),  # torch.relu_(x) -> F.relu(x, inplace=True)
+    aten.relu_.default: (F.relu, {"inplace": True}),  # aten.relu_(x) -> F.relu(x, inplace=True)
+    aten.gelu.default: (F.gelu, {}),  # aten.gelu(x) -> F.gelu(x)
+    aten.silu.default: (F.silu, {}),  # aten.silu(x) -> F.silu(x)
+    torch.sigmoid: (torch.sigmoid, {}),
+}
+_METHOD_ALIASES: dict[str, tuple[Callable, dict]] = {
+    "matmul": (torch.matmul, {}),  # a.matmul(b) -> torch.matmul(a, b)
+    "relu": (F.relu, {}),  # x.relu() -> F.relu(x)
+    "relu_": (F.relu, {"inplace": True}),  # x.relu_() -> F.relu(x, inplace=True)
+}
+
+
+def module_name_of(node: fx.Node) -> str:
+    """Qualified name of the module a node belongs to ('' for the root)."""
+    name = node.meta.get("sfx_module")
+    if name is not None:
+        return name
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        return _clean_stack_path(path)
+    return ""
+
+
+def _clean_stack_path(path: str) -> str:
+    # export/dynamo stacks spell paths like "L__self___layer1_0" or "layer1.0"; keep dotted ones
+    if path.startswith("L__self__") or path.startswith("L['self']"):
+        return ""
+    return path
+
+
+def _module_type_of(gm: fx.GraphModule, name: str) -> str:
+    try:
+        return type(gm.get_submodule(name)).__name__ if name else type(gm).__name__
+    except AttributeError:
+        return ""
+
+
+@dataclass
+class DenseOp:
+    """One matmul-like op against a parameter, whatever its spelling was.
+
+    ``kind`` is ``"linear"`` (``F.linear(x, W[out, in], b)``), ``"conv"``
+    (``F.convNd(x, W, b, stride, padding, dilation, groups)``) or ``"matmul"``
+    (``x @ W[in, out]`` or ``addmm(b, x, W[in, out])``, GPT-2's Conv1D).
+    """
+
+    node: fx.Node
+    kind: str
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    weight_name: str
+    module_name: str
+    module_type: str
+    conv_ndim: int = 0
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weight_transposed(self) -> bool:
+        """True when the weight is stored ``[in, out]`` (``x @ W``), False for ``[out, in]``."""
+        return self.kind == "matmul"
+
+    def conv_padding_ints(self, weight_shape: torch.Size) -> tuple[int, ...] | None:
+        """Explicit symmetric padding, or None when ``padding='same'`` needs asymmetric pads."""
+        if not isinstance(self.padding, str):
+            return tuple(self.padding)
+        if self.padding == "valid":
+            return (0,) * self.conv_ndim
+        pads = []
+        for k, d in zip(weight_shape[2:], self.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return tuple(pads)
+
+
+def _tuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value) if len(value) == n else tuple(int(value[0]) for _ in range(n))
+    return (int(value),) * n
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _param_name(gm: fx.GraphModule, node: Any) -> str | None:
+    """Qualified parameter name when ``node`` is a get_attr of an nn.Parameter."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        gm.get_parameter(str(node.target))
+    except AttributeError:
+        return None
+    return str(node.target)
+
+
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Node, str]]]:
+    """Every Linear / Conv / matmul-against-a-parameter in a canonical graph.
+
+    Returns ``(ops, unmatched)`` where ``unmatched`` lists matmul-like nodes that are *not*
+    against a parameter (activation x activation, e.g. attention scores) with the reason,
+    so a pass can report them instead of skipping them silently.
+    """
+    ops: list[DenseOp] = []
+    unmatched: list[tuple[fx.Node, str]] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is F.linear or target in _CONV_FUNCS:
+            x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+            wname = _param_name(gm, w)
+            if wname is None:
+                unmatched.append((node, "weight is not a parameter of the model"))
+                continue
+            if b is not None and _param_name(gm, b) is None:
+                unmatched.append((node, "bias is not a parameter of the model"))
+                continue
+            module = module_name_of(node) or wname.rpartition(".")[0]
+            op = DenseOp(node, "linear", x, w, b, wname, module, _module_type_of(gm, module))
+            if target in _CONV_FUNCS:
+                n = _CONV_FUNCS[target]
+                op.kind = "conv"
+                op.conv_ndim = n
+                op.stride = _tuple(_arg(node, 3, "stride", 1), n)
+                padding = _arg(node, 4, "padding", 0)
+                op.padding = padding if isinstance(padding, str) else _tuple(padding, n)
+                op.dilation = _tuple(_arg(node, 5, "dilation", 1), n)
+                op.groups = int(_arg(node, 6, "groups", 1))
+            ops.append(op)
+        elif target is torch.matmul or target is torch.addmm:
+            if target is torch.matmul:
+                x, w, b = node.args[0], node.args[1], None
+            else:
+                b, x, w = node.args[0], node.args[1], node.args[2]
+                if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                    unmatched.append((node, "addmm with alpha/beta != 1"))
+                    continue
+            wname = _param_name(gm, w)
+            if wname is None:
+                unmatched.append((node, "no operand is a parameter (activation x activation)"))
+                continue
+            if gm.get_parameter(wname).dim() != 2:
+                unmatched.append((node, "parameter operand is not 2-D"))
+                continue
+            if b is not None and _param_name(gm, b) is None:
+                unmatched.append((node, "bias is not a parameter of the model"))
+                continue
+            module = module_name_of(node) or wname.rpartition(".")[0]
+            ops.append(DenseOp(node, "matmul", x, w, b, wname, module, _module_type_of(gm, module)))
+    return ops, unmatched
+
+
+def install_module(gm: fx.GraphModule, name_hint: str, module: nn.Module) -> str:
+    """Register ``module`` under ``gm.sfx_ops`` with a unique name; return its call target."""
+    container = getattr(gm, OPS_CONTAINER, None)
+    if container is None:
+        container = nn.Module()
+        gm.add_submodule(OPS_CONTAINER, container)
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in name_hint) or "op"
+    name, i = base, 1
+    while hasattr(container, name):
+        i += 1
+        name = f"{base}_{i}"
+    container.add_module(name, module)
+    return f"{OPS_CONTAINER}.{name}"
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of ``old`` at ``new``, carry meta over, and erase ``old``."""
+    for key, value in old.meta.items():
+        new.meta.setdefault(key, value)
+    new.meta.setdefault("sfx_origin", old.name)
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
+# ---------------------------------------------------------------- canonicalization
+
+
+def _input_of(node: fx.Node) -> Any:
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
+
+
+def _expand_linear(gm: fx.GraphModule, node: fx.Node, mod: nn.Linear) -> fx.Node:
+    g = gm.graph
+    w = g.get_attr(f"{node.target}.weight")
+    b = g.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+    return g.call_function(F.linear, (_input_of(node), w, b))
+
+
+def _expand_conv(gm: fx.GraphModule, node: fx.Node, mod: nn.modules.conv._ConvNd) -> fx.Node:
+    g = gm.graph
+    n = len(mod.kernel_size)
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    x = _input_of(node)
+    w = g.get_attr(f"{node.target}.weight")
+    b = g.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+    padding: Any = mod.padding
+    if mod.padding_mode != "zeros":
+        # the module pads by itself, then convolves with zero padding: do the same
+        x = g.call_function(F.pad, (x, tuple(mod._reversed_padding_repeated_twice)), {"mode": mod.padding_mode})
+        x.meta["sfx_module"] = str(node.target)
+        padding = (0,) * n
+    return g.call_function(fn, (x, w, b, tuple(mod.stride), padding, tuple(mod.dilation), mod.groups))
+
+
+def _simple(fn: Callable, **fixed: Any) -> Callable:
+    def expand(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> fx.Node:
+        kwargs = {k: getattr(mod, attr) for k, attr in fixed.items()}
+        return gm.graph.call_function(fn, (_input_of(node),), kwargs)
+
+    return expand
+
+
+# module type -> expansion into its functional form (exact type match: subclasses may
+# override forward). before -> after in each line.
+_MODULE_EXPANSIONS: dict[type[nn.Module], Callable] = {
+    nn.Linear: _expand_linear,  # call_module(Linear) -> F.linear(x, get_attr w, get_attr b)
+    nn.Conv1d: _expand_conv,  # call_module(Conv1d) -> [F.pad] + F.conv1d(x, w, b, ...)
+    nn.Conv2d: _expand_conv,  # call_module(Conv2d) -> [F.pad] + F.conv2d(x, w, b, ...)
+    nn.Conv3d: _expand_conv,  # call_module(Conv3d) -> [F.pad] + F.conv3d(x, w, b, ...)
+    nn.ReLU: _simple(F.relu, inplace="inplace"),  # call_module(ReLU) -> F.relu(x, inplace)
+    nn.GELU: _simple(F.gelu, approximate="approximate"),  # call_module(GELU) -> F.gelu(x)
+    nn.SiLU: _simple(F.silu, inplace="inplace"),  # call_module(SiLU) -> F.silu(x, inplace)
+}
+# NonDynamicallyQuantizableLinear (used by MultiheadAttention) only renames nn.Linear
+_MODULE_EXPANSIONS[nn.modules.linear.NonDynamicallyQuantizableLinear] = _expand_linear
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    return bool(
+        mod._forward_hooks
+        or mod._forward_pre_hooks
+        or mod._backward_hooks
+        or getattr(mod, "_forward_hooks_with_kwargs", None)
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _is_parametrized(mod: nn.Module) -> bool:
+    return bool(getattr(mod, "parametrizations", None))
+
+
+@dataclass
+class CanonicalizeReport:
+    """What :func:`canonicalize` did: counts of expanded modules / renamed ops, and notes."""
+
+    expanded: int = 0
+    renamed: int = 0
+    kept_as_modules: list[tuple[str, str]] = field(default_factory=list)
+
+
+def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
+    """Bring ``gm`` to the canonical form in place (see the module docstring)."""
+    report = CanonicalizeReport()
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op == "call_module":
+            node.meta.setdefault("sfx_module", str(node.target))
+            mod = gm.get_submodule(str(node.target))
+            expand = _MODULE_EXPANSIONS.get(type(mod))
+            if expand is None:
+                continue
+            if _has_hooks(mod):
+                report.kept_as_modules.append((str(node.target), "has hooks; kept as a module call"))
+                continue
+            if _is_parametrized(mod):
+                report.kept_as_modules.append((str(node.target), "parametrized weight; kept as a module call"))
+                continue
+            anchor = node.prev
+            with g.inserting_before(node):
+                new = expand(gm, node, mod)
+            created = anchor.next
+            while created is not node:
+                created.meta.setdefault("sfx_module", str(node.target))
+                created = created.next
+            new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
+            new.meta["sfx_module"] = str(node.target)
+            new.meta["sfx_module_type"] = type(mod).__name__
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            report.expanded += 1
+        elif node.op == "call_function" and node.target in _FUNCTION_ALIASES:
+            target, extra = _FUNCTION_ALIASES[node.target]
+            if target is not node.target or extra:
+                node.target = target
+                node.kwargs = {**node.kwargs, **extra}
+                report.renamed += 1
+        elif node.op == "call_method" and node.target in _METHOD_ALIASES:
+            target, extra = _METHOD_ALIASES[node.target]
+            node.op = "call_function"
+            node.target = target
+            node.kwargs = {**node.kwargs, **extra}
+            report.renamed += 1
+    for node in g.nodes:
+        if "sfx_module" not in node.meta:
+            node.meta["sfx_module"] = module_name_of(node)
+    g.lint()
+    gm.recompile()
+    return report
+

@@ -1,0 +1,165 @@
+"""What a pass returns, what it is given, and the manager that runs passes transactionally."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .config import PassConfig
+from .errors import PassError
+from .graph import OPS_CONTAINER, DenseOp, find_dense_ops
+from .registry import lookup
+
+__all__ = ["Rewrite", "Skip", "PassResult", "PassContext", "run_passes"]
+
+
+@dataclass
+class Rewrite:
+    """One node a pass replaced."""
+
+    pass_name: str
+    node: str
+    module: str
+    op: str
+    replacement: str
+    saved_bytes_before: int | None = None
+    saved_bytes_after: int | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Skip:
+    """One candidate node a pass left alone, and why."""
+
+    pass_name: str
+    node: str
+    module: str
+    op: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the module, whether it changed, and every rewrite and skip."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What the manager hands a pass besides the graph and its config.
+
+    Attributes:
+        prefix: qualified name of this graph in the model ('' for the root; ``"encoder."``
+            when only a submodule was traced), so names match ``model.named_modules()``.
+        first_last: qualified module names of the model's first and last dense layers.
+        pass_name: the recipe name of the running pass.
+    """
+
+    prefix: str = ""
+    first_last: tuple[str, ...] = ()
+    pass_name: str = ""
+
+    def qualified(self, module_name: str) -> str:
+        if not self.prefix:
+            return module_name
+        return self.prefix.rstrip(".") + ("." + module_name if module_name else "")
+
+    def selection_reason(
+        self, config: PassConfig, op: DenseOp | None, module_name: str, root: nn.Module
+    ) -> str | None:
+        """None when the layer may be rewritten, else the reason it is skipped."""
+        name = self.qualified(module_name)
+        try:
+            module = root.get_submodule(module_name) if module_name else None
+        except AttributeError:
+            module = None
+        return config.selection_reason(name, module)
+
+    def skip(self, op: DenseOp | fx.Node, reason: str) -> Skip:
+        node = op.node if isinstance(op, DenseOp) else op
+        module = op.module_name if isinstance(op, DenseOp) else str(node.meta.get("sfx_module", ""))
+        kind = op.kind if isinstance(op, DenseOp) else str(getattr(node.target, "__name__", node.target))
+        return Skip(self.pass_name, node.name, self.qualified(module), kind, reason)
+
+
+def _snapshot(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, Any], dict[str, Any]]:
+    graph = fx.Graph(owning_module=gm)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    ops = getattr(gm, OPS_CONTAINER, None)
+    return graph, dict(gm._modules), dict(ops._modules) if ops is not None else {}
+
+
+def _restore(gm: fx.GraphModule, snap: tuple[fx.Graph, dict[str, Any], dict[str, Any]]) -> None:
+    graph, modules, ops_children = snap
+    gm._modules.clear()
+    gm._modules.update(modules)
+    ops = getattr(gm, OPS_CONTAINER, None)
+    if ops is not None:
+        ops._modules.clear()
+        ops._modules.update(ops_children)
+    gm.graph = graph
+    gm.recompile()
+
+
+def run_passes(
+    graphs: dict[str, fx.GraphModule],
+    configs: Sequence[PassConfig],
+    first_last: tuple[str, ...] = (),
+) -> list[PassResult]:
+    """Apply each config's pass to every graph, in order; lint + recompile after each.
+
+    A pass that raises leaves its graph exactly as before the pass, and the error is re-raised
+    as :class:`PassError` naming the pass and the node it was working on.
+    """
+    results = []
+    for config in configs:
+        spec = lookup(config)
+        total = PassResult(graph_module=None, modified=False)  # type: ignore[arg-type]
+        for prefix, gm in graphs.items():
+            ctx = PassContext(prefix=prefix + "." if prefix else "", first_last=first_last, pass_name=spec.name)
+            snap = _snapshot(gm)
+            try:
+                result = spec.transform(gm, config, ctx)
+                if not isinstance(result, PassResult):
+                    raise TypeError(f"pass returned {type(result).__name__}, expected PassResult")
+                gm.graph.lint()
+                gm.recompile()
+            except Exception as e:
+                _restore(gm, snap)
+                node = getattr(e, "sfx_node", None)
+                where = f" at node {node.format_node()}" if isinstance(node, fx.Node) else ""
+                raise PassError(
+                    f"pass {spec.name!r} failed on graph {prefix or '(root)'}{where}: "
+                    f"{type(e).__name__}: {e}. The model was left unchanged.",
+                    pass_name=spec.name,
+                    node=node.name if isinstance(node, fx.Node) else "",
+                ) from e
+            total.modified |= result.modified
+            total.rewrites.extend(result.rewrites)
+            total.skips.extend(result.skips)
+            total.graph_module = result.graph_module
+        results.append(total)
+    return results
+
+
+def dense_layer_order(graphs: dict[str, fx.GraphModule]) -> list[str]:
+    """Qualified module names of every dense op, in graph order, graphs in model order."""
+    names: list[str] = []
+    for prefix, gm in graphs.items():
+        ops, _ = find_dense_ops(gm)
+        for op in ops:
+            q = (prefix + "." if prefix else "") + op.module_name
+            if q not in names:
+                names.append(q)
+    return names

@@ -1,0 +1,165 @@
+"""The one entry point: ``sparsify(model, recipe, example_inputs=...)``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .analysis import ShapeRecorder
+from .capture import CAPTURE_METHODS, Capture, capture
+from .config import PassConfig
+from .pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
+from .recipes import Recipe, resolve_recipe
+from .verify import VerifyReport, verify as verify_outputs
+
+__all__ = ["sparsify", "SparsifyRecord", "RECORD_ATTR"]
+
+#: attribute of a rewritten module holding its :class:`SparsifyRecord`.
+RECORD_ATTR = "sfx_record"
+
+
+@dataclass
+class SparsifyRecord:
+    """Everything :func:`sparsify` did, kept on the rewritten module for ``sfx.explain``."""
+
+    capture_method: str
+    capture_notes: list[str]
+    capture_failures: dict[str, str]
+    recipe: list[str]
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    passes: list[tuple[str, int, int]] = field(default_factory=list)  # name, rewritten, skipped
+    verification: VerifyReport | None = None
+    graphs: list[str] = field(default_factory=list)
+
+
+def _record_shapes(cap: Capture, args: tuple, kwargs: dict) -> list[str]:
+    """Run the captured module once (eval, no grad) to store tensor shapes in node.meta."""
+    notes: list[str] = []
+    inputs: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for name, gm in cap.graphs.items():
+        def hook(m: nn.Module, a: tuple, kw: dict, name: str = name) -> None:
+            inputs.setdefault(name, (a, kw))
+        handles.append(gm.register_forward_pre_hook(hook, with_kwargs=True))
+    saved = {n: m.training for n, m in cap.graph_module.named_modules()}
+    try:
+        cap.graph_module.eval()
+        with torch.no_grad():
+            cap.graph_module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in cap.graph_module.named_modules():
+            m.training = saved.get(n, m.training)
+    for name, gm in cap.graphs.items():
+        if name not in inputs:
+            notes.append(f"{name or '(root)'}: not run on the example inputs; no shapes recorded")
+            continue
+        a, kw = inputs[name]
+        try:
+            bound = inspect.signature(gm.forward).bind(*a, **kw)
+            bound.apply_defaults()
+            gm.eval()
+            with torch.no_grad():
+                ShapeRecorder(gm).run(*bound.args)
+        except Exception as e:  # noqa: BLE001 - shapes only feed estimates
+            notes.append(f"{name or '(root)'}: shapes not recorded ({type(e).__name__}: {e})")
+        finally:
+            for n, m in gm.named_modules():
+                m.training = saved.get((name + "." + n).strip("."), m.training)
+    return notes
+
+
+def sparsify(
+    model: nn.Module,
+    recipe: Recipe,
+    example_inputs: tuple | list | Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    verify: bool | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    capture_methods: tuple[str, ...] = CAPTURE_METHODS,
+) -> nn.Module:
+    """Rewrite ``model`` with the passes of ``recipe``; the original is not mutated.
+
+    Args:
+        model: any ``nn.Module``.
+        recipe: a pass config (``sfx.DropIT(keep=0.1)``), a list of them (applied in
+            order), or a recipe string (``"dropit:keep=0.1"``).
+        example_inputs: positional inputs of one forward call: used to record shapes (byte
+            and FLOP estimates), by the export/Dynamo capture fallbacks, and by verification.
+        example_kwargs: keyword inputs of that call.
+        verify: compare eval-mode outputs with the original (default: True when example
+            inputs are given). Raises :class:`sparsify_fx.VerificationError` on mismatch.
+        rtol / atol: verification tolerances (default: per output dtype).
+        capture_methods: capture methods to try, in order.
+
+    Returns:
+        The rewritten module: a ``torch.fx.GraphModule`` when the model was captured whole.
+        It shares the original's parameters and buffers and keeps its ``state_dict`` keys.
+        ``sfx.explain(result)`` reports what was rewritten and skipped.
+
+    Example:
+        >>> import torch, sparsify_fx as sfx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> fast = sfx.sparsify(model, sfx.DropIT(keep=0.1), example_inputs=(torch.randn(8, 16),))
+        >>> isinstance(fast, torch.fx.GraphModule)
+        True
+    """
+    configs: list[PassConfig] = resolve_recipe(recipe)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    args = tuple(example_inputs) if example_inputs is not None else None
+    kwargs = dict(example_kwargs or {})
+    cap = capture(model, args, kwargs, methods=capture_methods)
+    record = SparsifyRecord(
+        capture_method=cap.method,
+        capture_notes=list(cap.notes),
+        capture_failures=dict(cap.failures),
+        recipe=[c.describe() for c in configs],
+        graphs=list(cap.graphs),
+    )
+    if cap.method == "dynamo":
+        from .backend import rewrite_lazily
+
+        module = rewrite_lazily(cap, configs, record)
+    else:
+        if args is not None:
+            record.capture_notes += _record_shapes(cap, args, kwargs)
+        order = dense_layer_order(cap.graphs)
+        first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
+        results: list[PassResult] = run_passes(cap.graphs, configs, first_last)
+        for config, result in zip(configs, results):
+            record.rewrites += result.rewrites
+            record.skips += result.skips
+            record.passes.append((config.describe(), len(result.rewrites), len(result.skips)))
+        module = cap.graph_module
+        for gm in cap.graphs.values():
+            gm.graph.lint()
+            gm.recompile()
+    setattr(module, RECORD_ATTR, record)
+    if verify is None:
+        verify = args is not None
+    if verify:
+        if args is None:
+            raise ValueError("sparsify(verify=True) needs example_inputs")
+        record.verification = verify_outputs(model, module, args, kwargs, rtol=rtol, atol=atol)
+    return module
+
+
+def record_of(module: nn.Module) -> SparsifyRecord | None:
+    """The :class:`SparsifyRecord` of a module made by :func:`sparsify`, else None."""
+    record = getattr(module, RECORD_ATTR, None)
+    return record if isinstance(record, SparsifyRecord) else None
+
+
+def is_graph_module(module: nn.Module) -> bool:
+    return isinstance(module, fx.GraphModule)
