@@ -4,6 +4,7 @@ Each module imports only ``sparsify_fx``'s public API; the core imports this pac
 lazily (``sparsify_fx.registry.load_builtin_passes``) the first time a pass is needed.
 """
 
+from .block_sparse import BlockSparseActivations
 from .dropit import DropIT
 
-__all__ = ["DropIT"]
+__all__ = ["BlockSparseActivations", "DropIT"]

@@ -307,17 +307,18 @@ def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
             kind = "addmm" if op.node.target is torch.addmm else op.kind
             module = DropITLinear(config.keep, config.chunk_size, kind)
             op_name = kind
-        target = sfx.install_module(gm, f"dropit_{op.module_name or op.node.name}", module)
-        with gm.graph.inserting_before(op.node):
-            new = gm.graph.call_module(target, (op.input, op.weight, op.bias))
-        sfx.replace_node(op.node, new)
-        before = sfx.tensor_bytes(op.input)
+        x = op.input
+        before = sfx.tensor_bytes(x)
         after = None
         if before is not None:
-            shape, dtype = sfx.tensor_meta(op.input)
+            shape, dtype = sfx.tensor_meta(x)
             itemsize = torch.empty((), dtype=dtype).element_size()
             after = compressed_bytes(math.prod(shape), itemsize, config.keep, config.chunk_size)
         flops = sfx.dense_op_flops(op, weight.shape)
+        target = sfx.install_module(gm, f"dropit_{op.module_name or op.node.name}", module)
+        with gm.graph.inserting_before(op.node):
+            new = gm.graph.call_module(target, (x, op.weight, op.bias))
+        sfx.replace_node(op.node, new)
         result.rewrites.append(
             Rewrite(
                 ctx.pass_name, op.node.name, qualified, op_name, target,

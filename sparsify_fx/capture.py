@@ -301,17 +301,17 @@ def _capture_submodules(
             if calls:
                 seen = calls.get(id(child), [])
                 if not seen:
-                    notes.append(f"{path}: not called on the example inputs; left untraced")
-                    continue
-                if len({_non_tensor_signature(a, kw) for a, kw in seen}) > 1:
+                    notes.append(f"{path}: not called on the example inputs in eval mode; "
+                                 "traced without knowing its call arguments")
+                elif len({_non_tensor_signature(a, kw) for a, kw in seen}) > 1:
                     visit(child, path + ".")
                     notes.append(f"{path}: called with differing non-tensor arguments; traced its children")
                     continue
-                a, kw = seen[0]
-                try:
-                    concrete = _concrete_args_for(child, a, kw)
-                except CaptureError:
-                    concrete = None
+                else:
+                    try:
+                        concrete = _concrete_args_for(child, *seen[0])
+                    except CaptureError:
+                        concrete = None
             try:
                 graph, leaf_notes = _trace_graph(child, concrete)
                 gm = _make_graph_module(child, graph)
@@ -323,7 +323,7 @@ def _capture_submodules(
             _copy_plain_attributes(child, gm)
             parent._modules[cname] = gm
             graphs[path] = gm
-            notes += [f"{path}.{n}" for n in leaf_notes]
+            notes.extend(f"{path}.{n}" for n in leaf_notes)
 
     visit(model, "")
     if not graphs:
@@ -398,9 +398,13 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captu
         )
     if keys[0] != keys[1]:
         raise CaptureError("the exported graph differs between train and eval mode")
-    gm = programs[1].module()
+    unlifted = programs[1].module()
+    # the unlifted module refuses train()/eval(); a plain GraphModule over the same graph
+    # (its pytree codegen included) does not
+    gm = fx.GraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
     for name, m in model._modules.items():
         gm._modules[name] = m
+    gm.register_forward_pre_hook(_ShapeGuard(args, kwargs or {}), with_kwargs=True)
     unresolved = _restore_mode_ops(gm)
     if unresolved:
         raise CaptureError(
@@ -410,6 +414,24 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captu
     canonicalize(gm)
     notes = ["export specialises shapes to the example inputs; other shapes raise"]
     return Capture(gm, "export", {"": gm}, notes)
+
+
+class _ShapeGuard:
+    """Rejects inputs whose shapes differ from the example's (export specialised them)."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                       if isinstance(t, torch.Tensor)]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)]
+        if shapes != self.shapes:
+            raise CaptureError(
+                f"{type(module).__name__} was captured by torch.export for input shapes "
+                f"{self.shapes}; got {shapes}. Call sparsify with example inputs of the shape "
+                "you train with."
+            )
 
 
 class DynamoCaptured(nn.Module):

@@ -119,9 +119,9 @@ class DenseOp:
 
     node: fx.Node
     kind: str
-    input: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
+    _input: fx.Node
+    _weight: fx.Node
+    _bias: fx.Node | None
     weight_name: str
     module_name: str
     module_type: str
@@ -131,6 +131,20 @@ class DenseOp:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # operands are read from the node on each access: an earlier rewrite may have replaced
+    # the node that produced this op's input
+    @property
+    def input(self) -> fx.Node:
+        return _operands(self.node)[0]
+
+    @property
+    def weight(self) -> fx.Node:
+        return _operands(self.node)[1]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        return _operands(self.node)[2]
 
     @property
     def weight_transposed(self) -> bool:
@@ -150,6 +164,16 @@ class DenseOp:
                 return None
             pads.append(total // 2)
         return tuple(pads)
+
+
+def _operands(node: fx.Node) -> tuple[Any, Any, Any]:
+    if node.target is torch.matmul:
+        return node.args[0], node.args[1], None
+    if node.target is torch.addmm:
+        return node.args[1], node.args[2], node.args[0]
+    if node.op == "call_function":
+        return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    return None, None, None
 
 
 def _tuple(value: Any, n: int) -> tuple[int, ...]:

@@ -158,8 +158,9 @@ def dense_layer_order(graphs: dict[str, fx.GraphModule]) -> list[str]:
     names: list[str] = []
     for prefix, gm in graphs.items():
         ops, _ = find_dense_ops(gm)
+        ctx = PassContext(prefix=prefix + "." if prefix else "")
         for op in ops:
-            q = (prefix + "." if prefix else "") + op.module_name
+            q = ctx.qualified(op.module_name)
             if q not in names:
                 names.append(q)
     return names

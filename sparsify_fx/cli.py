@@ -1,0 +1,162 @@
+"""``sparsify-fx`` / ``python -m sparsify_fx``: demo, inspect, verify, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import SparsifyError
+
+__all__ = ["main"]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"input shape must look like 2,3,224,224, got {text!r}") from e
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsify-fx", description="Rewrite models for cheaper training.")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the main job on the embedded default (resnet18, DropIT)")
+    demo.add_argument("--recipe", default="dropit:keep=0.1")
+    demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--out", default="results", help="folder for the JSON results")
+    for name, helptext in (("inspect", "capture + rewrite + report"), ("verify", "eval-mode check"),
+                           ("bench", "dense vs rewritten training step")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("model", help="torchvision:NAME | package.module:factory | path/file.py:factory")
+        sp.add_argument("--recipe", required=True, help="e.g. dropit:keep=0.1 (join passes with +)")
+        sp.add_argument("--input-shape", type=_shape, default=None, help="default 2,3,224,224")
+        if name == "bench":
+            sp.add_argument("--repeats", type=int, default=5)
+            sp.add_argument("--out", default="results")
+        if name == "inspect":
+            sp.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+    return p
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _prepare(args: argparse.Namespace):
+    from . import sparsify
+    from .models import default_input, load_model
+    from .recipes import resolve_recipe
+
+    configs = resolve_recipe(args.recipe)  # bad recipes fail before the model is built
+    model = load_model(args.model)
+    x = default_input(args.model, args.input_shape)
+    return model, x, configs, sparsify
+
+
+def _bench_table(console, measures, title: str) -> list[dict]:
+    from rich.table import Table
+
+    dense = measures[0]
+    table = Table(title=title)
+    for col in ("config", "saved for backward", "x dense", "step time", "x dense"):
+        table.add_column(col)
+    rows = []
+    for m in measures:
+        mem_ratio = m.saved_bytes / dense.saved_bytes if dense.saved_bytes else float("nan")
+        t_ratio = m.step_seconds / dense.step_seconds if dense.step_seconds else float("nan")
+        table.add_row(m.name, f"{m.saved_bytes / 2**20:.1f} MiB", f"{mem_ratio:.3f}",
+                      f"{m.step_seconds * 1e3:.1f} ms", f"{t_ratio:.3f}")
+        rows.append({"config": m.name, "saved_bytes": m.saved_bytes, "memory_ratio": mem_ratio,
+                     "step_seconds": m.step_seconds, "time_ratio": t_ratio, "times": m.times})
+    console.print(table)
+    return rows
+
+
+def _write(out: str, name: str, data: object) -> Path:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    target = path / name
+    target.write_text(json.dumps(data, indent=2, default=str))
+    return target
+
+
+def _run_bench(console, model, rewritten, x, repeats: int, label: str, out: str, fname: str) -> list[dict]:
+    from .bench import compare_training_step
+
+    with console.status("timing dense and rewritten training steps (interleaved)..."):
+        measures = compare_training_step({"dense": model, label: rewritten}, (x,), repeats=repeats)
+    rows = _bench_table(console, measures, f"one training step, median of {repeats}, {tuple(x.shape)}")
+    target = _write(out, fname, {"input_shape": list(x.shape), "threads": torch.get_num_threads(), "rows": rows})
+    console.print(f"results written to {target}")
+    return rows
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import explain, sparsify
+    from .models import DEMO_INPUT_SHAPE, DEMO_MODEL, default_input, load_model
+
+    console = _console()
+    torch.manual_seed(0)
+    console.rule(f"sparsify-fx demo: {DEMO_MODEL} at {DEMO_INPUT_SHAPE}, recipe {args.recipe}")
+    model = load_model(DEMO_MODEL)
+    x = default_input(DEMO_MODEL, DEMO_INPUT_SHAPE)
+    with console.status("capturing, rewriting and verifying..."):
+        fast = sparsify(model, args.recipe, example_inputs=(x,))
+    console.print(explain(fast))
+    _run_bench(console, model, fast, x, args.repeats, args.recipe, args.out, "demo.json")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import explain
+
+    model, x, configs, sparsify = _prepare(args)
+    console = _console()
+    with console.status(f"capturing and rewriting {args.model}..."):
+        fast = sparsify(model, configs, example_inputs=(x,), verify=False)
+    report = explain(fast)
+    console.print(report)
+    if args.json_path:
+        Path(args.json_path).write_text(report.to_json(indent=2))
+        console.print(f"report written to {args.json_path}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    model, x, configs, sparsify = _prepare(args)
+    console = _console()
+    fast = sparsify(model, configs, example_inputs=(x,), verify=False)
+    report = verify(model, fast, (x,), raise_on_mismatch=False)
+    console.print(("[green]" if report.ok else "[red]") + report.summary())
+    return 0 if report.ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    model, x, configs, sparsify = _prepare(args)
+    console = _console()
+    fast = sparsify(model, configs, example_inputs=(x,))
+    name = args.model.replace(":", "_").replace("/", "_")
+    _run_bench(console, model, fast, x, args.repeats, args.recipe, args.out, f"bench_{name}.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"demo": _demo, "inspect": _inspect, "verify": _verify, "bench": _bench}[args.command]
+    try:
+        return handler(args)
+    except SparsifyError as e:
+        print(f"sparsify-fx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

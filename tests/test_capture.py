@@ -1,0 +1,236 @@
+"""The capture cascade: which method captures what, and that nothing is lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from conftest import SmallCNN, mlp
+
+import sparsify_fx as sfx
+
+
+class DataDependent(nn.Module):
+    """Root forward branches on a tensor value: symbolic_trace fails, submodules work."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = mlp(depth=3, out=16)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.b(F.relu(self.a(h)))
+
+
+class KwargsDict(nn.Module):
+    """Keyword inputs with None defaults and a dict output, HF style."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden=False):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        hidden = []
+        for layer in self.layers:
+            h = F.gelu(layer(h))
+            hidden.append(h)
+        out = {"logits": self.head(h)}
+        if output_hidden:
+            out["hidden"] = tuple(hidden)
+        return out
+
+
+class Tied(nn.Module):
+    """Tied embedding/output weights and one module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = self.mid(F.relu(self.mid(h)))
+        return self.out(h)
+
+
+class ShapeBranchRawParam(nn.Module):
+    """Shape-dependent branch at the root using a raw parameter: needs export."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(8, 8) * 0.1)
+        self.inner = nn.Parameter(torch.randn(8, 8) * 0.1)
+        self.out = nn.Parameter(torch.randn(8, 3) * 0.1)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x @ self.proj
+        return torch.relu(x @ self.inner) @ self.out
+
+
+class ValueBranchRawParam(ShapeBranchRawParam):
+    """Value-dependent branch using raw parameters: export fails, Dynamo graph-breaks."""
+
+    def forward(self, x):
+        h = x @ self.proj
+        if h.sum() > 0:
+            h = -h
+        return torch.relu(h @ self.inner) @ self.out
+
+
+def test_symbolic_trace_keeps_state_dict_and_shares_parameters():
+    model = SmallCNN()
+    cap = sfx.capture(model)
+    assert cap.method == "symbolic_trace"
+    assert isinstance(cap.graph_module, torch.fx.GraphModule)
+    assert list(cap.graph_module.state_dict()) == list(model.state_dict())
+    assert cap.graph_module.get_parameter("stem.weight") is model.stem.weight
+    # own module objects: eval() on the capture does not flip the original's mode
+    cap.graph_module.eval()
+    assert model.training and model.bn.training
+
+
+def test_canonical_form_is_functional_for_stateless_layers():
+    cap = sfx.capture(SmallCNN())
+    gm = cap.graph_module
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {F.conv2d, F.linear, F.relu, F.silu, F.pad} <= targets
+    modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert modules == {"bn"}  # mode-dependent layers stay modules
+    ops, _ = sfx.find_dense_ops(gm)
+    assert [op.module_name for op in ops] == ["stem", "conv", "dw", "pw", "head"]
+
+
+def test_data_dependent_branch_falls_back_to_submodules():
+    model = DataDependent()
+    x = torch.randn(4, 8)
+    cap = sfx.capture(model, (x,))
+    assert cap.method == "submodules"
+    assert "symbolic_trace" in cap.failures
+    assert set(cap.graphs) == {"encoder", "a", "b"}
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), (x,))
+    report = sfx.explain(fast)
+    assert {r.module for r in report.rewrites} == {"encoder.2", "encoder.4", "a"}
+    assert report.verification.startswith("ok")
+    fast.train()
+    fast(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_kwargs_and_dict_outputs():
+    model = KwargsDict()
+    ids = torch.randint(0, 20, (2, 7))
+    mask = torch.ones(2, 7)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), (ids,), {"attention_mask": mask})
+    out = fast(ids, attention_mask=mask)
+    assert set(out) == {"logits"}
+    torch.testing.assert_close(out["logits"], model(ids, attention_mask=mask)["logits"], rtol=1e-5, atol=1e-6)
+    assert len(sfx.explain(fast).rewrites) == 2
+
+
+def test_tied_weights_and_module_called_twice():
+    model = Tied()
+    ids = torch.randint(0, 10, (3, 4))
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (ids,))
+    assert fast.get_parameter("out.weight") is fast.get_parameter("embed.weight")
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert [r.module for r in sfx.explain(fast).rewrites] == ["mid", "mid", "out"]
+    fast.train()
+    fast(ids).sum().backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_export_fallback_for_shape_branch_with_raw_parameters():
+    model = ShapeBranchRawParam()
+    x = torch.randn(4, 8)
+    cap = sfx.capture(model, (x,), methods=("symbolic_trace", "export"))
+    assert cap.method == "export"
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (x,),
+                        capture_methods=("symbolic_trace", "export"))
+    assert len(sfx.explain(fast).rewrites) == 3
+
+
+def test_full_cascade_reaches_export_when_submodules_miss_raw_parameters():
+    model = ShapeBranchRawParam()
+    cap = sfx.capture(model, (torch.randn(4, 8),))
+    assert cap.method == "export"
+    assert cap.failures["submodules"]
+
+
+def test_dynamo_fallback_for_value_branch():
+    model = ValueBranchRawParam()
+    x = torch.randn(4, 8)
+    cap = sfx.capture(model, (x,), methods=("symbolic_trace", "export", "dynamo"))
+    assert cap.method == "dynamo"
+    assert set(cap.failures) == {"symbolic_trace", "export"}
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (x,),
+                        capture_methods=("dynamo",))
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+    assert len(sfx.explain(fast).rewrites) >= 2
+    fast.train()
+    fast(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_mode_dependent_submodule_becomes_leaf_and_train_eval_both_work():
+    model = torchvision.models.googlenet(aux_logits=True, init_weights=False)
+    x = torch.randn(1, 3, 64, 64)
+    cap = sfx.capture(model, (x,))
+    assert cap.method == "submodules"  # GoogLeNet.forward branches on self.training
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), (x,))
+    fast.train()
+    out = fast(torch.randn(2, 3, 64, 64))
+    assert hasattr(out, "aux_logits2")  # train-mode output structure preserved
+
+
+def test_no_method_works_gives_one_error_listing_each_failure():
+    class Hopeless(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return x * self.w
+            return x
+
+    with pytest.raises(sfx.CaptureError) as info:
+        sfx.capture(Hopeless(), methods=("symbolic_trace", "submodules", "export"))
+    assert "symbolic_trace" in str(info.value) and "export" in str(info.value)
+    assert set(info.value.failures) == {"symbolic_trace", "submodules", "export"}
+
+
+def test_bad_inputs():
+    with pytest.raises(sfx.CaptureError, match="nn.Module"):
+        sfx.capture(lambda x: x)
+    with pytest.raises(sfx.CaptureError, match="unknown capture method"):
+        sfx.capture(mlp(), methods=("magic",))
+    with pytest.raises(sfx.CaptureError, match="do not match"):
+        sfx.capture(mlp(), (torch.randn(2, 8), torch.randn(2, 8)))
+    with pytest.raises(sfx.CaptureError, match="lazy"):
+        sfx.capture(nn.Sequential(nn.LazyLinear(4)))
+
+
+def test_hooks_are_kept():
+    model = mlp()
+    calls = []
+    model[2].register_forward_hook(lambda m, i, o: calls.append(1))
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), (torch.randn(2, 8),))
+    calls.clear()
+    fast(torch.randn(2, 8))
+    assert calls == [1]
+    assert "2" not in {r.module for r in sfx.explain(fast).rewrites}

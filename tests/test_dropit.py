@@ -1,0 +1,219 @@
+"""DropIT: the custom ops against autograd, and the pass on small models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import SmallCNN, mlp
+
+import sparsify_fx as sfx
+from passes.dropit import DropITConv, DropITLinear, compress_topk, decompress_topk
+
+
+def _grads(fn, *tensors):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    out.backward(g)
+    return out.detach(), [t.grad.clone() if t.grad is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (2, 5, 10), (3, 4, 2, 10)])
+def test_linear_op_keep1_matches_autograd(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(7, 10, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+    ref, ref_g = _grads(lambda: F.linear(x, w, b), x, w, b)
+    op = DropITLinear(keep=1.0, chunk=64).train()
+    out, g = _grads(lambda: op(x, w, b), x, w, b)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, r in zip(g, ref_g):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.7])
+def test_linear_op_grad_input_and_bias_exact_any_keep(keep):
+    x = torch.randn(4, 3, 32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    _, ref_g = _grads(lambda: F.linear(x, w, b), x, w, b)
+    _, g = _grads(lambda: DropITLinear(keep, 128).train()(x, w, b), x, w, b)
+    torch.testing.assert_close(g[0], ref_g[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[2], ref_g[2], rtol=1e-5, atol=1e-6)
+    # grad_W comes from the kept entries only: it must equal the gradient of the
+    # explicitly sparsified input, and differ from the dense one
+    values, idx = compress_topk(x, keep, 128)
+    x_sparse = decompress_topk(values, idx, x.shape, 128)
+    expected = (torch.randn_like(F.linear(x, w, b), generator=torch.Generator().manual_seed(1))
+                .reshape(-1, 16).t() @ x_sparse.reshape(-1, 32))
+    torch.testing.assert_close(g[1], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(g[1], ref_g[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["matmul", "addmm"])
+def test_transposed_weight_ops(kind):
+    x = torch.randn(6, 10, requires_grad=True)
+    w = torch.randn(10, 7, requires_grad=True)  # GPT-2 Conv1D layout: [in, out]
+    b = torch.randn(7, requires_grad=True)
+    if kind == "matmul":
+        ref, ref_g = _grads(lambda: x @ w, x, w)
+        out, g = _grads(lambda: DropITLinear(1.0, 64, "matmul").train()(x, w), x, w)
+    else:
+        ref, ref_g = _grads(lambda: torch.addmm(b, x, w), x, w, b)
+        out, g = _grads(lambda: DropITLinear(1.0, 64, "addmm").train()(x, w, b), x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, r in zip(g, ref_g):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "ndim,groups,stride,padding,dilation",
+    [(1, 1, 2, 1, 1), (2, 1, 1, 1, 1), (2, 4, 2, 0, 1), (2, 8, 1, 2, 2), (3, 2, 1, 1, 1)],
+)
+def test_conv_op_keep1_matches_autograd(ndim, groups, stride, padding, dilation):
+    spatial = (9,) * ndim
+    x = torch.randn(2, 8, *spatial, requires_grad=True)
+    w = torch.randn(8, 8 // groups, *(3,) * ndim, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
+    ref, ref_g = _grads(lambda: conv(x, w, b, stride, padding, dilation, groups), x, w, b)
+    op = DropITConv(1.0, 256, [stride] * ndim, [padding] * ndim, [dilation] * ndim, groups).train()
+    out, g = _grads(lambda: op(x, w, b), x, w, b)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, r in zip(g, ref_g):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_op_grad_input_exact_small_keep():
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    _, ref_g = _grads(lambda: F.conv2d(x, w, None, 1, 1), x, w)
+    _, g = _grads(lambda: DropITConv(0.1, 128, [1, 1], [1, 1], [1, 1], 1).train()(x, w), x, w)
+    torch.testing.assert_close(g[0], ref_g[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compression_keeps_largest_per_chunk_and_int16():
+    x = torch.randn(1000)
+    values, idx = compress_topk(x, 0.1, 100)
+    assert idx.dtype == torch.int16 and values.shape == (10, 10)
+    restored = decompress_topk(values, idx, x.shape, 100)
+    for c in range(10):
+        chunk = x[c * 100:(c + 1) * 100].abs()
+        kept = restored[c * 100:(c + 1) * 100] != 0
+        assert kept.sum() == 10
+        assert chunk[kept].min() >= chunk[~kept].max()
+    # a tail shorter than a chunk is padded, never read past the tensor
+    values, idx = compress_topk(torch.randn(250), 0.5, 100)
+    assert decompress_topk(values, idx, (250,), 100).shape == (250,)
+
+
+def test_eval_mode_and_no_grad_run_the_dense_op():
+    x, w, b = torch.randn(3, 5), torch.randn(4, 5, requires_grad=True), torch.randn(4)
+    op = DropITLinear(0.1, 64)
+    op.eval()
+    torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=0, atol=0)
+    op.train()
+    with torch.no_grad():
+        torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=0, atol=0)
+
+
+def test_pass_on_mlp_rewrites_inner_layers_and_reports_first_last():
+    model = mlp(depth=4)
+    x = torch.randn(5, 8)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.25), example_inputs=(x,))
+    report = sfx.explain(fast)
+    assert sorted(r.module for r in report.rewrites) == ["2", "4"]
+    skipped = {s.module: s.reason for s in report.skipped}
+    assert "skip_first_last" in skipped["0"] and "skip_first_last" in skipped["6"]
+    assert report.verification.startswith("ok")
+    for r in report.rewrites:
+        assert r.saved_bytes_after < r.saved_bytes_before
+
+
+def test_pass_skip_first_last_false_and_include_exclude():
+    model = mlp(depth=4)
+    x = torch.randn(5, 8)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False, exclude="4"), (x,))
+    rewritten = sorted(r.module for r in sfx.explain(fast).rewrites)
+    assert rewritten == ["0", "2", "6"]
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, include=["nothing.*"]), (x,))
+    report = sfx.explain(fast)
+    assert report.rewrites == []
+    assert all("include" in s.reason or "first/last" in s.reason for s in report.skipped)
+    assert len(report.skipped) == 4
+
+
+def test_pass_trains_and_shares_parameters_on_cnn():
+    model = SmallCNN()
+    x = torch.randn(2, 3, 12, 12)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.2, skip_first_last=False), (x,))
+    ops = {r.op for r in sfx.explain(fast).rewrites}
+    assert ops == {"conv2d", "linear"}
+    assert set(fast.state_dict()) == set(model.state_dict())
+    fast.train()
+    fast(x).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the optimizer of the original model updates the rewritten one (shared parameters)
+    before = fast.get_parameter("pw.weight").detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(before, fast.get_parameter("pw.weight"))
+
+
+def test_frozen_weight_is_skipped_with_reason():
+    model = mlp(depth=4)
+    model[2].weight.requires_grad_(False)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), (torch.randn(2, 8),))
+    reasons = {s.module: s.reason for s in sfx.explain(fast).skipped}
+    assert "does not require grad" in reasons["2"]
+
+
+def test_gpt2_style_conv1d_addmm_is_rewritten():
+    class Conv1D(nn.Module):  # transformers' GPT-2 projection: weight is [in, out]
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x):
+            size_out = x.size()[:-1] + (self.weight.size(-1),)
+            x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+            return x.view(size_out)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 8)
+            self.c_fc = Conv1D(32, 8)
+            self.c_proj = Conv1D(8, 32)
+            self.proj = nn.Parameter(torch.randn(8, 8))
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.c_proj(F.gelu(self.c_fc(self.inp(x))))
+            return self.out(h @ self.proj)
+
+    model = Block()
+    x = torch.randn(2, 5, 8)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.3), (x,))
+    ops = {r.module: r.op for r in sfx.explain(fast).rewrites}
+    assert ops == {"c_fc": "addmm", "c_proj": "addmm", "": "matmul"}
+    fast.train()
+    fast(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_config_validation():
+    with pytest.raises(sfx.ConfigError, match="DropIT.keep"):
+        sfx.DropIT(keep=0.0)
+    with pytest.raises(sfx.ConfigError, match="DropIT.keep"):
+        sfx.DropIT(keep=1.5)
+    with pytest.raises(sfx.ConfigError, match="chunk_size"):
+        sfx.DropIT(chunk_size=40000)
+    with pytest.raises(sfx.ConfigError, match="include"):
+        sfx.DropIT(include=3)
+    with pytest.raises(Exception):
+        sfx.DropIT(keep=0.1).keep = 0.2  # frozen
