@@ -1,0 +1,71 @@
+"""Verification: dtype-aware comparison and the first diverging node."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import mlp
+
+import sparsify_fx as sfx
+
+
+def test_verify_ok_and_modes_restored():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), verify=False)
+    model.train()
+    report = sfx.verify(model, fast, (torch.randn(8, 4),))
+    assert report.ok and report.n_outputs == 1 and report.max_abs_err == 0.0
+    assert model.training and model[1].training
+
+
+def test_first_diverging_node_is_named():
+    model = mlp(depth=4)
+    x = torch.randn(3, 8)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5), (x,))
+    # corrupt one rewritten op so eval diverges right there
+    for node in fast.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith("sfx_ops"):
+            with fast.graph.inserting_after(node):
+                bad = fast.graph.call_function(torch.add, (node, 1.0))
+            node.replace_all_uses_with(bad, delete_user_cb=lambda u: u is not bad)
+            break
+    fast.recompile()
+    with pytest.raises(sfx.VerificationError) as info:
+        sfx.verify(model, fast, (x,))
+    report = info.value.report
+    assert not report.ok
+    assert report.first_divergence.startswith("%add")
+    assert "first diverging node" in str(info.value)
+
+
+def test_structure_and_dtype_mismatch_reported():
+    class Two(nn.Module):
+        def forward(self, x):
+            return x, x * 2
+
+    class One(nn.Module):
+        def forward(self, x):
+            return (x,)
+
+    report = sfx.verify(Two(), One(), (torch.randn(2),), raise_on_mismatch=False)
+    assert not report.ok and "structure" in report.mismatches[0]
+
+
+def test_default_tolerances_depend_on_dtype():
+    assert sfx.verify.__module__  # the function, not the module
+    from sparsify_fx.verify import default_tolerances
+
+    assert default_tolerances(torch.bfloat16)[0] > default_tolerances(torch.float32)[0]
+
+
+def test_explicit_tolerances():
+    a = nn.Linear(3, 3)
+
+    class Shifted(nn.Module):
+        def forward(self, x):
+            return a(x) + 1e-3
+
+    assert sfx.verify(a, Shifted(), (torch.randn(2, 3),), atol=1e-2, rtol=0).ok
+    assert not sfx.verify(a, Shifted(), (torch.randn(2, 3),), atol=1e-5, rtol=0,
+                          raise_on_mismatch=False).ok
