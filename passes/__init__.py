@@ -4,7 +4,9 @@ Each module imports only ``sparsify_fx``'s public API; the core imports this pac
 lazily (``sparsify_fx.registry.load_builtin_passes``) the first time a pass is needed.
 """
 
+from .activation_memory import ActivationMemory
 from .block_sparse import BlockSparseActivations
 from .dropit import DropIT
+from .iso_flop import IsoFLOP
 
-__all__ = ["BlockSparseActivations", "DropIT"]
+__all__ = ["BlockSparseActivations", "DropIT", "IsoFLOP", "ActivationMemory"]
