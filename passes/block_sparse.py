@@ -473,22 +473,23 @@ def _rewrite_one(gm, op: sfx.DenseOp, config: BlockSparseActivations, ctx) -> Re
         module = BlockSparseLinear(config.block_size, config.density, config.norm, kind)
         op_name = kind
         in_features = weight.shape[0] if op.weight_transposed else weight.shape[1]
-    target = sfx.install_module(gm, f"bsr_{op.module_name or op.node.name}", module)
-    with gm.graph.inserting_before(op.node):
-        new = gm.graph.call_module(target, (op.input, op.weight, op.bias))
-    sfx.replace_node(op.node, new)
-
-    before = sfx.tensor_bytes(op.input)
+    # read operands and shapes before replace_node: DenseOp reads them off the (erased) node
+    x, w_node, b_node = op.input, op.weight, op.bias
+    before = sfx.tensor_bytes(x)
     after = None
     details: dict = {"block_size": config.block_size, "density": config.density, "norm": config.norm}
-    meta = sfx.tensor_meta(op.input)
+    meta = sfx.tensor_meta(x)
     if meta is not None:
         shape, dtype = meta
         grid = block_grid(math.prod(shape) // in_features, in_features, config.block_size, config.density)
         after = grid.compressed_bytes(torch.empty((), dtype=dtype).element_size())
         details.update(kept_blocks=grid.kept_blocks, total_blocks=grid.total_blocks,
                        index_bytes=grid.index_bytes())
+    target = sfx.install_module(gm, f"bsr_{op.module_name or op.node.name}", module)
+    with gm.graph.inserting_before(op.node):
+        new = gm.graph.call_module(target, (x, w_node, b_node))
     flops = sfx.dense_op_flops(op, weight.shape)
+    sfx.replace_node(op.node, new)
     return Rewrite(
         ctx.pass_name, op.node.name, ctx.qualified(op.module_name), op_name, target,
         saved_bytes_before=before, saved_bytes_after=after,

@@ -151,7 +151,12 @@ def _localise(
             continue
         rt, at = (rtol, atol) if rtol is not None and atol is not None else default_tolerances(r.dtype)
         if r.shape != o.shape or not torch.allclose(o.double(), r.double(), rtol=rt, atol=at, equal_nan=True):
-            return node.format_node(), str(node.meta.get("sfx_module", ""))
+            # a node a pass inserted has no counterpart to compare with: when one feeds the
+            # diverging node, it is where the divergence starts
+            inserted = [i for i in node.all_input_nodes
+                        if i.meta.get("sfx_origin", i.name) not in ref.values and i.op != "get_attr"]
+            culprit = inserted[0] if inserted else node
+            return culprit.format_node(), str(culprit.meta.get("sfx_module", node.meta.get("sfx_module", "")))
     return None
 
 
