@@ -24,7 +24,14 @@ from .errors import (
     SparsifyError,
     VerificationError,
 )
-from .graph import DenseOp, canonicalize, find_dense_ops, install_module, module_name_of, replace_node
+from .graph import (
+    DenseOp,
+    canonicalize,
+    find_dense_ops,
+    install_module,
+    module_name_of,
+    replace_node,
+)
 from .pass_base import PassContext, PassResult, Rewrite, Skip
 from .recipes import parse_recipe, resolve_recipe
 from .registry import register_pass, registered

@@ -15,7 +15,8 @@ from .capture import CAPTURE_METHODS, Capture, capture
 from .config import PassConfig
 from .pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
 from .recipes import Recipe, resolve_recipe
-from .verify import VerifyReport, verify as verify_outputs
+from .verify import VerifyReport
+from .verify import verify as verify_outputs
 
 __all__ = ["sparsify", "SparsifyRecord", "RECORD_ATTR"]
 

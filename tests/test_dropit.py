@@ -215,5 +215,7 @@ def test_config_validation():
         sfx.DropIT(chunk_size=40000)
     with pytest.raises(sfx.ConfigError, match="include"):
         sfx.DropIT(include=3)
-    with pytest.raises(Exception):
-        sfx.DropIT(keep=0.1).keep = 0.2  # frozen
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
+        sfx.DropIT(keep=0.1).keep = 0.2
