@@ -212,6 +212,11 @@ def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Nod
     ops: list[DenseOp] = []
     unmatched: list[tuple[fx.Node, str]] = []
     for node in gm.graph.nodes:
+        if node.op == "call_module" and not str(node.target).startswith(OPS_CONTAINER):
+            why = _opaque_module_reason(gm.get_submodule(str(node.target)))
+            if why:
+                unmatched.append((node, why))
+            continue
         if node.op != "call_function":
             continue
         target = node.target
@@ -257,6 +262,19 @@ def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Nod
             module = module_name_of(node) or wname.rpartition(".")[0]
             ops.append(DenseOp(node, "matmul", x, w, b, wname, module, _module_type_of(gm, module)))
     return ops, unmatched
+
+
+def _opaque_module_reason(mod: nn.Module) -> str | None:
+    """Why dense layers inside a module kept as one call are out of a pass's reach."""
+    dense = [m for m in mod.modules() if isinstance(m, DENSE_LAYER_TYPES)]
+    if isinstance(mod, nn.MultiheadAttention):
+        return "nn.MultiheadAttention is kept as one module: its projections are not rewritten"
+    if isinstance(mod, DENSE_LAYER_TYPES):
+        why = "has hooks" if _has_hooks(mod) else "parametrized weight" if _is_parametrized(mod) else "kept as a module"
+        return f"{type(mod).__name__} {why}: called as a module, not rewritten"
+    if dense:
+        return f"{type(mod).__name__} is called as one module: its {len(dense)} dense layer(s) are not rewritten"
+    return None
 
 
 def install_module(gm: fx.GraphModule, name_hint: str, module: nn.Module) -> str:
@@ -336,6 +354,57 @@ _MODULE_EXPANSIONS: dict[type[nn.Module], Callable] = {
 _MODULE_EXPANSIONS[nn.modules.linear.NonDynamicallyQuantizableLinear] = _expand_linear
 
 
+def _mha_expandable(node: fx.Node, mod: nn.MultiheadAttention) -> str | None:
+    """None when this MultiheadAttention call can be written as explicit ops, else why not."""
+    if mod.dropout > 0:
+        return "attention dropout > 0 depends on train/eval"
+    if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+        return "separate q/k/v weights, bias_k/bias_v or add_zero_attn"
+    q, k, v = (node.args + (None, None, None))[:3]
+    if not (isinstance(q, fx.Node) and q is k is v) or node.kwargs.get("key") is not None:
+        return "not self-attention (query, key and value differ)"
+    if len(node.args) > 3:
+        return "masks passed positionally"
+    for key in ("key_padding_mask", "attn_mask"):
+        if node.kwargs.get(key) is not None:
+            return f"{key} given"
+    if node.kwargs.get("is_causal"):
+        return "is_causal=True"
+    for user in node.users:
+        is_getitem = user.op == "call_function" and user.target is operator.getitem
+        if not is_getitem or (user.args[1] != 0 and user.users):
+            return "attention weights (output [1]) are used"
+    return None
+
+
+def _expand_mha(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -> fx.Node:
+    # nn.MultiheadAttention(x, x, x, need_weights=False) ->
+    #   linear(in_proj) -> chunk(3) -> heads -> SDPA -> merge heads -> linear(out_proj)
+    g, name = gm.graph, str(node.target)
+    heads, head_dim = mod.num_heads, mod.head_dim
+    x = node.args[0]
+    if not mod.batch_first:
+        x = g.call_method("transpose", (x, 0, 1))
+    w, b = g.get_attr(f"{name}.in_proj_weight"), (
+        g.get_attr(f"{name}.in_proj_bias") if mod.in_proj_bias is not None else None)
+    qkv = g.call_function(F.linear, (x, w, b))
+    chunks = g.call_method("chunk", (qkv, 3, -1))
+    per_head = []
+    for i in range(3):
+        t = g.call_function(operator.getitem, (chunks, i))
+        t = g.call_method("unflatten", (t, -1, (heads, head_dim)))
+        per_head.append(g.call_method("transpose", (t, 1, 2)))
+    attn = g.call_function(F.scaled_dot_product_attention, tuple(per_head))
+    merged = g.call_method("flatten", (g.call_method("transpose", (attn, 1, 2)), 2))
+    ow = g.get_attr(f"{name}.out_proj.weight")
+    ob = g.get_attr(f"{name}.out_proj.bias") if mod.out_proj.bias is not None else None
+    out = g.call_function(F.linear, (merged, ow, ob))
+    out.meta["sfx_module"] = f"{name}.out_proj"
+    if not mod.batch_first:
+        out = g.call_method("transpose", (out, 0, 1))
+    return g.call_function(tuple, ([out, None],))
+
+
 def _has_hooks(mod: nn.Module) -> bool:
     return bool(
         mod._forward_hooks
@@ -369,6 +438,12 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
             node.meta.setdefault("sfx_module", str(node.target))
             mod = gm.get_submodule(str(node.target))
             expand = _MODULE_EXPANSIONS.get(type(mod))
+            if type(mod) is nn.MultiheadAttention:
+                why = _mha_expandable(node, mod)
+                if why is not None:
+                    report.kept_as_modules.append((str(node.target), f"MultiheadAttention kept as a module: {why}"))
+                    continue
+                expand = _expand_mha
             if expand is None:
                 continue
             if _has_hooks(mod):
@@ -383,9 +458,10 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
             created = anchor.next
             while created is not node:
                 created.meta.setdefault("sfx_module", str(node.target))
+                created.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
                 created = created.next
             new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
-            new.meta["sfx_module"] = str(node.target)
+            new.meta.setdefault("sfx_module", str(node.target))
             new.meta["sfx_module_type"] = type(mod).__name__
             node.replace_all_uses_with(new)
             g.erase_node(node)

@@ -234,3 +234,43 @@ def test_hooks_are_kept():
     fast(torch.randn(2, 8))
     assert calls == [1]
     assert "2" not in {r.module for r in sfx.explain(fast).rewrites}
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_is_expanded_to_explicit_ops(batch_first):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h, _ = self.attn(x, x, x, need_weights=False)
+            return self.out(h)
+
+    model = Block()
+    x = torch.randn(3, 5, 16)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (x,))
+    modules = {r.module for r in sfx.explain(fast).rewrites}
+    assert modules == {"attn", "attn.out_proj", "out"}
+    assert F.scaled_dot_product_attention in {n.target for n in fast.graph.nodes}
+    fast.train()
+    fast(x).sum().backward()
+    assert model.attn.in_proj_weight.grad is not None
+
+
+def test_multihead_attention_with_mask_stays_a_module_and_is_reported():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x, mask):
+            return self.attn(x, x, x, attn_mask=mask)[0]
+
+    x, mask = torch.randn(2, 4, 8), torch.zeros(4, 4, dtype=torch.bool)
+    fast = sfx.sparsify(Block(), sfx.DropIT(keep=0.5), (x, mask))
+    report = sfx.explain(fast)
+    assert report.rewrites == []
+    assert "MultiheadAttention" in report.skipped[0].reason
+    assert any("attn_mask given" in n for n in report.capture_notes)
