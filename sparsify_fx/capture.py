@@ -109,6 +109,13 @@ class _ModeDependent(Exception):
     pass
 
 
+def _reads_training(m: nn.Module) -> bool:
+    if _is_torch_nn_leaf(m) or any(isinstance(d, DENSE_LAYER_TYPES) for d in m.modules()):
+        return False
+    code = getattr(type(m).forward, "__code__", None)
+    return code is not None and "training" in code.co_names
+
+
 def _graph_key(graph: fx.Graph) -> list[tuple[str, str, str, str]]:
     return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
 
@@ -131,9 +138,11 @@ def _trace_graph(
     module: nn.Module, concrete_args: dict[str, Any] | None
 ) -> tuple[fx.Graph, list[str]]:
     """Trace in train and eval mode; make the modules that branch on ``self.training`` leaves."""
-    leaves: set[int] = set()
-    notes: list[str] = []
     names = {id(m): n for n, m in module.named_modules()}
+    # modules with nothing to rewrite whose forward reads `training` (stochastic depth,
+    # custom dropout) become leaves up front: finding them one trace round each is slow
+    leaves: set[int] = {id(m) for m in module.modules() if m is not module and _reads_training(m)}
+    notes: list[str] = []
     for _ in range(_MAX_LEAF_ROUNDS):
         graphs = []
         for training in (True, False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch.utils._pytree import tree_leaves
 
 import sparsify_fx as sfx
 
@@ -48,8 +49,8 @@ def test_zoo_dropit(name):
         fast.eval()
         torch.testing.assert_close(_logits(fast(x)), _logits(model(x)), rtol=1e-4, atol=1e-5)
     fast.train()
-    out = _logits(fast(x))
-    out.float().pow(2).mean().backward()
+    outputs = [t for t in tree_leaves(fast(x)) if isinstance(t, torch.Tensor)]
+    sum(t.float().pow(2).mean() for t in outputs).backward()  # aux heads included
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing[:5]}"
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
