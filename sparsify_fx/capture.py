@@ -92,9 +92,10 @@ def _is_torch_nn_leaf(m: nn.Module) -> bool:
 class _LeafTracer(fx.Tracer):
     """Keeps torch.nn layers, modules with hooks and the given extra modules as leaves."""
 
-    def __init__(self, extra_leaves: set[int]):
+    def __init__(self, extra_leaves: set[int] | None = None):
         super().__init__()
-        self.extra_leaves = extra_leaves
+        # a default lets torch.load rebuild the tracer class of a pickled GraphModule
+        self.extra_leaves = extra_leaves or set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if id(m) in self.extra_leaves:

@@ -219,3 +219,29 @@ def test_config_validation():
 
     with pytest.raises(FrozenInstanceError):
         sfx.DropIT(keep=0.1).keep = 0.2
+
+
+def test_rewritten_module_deepcopies_pickles_and_state_dict_roundtrips():
+    import copy
+    import io
+
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    x = torch.randn(2, 3, 32, 32)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.1), (x,))
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(fast)
+    for m in (fast, loaded, clone, model):
+        m.eval()
+    ref = fast(x)
+    torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    torch.testing.assert_close(clone(x), ref, rtol=0, atol=0)
+    assert len(sfx.explain(loaded).rewrites) == 19
+    fresh = torchvision.models.resnet18()
+    fresh.load_state_dict(fast.state_dict())
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
