@@ -4,8 +4,9 @@ Linear / matmul-against-a-parameter / 1x1 convolutions keep a *block-sparse* cop
 input they save for backward. Forward is exact. The saved input, seen as a 2-D matrix
 ``[rows, in_features]`` (leading dims flattened; channels-last for a 1x1 conv), is cut into
 ``b x b`` blocks, each block is scored by its L1 or L2 norm, and only the top ``density``
-fraction of blocks is stored. Backward computes ``grad_weight`` from the kept blocks with
-one dense GEMM per block column over just the kept blocks (the dense input is never rebuilt);
+fraction of blocks is stored. Backward computes ``grad_weight`` from the kept blocks only
+(a batched matmul of each kept block with its rows of ``grad_out``, summed per block column
+with ``index_add_``; the dense input is never rebuilt);
 ``grad_input = grad_out @ W`` and ``grad_bias`` never read ``x`` and are exact. In eval mode
 (or under ``no_grad``) the layer runs the plain dense op, bit-identical to the original.
 
@@ -13,8 +14,8 @@ Storage format (:class:`CompressedBlocks`), chosen so that no padding is ever st
 
 * ``values (k, b, b)`` -- the kept *full* blocks in block-compressed-sparse-column (BSC)
   order, with ``col_ptr`` (int32, ``n_block_cols + 1``) and ``row_idx`` (int16 while the
-  block grid has < 32768 block rows, else int32). This is ``torch.sparse_bsc``'s layout;
-  column order is what the weight gradient wants (one GEMM per output slice of ``grad_W``).
+  block grid has < 32768 block rows, else int32). This is ``torch.sparse_bsc``'s layout,
+  kept as plain tensors so autograd's saved-tensor hooks see every byte.
 * when ``rows % b != 0`` the bottom strip of partial blocks ``(k_b, rows % b, b)`` with their
   block-column indices; when ``in_features % b != 0`` the right strip ``(k_r, b, in % b)``
   with their block-row indices; and the ``(rows % b, in % b)`` corner, always kept.
@@ -56,6 +57,8 @@ __all__ = [
 
 _NORMS = ("l1", "l2")
 _INT16_LIMIT = 32767
+#: most elements of grad_out slices gathered at once in the weight gradient (beyond grad_out)
+_GATHER_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -248,10 +251,11 @@ def block_sparse_weight_grad(
 ) -> torch.Tensor:
     """``x_sparseᵀ @ grad_out`` (shape ``[cols, out]``) from the kept blocks only.
 
-    For each block column ``j`` the kept blocks are stacked into ``X_j (n_j*b, b)`` and the
-    matching block rows of ``grad_out`` gathered into ``G_j (n_j*b, out)``; then
-    ``grad[j-block] = X_jᵀ @ G_j`` is one GEMM whose cost scales with the kept fraction.
-    Dropped blocks are never materialised, not even as zeros.
+    Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to ``grad[j-rows]``: the
+    matching ``b``-row slices of ``grad_out`` are gathered, multiplied by the blocks in one
+    ``bmm`` and summed per block column with ``index_add_``. Cost scales with the kept
+    fraction; dropped blocks are never materialised, not even as zeros. Blocks are processed
+    in chunks so the gathered slices never exceed ``max(grad_out, 4M elements)``.
     """
     b = block
     n_r, n_c = rows // b, cols // b
@@ -261,15 +265,19 @@ def block_sparse_weight_grad(
     dtype = g2.dtype
     grad = g2.new_zeros(cols, out_features)
     g_blocks = g2[:rf].view(n_r, b, out_features)
-    ptr = blocks.col_ptr.tolist()
-    row_idx = blocks.row_idx.long()
-    for j in range(n_c):
-        start, end = ptr[j], ptr[j + 1]
-        if start == end:
-            continue
-        x_j = blocks.values[start:end].reshape(-1, b).to(dtype)
-        g_j = g_blocks.index_select(0, row_idx[start:end]).reshape(-1, out_features)
-        torch.mm(x_j.t(), g_j, out=grad[j * b:(j + 1) * b])
+    nnz = blocks.values.shape[0]
+    if nnz:
+        counts = (blocks.col_ptr[1:] - blocks.col_ptr[:-1]).long()
+        cols_of = torch.repeat_interleave(torch.arange(n_c, device=g2.device), counts)
+        row_idx = blocks.row_idx.long()
+        grad_blocks = grad[:cf].view(n_c, b, out_features)
+        # a gathered (nnz, b, out) buffer is density * in/b times grad_out: bound it
+        chunk = max(1, max(g2.numel(), _GATHER_ELEMENTS) // (b * out_features))
+        for start in range(0, nnz, chunk):
+            end = min(start + chunk, nnz)
+            g_kept = g_blocks.index_select(0, row_idx[start:end])
+            x_t = blocks.values[start:end].to(dtype).transpose(1, 2)
+            grad_blocks.index_add_(0, cols_of[start:end], torch.bmm(x_t, g_kept))
     if blocks.bottom_values.shape[0]:
         # every bottom block pairs with the same partial row strip of grad_out: one GEMM
         k, rem_r = blocks.bottom_values.shape[:2]

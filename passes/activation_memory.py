@@ -1,0 +1,693 @@
+"""Activation memory: ReLU, GELU/SiLU, BatchNorm and LayerNorm keep a compressed copy of what
+their backward needs, so that a dense activation stops having a second holder.
+
+Why a pass of its own: DropIT (``passes/dropit.py``) compresses the input a Linear/Conv saves,
+but in ``Conv -> BN -> ReLU -> Conv`` that input is ReLU's output, which ReLU's own backward
+keeps, and BatchNorm keeps its input too; in transformers GELU and LayerNorm keep theirs. A
+saving only counts when the compressed copy is the *only* holder, so the ops around the dense
+layers have to stop holding dense tensors as well. Per op (training mode, grad enabled):
+
+* **ReLU / LeakyReLU** save a packed 1-bit mask (``uint8``, 8 elements per byte) of
+  ``out <= 0`` (ReLU, the exact test ``threshold_backward`` makes) or ``x > 0``
+  (LeakyReLU). The gradient is bit-identical to dense autograd.
+* **GELU / SiLU** save their input as ``bf16`` (or ``int8`` with one fp32 scale per block) and
+  call the dense backward kernel (``aten.gelu_backward`` / ``aten.silu_backward``) on the
+  decompressed input. Error bound (mean value theorem on ``f'``):
+  ``bf16`` (8-bit significand, ``|x - bf16(x)| <= 2^-8 |x|``): ``|dgrad| <= c * |grad_out|``
+  with ``c = 2^-8/(1-2^-8) * sup|x f''(x)|`` = 1.3e-3 (GELU, both variants; sup = 0.331) and
+  1.2e-3 (SiLU; sup = 0.302);
+  ``int8``: ``|dgrad| <= sup|f''| * absmax_block / 254 * |grad_out|`` with
+  ``sup|f''|`` = 0.798 (GELU) and 0.5 (SiLU).
+* **BatchNorm1d/2d/3d** (training with running stats): the forward is the exact
+  ``aten.native_batch_norm`` (running stats updated in place like ``nn.BatchNorm``,
+  ``num_batches_tracked`` too, ``momentum=None`` as a cumulative average). It saves the
+  normalised input ``x_hat`` compressed, plus per-channel mean / invstd. ``x_hat`` is better
+  conditioned than ``x`` (no cancellation when ``|mean| >> std``). Backward is the dense fused
+  kernel run on ``x_hat`` with ``mean=0, invstd=1, weight=weight*invstd``, which is the same
+  formula. ``grad_bias`` is exact; with ``|x_hat - x_hat_stored| <= 2^-8 |x_hat|`` (bf16):
+  ``|dgrad_weight_c| <= 2^-8 * (sum|g x_hat| + sum|g|)`` and, per element,
+  ``|dgrad_x| <= 2^-7 * |w| * invstd * (|x_hat| + 1) * (mean_c|g x_hat| + mean_c|g|)``
+  (first order; the ``|g|`` and ``+ 1`` terms come from re-centring the stored ``x_hat`` on its
+  own channel mean, see ``_bn_backward``, and use ``mean_c|x_hat| <= 1``).
+* **LayerNorm** (call_module ``nn.LayerNorm``): the same scheme with per-row mean / rstd,
+  ``aten.native_layer_norm`` forward and ``aten.native_layer_norm_backward`` on ``x_hat``
+  (no re-centring). bf16, per row, first order with ``gw = g * weight``:
+  ``|dgrad_x| <= 2^-7 * rstd * |x_hat| * mean_row|gw x_hat|``;
+  ``|dgrad_weight| <= 2^-8 * sum|g x_hat|``; ``grad_bias`` exact.
+
+In eval mode, under ``no_grad``, or for inputs that cannot be compressed (half-precision
+inputs with ``bf16`` storage), each op module runs the exact original op (``F.relu``,
+``F.batch_norm`` with running stats...), so eval outputs are bit-identical.
+
+Op modules have no parameters or buffers: BatchNorm/LayerNorm take their weight, bias and
+running stats as graph inputs (``get_attr`` nodes on the original module), so ``state_dict``
+keys and parameter sharing are unchanged. The ops are ``torch.library.custom_op`` with
+registered autograd and fake kernels.
+
+MaxPool (which keeps its input *and* int64 indices) is not rewritten: in ResNet's stem the
+pooled ReLU output stays held by it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
+
+__all__ = [
+    "ActivationMemory",
+    "pack_bits",
+    "unpack_bits",
+    "compress",
+    "decompress",
+    "GRAD_ERROR_BOUNDS",
+    "ActMemReLU",
+    "ActMemActivation",
+    "ActMemBatchNorm",
+    "ActMemLayerNorm",
+]
+
+_STORAGE = ("bf16", "int8", "off")
+
+#: documented gradient-error constants (see the module docstring): for bf16 storage
+#: ``|dgrad| <= bound * |grad_out|``; for int8 ``|dgrad| <= bound * absmax_block * |grad_out|``.
+GRAD_ERROR_BOUNDS: dict[tuple[str, str], float] = {
+    ("gelu", "bf16"): 1.3e-3,
+    ("silu", "bf16"): 1.2e-3,
+    ("gelu", "int8"): 0.7979 / 254,
+    ("silu", "int8"): 0.5 / 254,
+}
+
+
+@dataclass(frozen=True)
+class ActivationMemory(PassConfig):
+    """Make activations and norms keep compressed copies of what their backward needs.
+
+    Args:
+        relu: ``"bitmask"`` (1 bit per element, exact gradient) or ``"off"``; applies to
+            ReLU and LeakyReLU.
+        gelu: how GELU stores its input: ``"bf16"``, ``"int8"`` (per-block absmax scale)
+            or ``"off"``.
+        silu: the same for SiLU.
+        batchnorm: how BatchNorm stores its normalised input ``x_hat``: ``"bf16"``,
+            ``"int8"`` or ``"off"``.
+        layernorm: the same for LayerNorm.
+        block_size: elements per int8 scale block, 16..65536.
+
+    Example:
+        >>> import torch, sparsify_fx as sfx
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+        ...                         torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> fast = sfx.sparsify(m, sfx.ActivationMemory(), example_inputs=(torch.randn(2, 3, 8, 8),))
+        >>> sorted(r.op for r in sfx.explain(fast).rewrites)
+        ['batch_norm', 'relu']
+    """
+
+    relu: str = "bitmask"
+    gelu: str = "bf16"
+    silu: str = "bf16"
+    batchnorm: str = "bf16"
+    layernorm: str = "bf16"
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.relu not in ("bitmask", "off"):
+            raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
+        for name in ("gelu", "silu", "batchnorm", "layernorm"):
+            value = getattr(self, name)
+            if value not in _STORAGE:
+                raise ConfigError(
+                    f"ActivationMemory.{name} must be one of {list(_STORAGE)}, got {value!r}"
+                )
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ConfigError(f"ActivationMemory.block_size must be an int, got {self.block_size!r}")
+        sfx.check_range(self, "block_size", self.block_size, 16, 65536)
+
+
+# ---------------------------------------------------------------- bit masks
+
+# (b0 + b1<<8 + ... + b7<<56) * MAGIC puts b_i at bit 56+i and nothing else in bits 56..63
+# (every other product term lands on a distinct lower bit, so there are no carries).
+_PACK_MAGIC = 0x0102040810204080
+_UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    # byte -> int64 whose 8 bytes are its bits: one gather unpacks 8 elements
+    table = _UNPACK_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)
+        _UNPACK_TABLES[device] = table
+    return table
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor into ``uint8`` (8 elements per byte, element ``i`` at bit ``i % 8``)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    return ((words * _PACK_MAGIC) >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: list[int] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+    numel = math.prod(shape)
+    flat = _unpack_table(packed.device)[packed.long()].view(torch.bool)
+    return flat[:numel].view(shape)
+
+
+# ---------------------------------------------------------------- value compression
+
+
+def compress(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(payload, scale)``: bf16 copy (empty scale), or int8 blocks with fp32 absmax scales."""
+    x = x.detach()
+    if storage == "bf16":
+        return x.to(torch.bfloat16), x.new_empty(0, dtype=torch.float32)
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    rows = flat.view(-1, block).float()
+    scale = rows.abs().amax(1, keepdim=True) / 127.0
+    # an all-zero block has scale 0; dividing by the tiny clamp keeps it exactly zero
+    q = torch.round(rows / scale.clamp_min(1e-30)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def decompress(
+    payload: torch.Tensor, scale: torch.Tensor, shape: list[int] | torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`compress` (approximate), as a tensor of ``shape`` and ``dtype``."""
+    if payload.dtype == torch.bfloat16:
+        return payload.to(dtype)
+    numel = math.prod(shape)
+    return (payload.float() * scale).view(-1)[:numel].view(shape).to(dtype)
+
+
+def _fake_payload(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if storage == "bf16":
+        return torch.empty_like(x, dtype=torch.bfloat16), x.new_empty(0, dtype=torch.float32)
+    n = math.ceil(x.numel() / block)
+    return x.new_empty(n, block, dtype=torch.int8), x.new_empty(n, 1, dtype=torch.float32)
+
+
+def _compressible(x: torch.Tensor, storage: str) -> bool:
+    # bf16 storage of a 2-byte input would save nothing and only add error
+    return x.is_floating_point() and x.element_size() > (2 if storage == "bf16" else 1)
+
+
+# ---------------------------------------------------------------- ReLU / LeakyReLU
+
+
+@torch.library.custom_op("sparsify_fx::actmem_relu", mutates_args=())
+def _actmem_relu(x: torch.Tensor, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if negative_slope == 0.0:
+        out = torch.relu(x)
+        # threshold_backward zeroes the gradient exactly where out <= 0 (NaN passes through)
+        return out, pack_bits(out <= 0)
+    out = F.leaky_relu(x, negative_slope)
+    return out, pack_bits(x > 0)
+
+
+@_actmem_relu.register_fake
+def _(x, negative_slope):
+    return torch.empty_like(x), x.new_empty(math.ceil(x.numel() / 8), dtype=torch.uint8)
+
+
+def _relu_setup(ctx, inputs, output) -> None:
+    x, negative_slope = inputs
+    ctx.save_for_backward(output[1])
+    ctx.shape = list(x.shape)
+    ctx.negative_slope = negative_slope
+
+
+def _relu_backward(ctx, grad_out, _grad_mask):
+    (packed,) = ctx.saved_tensors
+    mask = unpack_bits(packed, ctx.shape)
+    if ctx.negative_slope == 0.0:
+        return grad_out.masked_fill(mask, 0), None
+    # leaky_relu_backward: x > 0 ? grad : grad * slope
+    return torch.where(mask, grad_out, grad_out * ctx.negative_slope), None
+
+
+_actmem_relu.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+# ---------------------------------------------------------------- GELU / SiLU
+
+
+@torch.library.custom_op("sparsify_fx::actmem_gelu", mutates_args=())
+def _actmem_gelu(
+    x: torch.Tensor, approximate: str, storage: str, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    payload, scale = compress(x, storage, block)
+    return F.gelu(x, approximate=approximate), payload, scale
+
+
+@_actmem_gelu.register_fake
+def _(x, approximate, storage, block):
+    return (torch.empty_like(x), *_fake_payload(x, storage, block))
+
+
+@torch.library.custom_op("sparsify_fx::actmem_silu", mutates_args=())
+def _actmem_silu(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    payload, scale = compress(x, storage, block)
+    return F.silu(x), payload, scale
+
+
+@_actmem_silu.register_fake
+def _(x, storage, block):
+    return (torch.empty_like(x), *_fake_payload(x, storage, block))
+
+
+def _pointwise_setup(ctx, inputs, output) -> None:
+    x = inputs[0]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+    ctx.approximate = inputs[1] if len(inputs) == 4 else None
+
+
+def _gelu_backward(ctx, grad_out, _g1, _g2):
+    payload, scale = ctx.saved_tensors
+    x = decompress(payload, scale, ctx.shape, ctx.dtype)
+    return torch.ops.aten.gelu_backward(grad_out, x, approximate=ctx.approximate), None, None, None
+
+
+def _silu_backward(ctx, grad_out, _g1, _g2):
+    payload, scale = ctx.saved_tensors
+    x = decompress(payload, scale, ctx.shape, ctx.dtype)
+    return torch.ops.aten.silu_backward(grad_out, x), None, None
+
+
+_actmem_gelu.register_autograd(_gelu_backward, setup_context=_pointwise_setup)
+_actmem_silu.register_autograd(_silu_backward, setup_context=_pointwise_setup)
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+# Functional (an op that mutates its inputs cannot have an autograd formula): it updates
+# copies of the running stats with the kernel's own in-place update and returns them; the op
+# module copies them back, which leaves the buffers bit-identical to nn.BatchNorm's.
+@torch.library.custom_op("sparsify_fx::actmem_batch_norm", mutates_args=())
+def _actmem_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    storage: str,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    out, mean, invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, new_mean, new_var, True, momentum, eps
+    )
+    x_hat = (x.detach() - _channel_view(mean, x.dim())).mul_(_channel_view(invstd, x.dim()))
+    payload, scale = compress(x_hat, storage, block)
+    return out, payload, scale, mean, invstd, new_mean, new_var
+
+
+@_actmem_batch_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps, storage, block):
+    c = x.shape[1]
+    stats = x.new_empty(c, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    return (
+        torch.empty_like(x), *_fake_payload(x, storage, block), stats, torch.empty_like(stats),
+        torch.empty_like(running_mean), torch.empty_like(running_var),
+    )
+
+
+def _bn_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs[:3]
+    _, payload, scale, _mean, invstd = output[:5]
+    ctx.save_for_backward(payload, scale, invstd, weight)
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _bn_backward(ctx, grad_out, *_unused):
+    payload, scale, invstd, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
+    # the fused kernel computes x_hat = (input - mean) * invstd and scales grad_x by
+    # weight * invstd; feeding it x_hat, mean 0, invstd 1, weight*invstd is the same formula
+    eff_weight = invstd * weight if weight is not None else invstd
+    # re-centring on the stored x_hat's own channel mean (the kernel subtracts save_mean)
+    # keeps sum_c(grad_x) ~ 0 as in dense autograd: a conv bias before BN then gets ~0
+    # gradient instead of the bf16 rounding of sum(x_hat)
+    dims = [d for d in range(x_hat.dim()) if d != 1]
+    centre = x_hat.mean(dims, dtype=invstd.dtype)
+    grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x_hat, eff_weight.to(ctx.dtype), None, None,
+        centre, torch.ones_like(invstd), True, 0.0,
+        [bool(need_x), bool(need_w and weight is not None), bool(need_b and ctx.has_bias)],
+    )
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+_actmem_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+
+@torch.library.custom_op("sparsify_fx::actmem_layer_norm", mutates_args=())
+def _actmem_layer_norm(
+    x: torch.Tensor,
+    normalized_shape: list[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    storage: str,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    x_hat = (x.detach() - mean).mul_(rstd)
+    payload, scale = compress(x_hat, storage, block)
+    return out, payload, scale, mean, rstd
+
+
+@_actmem_layer_norm.register_fake
+def _(x, normalized_shape, weight, bias, eps, storage, block):
+    k = len(normalized_shape)
+    stats_shape = list(x.shape[: x.dim() - k]) + [1] * k
+    stats = x.new_empty(stats_shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    return (torch.empty_like(x), *_fake_payload(x, storage, block), stats, torch.empty_like(stats))
+
+
+def _ln_setup(ctx, inputs, output) -> None:
+    x, normalized_shape, weight, bias = inputs[:4]
+    _, payload, scale, _mean, rstd = output
+    ctx.save_for_backward(payload, scale, rstd, weight, bias)
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+    ctx.normalized_shape = list(normalized_shape)
+
+
+def _ln_backward(ctx, grad_out, *_unused):
+    payload, scale, rstd, weight, bias = ctx.saved_tensors
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
+    # with mean 0 and rstd 1 the kernel's x_hat is the stored one; grad_x then lacks only the
+    # per-row rstd factor, applied after
+    grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+        grad_out, x_hat, ctx.normalized_shape, torch.zeros_like(rstd), torch.ones_like(rstd),
+        weight, bias,
+        [bool(need_x), bool(need_w and weight is not None), bool(need_b and bias is not None)],
+    )
+    if grad_x is not None:
+        grad_x = grad_x.mul_(rstd.to(grad_x.dtype))
+    return grad_x, None, grad_w, grad_b, None, None, None
+
+
+_actmem_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+# ---------------------------------------------------------------- op modules
+
+
+def _recording(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in params)
+    )
+
+
+class ActMemReLU(nn.Module):
+    """Parameter-free ReLU / LeakyReLU saving a 1-bit mask; eval runs the original op."""
+
+    def __init__(self, negative_slope: float = 0.0, inplace: bool = False):
+        super().__init__()
+        self.negative_slope, self.inplace = float(negative_slope), bool(inplace)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}, inplace={self.inplace}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _recording(x) and x.is_floating_point():
+            return torch.ops.sparsify_fx.actmem_relu(x, self.negative_slope)[0]
+        if self.negative_slope == 0.0:
+            return F.relu(x, inplace=self.inplace)
+        return F.leaky_relu(x, self.negative_slope, inplace=self.inplace)
+
+
+class ActMemActivation(nn.Module):
+    """Parameter-free GELU / SiLU saving a compressed input; eval runs the original op."""
+
+    def __init__(self, kind: str, storage: str, block: int, approximate: str = "none", inplace: bool = False):
+        super().__init__()
+        self.kind, self.storage, self.block = kind, storage, block
+        self.approximate, self.inplace = approximate, inplace
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, storage={self.storage}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _recording(x) and _compressible(x, self.storage):
+            if self.kind == "gelu":
+                return torch.ops.sparsify_fx.actmem_gelu(x, self.approximate, self.storage, self.block)[0]
+            return torch.ops.sparsify_fx.actmem_silu(x, self.storage, self.block)[0]
+        if self.kind == "gelu":
+            return F.gelu(x, approximate=self.approximate)
+        return F.silu(x, inplace=self.inplace)
+
+
+class ActMemBatchNorm(nn.Module):
+    """Parameter-free BatchNorm: ``forward(x, weight, bias, running_mean, running_var,
+    num_batches_tracked)`` with the original module's tensors, updating its running stats
+    exactly as ``nn.BatchNorm`` does."""
+
+    def __init__(self, momentum: float | None, eps: float, storage: str, block: int):
+        super().__init__()
+        self.momentum, self.eps, self.storage, self.block = momentum, eps, storage, block
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, eps={self.eps}, storage={self.storage}"
+
+    def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked):
+        if not self.training:
+            factor = 0.0 if self.momentum is None else self.momentum
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, factor, self.eps)
+        factor = self.momentum
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        factor = 0.0 if factor is None else factor
+        if _recording(x, weight, bias) and _compressible(x, self.storage):
+            if x.numel() // x.shape[1] == 1:
+                # F.batch_norm's own check; the raw aten kernel would return NaNs instead
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+                )
+            out, *_, new_mean, new_var = torch.ops.sparsify_fx.actmem_batch_norm(
+                x, weight, bias, running_mean, running_var, factor, self.eps, self.storage, self.block
+            )
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+            return out
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
+
+
+class ActMemLayerNorm(nn.Module):
+    """Parameter-free LayerNorm: ``forward(x, weight, bias)`` with the original's tensors."""
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, storage: str, block: int):
+        super().__init__()
+        self.normalized_shape = [int(n) for n in normalized_shape]
+        self.eps, self.storage, self.block = eps, storage, block
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}, storage={self.storage}"
+
+    def forward(self, x, weight=None, bias=None):
+        if self.training and _recording(x, weight, bias) and _compressible(x, self.storage):
+            return torch.ops.sparsify_fx.actmem_layer_norm(
+                x, self.normalized_shape, weight, bias, self.eps, self.storage, self.block
+            )[0]
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _inplace_reason(node: fx.Node, x: object) -> str | None:
+    # training runs out of place; that is only the same program when nobody else sees x
+    if not isinstance(x, fx.Node):
+        return "input is not a graph value"
+    if x.op in ("placeholder", "get_attr"):
+        return "in-place op on a tensor visible outside the graph (input or attribute)"
+    if len(x.users) > 1:
+        return f"in-place op whose input {x.name!r} has other users"
+    return None
+
+
+def _numel_of(node: object) -> int | None:
+    meta = sfx.tensor_meta(node)
+    return math.prod(meta[0]) if meta is not None else None
+
+
+def _stored_bytes(numel: int | None, storage: str, block: int) -> int | None:
+    if numel is None:
+        return None
+    if storage == "bf16":
+        return 2 * numel
+    return math.ceil(numel / block) * (block + 4)
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _candidate(gm: fx.GraphModule, node: fx.Node):
+    """``(op name, original module or None)`` for a node this pass may rewrite, else None."""
+    if node.op == "call_function":
+        name = {F.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu"}.get(node.target)
+        return (name, None) if name else None
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if type(module) in _BATCH_NORMS:
+            return "batch_norm", module
+        if type(module) is nn.LayerNorm:
+            return "layer_norm", module
+        if type(module) is nn.LeakyReLU:
+            return "leaky_relu", module
+    return None
+
+
+def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
+    """``(op module, graph args, stored bytes before, after)`` or a skip reason string."""
+    x = _arg(node, 0, "input")
+    numel = _numel_of(x)
+    before = sfx.tensor_bytes(x)
+    if op in ("relu", "leaky_relu"):
+        if config.relu == "off":
+            return "relu='off'"
+        if module is not None:
+            slope, inplace = module.negative_slope, module.inplace
+            if _has_hooks(module):
+                return "module has hooks; kept as a module call"
+        else:
+            slope = 0.0 if op == "relu" else _arg(node, 1, "negative_slope", 0.01)
+            inplace = _arg(node, 2 if op == "leaky_relu" else 1, "inplace", False)
+        if not isinstance(slope, (int, float)) or not isinstance(inplace, bool):
+            return "negative_slope / inplace are not constants"
+        if slope < 0:
+            return f"negative_slope={slope} < 0: the sign of the output does not give the mask"
+        if inplace and (why := _inplace_reason(node, x)):
+            return why
+        after = math.ceil(numel / 8) if numel is not None else None
+        return ActMemReLU(slope, inplace), (x,), before, after
+    if op in ("gelu", "silu"):
+        storage = getattr(config, op)
+        if storage == "off":
+            return f"{op}='off'"
+        approximate = _arg(node, 1, "approximate", "none") if op == "gelu" else "none"
+        inplace = _arg(node, 1, "inplace", False) if op == "silu" else False
+        if not isinstance(approximate, str) or not isinstance(inplace, bool):
+            return "approximate / inplace are not constants"
+        if inplace and (why := _inplace_reason(node, x)):
+            return why
+        module = ActMemActivation(op, storage, config.block_size, approximate, inplace)
+        return module, (x,), before, _stored_bytes(numel, storage, config.block_size)
+    g = gm.graph
+    prefix = str(node.target)
+    if op == "batch_norm":
+        if config.batchnorm == "off":
+            return "batchnorm='off'"
+        if _has_hooks(module):
+            return "module has hooks; kept as a module call"
+        if not module.track_running_stats or module.running_mean is None:
+            return "track_running_stats=False (batch statistics in eval) is not supported"
+        if len(node.args) + len(node.kwargs) != 1:
+            return "called with more than one argument"
+        with g.inserting_before(node):
+            attrs = [
+                g.get_attr(f"{prefix}.{n}") if getattr(module, n) is not None else None
+                for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+            ]
+        for a in attrs:
+            if a is not None:
+                a.meta["sfx_module"] = prefix
+        op_module = ActMemBatchNorm(module.momentum, module.eps, config.batchnorm, config.block_size)
+        return op_module, (x, *attrs), before, _stored_bytes(numel, config.batchnorm, config.block_size)
+    # layer_norm
+    if config.layernorm == "off":
+        return "layernorm='off'"
+    if _has_hooks(module):
+        return "module has hooks; kept as a module call"
+    if len(node.args) + len(node.kwargs) != 1:
+        return "called with more than one argument"
+    with g.inserting_before(node):
+        attrs = [
+            g.get_attr(f"{prefix}.{n}") if getattr(module, n, None) is not None else None
+            for n in ("weight", "bias")
+        ]
+    for a in attrs:
+        if a is not None:
+            a.meta["sfx_module"] = prefix
+    op_module = ActMemLayerNorm(module.normalized_shape, module.eps, config.layernorm, config.block_size)
+    return op_module, (x, *attrs), before, _stored_bytes(numel, config.layernorm, config.block_size)
+
+
+@sfx.register_pass(ActivationMemory, name="actmem")
+def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -> PassResult:
+    result = PassResult(gm, modified=False)
+    for node in list(gm.graph.nodes):
+        found = _candidate(gm, node)
+        if found is None:
+            continue
+        op, module = found
+        module_name = str(node.meta.get("sfx_module", "")) or (str(node.target) if module else "")
+        reason = ctx.selection_reason(config, None, module_name, gm)
+        try:
+            plan = reason if reason is not None else _plan(gm, node, op, module, config)
+        except Exception as e:
+            e.sfx_node = node  # the pass manager names this node in its PassError
+            raise
+        if isinstance(plan, str):
+            result.skips.append(sfx.Skip(ctx.pass_name, node.name, ctx.qualified(module_name), op, plan))
+            continue
+        op_module, args, before, after = plan
+        target = sfx.install_module(gm, f"actmem_{op}_{module_name or node.name}", op_module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(target, tuple(args))
+        new.meta["sfx_module"] = module_name
+        origin = node.name
+        sfx.replace_node(node, new)
+        result.rewrites.append(
+            Rewrite(
+                ctx.pass_name, origin, ctx.qualified(module_name), op, target,
+                saved_bytes_before=before, saved_bytes_after=after,
+                details={"storage": getattr(op_module, "storage", "bitmask")},
+            )
+        )
+        result.modified = True
+    return result

@@ -1,0 +1,308 @@
+"""ActivationMemory: the custom ops against dense autograd, the pass on small models, and the
+saved-tensor memory it frees (with and without DropIT)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import sparsify_fx as sfx
+from benchmarks.memory import saved_tensor_bytes
+from passes.activation_memory import (
+    GRAD_ERROR_BOUNDS,
+    ActMemActivation,
+    ActMemBatchNorm,
+    ActMemLayerNorm,
+    ActMemReLU,
+    pack_bits,
+    unpack_bits,
+)
+
+BF16_UNIT = 2.0**-9  # bf16 round-to-nearest relative error
+
+
+def _grads(fn, *tensors, seed: int = 1):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(g)
+    return out.detach(), [t.grad.clone() if t.grad is not None else None for t in tensors], g
+
+
+# ---------------------------------------------------------------- bit masks and ReLU
+
+
+def test_pack_bits_exhaustive_roundtrip():
+    patterns = torch.tensor([[(v >> i) & 1 for i in range(8)] for v in range(256)], dtype=torch.bool)
+    packed = pack_bits(patterns)
+    assert packed.dtype == torch.uint8 and packed.numel() == 256
+    assert torch.equal(packed, torch.arange(256).to(torch.uint8))
+    assert torch.equal(unpack_bits(packed, patterns.shape), patterns)
+    odd = torch.rand(3, 5, 7) > 0.5  # numel not a multiple of 8
+    assert pack_bits(odd).numel() == 14
+    assert torch.equal(unpack_bits(pack_bits(odd), odd.shape), odd)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(7, 13), (2, 3, 5, 5)])
+def test_relu_bitmask_grads_exactly_dense(slope, shape):
+    x = torch.randn(*shape)
+    x.view(-1)[::5] = 0.0  # ties at the kink must follow the dense rule
+    x.requires_grad_()
+    dense = (lambda: F.relu(x)) if slope == 0.0 else (lambda: F.leaky_relu(x, slope))
+    ref, (ref_g,), _ = _grads(dense, x)
+    op = ActMemReLU(slope).train()
+    out, (g,), _ = _grads(lambda: op(x), x)
+    assert torch.equal(out, ref)
+    assert torch.equal(g, ref_g)
+
+
+def test_relu_saves_one_bit_per_element():
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    y = x * 2  # not an input, so only what the op saves is counted
+    op = ActMemReLU().train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        op(y)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, y.numel() // 8)]
+
+
+# ---------------------------------------------------------------- GELU / SiLU
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("kind,approximate", [("gelu", "none"), ("gelu", "tanh"), ("silu", "none")])
+def test_pointwise_grad_error_within_documented_bound(kind, approximate, storage):
+    x = (torch.randn(8, 333) * 3).requires_grad_()
+    dense = (lambda: F.gelu(x, approximate=approximate)) if kind == "gelu" else (lambda: F.silu(x))
+    ref, (ref_g,), g = _grads(dense, x)
+    op = ActMemActivation(kind, storage, block=64, approximate=approximate).train()
+    out, (got,), _ = _grads(lambda: op(x), x)
+    assert torch.equal(out, ref)  # forward is the dense op
+    bound = GRAD_ERROR_BOUNDS[(kind, storage)] * g.abs().max().item()
+    if storage == "int8":
+        bound *= x.detach().abs().max().item()  # block absmax <= global absmax
+    torch.testing.assert_close(got, ref_g, rtol=0.0, atol=bound + 1e-6)
+    assert (got - ref_g).abs().max() > 0  # it really used the compressed copy
+
+
+# ---------------------------------------------------------------- BatchNorm / LayerNorm
+
+
+def _bn_grad_bounds(x, w, g, dims):
+    """Documented per-element bound on grad_x, and per-channel bound on grad_weight."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    invstd = (x.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    x_hat = (x - mean) * invstd
+    gx, ga = (g * x_hat).abs(), g.abs()
+    scale = gx.mean(dims, keepdim=True) + ga.mean(dims, keepdim=True)
+    bound_x = 2 * BF16_UNIT * w.abs().view(shape) * invstd * (x_hat.abs() + 1) * scale
+    bound_w = BF16_UNIT * (gx.sum(dims) + ga.sum(dims))
+    return bound_x, bound_w
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (4, 6, 9), (4, 6, 5, 5)])
+def test_batchnorm_grads_within_bound_and_running_stats_identical(shape):
+    x = (torch.randn(*shape) * 3 + 5).requires_grad_()  # |mean| >> std on purpose
+    ref_bn = nn.BatchNorm2d(6) if len(shape) == 4 else nn.BatchNorm1d(6)
+    with torch.no_grad():
+        ref_bn.weight.uniform_(0.5, 1.5)
+        ref_bn.bias.normal_()
+    bn = copy.deepcopy(ref_bn)
+    ref, ref_g, g = _grads(lambda: ref_bn(x), x, ref_bn.weight, ref_bn.bias)
+    op = ActMemBatchNorm(bn.momentum, bn.eps, "bf16", 256).train()
+    args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    out, got, _ = _grads(lambda: op(x, *args), x, bn.weight, bn.bias)
+    assert torch.equal(out, ref)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(ref_bn, name)), name
+    dims = [d for d in range(x.dim()) if d != 1]
+    bound_x, bound_w = _bn_grad_bounds(x.detach(), ref_bn.weight.detach(), g, dims)
+    assert ((got[0] - ref_g[0]).abs() <= bound_x + 1e-5).all()
+    assert ((got[1] - ref_g[1]).abs() <= bound_w + 1e-5).all()
+    torch.testing.assert_close(got[0], ref_g[0], rtol=0.0, atol=bound_x.max().item() + 1e-5)
+    torch.testing.assert_close(got[1], ref_g[1], rtol=0.0, atol=bound_w.max().item() + 1e-5)
+    torch.testing.assert_close(got[2], ref_g[2], rtol=1e-6, atol=1e-5)  # grad_bias never reads x
+
+
+def test_batchnorm_momentum_none_cumulative_average():
+    ref_bn = nn.BatchNorm2d(4, momentum=None)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), copy.deepcopy(ref_bn))
+    ref = nn.Sequential(copy.deepcopy(model[0]), ref_bn)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(torch.randn(2, 3, 6, 6),))
+    fast.train()
+    ref.train()
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(fast(x), ref(x), rtol=0.0, atol=0.0)
+    for name, buf in ref_bn.named_buffers():
+        assert torch.equal(model[1].get_buffer(name), buf), name
+
+
+def test_layernorm_grads_within_bound():
+    ref_ln = nn.LayerNorm(48)
+    with torch.no_grad():
+        ref_ln.weight.uniform_(0.5, 1.5)
+        ref_ln.bias.normal_()
+    x = (torch.randn(3, 10, 48) * 2 + 3).requires_grad_()
+    ref, ref_g, g = _grads(lambda: ref_ln(x), x, ref_ln.weight, ref_ln.bias)
+    op = ActMemLayerNorm((48,), ref_ln.eps, "bf16", 256).train()
+    out, got, _ = _grads(lambda: op(x, ref_ln.weight, ref_ln.bias), x, ref_ln.weight, ref_ln.bias)
+    assert torch.equal(out, ref)
+    xd = x.detach()
+    rstd = (xd.var(-1, unbiased=False, keepdim=True) + ref_ln.eps).rsqrt()
+    x_hat = (xd - xd.mean(-1, keepdim=True)) * rstd
+    gw = g * ref_ln.weight.detach()
+    bound_x = 2 * BF16_UNIT * rstd * x_hat.abs() * (gw * x_hat).abs().mean(-1, keepdim=True)
+    bound_w = BF16_UNIT * (g * x_hat).abs().sum((0, 1))
+    assert ((got[0] - ref_g[0]).abs() <= bound_x + 1e-5).all()
+    torch.testing.assert_close(got[0], ref_g[0], rtol=0.0, atol=bound_x.max().item() + 1e-5)
+    torch.testing.assert_close(got[1], ref_g[1], rtol=0.0, atol=bound_w.max().item() + 1e-5)
+    torch.testing.assert_close(got[2], ref_g[2], rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the pass on models
+
+
+class ConvChain(nn.Module):
+    """stem -> (ReLU -> Conv -> BN) x 3 -> head: the DropIT ConvNet trap in miniature."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(3))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(3))
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv, bn in zip(self.convs, self.bns, strict=True):
+            x = bn(conv(self.relu(x)))
+        return self.head(self.relu(x).mean((2, 3)))
+
+
+def _train_bytes(model, x):
+    model.train()
+    return saved_tensor_bytes(model, (x,), count_inputs=False)
+
+
+def test_memory_dropit_trap_and_actmem_fix():
+    model, x = ConvChain(), torch.randn(4, 3, 16, 16)
+    dense = _train_bytes(model, x)
+    dropit = _train_bytes(sfx.sparsify(model, sfx.DropIT(keep=0.1), example_inputs=(x,)), x)
+    both_model = sfx.sparsify(model, [sfx.DropIT(keep=0.1), sfx.ActivationMemory()], example_inputs=(x,))
+    both = _train_bytes(both_model, x)
+    # the trap: ReLU keeps its output (the conv's input) and BN keeps its input
+    assert dropit > 0.9 * dense
+    # with the chain rewritten, DropIT's compressed copy is the only holder
+    assert both < 0.4 * dropit
+    # and the gradients still flow to every parameter
+    both_model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_resnet18_eval_exact_train_close_and_state_dict():
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,))
+    ops = sorted({r.op for r in sfx.explain(fast).rewrites})
+    assert ops == ["batch_norm", "relu"]
+    assert sorted(fast.state_dict()) == sorted(model.state_dict())
+    assert not any(True for _ in fast.get_submodule("sfx_ops").parameters())
+    assert not any(True for _ in fast.get_submodule("sfx_ops").buffers())
+    report = sfx.verify(model, fast, (x,), rtol=0.0, atol=0.0)
+    assert report.ok and report.max_abs_err == 0.0
+    model.eval()
+    fast.eval()
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+    # one training step: same forward, running stats and gradients close to dense
+    ref = copy.deepcopy(model).train()
+    fast.train()
+    x = torch.randn(4, 3, 32, 32)
+    out, ref_out = fast(x), ref(x)
+    assert torch.equal(out, ref_out)
+    out.square().mean().backward()
+    ref_out.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=0.02 * q.grad.abs().max().item() + 1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), ref.buffers(), strict=True):
+        assert torch.equal(b, c), name
+
+
+@pytest.mark.slow
+def test_vit_eval_exact():
+    model = torchvision.models.vit_b_16(image_size=32, num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,))
+    assert {"layer_norm", "gelu"} <= {r.op for r in sfx.explain(fast).rewrites}
+    assert sfx.verify(model, fast, (x,), rtol=0.0, atol=0.0).ok
+
+
+def test_transformer_block_gelu_layernorm_rewritten_and_trained():
+    block = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.SiLU())
+    x = torch.randn(2, 5, 32)
+    fast = sfx.sparsify(block, sfx.ActivationMemory(), example_inputs=(x,))
+    assert sorted(r.op for r in sfx.explain(fast).rewrites) == ["gelu", "layer_norm", "silu"]
+    fast.train()
+    assert _train_bytes(fast, x) < _train_bytes(block, x)
+    ref = copy.deepcopy(block)
+    fast(x).sum().backward()
+    ref(x).sum().backward()
+    for p, q in zip(block.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------- config and selection
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"relu": "bf16"}, "relu"),
+        ({"gelu": "fp8"}, "gelu"),
+        ({"silu": None}, "silu"),
+        ({"batchnorm": "recompute"}, "batchnorm"),
+        ({"layernorm": 1}, "layernorm"),
+        ({"block_size": 8}, "block_size"),
+        ({"block_size": 64.0}, "block_size"),
+    ],
+)
+def test_config_validation_names_field_and_value(kwargs, field):
+    with pytest.raises(sfx.ConfigError, match=f"ActivationMemory.{field}") as info:
+        sfx.ActivationMemory(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+def test_include_matching_nothing_rewrites_nothing_and_says_why():
+    model, x = ConvChain(), torch.randn(2, 3, 8, 8)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(include="no_such_layer*"), example_inputs=(x,))
+    report = sfx.explain(fast)
+    assert report.rewrites == []
+    skips = [s for s in report.skipped if s.pass_name == "actmem"]
+    assert len(skips) == 7  # 3 BN + 4 ReLU call sites
+    assert all("not matched by include" in s.reason for s in skips)
+
+
+def test_off_options_and_inplace_with_other_users_are_reported():
+    class Shared(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            z = F.relu(y, inplace=True)
+            return z + y  # y is read after the in-place ReLU
+
+    x = torch.randn(3, 4)
+    fast = sfx.sparsify(Shared(), sfx.ActivationMemory(), example_inputs=(x,))
+    (skip,) = [s for s in sfx.explain(fast).skipped if s.pass_name == "actmem"]
+    assert "other users" in skip.reason
+    fast = sfx.sparsify(ConvChain(), sfx.ActivationMemory(relu="off", batchnorm="off"), example_inputs=(x.new_zeros(1, 3, 4, 4),))
+    reasons = {s.reason for s in sfx.explain(fast).skipped if s.pass_name == "actmem"}
+    assert reasons == {"relu='off'", "batchnorm='off'"}
