@@ -8,5 +8,6 @@ from .activation_memory import ActivationMemory
 from .block_sparse import BlockSparseActivations
 from .dropit import DropIT
 from .iso_flop import IsoFLOP
+from .sliceout import SliceOut
 
-__all__ = ["BlockSparseActivations", "DropIT", "IsoFLOP", "ActivationMemory"]
+__all__ = ["BlockSparseActivations", "DropIT", "IsoFLOP", "ActivationMemory", "SliceOut"]

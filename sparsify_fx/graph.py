@@ -115,6 +115,10 @@ class DenseOp:
     ``kind`` is ``"linear"`` (``F.linear(x, W[out, in], b)``), ``"conv"``
     (``F.convNd(x, W, b, stride, padding, dilation, groups)``) or ``"matmul"``
     (``x @ W[in, out]`` or ``addmm(b, x, W[in, out])``, GPT-2's Conv1D).
+
+    ``input`` / ``weight`` / ``bias`` are read from ``node`` on each access (an earlier rewrite
+    may have replaced the node producing the input), so read them *before* ``replace_node``
+    erases ``node``: after that they are None.
     """
 
     node: fx.Node
