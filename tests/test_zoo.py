@@ -18,8 +18,8 @@ _KWARGS = {
     "vit_h_14": {"image_size": 28},
     "googlenet": {"init_weights": False}, "inception_v3": {"init_weights": False},
 }
-_SIZE = {"vit_b_16": 32, "vit_l_16": 32, "vit_h_14": 28, "inception_v3": 80, "maxvit_t": 224}
-_BATCH = {"maxvit_t": 1}
+_SIZE = {"vit_b_16": 32, "vit_l_16": 32, "vit_h_14": 28, "inception_v3": 299, "maxvit_t": 224}
+_BATCH = {"maxvit_t": 1, "inception_v3": 2}
 # slowest on 2 CPU cores (seconds each); `-m "not slow"` skips them locally, CI runs them
 SLOW = {"regnet_y_128gf", "vit_h_14", "regnet_y_32gf", "maxvit_t", "vit_l_16", "vit_l_32",
         "regnet_y_16gf", "efficientnet_b7", "vgg19_bn", "vgg16_bn", "swin_v2_b", "swin_b"}
