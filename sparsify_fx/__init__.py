@@ -35,14 +35,22 @@ from .graph import (
 from .pass_base import PassContext, PassResult, Rewrite, Skip
 from .recipes import parse_recipe, resolve_recipe
 from .registry import register_pass, registered
-from .report import ExplainReport, explain
+from .report import ExplainReport, PassSummary, explain, graph_diff
+from .slice_groups import (
+    ForbiddenSliceGroup,
+    SliceConsumer,
+    SliceGroup,
+    SliceGroupAnalysis,
+    SliceProducer,
+    find_slice_groups,
+)
 from .sparsify import SparsifyRecord, sparsify
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sparsify", "capture", "verify", "explain", "backend",
+    "sparsify", "capture", "verify", "explain", "graph_diff", "PassSummary", "backend",
     "Capture", "CAPTURE_METHODS", "VerifyReport", "ExplainReport", "SparsifyRecord",
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
     "parse_recipe", "resolve_recipe", "check_range",
@@ -50,6 +58,7 @@ __all__ = [
     "ShapeRecorder", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
     "DropIT",
+    "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",
 ]
 
 

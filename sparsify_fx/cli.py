@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default="results")
         if name == "inspect":
             sp.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+            sp.add_argument("--diff", action="store_true", help="print what each pass replaced, by module")
+            sp.add_argument("--html", dest="html_path", default=None,
+                            help="write a self-contained HTML report (tables, graph, memory bars)")
+            sp.add_argument("--plot", dest="plot_path", default=None,
+                            help="write saved-activation bytes per layer as a PNG (needs matplotlib)")
     return p
 
 
@@ -52,13 +62,23 @@ def _console():
     return Console()
 
 
-def _prepare(args: argparse.Namespace):
+@contextmanager
+def _stage(console: Any, what: str) -> Iterator[None]:
+    """A spinner while ``what`` runs, then one line with how long it took."""
+    start = time.perf_counter()
+    with console.status(f"{what}..."):
+        yield
+    console.print(f"[dim]{what}: {time.perf_counter() - start:.1f} s[/dim]", highlight=False)
+
+
+def _prepare(args: argparse.Namespace, console: Any = None):
     from . import sparsify
     from .models import default_input, load_model
     from .recipes import resolve_recipe
 
     configs = resolve_recipe(args.recipe)  # bad recipes fail before the model is built
-    model = load_model(args.model)
+    with _stage(console or _console(), f"building {args.model}"):
+        model = load_model(args.model)
     x = default_input(args.model, args.input_shape)
     return model, x, configs, sparsify
 
@@ -119,36 +139,82 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_memory(report: Any, path: str) -> None:
+    """Saved-activation bytes per rewritten layer, before vs after, as a PNG (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; the CLI only writes files
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rewrites if r.saved_bytes_before is not None and r.saved_bytes_after is not None]
+    labels = [f"{r.module or '(root)'} {r.op} [{r.pass_name}]" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.2))
+    pos = range(len(rows))
+    ax.barh([p - 0.2 for p in pos], [r.saved_bytes_before / 1024 for r in rows], 0.4, label="before")
+    ax.barh([p + 0.2 for p in pos], [r.saved_bytes_after / 1024 for r in rows], 0.4, label="after")
+    ax.set_yticks(list(pos), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("saved for backward (KiB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from . import explain
 
-    model, x, configs, sparsify = _prepare(args)
+    if args.plot_path and importlib.util.find_spec("matplotlib") is None:
+        # checked before the (slow) rewrite so the user learns at once
+        print("sparsify-fx inspect: error: --plot needs matplotlib, which is not installed "
+              "(pip install matplotlib); --html draws the same bars without it", file=sys.stderr)
+        return 2
     console = _console()
-    with console.status(f"capturing and rewriting {args.model}..."):
+    model, x, configs, sparsify = _prepare(args, console)
+    with _stage(console, f"capturing and rewriting {args.model}"):
         fast = sparsify(model, configs, example_inputs=(x,), verify=False)
     report = explain(fast)
     console.print(report)
+    if args.diff:
+        from rich.text import Text
+
+        styles = {"-": "red", "+": "green", "~": "yellow"}
+        for line in report.graph_diff(width=min(console.width, 80)).splitlines():
+            console.print(Text(line, style=styles.get(line.lstrip()[:1], "bold" if line and line[0] != " " else "")))
     if args.json_path:
         Path(args.json_path).write_text(report.to_json(indent=2))
         console.print(f"report written to {args.json_path}")
+    if args.html_path:
+        from .html_report import write_html
+
+        with _stage(console, "writing the HTML report"):
+            write_html(report, args.html_path, title=f"sparsify_fx: {args.model} with {args.recipe}")
+        console.print(f"HTML report written to {args.html_path}", soft_wrap=True, highlight=False)
+    if args.plot_path:
+        with _stage(console, "plotting saved bytes per layer"):
+            _plot_memory(report, args.plot_path)
+        console.print(f"plot written to {args.plot_path}", soft_wrap=True, highlight=False)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    model, x, configs, sparsify = _prepare(args)
     console = _console()
-    fast = sparsify(model, configs, example_inputs=(x,), verify=False)
-    report = verify(model, fast, (x,), raise_on_mismatch=False)
+    model, x, configs, sparsify = _prepare(args, console)
+    with _stage(console, f"capturing and rewriting {args.model}"):
+        fast = sparsify(model, configs, example_inputs=(x,), verify=False)
+    with _stage(console, "comparing eval-mode outputs"):
+        report = verify(model, fast, (x,), raise_on_mismatch=False)
     console.print(("[green]" if report.ok else "[red]") + report.summary())
     return 0 if report.ok else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
-    model, x, configs, sparsify = _prepare(args)
     console = _console()
-    fast = sparsify(model, configs, example_inputs=(x,))
+    model, x, configs, sparsify = _prepare(args, console)
+    with _stage(console, f"capturing, rewriting and verifying {args.model}"):
+        fast = sparsify(model, configs, example_inputs=(x,))
     name = args.model.replace(":", "_").replace("/", "_")
     _run_bench(console, {"dense": model, args.recipe: fast}, x, args.repeats, args.out, f"bench_{name}.json")
     return 0

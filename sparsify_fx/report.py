@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import textwrap
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
+import torch.fx as fx
 import torch.nn as nn
 
+from .analysis import tensor_bytes
+from .graph import OPS_CONTAINER
 from .pass_base import Rewrite, Skip
 from .sparsify import SparsifyRecord, record_of
 
-__all__ = ["ExplainReport", "explain"]
+if TYPE_CHECKING:  # networkx is only needed by to_networkx
+    import networkx
+
+__all__ = ["ExplainReport", "PassSummary", "explain", "graph_diff"]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -34,6 +41,29 @@ def _fmt_flops(n: int | None) -> str:
 
 
 @dataclass
+class PassSummary:
+    """Totals of one pass of the recipe.
+
+    Attributes:
+        name: the pass as a recipe string (``"dropit:keep=0.1,..."``).
+        pass_name: its registry name (``"dropit"``), as in :attr:`Rewrite.pass_name`.
+        rewritten / skipped: how many candidates it replaced / left alone.
+        flops_before / flops_after: forward FLOPs of the layers it rewrote.
+        saved_bytes_before / saved_bytes_after: bytes those layers save for backward (only
+            rewrites with both estimates count, as in the report totals).
+    """
+
+    name: str
+    pass_name: str
+    rewritten: int = 0
+    skipped: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    saved_bytes_before: int = 0
+    saved_bytes_after: int = 0
+
+
+@dataclass
 class ExplainReport:
     """What :func:`sparsify_fx.sparsify` did to a module.
 
@@ -46,6 +76,8 @@ class ExplainReport:
             backward, dense vs rewritten (only layers with recorded shapes count).
         flops_before / flops_after: forward FLOPs of the rewritten layers.
         verification: summary line of the eval-mode check, if one ran.
+        graph_modules: the rewritten graph(s) by qualified name ('' for the root); kept for
+            :meth:`to_networkx`, :meth:`graph_diff` and the HTML report, never serialised.
     """
 
     capture_method: str
@@ -56,6 +88,7 @@ class ExplainReport:
     skipped: list[Skip] = field(default_factory=list)
     passes: list[tuple[str, int, int]] = field(default_factory=list)
     verification: str | None = None
+    graph_modules: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def saved_bytes_before(self) -> int:
@@ -73,6 +106,28 @@ class ExplainReport:
     def flops_after(self) -> int:
         return sum(r.flops_after or 0 for r in self.rewrites)
 
+    @property
+    def pass_summaries(self) -> list[PassSummary]:
+        """One :class:`PassSummary` per pass of the recipe, in recipe order."""
+        summaries: dict[str, PassSummary] = {}
+        start = 0
+        # the record lists each pass's rewrites contiguously, in the order of ``passes``
+        # (the Dynamo path repeats the passes once per captured graph), so counts slice it
+        for name, n_rewritten, n_skipped in self.passes:
+            chunk = self.rewrites[start:start + n_rewritten]
+            start += n_rewritten
+            pass_name = chunk[0].pass_name if chunk else name.partition(":")[0]
+            s = summaries.setdefault(name, PassSummary(name, pass_name))
+            s.rewritten += n_rewritten
+            s.skipped += n_skipped
+            for r in chunk:
+                s.flops_before += r.flops_before or 0
+                s.flops_after += r.flops_after or 0
+                if r.saved_bytes_after is not None:
+                    s.saved_bytes_before += r.saved_bytes_before or 0
+                    s.saved_bytes_after += r.saved_bytes_after
+        return list(summaries.values())
+
     @classmethod
     def from_record(cls, record: SparsifyRecord) -> ExplainReport:
         return cls(
@@ -87,7 +142,16 @@ class ExplainReport:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Plain data (JSON-ready with ``default=str``); the graph modules are left out."""
+        # not asdict(self): it would deep-copy the GraphModules
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph_modules"}
+        data["rewrites"] = [asdict(r) for r in self.rewrites]
+        data["skipped"] = [asdict(s) for s in self.skipped]
+        data["capture_notes"] = list(self.capture_notes)
+        data["capture_failures"] = dict(self.capture_failures)
+        data["recipe"] = list(self.recipe)
+        data["passes"] = [list(p) for p in self.passes]
+        data["pass_summaries"] = [asdict(s) for s in self.pass_summaries]
         data["totals"] = {
             "saved_bytes_before": self.saved_bytes_before,
             "saved_bytes_after": self.saved_bytes_after,
@@ -99,6 +163,65 @@ class ExplainReport:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
 
+    # ------------------------------------------------------------ graphs
+
+    def rewrite_of(self, prefix: str, node: fx.Node) -> Rewrite | None:
+        """The :class:`Rewrite` that created ``node`` (an op-module call) in graph ``prefix``."""
+        return _rewrite_index(self).get((prefix, str(node.target))) if _is_op_call(node) else None
+
+    def to_networkx(self) -> networkx.DiGraph:
+        """The rewritten graph(s) as one ``networkx.DiGraph``; edges follow data flow.
+
+        Node ids are fx node names (``"graph:node"`` when the model was captured as several
+        graphs). Attributes: ``op``, ``target``, ``module`` (qualified), ``graph``, ``pass``
+        (registry name of the pass that installed an op module, else None), ``rewrite`` (the
+        replaced op, e.g. ``"conv2d"``), ``origin`` (the replaced node), ``shape`` (tuple or
+        None), ``dtype``, ``bytes`` (output bytes or None).
+
+        Example:
+            >>> import torch, sparsify_fx as sfx
+            >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+            >>> g = sfx.explain(sfx.sparsify(m, "actmem", example_inputs=(torch.randn(2, 4),))).to_networkx()
+            >>> [n for n, d in g.nodes(data=True) if d["pass"]]
+            ['sfx_ops_actmem_relu_1']
+        """
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        several = len(self.graph_modules) > 1 or any(self.graph_modules)
+        for prefix, gm in self.graph_modules.items():
+            def node_id(n: fx.Node, prefix: str = prefix) -> str:
+                return f"{prefix}:{n.name}" if several else n.name
+
+            for n in gm.graph.nodes:
+                rewrite = self.rewrite_of(prefix, n)
+                shape_dtype = n.meta.get("sfx_shape")
+                graph.add_node(
+                    node_id(n),
+                    name=n.name,
+                    op=n.op,
+                    target=_target_str(n),
+                    module=_qualified(prefix, str(n.meta.get("sfx_module", ""))),
+                    graph=prefix,
+                    **{"pass": rewrite.pass_name if rewrite else None},
+                    rewrite=rewrite.op if rewrite else None,
+                    origin=n.meta.get("sfx_origin"),
+                    shape=tuple(shape_dtype[0]) if shape_dtype else None,
+                    dtype=str(shape_dtype[1]).replace("torch.", "") if shape_dtype else None,
+                    bytes=tensor_bytes(n),
+                )
+                for inp in n.all_input_nodes:
+                    graph.add_edge(node_id(inp), node_id(n))
+        return graph
+
+    def graph_diff(self, width: int = 80) -> str:
+        """What each pass replaced, grouped by module, as plain text at most ``width`` wide.
+
+        ``-`` is the original node, ``+`` the op-module call that replaced it (with its
+        inputs, when it is still in the graph), ``~`` a candidate a pass left alone and why.
+        """
+        return _graph_diff(self, width)
+
     # ------------------------------------------------------------ rendering (rich)
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
@@ -108,10 +231,14 @@ class ExplainReport:
         yield Text(f"sparsify_fx report  (captured by {self.capture_method})", style="bold")
         yield Text(f"recipe: {' + '.join(self.recipe)}")
         summary = Table(title="passes", show_lines=False)
-        for col in ("pass", "rewritten", "skipped"):
-            summary.add_column(col)
-        for name, n_rew, n_skip in self.passes:
-            summary.add_row(name, str(n_rew), str(n_skip))
+        summary.add_column("pass", overflow="fold")
+        for col in ("rewritten", "skipped", "FLOPs before -> after", "saved before -> after"):
+            summary.add_column(col, justify="right")
+        for s in self.pass_summaries:
+            summary.add_row(s.name, str(s.rewritten), str(s.skipped),
+                            f"{_fmt_flops(s.flops_before)} -> {_fmt_flops(s.flops_after)}"
+                            if s.flops_before or s.flops_after else "-",
+                            f"{_fmt_bytes(s.saved_bytes_before)} -> {_fmt_bytes(s.saved_bytes_after)}")
         yield summary
         b0, b1 = self.saved_bytes_before, self.saved_bytes_after
         ratio = f" ({b1 / b0:.3f}x)" if b0 else ""
@@ -152,6 +279,117 @@ class ExplainReport:
         return self.render()
 
 
+def _is_op_call(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(OPS_CONTAINER + ".")
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return ".".join(p for p in (prefix, name) if p)
+
+
+def _target_str(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", None) or str(target)
+
+
+def _rewrite_index(report: ExplainReport) -> dict[tuple[str, str], Rewrite]:
+    """(graph prefix, op-module target) -> the Rewrite that installed it."""
+    # op-module targets are unique within one graph only; a rewrite's qualified module
+    # name tells which graph it belongs to (the longest matching prefix wins)
+    prefixes = sorted(report.graph_modules, key=len, reverse=True)
+    index: dict[tuple[str, str], Rewrite] = {}
+    for r in report.rewrites:
+        for prefix in prefixes:
+            if not prefix or r.module == prefix or r.module.startswith(prefix + "."):
+                index.setdefault((prefix, r.replacement), r)
+                break
+    return index
+
+
+def _module_order(report: ExplainReport) -> list[str]:
+    """Qualified module names in graph order (so the diff reads like the model)."""
+    order: dict[str, None] = {}
+    for prefix, gm in report.graph_modules.items():
+        for n in gm.graph.nodes:
+            order.setdefault(_qualified(prefix, str(n.meta.get("sfx_module", ""))), None)
+    return list(order)
+
+
+def _graph_diff(report: ExplainReport, width: int) -> str:
+    nodes: dict[tuple[str, str], fx.Node] = {}
+    for prefix, gm in report.graph_modules.items():
+        for n in gm.graph.nodes:
+            if _is_op_call(n):
+                nodes[(prefix, str(n.target))] = n
+    by_target = {id(r): key for key, r in _rewrite_index(report).items()}
+    changes: dict[str, list[tuple[str, str, str]]] = {}
+    for r in report.rewrites:
+        key = by_target.get(id(r))
+        node = nodes.get(key) if key else None
+        if node is not None:
+            args = ", ".join(f"%{a.name}" if isinstance(a, fx.Node) else repr(a) for a in node.args)
+            plus = f"%{node.name} = {r.replacement}({args})"
+        else:
+            plus = f"{r.replacement} (replaced again by a later pass)"
+        cost = []
+        if r.saved_bytes_before is not None or r.saved_bytes_after is not None:
+            cost.append(f"saved {_fmt_bytes(r.saved_bytes_before)} -> {_fmt_bytes(r.saved_bytes_after)}")
+        if r.flops_before is not None:
+            cost.append(f"FLOPs {_fmt_flops(r.flops_before)} -> {_fmt_flops(r.flops_after)}")
+        changes.setdefault(r.module, []).extend([
+            ("-", f"%{r.node}: {r.op}  [{r.pass_name}]", ""),
+            ("+", plus, "; ".join(cost)),
+        ])
+    for sk in report.skipped:
+        changes.setdefault(sk.module or sk.node, []).append(
+            ("~", f"%{sk.node}: {sk.op} kept by {sk.pass_name}", sk.reason))
+    order = [m for m in _module_order(report) if m in changes]
+    order += [m for m in changes if m not in order]
+
+    def wrap(text: str, first: str, rest: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest,
+                             break_on_hyphens=False) or [first.rstrip()]
+
+    lines = wrap(
+        f"graph diff: {len(report.rewrites)} node(s) replaced, {len(report.skipped)} candidate(s) "
+        f"kept, {len(order)} module(s)", "", "  ")
+    lines += wrap("- original node   + replacement (op module)   ~ kept, with the reason", "", "  ")
+    if not order:
+        lines.append("(no rewrites and no skipped candidates)")
+    for module in order:
+        lines.append("")
+        lines += wrap(module or "(root)", "", "  ")
+        for sign, text, extra in changes[module]:
+            lines += wrap(text, f"  {sign} ", "      ")
+            if extra:
+                lines += wrap(extra, "      ", "      ")
+    return "\n".join(lines) + "\n"
+
+
+def _graph_modules_of(module: nn.Module, record: SparsifyRecord | None) -> dict[str, fx.GraphModule]:
+    """The rewritten graph(s) of ``module``: itself, or its traced children."""
+    if isinstance(module, fx.GraphModule):
+        return {"": module}
+    found: dict[str, fx.GraphModule] = {}
+    if record is not None and record.graphs:
+        for name in record.graphs:
+            try:
+                sub = module.get_submodule(name) if name else module
+            except AttributeError:
+                continue
+            if isinstance(sub, fx.GraphModule):
+                found[name] = sub
+        if found:
+            return found
+    for name, sub in module.named_modules():
+        # the outermost GraphModules only: a traced graph's own children are not separate graphs
+        if isinstance(sub, fx.GraphModule) and not any(name.startswith(f + ".") for f in found):
+            found[name] = sub
+    return found
+
+
 class _Null:
     def write(self, _: str) -> int:
         return 0
@@ -176,9 +414,34 @@ def explain(module: nn.Module) -> ExplainReport:
         (1, 2)
     """
     record = record_of(module)
+    graph_source = module
     if record is None:
         from .capture import capture
 
         cap = capture(module)
-        record = SparsifyRecord(cap.method, cap.notes, cap.failures, [])
-    return ExplainReport.from_record(record)
+        record = SparsifyRecord(cap.method, cap.notes, cap.failures, [], graphs=list(cap.graphs))
+        graph_source = cap.graph_module
+    report = ExplainReport.from_record(record)
+    report.graph_modules = _graph_modules_of(graph_source, record)
+    return report
+
+
+def graph_diff(module: nn.Module, width: int = 80) -> str:
+    """What :func:`sparsify_fx.sparsify` replaced in ``module``, by module, as plain text.
+
+    Lines fit ``width`` columns (80 by default). See :meth:`ExplainReport.graph_diff`.
+
+    Example:
+        >>> import torch, sparsify_fx as sfx
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> print(sfx.graph_diff(sfx.sparsify(m, "actmem", example_inputs=(torch.randn(2, 4),))))
+        graph diff: 1 node(s) replaced, 0 candidate(s) kept, 1 module(s)
+        - original node   + replacement (op module)   ~ kept, with the reason
+        <BLANKLINE>
+        1
+          - %relu: relu  [actmem]
+          + %sfx_ops_actmem_relu_1 = sfx_ops.actmem_relu_1(%linear)
+              saved 32 B -> 1 B
+        <BLANKLINE>
+    """
+    return explain(module).graph_diff(width)

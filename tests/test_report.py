@@ -1,0 +1,239 @@
+"""sfx.explain, graph_diff, networkx export, the HTML report and the inspect command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from conftest import SmallCNN
+
+import sparsify_fx as sfx
+from sparsify_fx.cli import main
+from sparsify_fx.html_report import layered_layout, render_html, write_html
+
+RECIPE = "dropit:keep=0.5+actmem"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+MODEL_FILE = (
+    "import torch.nn as nn\n"
+    "def build():\n"
+    "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),\n"
+    "                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1),\n"
+    "                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def fast() -> fx.GraphModule:
+    torch.manual_seed(0)
+    return sfx.sparsify(SmallCNN(), RECIPE, example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+@pytest.fixture(scope="module")
+def report(fast) -> sfx.ExplainReport:
+    return sfx.explain(fast)
+
+
+class _Branchy(nn.Module):
+    """The root branches on data, so only its children are traced (two graphs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.b = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.b(h)
+
+
+# ------------------------------------------------------------------ report content
+
+
+def test_pass_summaries_count_and_bytes(report):
+    summaries = {s.pass_name: s for s in report.pass_summaries}
+    assert list(summaries) == ["dropit", "actmem"]
+    dropit, actmem = summaries["dropit"], summaries["actmem"]
+    # stem and head are the first/last dense layers: kept by default
+    assert (dropit.rewritten, dropit.skipped) == (3, 2)
+    assert (actmem.rewritten, actmem.skipped) == (3, 0)
+    assert dropit.flops_before == dropit.flops_after > 0
+    assert 0 < dropit.saved_bytes_after < dropit.saved_bytes_before
+    assert 0 < actmem.saved_bytes_after < actmem.saved_bytes_before
+    assert dropit.saved_bytes_before + actmem.saved_bytes_before == report.saved_bytes_before
+    assert dropit.saved_bytes_after + actmem.saved_bytes_after == report.saved_bytes_after
+    text = report.render(width=160)
+    assert "FLOPs before -> after" in text and "saved before -> after" in text
+
+
+def test_to_dict_is_json_and_leaves_graphs_out(report):
+    assert set(report.graph_modules) == {""}
+    data = json.loads(json.dumps(report.to_dict()))  # no default=str: plain data only
+    assert "graph_modules" not in data
+    assert [s["rewritten"] for s in data["pass_summaries"]] == [3, 3]
+    assert data["totals"]["saved_bytes_before"] == report.saved_bytes_before
+    assert json.loads(report.to_json())["rewrites"][0]["pass_name"] == "dropit"
+
+
+def test_explain_of_a_plain_module_has_its_graph():
+    report = sfx.explain(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert report.rewrites == [] and report.pass_summaries == []
+    assert report.to_networkx().number_of_nodes() == len(report.graph_modules[""].graph.nodes)
+
+
+# ------------------------------------------------------------------ networkx
+
+
+def test_to_networkx_nodes_attributes_and_edges(fast, report):
+    g = report.to_networkx()
+    nodes = list(fast.graph.nodes)
+    assert g.number_of_nodes() == len(nodes)
+    for n in nodes:
+        attrs = g.nodes[n.name]
+        assert {"op", "target", "module", "pass", "shape", "bytes"} <= set(attrs)
+        assert attrs["op"] == n.op
+        assert set(g.predecessors(n.name)) == {i.name for i in n.all_input_nodes}
+    rewritten = {n: d for n, d in g.nodes(data=True) if d["pass"]}
+    assert len(rewritten) == len(report.rewrites) == 6
+    by_module = {d["module"]: d for d in rewritten.values() if d["pass"] == "dropit"}
+    assert set(by_module) == {"conv", "dw", "pw"}
+    assert by_module["pw"]["shape"] == (2, 16, 8, 8) and by_module["pw"]["bytes"] == 2 * 16 * 64 * 4
+    assert by_module["conv"]["target"].startswith("sfx_ops.") and by_module["conv"]["rewrite"] == "conv2d"
+
+
+def test_to_networkx_of_submodule_capture():
+    fast = sfx.sparsify(_Branchy(), "actmem", example_inputs=(torch.randn(2, 6),))
+    report = sfx.explain(fast)
+    assert set(report.graph_modules) == {"a", "b"}
+    g = report.to_networkx()
+    assert g.number_of_nodes() == sum(len(gm.graph.nodes) for gm in report.graph_modules.values())
+    passes = {n: d["module"] for n, d in g.nodes(data=True) if d["pass"] == "actmem"}
+    assert sorted(passes.values()) == ["a.1", "b.1"] and all(":" in n for n in passes)
+
+
+# ------------------------------------------------------------------ diff
+
+
+def test_graph_diff_names_every_rewritten_module_and_fits_80_columns(fast, report):
+    diff = sfx.graph_diff(fast)
+    assert diff == report.graph_diff()
+    lines = diff.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for r in report.rewrites:
+        assert (r.module or "(root)") in lines and r.replacement in diff
+    assert "first/last dense layer kept dense" in diff
+    assert "- %conv2d_1: conv2d  [dropit]" in diff
+    assert max(len(line) for line in report.graph_diff(width=50).splitlines()) <= 50
+
+
+# ------------------------------------------------------------------ HTML
+
+
+def _assert_self_contained(text: str) -> None:
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", text, flags=re.I)
+    assert not [u for u in urls if re.match(r"(?:https?:)?//", u)], urls
+    assert not re.search(r"<script[^>]*\bsrc\s*=", text, flags=re.I)
+    assert not re.search(r"<link\b", text, flags=re.I)
+    assert "http://" not in text and "https://" not in text
+
+
+def test_html_is_self_contained_with_a_node_per_rewritten_layer(fast, report, tmp_path):
+    path = write_html(fast, tmp_path / "r.html")
+    text = path.read_text()
+    _assert_self_contained(text)
+    assert text.count("<svg") >= 3  # overview, one per module group, memory bars
+    rewritten = re.findall(r'<g class="node op-node rewritten" data-node="([^"]+)"', text)
+    assert len(rewritten) == len(report.rewrites)
+    for r in report.rewrites:
+        assert f'class="membar" data-module="{r.module}" data-pass="{r.pass_name}"' in text
+    assert "<details" in text and "<summary>" in text
+    assert render_html(report) == render_html(fast)
+
+
+def test_layered_layout_handles_back_edges():
+    pos = layered_layout(["a", "b", "c"], [("a", "b"), ("b", "c"), ("c", "a")])
+    assert pos == {"a": (0, 0), "b": (1, 0), "c": (2, 0)}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(fast, report, tmp_path):
+    html = write_html(fast, tmp_path / "r.html")
+    png = tmp_path / "shot.png"
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run(flags + [f"--screenshot={png}", "--window-size=1200,900", html.as_uri()],
+                   capture_output=True, timeout=120, check=False)
+    assert png.exists() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = subprocess.run(flags + ["--dump-dom", html.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=False).stdout
+    assert "<svg" in dom
+    assert len(re.findall(r'class="node op-node rewritten"', dom)) == len(report.rewrites)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def test_inspect_diff_html_json(model_file, tmp_path, capsys):
+    html, js = tmp_path / "out" / "r.html", tmp_path / "r.json"
+    rc = main(["inspect", f"{model_file}:build", "--recipe", RECIPE, "--input-shape", "2,3,4,4",
+               "--diff", "--html", str(html), "--json", str(js)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "graph diff:" in out and "[dropit]" in out and f"HTML report written to {html}" in out
+    data = json.loads(js.read_text())
+    assert [s["pass_name"] for s in data["pass_summaries"]] == ["dropit", "actmem"]
+    _assert_self_contained(html.read_text())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_inspect_plot_without_matplotlib_is_a_clear_error(model_file, tmp_path, capsys):
+    png = tmp_path / "p.png"
+    rc = main(["inspect", f"{model_file}:build", "--recipe", RECIPE, "--plot", str(png)])
+    assert rc == 2 and not png.exists()
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_inspect_plot_png(model_file, tmp_path):
+    png = tmp_path / "p.png"
+    assert main(["inspect", f"{model_file}:build", "--recipe", RECIPE, "--input-shape", "2,3,4,4",
+                 "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "model,recipe,message",
+    [
+        ("{dir}/missing.py:build", "dropit", "does not exist"),
+        ("{file}:nosuchfactory", "dropit", "has no attribute 'nosuchfactory'"),
+        ("{file}", "dropit", "is not of the form"),
+        ("{file}:build", "dropit:keep=", "DropIT.keep"),
+        ("{file}:build", "dropit:nosuchfield=1", "nosuchfield"),
+        ("{file}:build", "nosuchpass", "unknown pass 'nosuchpass'"),
+    ],
+)
+def test_inspect_bad_model_or_recipe_exit_2(model, recipe, message, model_file, tmp_path, capsys):
+    html = tmp_path / "r.html"
+    spec = model.format(dir=tmp_path, file=model_file)
+    assert main(["inspect", spec, "--recipe", recipe, "--html", str(html), "--diff"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsify-fx inspect: error:") and message in err
+    assert not html.exists()
