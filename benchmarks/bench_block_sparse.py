@@ -8,6 +8,7 @@ table and written to ``results/bench_block_sparse.json``.
 
     python -m benchmarks.bench_block_sparse                  # small ResMLP, ~1-2 min on 2 cores
     python -m benchmarks.bench_block_sparse --config both    # + ResMLP-12, 224x224, batch 4
+    python -m benchmarks.bench_block_sparse --config resmlp12 --reps 0   # bytes only, fast
 """
 
 from __future__ import annotations
@@ -88,17 +89,18 @@ def run_config(name: str, reps: int) -> list[dict]:
             row["layer_bytes_after"] = report.saved_bytes_after
             row["index_bytes"] = sum(r.details.get("index_bytes", 0) for r in report.rewrites)
         rows.append(row)
-        _step(module, images, labels)  # warm-up (allocator, lazy init)
+        if reps:
+            _step(module, images, labels)  # warm-up (allocator, lazy init)
 
     times: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(reps):
         for label, (module, _) in variants.items():
             times[label].append(_step(module, images, labels))
-    dense_time = statistics.median(times["dense"])
+    dense_time = statistics.median(times["dense"]) if reps else None
     dense_bytes = rows[0]["saved_bytes"]
     for row in rows:
-        row["step_s"] = statistics.median(times[row["variant"]])
-        row["step_ratio"] = row["step_s"] / dense_time
+        row["step_s"] = statistics.median(times[row["variant"]]) if reps else None
+        row["step_ratio"] = row["step_s"] / dense_time if reps else None
         row["memory_ratio"] = row["saved_bytes"] / dense_bytes
         if "layer_bytes_before" in row and row["layer_bytes_before"]:
             row["layer_compression"] = row["layer_bytes_after"] / row["layer_bytes_before"]
@@ -111,9 +113,10 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         comp = f"{r['layer_compression']:.3f}" if "layer_compression" in r else "-"
         index = f"{r['index_bytes'] / 1024:.1f}" if "index_bytes" in r else "-"
+        step = f"{r['step_s']:>7.3f} {r['step_ratio']:>10.2f}" if r["step_s"] is not None else f"{'-':>7} {'-':>10}"
         lines.append(
             f"{r['config']:<9} {r['variant']:<20} {r['saved_bytes'] / 2**20:>9.2f} {r['memory_ratio']:>9.3f} "
-            f"{comp:>19} {index:>9} {r['step_s']:>7.3f} {r['step_ratio']:>10.2f}"
+            f"{comp:>19} {index:>9} {step}"
         )
     return "\n".join(lines)
 
@@ -121,7 +124,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=[*CONFIGS, "both"], default="small")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved rounds; the median is reported")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved rounds; the median is reported (0: bytes only, no timing)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=_ROOT / "results" / "bench_block_sparse.json")
     args = parser.parse_args(argv)
