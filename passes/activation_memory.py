@@ -433,6 +433,9 @@ def _recording(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 class ActMemReLU(nn.Module):
     """Parameter-free ReLU / LeakyReLU saving a 1-bit mask; eval runs the original op."""
 
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
     def __init__(self, negative_slope: float = 0.0, inplace: bool = False):
         super().__init__()
         self.negative_slope, self.inplace = float(negative_slope), bool(inplace)
@@ -450,6 +453,9 @@ class ActMemReLU(nn.Module):
 
 class ActMemActivation(nn.Module):
     """Parameter-free GELU / SiLU saving a compressed input; eval runs the original op."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
 
     def __init__(self, kind: str, storage: str, block: int, approximate: str = "none", inplace: bool = False):
         super().__init__()
@@ -473,6 +479,9 @@ class ActMemBatchNorm(nn.Module):
     """Parameter-free BatchNorm: ``forward(x, weight, bias, running_mean, running_var,
     num_batches_tracked)`` with the original module's tensors, updating its running stats
     exactly as ``nn.BatchNorm`` does."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
 
     def __init__(self, momentum: float | None, eps: float, storage: str, block: int):
         super().__init__()
@@ -509,6 +518,9 @@ class ActMemBatchNorm(nn.Module):
 
 class ActMemLayerNorm(nn.Module):
     """Parameter-free LayerNorm: ``forward(x, weight, bias)`` with the original's tensors."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
 
     def __init__(self, normalized_shape: tuple[int, ...], eps: float, storage: str, block: int):
         super().__init__()

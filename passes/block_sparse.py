@@ -418,6 +418,9 @@ class BlockSparseLinear(nn.Module):
     run exactly that op, so outputs are bit-identical to the original graph's.
     """
 
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
     def __init__(self, block: int, density: float, norm: str, kind: str = "linear"):
         super().__init__()
         self.block, self.density, self.norm, self.kind = block, density, norm, kind
@@ -435,6 +438,9 @@ class BlockSparseLinear(nn.Module):
 
 class BlockSparseConv1x1(nn.Module):
     """Parameter-free op module for a 1x1, stride-1, unpadded, ungrouped Conv1d/2d/3d."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
 
     def __init__(self, block: int, density: float, norm: str, dilation: tuple[int, ...]):
         super().__init__()

@@ -234,6 +234,9 @@ class DropITLinear(nn.Module):
     that op, so eval outputs are bit-identical to the original graph's.
     """
 
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
     def __init__(self, keep: float, chunk: int, kind: str = "linear"):
         super().__init__()
         self.keep, self.chunk, self.kind = keep, chunk, kind
@@ -255,6 +258,9 @@ class DropITLinear(nn.Module):
 
 class DropITConv(nn.Module):
     """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
 
     def __init__(self, keep: float, chunk: int, stride, padding, dilation, groups: int):
         super().__init__()

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .analysis import tensor_bytes
 from .graph import OPS_CONTAINER
+from .memory_plan import MemoryPlan, memory_plan
 from .pass_base import Rewrite, Skip
 from .sparsify import SparsifyRecord, record_of
 
@@ -145,6 +146,7 @@ class ExplainReport:
         """Plain data (JSON-ready with ``default=str``); the graph modules are left out."""
         # not asdict(self): it would deep-copy the GraphModules
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph_modules"}
+        data["memory_plan"] = self._memory_plan_dict()
         data["rewrites"] = [asdict(r) for r in self.rewrites]
         data["skipped"] = [asdict(s) for s in self.skipped]
         data["capture_notes"] = list(self.capture_notes)
@@ -159,6 +161,25 @@ class ExplainReport:
             "flops_after": self.flops_after,
         }
         return data
+
+    def memory_plans(self) -> dict[str, MemoryPlan]:
+        """Saved-tensor liveness of each graph with recorded shapes (see ``memory_plan``)."""
+        compressed = {r.node: r.saved_bytes_after or 0 for r in self.rewrites}
+        return {
+            prefix: memory_plan(gm, compressed)
+            for prefix, gm in self.graph_modules.items()
+            if any("sfx_shape" in n.meta for n in gm.graph.nodes)
+        }
+
+    def _memory_plan_dict(self) -> dict[str, Any]:
+        plans = self.memory_plans()
+        dense = sorted((t for p in plans.values() for t in p.still_dense()), key=lambda t: -(t.bytes or 0))
+        return {
+            "held_bytes": sum(p.held_bytes for p in plans.values()),
+            "compressed_bytes": sum(p.compressed_bytes for p in plans.values()),
+            "still_dense": [{"node": t.node, "module": t.module, "bytes": t.bytes, "reason": t.reason}
+                            for t in dense[:50]],
+        }
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
@@ -262,6 +283,18 @@ class ExplainReport:
             for s in self.skipped:
                 skipped.add_row(s.module or s.node, s.op, s.pass_name, s.reason)
             yield skipped
+        plan = self._memory_plan_dict()
+        if plan["held_bytes"] or plan["compressed_bytes"]:
+            yield Text(
+                f"memory plan (estimate): backward holds {_fmt_bytes(plan['held_bytes'])} dense + "
+                f"{_fmt_bytes(plan['compressed_bytes'])} compressed after the forward"
+            )
+            dense = Table(title="largest tensors still held dense, and why")
+            for col in ("tensor", "module", "bytes", "why"):
+                dense.add_column(col, overflow="fold")
+            for t in plan["still_dense"][:8]:
+                dense.add_row(t["node"], t["module"], _fmt_bytes(t["bytes"]), t["reason"])
+            yield dense
         for note in self.capture_notes:
             yield Text(f"note: {note}", style="dim")
         for method, why in self.capture_failures.items():

@@ -1,0 +1,264 @@
+"""Saved-tensor liveness: which tensors the backward keeps, who keeps them, and in what form.
+
+A compression only frees memory when the compressed copy is the *only* holder of a tensor:
+``Conv -> ReLU -> Conv`` with the second conv's input compressed still holds that tensor in
+full, because ReLU's backward keeps its output. :func:`memory_plan` answers, per tensor of a
+canonical graph: which nodes' backward keep it dense (``"kept by relu_3 backward"``), whether
+the recipe freed it, and how many bytes stay held after the forward.
+
+Views share storage (``reshape``, ``transpose``, ``getitem`` of a ``chunk``...): holders of a
+view hold its base, so tensors are grouped by storage with a union-find before counting.
+The graph of tensors and holders is a ``networkx.DiGraph`` (``plan.graph``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .analysis import tensor_bytes
+from .graph import OPS_CONTAINER
+
+__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "SAVES"]
+
+_INPUT, _OUTPUT, _OPERANDS = "input", "output", "operands"
+
+# what each canonical op's backward keeps. before -> kept: one rule per line.
+SAVES: dict[Any, str] = {
+    F.linear: _INPUT,  # linear(x, w) keeps x (w is a parameter)
+    F.conv1d: _INPUT,  # convNd(x, w) keeps x
+    F.conv2d: _INPUT,
+    F.conv3d: _INPUT,
+    torch.matmul: _OPERANDS,  # a @ b keeps both (a parameter operand is not counted)
+    torch.addmm: _OPERANDS,
+    torch.bmm: _OPERANDS,
+    operator.mul: _OPERANDS,  # a * b keeps both when both are tensors
+    torch.mul: _OPERANDS,
+    operator.truediv: _OPERANDS,
+    F.relu: _OUTPUT,  # relu keeps its output
+    torch.sigmoid: _OUTPUT,  # sigmoid / tanh / softmax keep their output
+    torch.tanh: _OUTPUT,
+    F.softmax: _OUTPUT,
+    F.gelu: _INPUT,  # gelu / silu / hardswish / leaky_relu keep their input
+    F.silu: _INPUT,
+    F.hardswish: _INPUT,
+    F.leaky_relu: _INPUT,
+    F.layer_norm: _INPUT,
+    F.group_norm: _INPUT,
+    F.max_pool2d: _INPUT,  # max pooling keeps its input (and indices)
+    F.scaled_dot_product_attention: _OPERANDS,  # q, k, v (and its output, see below)
+}
+# ops whose backward keeps nothing of the activations (shapes only)
+_KEEPS_NOTHING = {
+    operator.add, torch.add, operator.sub, torch.sub, operator.neg, torch.cat, torch.flatten,
+    F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout, F.pad, torch.mean, torch.sum,
+    operator.getitem, torch.stack, torch.transpose, torch.permute,
+}
+_VIEW_FUNCTIONS = {torch.flatten, operator.getitem, torch.transpose, torch.permute, torch.reshape}
+_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "unflatten", "chunk",
+                 "squeeze", "unsqueeze", "expand", "split", "t", "view_as", "narrow", "select"}
+_KEEPS_NOTHING_METHODS = _VIEW_METHODS | {"mean", "sum", "size", "dim", "contiguous", "add", "sub",
+                                          "add_", "neg", "float", "to", "type_as"}
+# torch.nn modules kept as calls, and what their backward keeps
+_MODULE_SAVES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.modules.batchnorm._BatchNorm, _INPUT),
+    (nn.LayerNorm, _INPUT),
+    (nn.GroupNorm, _INPUT),
+    (nn.modules.pooling._MaxPoolNd, _INPUT),
+    (nn.modules.dropout._DropoutNd, "nothing"),
+    (nn.modules.pooling._AdaptiveAvgPoolNd, "nothing"),
+    (nn.modules.pooling._AvgPoolNd, "nothing"),
+    (nn.Identity, "nothing"),
+    (nn.Flatten, "nothing"),
+)
+
+
+@dataclass
+class TensorLiveness:
+    """One tensor (a node's output) and who keeps it for backward."""
+
+    node: str
+    module: str
+    bytes: int | None
+    holders: list[str] = field(default_factory=list)  # nodes whose backward keeps it dense
+    compressed_by: list[str] = field(default_factory=list)  # nodes keeping a compressed form
+    storage: str = ""  # the node whose storage this tensor shares (itself when not a view)
+    is_input: bool = False
+
+    @property
+    def held(self) -> bool:
+        return bool(self.holders)
+
+    @property
+    def reason(self) -> str:
+        if self.holders:
+            return "kept by " + ", ".join(f"{h} backward" for h in self.holders)
+        if self.compressed_by:
+            return "freed: only compressed copies (" + ", ".join(self.compressed_by) + ")"
+        return "not kept"
+
+
+@dataclass
+class MemoryPlan:
+    """Per-tensor liveness of one graph and the bytes the backward holds after the forward.
+
+    ``held_bytes`` counts each held storage once (plus max-pool indices); ``compressed_bytes`` adds the compressed copies
+    the rewritten ops save (from the rewrite records). ``unknown`` lists ops whose backward
+    this analysis does not know (assumed to keep their tensor inputs).
+    """
+
+    tensors: list[TensorLiveness]
+    held_bytes: int
+    compressed_bytes: int
+    unknown: list[str]
+    graph: nx.DiGraph
+
+    @property
+    def total_bytes(self) -> int:
+        return self.held_bytes + self.compressed_bytes
+
+    def by_node(self) -> dict[str, TensorLiveness]:
+        return {t.node: t for t in self.tensors}
+
+    def still_dense(self) -> list[TensorLiveness]:
+        """Tensors some backward keeps dense, largest first."""
+        return sorted((t for t in self.tensors if t.held), key=lambda t: -(t.bytes or 0))
+
+
+def _root(parent: dict[str, str], name: str) -> str:
+    while parent[name] != name:
+        parent[name] = parent[parent[name]]
+        name = parent[name]
+    return name
+
+
+def _is_activation(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and arg.op not in ("get_attr",) and "sfx_shape" in arg.meta
+
+
+def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bool]:
+    """(tensors this node's backward keeps dense, keeps-compressed?, known op?)"""
+    acts = [a for a in node.all_input_nodes if _is_activation(a)]
+    if not acts and "sfx_shape" not in node.meta:
+        return [], False, True  # shape arithmetic and other non-tensor values keep nothing
+    if node.op == "call_module":
+        if str(node.target).startswith(OPS_CONTAINER + "."):
+            mod = gm.get_submodule(str(node.target))
+            if getattr(mod, "keeps_dense_inputs", True):
+                return acts, False, True
+            return [], True, True
+        mod = gm.get_submodule(str(node.target))
+        for klass, kind in _MODULE_SAVES:
+            if isinstance(mod, klass):
+                return (acts[:1] if kind == _INPUT else []), False, True
+        return acts, False, False
+    if node.op == "call_function":
+        target = node.target
+        kind = SAVES.get(target)
+        if kind == _INPUT:
+            return acts[:1], False, True
+        if kind == _OUTPUT:
+            return [node], False, True
+        if kind == _OPERANDS:
+            if target is operator.mul or target is torch.mul or target is operator.truediv:
+                if len(acts) < 2:
+                    return [], False, True  # scaling by a constant keeps nothing
+            kept = list(acts)
+            if target is F.scaled_dot_product_attention:
+                kept.append(node)
+            return kept, False, True
+        if target in _KEEPS_NOTHING:
+            return [], False, True
+        return acts, False, False
+    if node.op == "call_method":
+        if node.target in _KEEPS_NOTHING_METHODS:
+            return [], False, True
+        if node.target in ("relu", "sigmoid", "tanh", "softmax"):
+            return [node], False, True
+        return acts, False, False
+    return [], False, True
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
+def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = None) -> MemoryPlan:
+    """Liveness of every tensor of a canonical graph with recorded shapes.
+
+    Args:
+        gm: a canonical GraphModule (from ``sfx.capture`` / ``sfx.sparsify``) whose nodes carry
+            ``meta["sfx_shape"]`` (recorded when example inputs were given).
+        compressed_bytes: bytes each compressing op node keeps (node name -> bytes); the
+            rewrite records of ``sfx.explain`` provide them.
+
+    Example:
+        >>> import torch, sparsify_fx as sfx
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> fast = sfx.sparsify(m, sfx.DropIT(keep=0.5, skip_first_last=False), (torch.randn(3, 4),))
+        >>> [t.reason for t in memory_plan(fast).tensors if t.node == "relu"]
+        ['kept by relu backward']
+    """
+    compressed_bytes = dict(compressed_bytes or {})
+    nodes = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr")]
+    parent = {n.name: n.name for n in nodes}
+    for n in nodes:
+        if _is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in parent:
+            parent[_root(parent, n.name)] = _root(parent, n.args[0].name)
+    info = {
+        n.name: TensorLiveness(n.name, str(n.meta.get("sfx_module", "")), tensor_bytes(n),
+                               is_input=n.op == "placeholder")
+        for n in nodes
+    }
+    graph = nx.DiGraph()
+    unknown: list[str] = []
+    compressed_total = 0
+    extra = 0
+    for n in nodes:
+        graph.add_node(n.name, module=info[n.name].module, bytes=info[n.name].bytes)
+        kept, compresses, known = _kept_by(n, gm)
+        if not known:
+            unknown.append(n.format_node())
+        for t in kept:
+            if t.name in info:
+                info[t.name].holders.append(n.name)
+                graph.add_edge(t.name, n.name, form="dense")
+        if compresses:
+            for t in n.all_input_nodes:
+                if t.name in info and _is_activation(t):
+                    info[t.name].compressed_by.append(n.name)
+                    graph.add_edge(t.name, n.name, form="compressed")
+            origin = n.meta.get("sfx_origin", n.name)
+            compressed_total += compressed_bytes.get(n.name, compressed_bytes.get(origin, 0))
+        if n.op == "call_module" and isinstance(
+            gm.get_submodule(str(n.target)), nn.modules.pooling._MaxPoolNd
+        ):
+            # max pooling also keeps int64 indices of its output's shape
+            out = tensor_bytes(n)
+            if out is not None and n.meta.get("sfx_shape"):
+                extra += out // n.meta["sfx_shape"][1].itemsize * 8
+    # a storage is held when any tensor sharing it is held; count each storage once
+    held_storages: dict[str, int] = {}
+    for t in info.values():
+        t.storage = _root(parent, t.node)
+    groups: dict[str, list[TensorLiveness]] = {}
+    for t in info.values():
+        groups.setdefault(t.storage, []).append(t)
+    for root, members in groups.items():
+        holders = sorted({h for m in members for h in m.holders})
+        if holders:
+            base = info[root]
+            held_storages[root] = base.bytes or max((m.bytes or 0) for m in members)
+            if not base.holders:
+                base.holders = holders  # a view's holder holds the base
+    return MemoryPlan(list(info.values()), sum(held_storages.values()) + extra, compressed_total,
+                      unknown, graph)
