@@ -34,13 +34,16 @@ from benchmarks.memory import saved_tensor_bytes
 
 __all__ = ["MODELS", "CONFIGS", "bench_model", "main"]
 
-#: name -> (factory, input shape). resnet50 at batch 8 and vit_b_16 at 224 (batch 4) take
-#: minutes per configuration on two shared CPU cores, so they run at the smaller sizes
-#: here; saved-memory ratios depend little on the size, step times are CPU-only figures.
+#: name -> (factory, input shape): the issue's target sizes (ResNet-50 8x3x112x112,
+#: ViT-B/16 4x3x224x224), plus convnext_tiny and an MLP.
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet18": (lambda: torchvision.models.resnet18(), (8, 3, 112, 112)),
-    "resnet50": (lambda: torchvision.models.resnet50(), (4, 3, 112, 112)),
-    "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=112), (2, 3, 112, 112)),
+    "resnet50": (lambda: torchvision.models.resnet50(), (8, 3, 112, 112)),
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(), (4, 3, 224, 224)),
+    "convnext_tiny": (lambda: torchvision.models.convnext_tiny(), (8, 3, 112, 112)),
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1024), nn.GELU(),
+                                  nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024),
+                                  nn.GELU(), nn.Linear(1024, 1000)), (64, 3, 32, 32)),
 }
 
 #: configuration name -> recipe (None = the dense model itself)
