@@ -335,65 +335,146 @@ def _is_method(node: fx.Node | None, name: str) -> bool:
     return node is not None and node.op == "call_method" and node.target == name
 
 
-def _match_fused_heads(gm: fx.GraphModule, producer: fx.Node) -> SliceGroup:
-    """The expanded-MHA head group of a fused q/k/v projection, or _Forbid saying where it broke."""
-    chunk = _single_user(producer)
-    if not _is_method(chunk, "chunk") or tuple(chunk.args[1:]) not in ((3, -1), (3, 2)):
-        raise _Forbid("q/k/v projection output is not chunk(3, -1)", chunk or producer)
-    out_rows = gm.get_parameter(str(_arg(producer, 1, "weight").target)).shape[0]
-    embed = out_rows // 3
-    getitems = sorted(chunk.users, key=lambda n: n.args[1] if n.target is operator.getitem else -1)
-    if len(getitems) != 3 or [g.args[1] for g in getitems if g.target is operator.getitem] != [0, 1, 2]:
-        raise _Forbid("q/k/v chunk is not consumed as [0], [1], [2]", chunk)
-    sdpa = None
-    reshapes, passthrough = [], [chunk, *getitems]
-    heads = head_dim = None
-    for i, item in enumerate(getitems):
-        split = _single_user(item)
-        if not _is_method(split, "unflatten") or split.args[1] not in (-1, 2) or len(split.args[2]) != 2:
-            raise _Forbid("heads are not split by unflatten(-1, (H, d))", split or item)
-        h, d = split.args[2]
-        if not isinstance(h, int) or not isinstance(d, int) or h * d != embed:
-            raise _Forbid("head split sizes are not literal ints matching the embedding", split)
-        if heads is not None and (h, d) != (heads, head_dim):
-            raise _Forbid("q, k and v split into different heads", split)
-        heads, head_dim = h, d
-        trans = _single_user(split)
-        if not _is_method(trans, "transpose") or tuple(trans.args[1:]) not in ((1, 2), (2, 1)):
-            raise _Forbid("heads are not moved by transpose(1, 2)", trans or split)
-        attn = _single_user(trans)
-        if attn is None or attn.target is not F.scaled_dot_product_attention or attn.args[i:i + 1] != (trans,):
-            raise _Forbid("q/k/v do not meet in scaled_dot_product_attention", attn or trans)
-        if sdpa is not None and attn is not sdpa:
-            raise _Forbid("q/k/v go to different attention calls", attn)
-        sdpa = attn
-        reshapes.append(split)
-        passthrough += [split, trans]
-    assert sdpa is not None
+def _head_split(node: fx.Node | None, embed: int) -> tuple[int, int] | None:
+    """``(H, d)`` when ``node`` splits the last dim into heads with literal sizes, else None.
+
+    ``unflatten(-1, (H, d))`` (expanded MultiheadAttention) or ``view/reshape(B, N, H, d)``
+    (separate q/k/v projections, HF style).
+    """
+    if node is None or node.op != "call_method":
+        return None
+    if node.target == "unflatten" and len(node.args) == 3 and node.args[1] in (-1, 2):
+        sizes = tuple(node.args[2])
+    elif node.target in ("view", "reshape") and len(node.args) == 5:
+        sizes = tuple(node.args[3:])
+    else:
+        return None
+    if len(sizes) != 2 or not all(isinstance(v, int) for v in sizes) or sizes[1] <= 0:
+        return None
+    if sizes[0] == -1 and embed % sizes[1] == 0:  # view(B, N, -1, d): newer HF spelling
+        sizes = (embed // sizes[1], sizes[1])
+    return sizes if sizes[0] * sizes[1] == embed else None
+
+
+def _is_transpose_12(node: fx.Node | None) -> bool:
+    return _is_method(node, "transpose") and tuple(node.args[1:]) in ((1, 2), (2, 1))
+
+
+def _heads_to_sdpa(branch: fx.Node, embed: int) -> tuple[fx.Node, fx.Node, tuple[int, int]]:
+    """From one q/k/v tensor to its attention call: ``(split, sdpa, (H, d))`` or _Forbid."""
+    split = _single_user(branch)
+    sizes = _head_split(split, embed)
+    if sizes is None:
+        raise _Forbid("heads are not split by unflatten(-1, (H, d)) / view(B, N, H, d) with literal sizes",
+                      split or branch)
+    trans = _single_user(split)
+    if not _is_transpose_12(trans):
+        raise _Forbid("heads are not moved by transpose(1, 2)", trans or split)
+    sdpa = _single_user(trans)
+    if sdpa is None or sdpa.target is not F.scaled_dot_product_attention or trans not in sdpa.args[:3]:
+        raise _Forbid("q/k/v do not meet in scaled_dot_product_attention", sdpa or trans)
+    return split, sdpa, sizes
+
+
+def _merge_heads(gm: fx.GraphModule, sdpa: fx.Node, embed: int) -> tuple[list[fx.Node], list[fx.Node], fx.Node]:
+    """SDPA -> transpose(1, 2) -> [contiguous] -> flatten(2) | reshape(B, N, E) -> out Linear."""
     if len(sdpa.args) > 3 or sdpa.kwargs.get("attn_mask") is not None:
         raise _Forbid("attention mask may carry a head dim", sdpa)
     back = _single_user(sdpa)
-    if not _is_method(back, "transpose") or tuple(back.args[1:]) not in ((1, 2), (2, 1)):
+    if not _is_transpose_12(back):
         raise _Forbid("attention output is not transpose(1, 2)", back or sdpa)
-    merge = _single_user(back)
-    if not _is_method(merge, "flatten") or merge.args[1:] not in ((2,), (-2,)) or merge.kwargs:
-        raise _Forbid("heads are not merged by flatten(2)", merge or back)
+    merge, passthrough, reshapes = _single_user(back), [sdpa, back], []
+    if _is_method(merge, "contiguous"):
+        passthrough.append(merge)
+        merge = _single_user(merge)
+    if _is_method(merge, "flatten") and merge.args[1:] in ((2,), (-2,)) and not merge.kwargs:
+        passthrough.append(merge)
+    elif (merge is not None and merge.op == "call_method" and merge.target in ("view", "reshape")
+          and len(merge.args) == 4 and _merges_heads(back, merge, embed)):
+        reshapes.append(merge)
+    else:
+        raise _Forbid("heads are not merged by flatten(2) or reshape(B, N, E)", merge or back)
     out = _single_user(merge)
     if out is None or _dense_kind(gm, out) != "linear" or _arg(out, 0, "input") is not merge:
         raise _Forbid("merged heads do not feed an out-projection Linear", out or merge)
-    weight = str(_arg(producer, 1, "weight").target)
-    bias = _arg(producer, 2, "bias")
-    passthrough += [sdpa, back, merge]
+    return passthrough, reshapes, out
+
+
+def _merges_heads(heads: fx.Node, merge: fx.Node, embed: int) -> bool:
+    """True when ``reshape(B, N, E)`` of ``[B, N, H, d]`` keeps B, N and merges the heads."""
+    last = merge.args[3]
+    if isinstance(last, int) and last not in (embed, -1):
+        return False
+    before, after = heads.meta.get("sfx_shape"), merge.meta.get("sfx_shape")
+    if before is None or after is None:
+        # without recorded shapes, only a literal E or -1 proves the last dim is the heads
+        return isinstance(last, int)
+    return tuple(after[0]) == (*before[0][:2], embed)
+
+
+def _producer(gm: fx.GraphModule, node: fx.Node, offsets: tuple[int, ...]) -> SliceProducer:
+    bias = _arg(node, 2, "bias")
+    weight = str(_arg(node, 1, "weight").target)
+    return SliceProducer(node, weight, str(bias.target) if bias is not None else None, offsets)
+
+
+def _match_heads(gm: fx.GraphModule, producer: fx.Node) -> SliceGroup:
+    """The head group a q/k/v projection belongs to, or _Forbid saying where the pattern broke.
+
+    Fused (expanded ``nn.MultiheadAttention``): ``linear -> chunk(3, -1) -> [0], [1], [2]``,
+    each split into heads. Separate (HF style): three Linears, each split into heads, meeting
+    in one SDPA call as its q, k and v.
+    """
+    out_rows = gm.get_parameter(str(_arg(producer, 1, "weight").target)).shape[0]
+    first = _single_user(producer)
+    passthrough: list[fx.Node] = []
+    if _is_method(first, "chunk"):
+        if tuple(first.args[1:]) not in ((3, -1), (3, 2)):
+            raise _Forbid("q/k/v projection output is not chunk(3, -1)", first)
+        embed = out_rows // 3
+        items = sorted(first.users, key=lambda n: n.args[1] if n.target is operator.getitem else -1)
+        if [n.args[1] for n in items if n.target is operator.getitem] != [0, 1, 2]:
+            raise _Forbid("q/k/v chunk is not consumed as [0], [1], [2]", first)
+        branches = items
+        producers = [_producer(gm, producer, (0, embed, 2 * embed))]
+        passthrough += [first, *items]
+    else:
+        embed = out_rows
+        _, sdpa, _ = _heads_to_sdpa(producer, embed)
+        branches, producers = [], []
+        for arg in sdpa.args[:3]:
+            # walk back: transpose <- head split <- q/k/v Linear
+            split = arg.args[0] if isinstance(arg, fx.Node) and _is_transpose_12(arg) else None
+            linear = split.args[0] if isinstance(split, fx.Node) and split.args else None
+            if not isinstance(linear, fx.Node) or _dense_kind(gm, linear) != "linear":
+                raise _Forbid("an attention input is not a Linear split into heads", arg if isinstance(arg, fx.Node) else sdpa)
+            if gm.get_parameter(str(_arg(linear, 1, "weight").target)).shape[0] != embed:
+                raise _Forbid("q, k and v projections differ in width", linear)
+            branches.append(linear)
+            producers.append(_producer(gm, linear, (0,)))
+    sdpa = None
+    heads = None
+    reshapes: list[fx.Node] = []
+    for i, branch in enumerate(branches):
+        split, attn, sizes = _heads_to_sdpa(branch, embed)
+        if attn.args[i] is not _single_user(split):
+            raise _Forbid("q, k and v reach the attention call in the wrong order", attn)
+        if (sdpa is not None and attn is not sdpa) or (heads is not None and sizes != heads):
+            raise _Forbid("q, k and v go to different attention calls or head splits", attn)
+        sdpa, heads = attn, sizes
+        reshapes.append(split)
+        passthrough += [split, _single_user(split)]
+    assert sdpa is not None and heads is not None
+    merged, merge_reshapes, out = _merge_heads(gm, sdpa, embed)
     return SliceGroup(
         kind="heads",
-        units=heads,
-        unit_size=head_dim,
-        module=module_name_of(producer) or weight.rpartition(".")[0],
-        producers=[SliceProducer(producer, weight, str(bias.target) if bias is not None else None,
-                                 (0, embed, 2 * embed))],
+        units=heads[0],
+        unit_size=heads[1],
+        module=module_name_of(producer) or producers[0].weight.rpartition(".")[0],
+        producers=producers,
         consumers=[SliceConsumer(out, str(_arg(out, 1, "weight").target))],
-        passthrough=passthrough,
-        head_reshapes=reshapes,
+        passthrough=passthrough + merged,
+        head_reshapes=reshapes + merge_reshapes,
     )
 
 
@@ -414,9 +495,10 @@ def find_slice_groups(gm: fx.GraphModule) -> SliceGroupAnalysis:
     module_calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     weight_uses = Counter(
         str(_arg(n, 1, "weight").target) for n in gm.graph.nodes if _dense_kind(gm, n) is not None)
+    claimed: set[fx.Node] = set()  # k/v projections already grouped with their q projection
     for node in gm.graph.nodes:
         kind = _dense_kind(gm, node)
-        if kind is None:
+        if kind is None or node in claimed:
             continue
         weight = str(_arg(node, 1, "weight").target)
         module = module_name_of(node) or weight.rpartition(".")[0]
@@ -425,9 +507,11 @@ def find_slice_groups(gm: fx.GraphModule) -> SliceGroupAnalysis:
                 raise _Forbid(f"weight {weight} is shared by {weight_uses[weight]} ops", node)
             if kind == "conv" and int(_arg(node, 6, "groups", 1)) != 1:
                 raise _Forbid("grouped / depthwise conv producer", node)
-            chunk = _single_user(node)
-            if kind == "linear" and _is_method(chunk, "chunk"):
-                group = _match_fused_heads(gm, node)
+            first = _single_user(node)
+            rows = gm.get_parameter(weight).shape[0]
+            if kind == "linear" and (_is_method(first, "chunk") or _head_split(first, rows) is not None):
+                group = _match_heads(gm, node)
+                claimed.update(p.node for p in group.producers)
             else:
                 walk = _Walk(gm, module_calls)
                 walk.run(node, -1 if kind == "linear" else 1)
@@ -442,9 +526,9 @@ def find_slice_groups(gm: fx.GraphModule) -> SliceGroupAnalysis:
                     norms=walk.norms,
                     passthrough=walk.passthrough,
                 )
-            for consumer in group.consumers:
-                if weight_uses[consumer.weight] > 1:
-                    raise _Forbid(f"consumer weight {consumer.weight} is shared", consumer.node)
+            for member in [*group.producers, *group.consumers]:
+                if weight_uses[member.weight] > 1:
+                    raise _Forbid(f"weight {member.weight} is shared", member.node)
             if not group.consumers:
                 raise _Forbid("the units reach no consumer", node)
         except _Forbid as e:
