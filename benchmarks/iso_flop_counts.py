@@ -25,6 +25,11 @@ def _models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor]]]:
     return {
         "resnet18 (32x32, batch 1)": (torchvision.models.resnet18(num_classes=10), (torch.randn(1, 3, 32, 32),)),
         "MLP 64-256-256-256-10 (batch 64)": (mlp, (torch.randn(64, 64),)),
+        "small ViT (vit_b_16 at 32x32, 4 layers, batch 1)": (
+            torchvision.models.VisionTransformer(32, 16, num_layers=4, num_heads=4, hidden_dim=128,
+                                                 mlp_dim=512, num_classes=10),
+            (torch.randn(1, 3, 32, 32),),
+        ),
     }
 
 

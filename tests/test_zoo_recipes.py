@@ -20,6 +20,7 @@ MODELS = {
 RECIPES = [
     "dropit:keep=0.1+actmem",
     "bsr:density=0.5,block_size=16",
+    "sliceout:p=0.5",
 ]
 
 
