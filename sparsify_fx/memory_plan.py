@@ -59,7 +59,7 @@ SAVES: dict[Any, str] = {
 _KEEPS_NOTHING = {
     operator.add, torch.add, operator.sub, torch.sub, operator.neg, torch.cat, torch.flatten,
     F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout, F.pad, torch.mean, torch.sum,
-    operator.getitem, torch.stack, torch.transpose, torch.permute,
+    operator.getitem, torch.stack, torch.transpose, torch.permute, F.unfold, F.fold,
 }
 _VIEW_FUNCTIONS = {torch.flatten, operator.getitem, torch.transpose, torch.permute, torch.reshape}
 _VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "unflatten", "chunk",
@@ -77,6 +77,8 @@ _MODULE_SAVES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.pooling._AvgPoolNd, "nothing"),
     (nn.Identity, "nothing"),
     (nn.Flatten, "nothing"),
+    (nn.Unfold, "nothing"),
+    (nn.Fold, "nothing"),
 )
 
 
@@ -168,8 +170,10 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
             return [node], False, True
         if kind == _OPERANDS:
             if target is operator.mul or target is torch.mul or target is operator.truediv:
-                if len(acts) < 2:
+                learned = any(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args)
+                if len(acts) < 2 and not learned:
                     return [], False, True  # scaling by a constant keeps nothing
+                # x * parameter keeps x for the parameter's gradient
             kept = list(acts)
             if target is F.scaled_dot_product_attention:
                 kept.append(node)
