@@ -49,6 +49,7 @@ def _torchvision(name: str, **kwargs) -> nn.Module:
 MODELS = {
     "mlp": (_mlp, (256, 256)),
     "vit_b_16": (lambda: _torchvision("vit_b_16", image_size=64, num_classes=10), (8, 3, 64, 64)),
+    "vit_b_16_224": (lambda: _torchvision("vit_b_16", num_classes=10), (2, 3, 224, 224)),
     "resnet50": (lambda: _torchvision("resnet50", num_classes=10), (8, 3, 64, 64)),
     "wide_resnet50_2": (lambda: _torchvision("wide_resnet50_2", num_classes=10), (4, 3, 64, 64)),
 }
