@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import OPS_CONTAINER, module_name_of
+from .graph import OPS_CONTAINER, _arg, _param_name, module_name_of
 
 __all__ = [
     "SliceProducer",
@@ -155,22 +155,6 @@ _SCALAR_FUNCS = {
 }
 _SCALAR_METHODS = {"mul", "add", "sub", "div", "mul_", "add_", "sub_", "div_"}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
-
-
-def _param_name(gm: fx.GraphModule, node: Any) -> str | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    try:
-        gm.get_parameter(str(node.target))
-    except AttributeError:
-        return None
-    return str(node.target)
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _rank(node: fx.Node) -> int | None:
