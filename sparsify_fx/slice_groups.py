@@ -34,7 +34,6 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
