@@ -180,10 +180,7 @@ def _dropit_conv(
 
 @_dropit_conv.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, keep, chunk):
-    spatial = []
-    for i, size in enumerate(x.shape[2:]):
-        k = weight.shape[2 + i]
-        spatial.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
+    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = x.new_empty(x.shape[0], weight.shape[0], *spatial)
     c, n, k = _chunking(x.numel(), keep, chunk)
     return out, x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int16)

@@ -204,10 +204,7 @@ def _sliceout_conv(
 
 @_sliceout_conv.register_fake
 def _(x, weight, bias, rows, cols, scale, stride, padding, dilation):
-    spatial = []
-    for i, size in enumerate(x.shape[2:]):
-        k = weight.shape[2 + i]
-        spatial.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
+    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = sum(rows[1::2]) if rows else weight.shape[0]
     return x.new_empty(x.shape[0], out, *spatial)
 

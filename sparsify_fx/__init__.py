@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis import ShapeRecorder, dense_op_flops, tensor_bytes, tensor_meta
+from .analysis import ShapeRecorder, conv_output_spatial, dense_op_flops, tensor_bytes, tensor_meta
 from .backend import backend
 from .capture import CAPTURE_METHODS, Capture, capture, structural_copy
 from .config import PassConfig, check_range
@@ -55,7 +55,7 @@ __all__ = [
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
     "parse_recipe", "resolve_recipe", "check_range",
     "DenseOp", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
-    "ShapeRecorder", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
+    "ShapeRecorder", "conv_output_spatial", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
     "DropIT",
     "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",

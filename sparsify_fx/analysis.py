@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .graph import DenseOp
 
-__all__ = ["ShapeRecorder", "tensor_meta", "dense_op_flops", "tensor_bytes"]
+__all__ = ["ShapeRecorder", "tensor_meta", "dense_op_flops", "tensor_bytes", "conv_output_spatial"]
 
 
 class ShapeRecorder(fx.Interpreter):
@@ -55,3 +55,13 @@ def dense_op_flops(op: DenseOp, weight_shape: torch.Size) -> int | None:
     else:
         per_output = weight_shape[0]
     return 2 * out_numel * per_output
+
+
+def conv_output_spatial(
+    input_spatial, kernel_spatial, stride, padding, dilation
+) -> list[int]:
+    """Spatial output sizes of a convolution (used by custom ops' fake kernels)."""
+    return [
+        (size + 2 * p - d * (k - 1) - 1) // st + 1
+        for size, k, st, p, d in zip(input_spatial, kernel_spatial, stride, padding, dilation)
+    ]
