@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
 __all__ = [
     "BlockSparseActivations",
@@ -430,9 +430,11 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
-            return torch.ops.sparsify_fx.block_sparse_dense(
-                x, weight, bias, self.block, self.density, self.norm, self.kind, []
-            )[0]
+            with autocast_region(x.device.type) as cast:
+                return torch.ops.sparsify_fx.block_sparse_dense(
+                    cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
+                    self.kind, [],
+                )[0]
         return _dense(x, weight, bias, self.kind, [])
 
 
@@ -453,9 +455,11 @@ class BlockSparseConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
-            return torch.ops.sparsify_fx.block_sparse_dense(
-                x, weight, bias, self.block, self.density, self.norm, "conv", self.dilation
-            )[0]
+            with autocast_region(x.device.type) as cast:
+                return torch.ops.sparsify_fx.block_sparse_dense(
+                    cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
+                    "conv", self.dilation,
+                )[0]
         return self._functional(x, weight, bias, 1, 0, self.dilation, 1)
 
 

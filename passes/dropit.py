@@ -1,15 +1,26 @@
-"""DropIT (arXiv 2202.13808): Linear / Conv / matmul-against-a-parameter keep only the top-k
-of ``|x|`` of the input they save for backward.
+"""DropIT (arXiv 2202.13808): Linear / Conv / matmul-against-a-parameter keep only the
+largest-magnitude ``keep`` fraction of the input they save for backward.
 
-Forward is exact. The saved input is split into chunks of ``chunk_size`` elements and each
-chunk keeps its ``ceil(keep * chunk_size)`` largest-magnitude values with int16 in-chunk
-indices (2 bytes, not the 8 of a flat int64 top-k), so the compressed copy costs
-``keep * (itemsize + 2)`` bytes per element. Backward scatters the kept values into a zero
-tensor to compute ``grad_weight``; ``grad_input`` and ``grad_bias`` never read ``x`` and are
-exact. In eval mode (or under ``no_grad``) the layer runs the plain dense op.
+Forward is exact. Two selection rules, both free of a full top-k over the whole tensor:
 
-The ops are ``torch.library.custom_op`` with registered autograd and fake kernels, so they
-work in eager, FX, ``torch.export`` and ``torch.compile``.
+- ``selection="threshold"`` (default): the cut-off is the ``1 - keep`` quantile of ``|x|`` on a
+  fixed strided sample of 8192 elements (no RNG, so seeded runs stay reproducible); the kept
+  elements are stored as their values (a buffer of ``ceil(1.04 * keep * numel)``, zero padded)
+  plus a 1-bit-per-element bitmap. If the sample under-estimates the cut-off and more than the
+  buffer's worth pass it, the cut-off is raised to the exact one among the candidates (a
+  k-th value over ~``keep * numel`` elements). ``keep * 1.04 * itemsize + 1/8`` bytes per
+  element: 0.54 B at keep=0.1 fp32.
+- ``selection="topk"``: the input is split into chunks of ``chunk_size`` elements and each
+  chunk keeps exactly its ``ceil(keep * chunk_size)`` largest values with int16 in-chunk
+  indices: ``keep * (itemsize + 2)`` bytes per element; more compact below keep=1/16 but
+  a partial sort per chunk (2-3x slower than the threshold on CPU).
+
+Backward scatters the kept values into a zero tensor to compute ``grad_weight``;
+``grad_input`` and ``grad_bias`` never read ``x`` and are exact. In eval mode (or under
+``no_grad``) the layer runs the plain dense op.
+
+The ops are ``torch.library.custom_op`` with registered autograd and fake kernels (every
+saved shape is static), so they work in eager, FX, ``torch.export`` and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -22,11 +33,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
-__all__ = ["DropIT", "compress_topk", "decompress_topk", "DropITLinear", "DropITConv"]
+from .bitpack import pack_bits, unpack_bits
+
+__all__ = [
+    "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
+    "decompress_threshold", "compressed_bytes", "DropITLinear", "DropITConv",
+]
 
 _MAX_CHUNK = 32768  # in-chunk indices 0..32767 fit in int16
+_SAMPLE = 8192  # elements the threshold's quantile is estimated on
+_SLACK = 1.04  # value-buffer head-room over keep * numel (the sample quantile's error)
+SELECTIONS = ("threshold", "topk")
 
 
 @dataclass(frozen=True)
@@ -35,7 +54,10 @@ class DropIT(PassConfig):
 
     Args:
         keep: fraction of the saved input kept (``1 - gamma`` in the paper), in (0, 1].
-        chunk_size: elements per selection chunk (indices are int16 within a chunk), 64..32768.
+        chunk_size: elements per selection chunk for ``selection="topk"`` (indices are int16
+            within a chunk), 64..32768.
+        selection: "threshold" (a sampled cut-off plus a bitmap; fast) or "topk" (exact
+            per-chunk top-k with int16 indices; more compact at keep < 1/16).
         skip_first_last: leave the model's first and last dense layers dense (the paper's
             default: the first layer's input is the data, held by the caller anyway).
 
@@ -51,6 +73,7 @@ class DropIT(PassConfig):
     keep: float = 0.1
     chunk_size: int = 16384
     skip_first_last: bool = True
+    selection: str = "threshold"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +83,10 @@ class DropIT(PassConfig):
         check_range(self, "chunk_size", self.chunk_size, 64, _MAX_CHUNK)
         if not isinstance(self.skip_first_last, bool):
             raise ConfigError(f"DropIT.skip_first_last must be a bool, got {self.skip_first_last!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(
+                f"DropIT.selection must be one of {SELECTIONS}, got {self.selection!r}"
+            )
 
 
 # ---------------------------------------------------------------- compression
@@ -98,7 +125,85 @@ def decompress_topk(
     return rows.view(-1)[:numel].view(shape)
 
 
-def compressed_bytes(numel: int, itemsize: int, keep: float, chunk: int) -> int:
+def _capacity(numel: int, keep: float) -> int:
+    return min(numel, max(1, math.ceil(_SLACK * keep * numel)))
+
+
+def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values above a sampled ``|x|`` cut-off, zero padded to a static capacity, and a bitmap.
+
+    Returns ``(values, bitmap)``: ``values`` has ``ceil(1.04 * keep * numel)`` elements (the
+    kept ones in flat order, then zeros), ``bitmap`` is ``uint8`` with bit ``i % 8`` of byte
+    ``i // 8`` set where element ``i`` is kept.
+    """
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    cap = _capacity(n, keep)
+    magnitude = flat.abs()
+    sample = magnitude[:: max(1, n // _SAMPLE)]
+    m = sample.numel()
+    dropped = m - min(m, math.ceil(keep * m))
+    if dropped == 0:
+        mask = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        # strictly above the largest dropped sample value: ties (ReLU's zeros) are dropped
+        cutoff = torch.kthvalue(sample, dropped).values
+        mask = magnitude > cutoff
+    count = int(torch.count_nonzero(mask))
+    if count > cap:
+        candidates = magnitude[mask]
+        mask = magnitude > torch.kthvalue(candidates, count - cap).values
+        count = int(torch.count_nonzero(mask))
+        if count > cap:  # ties at the exact cut-off: keep the first ``cap`` in flat order
+            mask &= torch.cumsum(mask, 0) <= cap
+            count = cap
+    values = flat.new_zeros(cap)
+    values[:count] = flat[mask]
+    return values, pack_bits(mask)
+
+
+def decompress_threshold(
+    values: torch.Tensor, bitmap: torch.Tensor, shape: list[int] | torch.Size
+) -> torch.Tensor:
+    """Inverse of :func:`compress_threshold`: the kept values in place, zeros elsewhere."""
+    mask = unpack_bits(bitmap, [math.prod(shape)])
+    out = values.new_zeros(mask.shape)
+    out.masked_scatter_(mask, values)
+    return out.view(shape)
+
+
+def compress(
+    x: torch.Tensor, keep: float, chunk: int, selection: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, index)`` of the kept part of ``x`` under ``selection``."""
+    if selection == "threshold":
+        return compress_threshold(x, keep)
+    return compress_topk(x, keep, chunk)
+
+
+def decompress(
+    values: torch.Tensor, index: torch.Tensor, shape: list[int], chunk: int, selection: str
+) -> torch.Tensor:
+    """Inverse of :func:`compress`: a dense tensor of ``shape`` with zeros where dropped."""
+    if selection == "threshold":
+        return decompress_threshold(values, index, shape)
+    return decompress_topk(values, index, shape, chunk)
+
+
+def _fake_payload(x: torch.Tensor, keep: float, chunk: int, selection: str):
+    if selection == "threshold":
+        n = x.numel()
+        return x.new_empty(_capacity(n, keep)), x.new_empty(math.ceil(n / 8), dtype=torch.uint8)
+    _, n_chunks, k = _chunking(x.numel(), keep, chunk)
+    return x.new_empty(n_chunks, k), x.new_empty(n_chunks, k, dtype=torch.int16)
+
+
+def compressed_bytes(
+    numel: int, itemsize: int, keep: float, chunk: int, selection: str = "threshold"
+) -> int:
+    """Bytes the backward keeps for a saved input of ``numel`` elements (index included)."""
+    if selection == "threshold":
+        return _capacity(numel, keep) * itemsize + math.ceil(numel / 8)
     chunk, n_chunks, k = _chunking(numel, keep, chunk)
     return n_chunks * k * (itemsize + 2)
 
@@ -113,33 +218,34 @@ def _dropit_linear(
     bias: torch.Tensor | None,
     keep: float,
     chunk: int,
+    selection: str,
     transposed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = F.linear(x, weight.t() if transposed else weight, bias)
-    values, indices = compress_topk(x, keep, chunk)
-    return out, values, indices
+    values, index = compress(x, keep, chunk, selection)
+    return out, values, index
 
 
 @_dropit_linear.register_fake
-def _(x, weight, bias, keep, chunk, transposed):
+def _(x, weight, bias, keep, chunk, selection, transposed):
     out_features = weight.shape[1] if transposed else weight.shape[0]
     out = x.new_empty(*x.shape[:-1], out_features)
-    c, n, k = _chunking(x.numel(), keep, chunk)
-    return out, x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int16)
+    return (out, *_fake_payload(x, keep, chunk, selection))
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, keep, chunk, transposed = inputs
+    x, weight, bias, keep, chunk, selection, transposed = inputs
     _, values, indices = output
     ctx.save_for_backward(values, indices, weight)
     ctx.x_shape = list(x.shape)
     ctx.chunk = _chunking(x.numel(), keep, chunk)[0]
+    ctx.selection = selection
     ctx.transposed = transposed
     ctx.has_bias = bias is not None
 
 
 def _restore_input(ctx, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return decompress_topk(values, indices, ctx.x_shape, ctx.chunk)
+    return decompress(values, indices, ctx.x_shape, ctx.chunk, ctx.selection)
 
 
 def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
@@ -154,7 +260,7 @@ def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
         grad_w = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
     if need_b and ctx.has_bias:
         grad_b = g2.sum(0)
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None
 
 
 _dropit_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -171,27 +277,28 @@ def _dropit_conv(
     groups: int,
     keep: float,
     chunk: int,
+    selection: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     zeros = [0] * len(stride)
     out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    values, indices = compress_topk(x, keep, chunk)
-    return out, values, indices
+    values, index = compress(x, keep, chunk, selection)
+    return out, values, index
 
 
 @_dropit_conv.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, keep, chunk):
+def _(x, weight, bias, stride, padding, dilation, groups, keep, chunk, selection):
     spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     out = x.new_empty(x.shape[0], weight.shape[0], *spatial)
-    c, n, k = _chunking(x.numel(), keep, chunk)
-    return out, x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int16)
+    return (out, *_fake_payload(x, keep, chunk, selection))
 
 
 def _conv_setup(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, groups, keep, chunk = inputs
+    x, weight, bias, stride, padding, dilation, groups, keep, chunk, selection = inputs
     _, values, indices = output
     ctx.save_for_backward(values, indices, weight)
     ctx.x_shape = list(x.shape)
     ctx.chunk = _chunking(x.numel(), keep, chunk)[0]
+    ctx.selection = selection
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.bias_sizes = [weight.shape[0]] if bias is not None else None
 
@@ -215,7 +322,7 @@ def _conv_backward(ctx, grad_out, _grad_values, _grad_indices):
         groups,
         [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
     )
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 _dropit_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -234,18 +341,20 @@ class DropITLinear(nn.Module):
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
     keeps_dense_inputs = False
 
-    def __init__(self, keep: float, chunk: int, kind: str = "linear"):
+    def __init__(self, keep: float, chunk: int, kind: str = "linear", selection: str = "threshold"):
         super().__init__()
-        self.keep, self.chunk, self.kind = keep, chunk, kind
+        self.keep, self.chunk, self.kind, self.selection = keep, chunk, kind, selection
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, chunk={self.chunk}, kind={self.kind}"
+        return f"keep={self.keep}, selection={self.selection}, chunk={self.chunk}, kind={self.kind}"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
-            return torch.ops.sparsify_fx.dropit_linear(
-                x, weight, bias, self.keep, self.chunk, self.kind != "linear"
-            )[0]
+            with autocast_region(x.device.type) as cast:
+                return torch.ops.sparsify_fx.dropit_linear(
+                    cast(x), cast(weight), cast(bias), self.keep, self.chunk, self.selection,
+                    self.kind != "linear",
+                )[0]
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         if self.kind == "addmm":
@@ -259,22 +368,26 @@ class DropITConv(nn.Module):
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
     keeps_dense_inputs = False
 
-    def __init__(self, keep: float, chunk: int, stride, padding, dilation, groups: int):
+    def __init__(
+        self, keep: float, chunk: int, stride, padding, dilation, groups: int,
+        selection: str = "threshold",
+    ):
         super().__init__()
-        self.keep, self.chunk = keep, chunk
+        self.keep, self.chunk, self.selection = keep, chunk, selection
         self.stride, self.padding = list(stride), list(padding)
         self.dilation, self.groups = list(dilation), int(groups)
         self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
+        return f"keep={self.keep}, selection={self.selection}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
-            return torch.ops.sparsify_fx.dropit_conv(
-                x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                self.keep, self.chunk,
-            )[0]
+            with autocast_region(x.device.type) as cast:
+                return torch.ops.sparsify_fx.dropit_conv(
+                    cast(x), cast(weight), cast(bias), self.stride, self.padding, self.dilation,
+                    self.groups, self.keep, self.chunk, self.selection,
+                )[0]
         return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -304,11 +417,14 @@ def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
             result.skips.append(ctx.skip(op, reason))
             continue
         if op.kind == "conv":
-            module = DropITConv(config.keep, config.chunk_size, op.stride, padding, op.dilation, op.groups)
+            module = DropITConv(
+                config.keep, config.chunk_size, op.stride, padding, op.dilation, op.groups,
+                config.selection,
+            )
             op_name = f"conv{op.conv_ndim}d"
         else:
             kind = "addmm" if op.node.target is torch.addmm else op.kind
-            module = DropITLinear(config.keep, config.chunk_size, kind)
+            module = DropITLinear(config.keep, config.chunk_size, kind, config.selection)
             op_name = kind
         x = op.input
         before = sfx.tensor_bytes(x)
@@ -316,7 +432,9 @@ def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
         if before is not None:
             shape, dtype = sfx.tensor_meta(x)
             itemsize = torch.empty((), dtype=dtype).element_size()
-            after = compressed_bytes(math.prod(shape), itemsize, config.keep, config.chunk_size)
+            after = compressed_bytes(
+                math.prod(shape), itemsize, config.keep, config.chunk_size, config.selection
+            )
         flops = sfx.dense_op_flops(op, weight.shape)
         target = sfx.install_module(gm, f"dropit_{op.module_name or op.node.name}", module)
         with gm.graph.inserting_before(op.node):
@@ -327,7 +445,7 @@ def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
                 ctx.pass_name, op.node.name, qualified, op_name, target,
                 saved_bytes_before=before, saved_bytes_after=after,
                 flops_before=flops, flops_after=flops,
-                details={"keep": config.keep},
+                details={"keep": config.keep, "selection": config.selection},
             )
         )
         result.modified = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .amp import autocast_region
 from .analysis import ShapeRecorder, conv_output_spatial, dense_op_flops, tensor_bytes, tensor_meta
 from .backend import backend
 from .capture import CAPTURE_METHODS, Capture, capture, structural_copy
@@ -55,7 +56,7 @@ __all__ = [
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
     "parse_recipe", "resolve_recipe", "check_range",
     "DenseOp", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
-    "ShapeRecorder", "conv_output_spatial", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
+    "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
     "DropIT",
     "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +11,17 @@ import torch.nn.functional as F
 from conftest import SmallCNN, mlp
 
 import sparsify_fx as sfx
-from passes.dropit import DropITConv, DropITLinear, compress_topk, decompress_topk
+from passes.dropit import (
+    DropITConv,
+    DropITLinear,
+    compress,
+    compress_threshold,
+    compress_topk,
+    compressed_bytes,
+    decompress,
+    decompress_threshold,
+    decompress_topk,
+)
 
 
 def _grads(fn, *tensors):
@@ -34,19 +46,20 @@ def test_linear_op_keep1_matches_autograd(shape):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("keep", [0.05, 0.3, 0.7])
-def test_linear_op_grad_input_and_bias_exact_any_keep(keep):
+def test_linear_op_grad_input_and_bias_exact_any_keep(keep, selection):
     x = torch.randn(4, 3, 32, requires_grad=True)
     w = torch.randn(16, 32, requires_grad=True)
     b = torch.randn(16, requires_grad=True)
     _, ref_g = _grads(lambda: F.linear(x, w, b), x, w, b)
-    _, g = _grads(lambda: DropITLinear(keep, 128).train()(x, w, b), x, w, b)
+    _, g = _grads(lambda: DropITLinear(keep, 128, selection=selection).train()(x, w, b), x, w, b)
     torch.testing.assert_close(g[0], ref_g[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[2], ref_g[2], rtol=1e-5, atol=1e-6)
     # grad_W comes from the kept entries only: it must equal the gradient of the
     # explicitly sparsified input, and differ from the dense one
-    values, idx = compress_topk(x, keep, 128)
-    x_sparse = decompress_topk(values, idx, x.shape, 128)
+    values, idx = compress(x, keep, 128, selection)
+    x_sparse = decompress(values, idx, list(x.shape), 128, selection)
     expected = (torch.randn_like(F.linear(x, w, b), generator=torch.Generator().manual_seed(1))
                 .reshape(-1, 16).t() @ x_sparse.reshape(-1, 32))
     torch.testing.assert_close(g[1], expected, rtol=1e-5, atol=1e-5)
@@ -245,3 +258,102 @@ def test_rewritten_module_deepcopies_pickles_and_state_dict_roundtrips():
     fresh.load_state_dict(fast.state_dict())
     fresh.eval()
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- threshold selection
+
+
+def _check_threshold_selection(x: torch.Tensor, keep: float):
+    values, bitmap = compress_threshold(x, keep)
+    restored = decompress_threshold(values, bitmap, x.shape)
+    kept = restored != 0
+    # every kept element is restored exactly, nothing else is
+    torch.testing.assert_close(restored[kept], x[kept], rtol=0, atol=0)
+    # the kept set is a top-k set for its size: no dropped element is larger than a kept one
+    if kept.any() and (~kept).any():
+        assert x[kept].abs().min() >= x[~kept].abs().max()
+    cap = values.numel()
+    assert cap == math.ceil(1.04 * keep * x.numel()) or cap == x.numel()
+    assert bitmap.dtype == torch.uint8 and bitmap.numel() == math.ceil(x.numel() / 8)
+    assert int(kept.sum()) <= cap
+    return int(kept.sum()) / x.numel()
+
+
+@pytest.mark.parametrize("keep", [0.02, 0.1, 0.5])
+def test_threshold_selection_is_top_set_and_hits_keep(keep):
+    x = torch.randn(4, 64, 28, 28)
+    ratio = _check_threshold_selection(x, keep)
+    # the strided-sample quantile lands within a few percent of the asked ratio
+    assert abs(ratio - keep) <= 0.06 * keep, ratio
+
+
+def test_threshold_selection_relu_zeros_are_never_kept():
+    x = torch.randn(2, 16, 20, 20).relu()  # half exact zeros
+    ratio = _check_threshold_selection(x, 0.1)
+    assert 0.09 <= ratio <= 0.104
+
+
+def test_threshold_selection_overflow_is_refined_to_the_capacity():
+    # the strided sample sees only the small values; the large ones sit between sample points,
+    # so the sampled cut-off lets far more than keep * numel through and must be raised
+    x = torch.full((65536,), 0.01)
+    x[1::2] = torch.linspace(1.0, 2.0, 32768)
+    values, bitmap = compress_threshold(x, 0.1)
+    restored = decompress_threshold(values, bitmap, x.shape)
+    kept = restored != 0
+    assert int(kept.sum()) == values.numel()  # filled to capacity, not beyond
+    assert x[kept].min() >= x[~kept].max()
+
+
+def test_threshold_selection_ties_and_degenerate_inputs():
+    for x in (torch.ones(1000), torch.zeros(1000), torch.randn(3), torch.randn(1)):
+        _check_threshold_selection(x, 0.1)
+    ones = torch.ones(1000)
+    values, bitmap = compress_threshold(ones, 0.1)
+    restored = decompress_threshold(values, bitmap, ones.shape)
+    assert int((restored != 0).sum()) <= values.numel()
+
+
+def test_threshold_gradient_error_close_to_exact_topk():
+    # the weight gradient from the sampled threshold is as good as from an exact top-k
+    x = torch.randn(8, 32, 16, 16)
+    g = torch.randn(8 * 16 * 16, 24)
+    x2 = x.permute(0, 2, 3, 1).reshape(-1, 32)
+    dense = g.t() @ x2
+    errs = {}
+    for sel in ("threshold", "topk"):
+        v, i = compress(x, 0.1, 16384, sel)
+        xs = decompress(v, i, list(x.shape), 16384, sel).permute(0, 2, 3, 1).reshape(-1, 32)
+        errs[sel] = float((g.t() @ xs - dense).norm() / dense.norm())
+    assert errs["threshold"] <= errs["topk"] * 1.05, errs
+
+
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_fake_kernel_shapes_match_real(selection):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w = torch.randn(2, 8, 10, 10), torch.randn(4, 8, 3, 3)
+    real = torch.ops.sparsify_fx.dropit_conv(x, w, None, [1, 1], [1, 1], [1, 1], 1, 0.1, 1024, selection)
+    with FakeTensorMode() as mode:
+        fx_, fw = mode.from_tensor(x), mode.from_tensor(w)
+        fake = torch.ops.sparsify_fx.dropit_conv(fx_, fw, None, [1, 1], [1, 1], [1, 1], 1, 0.1, 1024, selection)
+    assert [tuple(t.shape) for t in real] == [tuple(t.shape) for t in fake]
+    assert [t.dtype for t in real] == [t.dtype for t in fake]
+    payload = sum(t.numel() * t.element_size() for t in real[1:])
+    assert payload == compressed_bytes(x.numel(), 4, 0.1, 1024, selection)
+
+
+def test_autocast_bf16_saves_bf16_and_grads_match_dense_at_keep1():
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_g = _grads(lambda: F.linear(x, w), x, w)
+        out, g = _grads(lambda: DropITLinear(1.0, 64).train()(x, w), x, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, r in zip(g, ref_g):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, values, _ = torch.ops.sparsify_fx.dropit_linear(x.bfloat16(), w.bfloat16(), None, 0.5, 64, "threshold", False)
+    assert values.dtype == torch.bfloat16
