@@ -8,6 +8,7 @@ from .activation_memory import ActivationMemory
 from .block_sparse import BlockSparseActivations
 from .dropit import DropIT
 from .iso_flop import IsoFLOP
+from .memory_budget import MemoryBudget
 from .sliceout import SliceOut
 
-__all__ = ["BlockSparseActivations", "DropIT", "IsoFLOP", "ActivationMemory", "SliceOut"]
+__all__ = ["BlockSparseActivations", "DropIT", "IsoFLOP", "ActivationMemory", "SliceOut", "MemoryBudget"]

@@ -42,7 +42,8 @@ def saved_tensor_bytes(
     loss_fn: Callable[[Any], torch.Tensor] = _default_loss,
 ) -> int:
     """Bytes autograd holds for backward after one training forward (storage-deduplicated)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    # parameters and buffers (BatchNorm's running stats are saved too) live anyway
+    params = {p.untyped_storage().data_ptr() for p in [*module.parameters(), *module.buffers()]}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ The graph of tensors and holders is a ``networkx.DiGraph`` (``plan.graph``).
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .analysis import tensor_bytes
+from .analysis import tensor_bytes, tensor_meta
 from .graph import OPS_CONTAINER
 
 __all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "SAVES"]
@@ -111,7 +112,8 @@ class TensorLiveness:
 class MemoryPlan:
     """Per-tensor liveness of one graph and the bytes the backward holds after the forward.
 
-    ``held_bytes`` counts each held storage once (plus max-pool indices); ``compressed_bytes`` adds the compressed copies
+    ``held_bytes`` counts each held storage once (plus ``side_bytes``: max-pool indices and
+    normalisation statistics); ``compressed_bytes`` adds the compressed copies
     the rewritten ops save (from the rewrite records). ``unknown`` lists ops whose backward
     this analysis does not know (assumed to keep their tensor inputs).
     """
@@ -121,6 +123,7 @@ class MemoryPlan:
     compressed_bytes: int
     unknown: list[str]
     graph: nx.DiGraph
+    side_bytes: dict[str, int] = field(default_factory=dict)  # node -> indices / norm stats kept
 
     @property
     def total_bytes(self) -> int:
@@ -190,6 +193,37 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
     return [], False, True
 
 
+def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
+    """Bytes a backward keeps beside the activations: max-pool indices, normalisation stats.
+
+    Small next to the activations at training sizes, but a plan that recomputes a block frees
+    them too, so budget decisions on small inputs would be off without them.
+    """
+    meta = tensor_meta(n)
+    if meta is None:
+        return 0
+    size = meta[0]
+    numel = math.prod(size)
+    mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+    if isinstance(mod, nn.modules.pooling._MaxPoolNd):
+        return numel * 8  # int64 indices of the output's shape
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
+        return 2 * mod.num_features * 4  # fp32 save_mean and save_invstd
+    normalized = None
+    if isinstance(mod, nn.LayerNorm):
+        normalized = math.prod(mod.normalized_shape)
+    elif n.op == "call_function" and n.target is F.layer_norm and len(n.args) > 1:
+        normalized = math.prod(n.args[1]) if isinstance(n.args[1], (list, tuple)) else None
+    if normalized:
+        return 2 * (numel // normalized) * 4  # fp32 mean and rstd per normalised row
+    groups = mod.num_groups if isinstance(mod, nn.GroupNorm) else None
+    if groups is None and n.op == "call_function" and n.target is F.group_norm and len(n.args) > 1:
+        groups = n.args[1] if isinstance(n.args[1], int) else None
+    if groups and size:
+        return 2 * size[0] * groups * 4
+    return 0
+
+
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
@@ -227,6 +261,7 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
     unknown: list[str] = []
     compressed_total = 0
     extra = 0
+    side_bytes: dict[str, int] = {}
     for n in nodes:
         graph.add_node(n.name, module=info[n.name].module, bytes=info[n.name].bytes)
         kept, compresses, known = _kept_by(n, gm)
@@ -243,13 +278,9 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
                     graph.add_edge(t.name, n.name, form="compressed")
             origin = n.meta.get("sfx_origin", n.name)
             compressed_total += compressed_bytes.get(n.name, compressed_bytes.get(origin, 0))
-        if n.op == "call_module" and isinstance(
-            gm.get_submodule(str(n.target)), nn.modules.pooling._MaxPoolNd
-        ):
-            # max pooling also keeps int64 indices of its output's shape
-            out = tensor_bytes(n)
-            if out is not None and n.meta.get("sfx_shape"):
-                extra += out // n.meta["sfx_shape"][1].itemsize * 8
+        if side := _side_bytes(n, gm):
+            side_bytes[n.name] = side
+            extra += side
     # a storage is held when any tensor sharing it is held; count each storage once
     held_storages: dict[str, int] = {}
     for t in info.values():
@@ -265,4 +296,4 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
             if not base.holders:
                 base.holders = holders  # a view's holder holds the base
     return MemoryPlan(list(info.values()), sum(held_storages.values()) + extra, compressed_total,
-                      unknown, graph)
+                      unknown, graph, side_bytes)

@@ -108,6 +108,14 @@ class ExplainReport:
         return sum(r.flops_after or 0 for r in self.rewrites)
 
     @property
+    def memory_budget(self) -> dict[str, Any] | None:
+        """The ``MemoryBudget`` plan (dense / budget / achieved bytes, per-unit choices), if any."""
+        for r in self.rewrites:
+            if r.op == "plan" and "budget_bytes" in r.details:
+                return r.details
+        return None
+
+    @property
     def pass_summaries(self) -> list[PassSummary]:
         """One :class:`PassSummary` per pass of the recipe, in recipe order."""
         summaries: dict[str, PassSummary] = {}
@@ -283,6 +291,25 @@ class ExplainReport:
             for s in self.skipped:
                 skipped.add_row(s.module or s.node, s.op, s.pass_name, s.reason)
             yield skipped
+        budget = self.memory_budget
+        if budget is not None:
+            yield Text(
+                f"memory budget: {_fmt_bytes(budget['budget_bytes'])} of {_fmt_bytes(budget['dense_bytes'])} "
+                f"dense; plan holds {_fmt_bytes(budget['achieved_bytes'])} "
+                f"({budget['achieved_fraction']:.3f}x), est. +{budget['estimated_seconds'] * 1e3:.1f} ms per step"
+                + ("" if budget["reachable"] else "  (budget NOT reachable)"),
+                style=None if budget["reachable"] else "red",
+            )
+            units = Table(title="memory budget plan (per block)")
+            for col in ("block", "choice", "bytes", "est. time", "other options"):
+                units.add_column(col, overflow="fold")
+            colours = {"keep": "white", "compress-exact": "cyan", "compress": "yellow", "recompute": "magenta"}
+            for name, u in budget["units"].items():
+                other = "; ".join(f"{k} {_fmt_bytes(v['bytes'])} +{v['seconds'] * 1e3:.1f} ms"
+                                  for k, v in u["options"].items() if k != u["choice"])
+                units.add_row(name, Text(u["choice"], style=colours.get(u["choice"])), _fmt_bytes(u["bytes"]),
+                              f"+{u['estimated_seconds'] * 1e3:.1f} ms", other)
+            yield units
         plan = self._memory_plan_dict()
         if plan["held_bytes"] or plan["compressed_bytes"]:
             yield Text(

@@ -1,0 +1,452 @@
+"""Memory budget: for every block, keep, compress or recompute its saved activations so that
+the whole model's backward holds at most the budget, at the least added step time.
+
+Units are the model's repeated blocks (``sfx.find_blocks``: ResNet's ``layer1.0``, ViT's
+``encoder_layer_3``) plus one unit for everything outside them (stem, head). Each unit has
+up to four choices:
+
+===============  ========================================================  ==============
+choice           what is rewritten                                         gradient
+===============  ========================================================  ==============
+keep             nothing                                                   exact
+compress-exact   ReLU keeps a 1-bit mask (``ActivationMemory`` ReLU only)  exact
+compress         DropIT(keep) on Linear/Conv + ``ActivationMemory()``      approximate
+recompute        the block re-runs in backward (``sfx.recompute_segment``)  exact
+===============  ========================================================  ==============
+
+Cost model. Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
+with one choice applied to every unit, each held tensor charged to the unit of its first
+holder. Time: a recompute costs the block's forward, timed node by node on the example
+shapes; a compression costs its compress + decompress work, ``bytes x seconds-per-byte`` from
+a calibration of each compressed form on this device (run once per device and dtype, cached).
+
+Solver. Per unit, choices that are no smaller and no faster than another are dropped (a
+compressed form slower than recomputing for the same bytes is never chosen). Then greedy:
+from all-keep, take the upgrade with the most bytes saved per second added until the estimate
+fits, then undo upgrades that are no longer needed. The plan is applied to a copy, measured
+with the liveness analysis, and re-solved with the excess added to the pressure (up to three
+rounds), so the achieved bytes, not the estimate, meet the budget. ``solve_exact`` is the
+brute-force optimum the tests compare the greedy with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+import sparsify_fx as sfx
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, Skip, check_range
+from sparsify_fx.registry import lookup
+
+from .activation_memory import ActivationMemory
+from .dropit import DropIT
+
+__all__ = ["MemoryBudget", "Choice", "solve_greedy", "solve_exact", "calibrate", "CHOICES"]
+
+CHOICES = ("keep", "compress-exact", "compress", "recompute")
+_EXACT = ("keep", "compress-exact", "recompute")
+_REST = "(outside blocks)"
+
+
+@dataclass(frozen=True)
+class MemoryBudget(PassConfig):
+    """Hold at most ``fraction`` of the dense saved-activation bytes (or ``bytes``).
+
+    Args:
+        fraction: budget as a fraction of the dense model's saved-activation bytes, (0, 1].
+        bytes: budget in bytes (instead of ``fraction``).
+        exact_only: only choices with exact gradients (keep, 1-bit ReLU, recompute).
+        keep: DropIT's kept fraction for the approximate ``compress`` choice.
+
+    Example:
+        >>> import torch, torchvision, sparsify_fx as sfx
+        >>> m = torchvision.models.resnet18()
+        >>> fast = sfx.sparsify(m, sfx.MemoryBudget(fraction=0.5), example_inputs=(torch.randn(2, 3, 32, 32),))
+        >>> sfx.explain(fast).memory_budget["achieved_fraction"] <= 0.5 * 1.05
+        True
+    """
+
+    fraction: float | None = 0.5
+    bytes: int | None = None
+    exact_only: bool = False
+    keep: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bytes is not None:
+            if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 0:
+                raise ConfigError(f"MemoryBudget.bytes must be a non-negative int, got {self.bytes!r}")
+        elif self.fraction is None:
+            raise ConfigError("MemoryBudget needs fraction= or bytes=")
+        else:
+            check_range(self, "fraction", self.fraction, 0.0, 1.0, low_open=True)
+        if not isinstance(self.exact_only, bool):
+            raise ConfigError(f"MemoryBudget.exact_only must be a bool, got {self.exact_only!r}")
+        check_range(self, "keep", self.keep, 0.0, 1.0, low_open=True)
+
+
+# ---------------------------------------------------------------- solver
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One way to treat a unit: its bytes held after forward and its added seconds."""
+
+    name: str
+    bytes: float
+    seconds: float
+
+
+def _pareto(choices: list[Choice]) -> list[Choice]:
+    kept = []
+    for c in sorted(choices, key=lambda c: (c.seconds, c.bytes)):
+        if not kept or c.bytes < kept[-1].bytes:
+            kept.append(c)
+    return kept  # increasing time, strictly decreasing bytes
+
+
+def solve_greedy(units: list[list[Choice]], budget: float) -> list[Choice]:
+    """Greedy multiple-choice knapsack: least added time with total bytes <= budget.
+
+    Returns the choice per unit (the smallest choices when the budget cannot be met).
+    """
+    fronts = [_pareto(u) for u in units]
+    picked = [0] * len(fronts)
+
+    def total() -> float:
+        return sum(f[i].bytes for f, i in zip(fronts, picked))
+
+    while total() > budget:
+        best, best_ratio = None, -1.0
+        for u, (front, i) in enumerate(zip(fronts, picked)):
+            for j in range(i + 1, len(front)):
+                saved = front[i].bytes - front[j].bytes
+                added = max(front[j].seconds - front[i].seconds, 1e-12)
+                # an upgrade that alone closes the gap is judged by the time it adds
+                ratio = saved / added if total() - saved > budget else 1e18 / added
+                if ratio > best_ratio:
+                    best, best_ratio = (u, j), ratio
+        if best is None:
+            break
+        picked[best[0]] = best[1]
+    # undo what is no longer needed, most expensive first
+    for u in sorted(range(len(fronts)), key=lambda u: -fronts[u][picked[u]].seconds):
+        while picked[u] > 0:
+            front = fronts[u]
+            if total() - front[picked[u]].bytes + front[picked[u] - 1].bytes <= budget:
+                picked[u] -= 1
+            else:
+                break
+    return [f[i] for f, i in zip(fronts, picked)]
+
+
+def solve_exact(units: list[list[Choice]], budget: float) -> list[Choice] | None:
+    """Brute-force optimum (small problems only); None when no assignment fits."""
+    best, best_time = None, math.inf
+    for combo in itertools.product(*[_pareto(u) for u in units]):
+        if sum(c.bytes for c in combo) <= budget:
+            t = sum(c.seconds for c in combo)
+            if t < best_time:
+                best, best_time = list(combo), t
+    return best
+
+
+# ---------------------------------------------------------------- calibration
+
+_RATES: dict[tuple[str, torch.dtype], dict[str, float]] = {}
+
+
+def _time(fn, repeats: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Seconds per input byte of each compressed form (compress + decompress), cached."""
+    from .activation_memory import compress, decompress
+    from .bitpack import pack_bits, unpack_bits
+    from .dropit import compress_threshold, decompress_threshold
+
+    device = torch.device(device)
+    key = (device.type, dtype)
+    if key not in _RATES:
+        x = torch.randn(1 << 20, device=device, dtype=dtype)
+        nbytes = x.numel() * x.element_size()
+
+        def dropit():
+            v, b = compress_threshold(x, 0.1)
+            decompress_threshold(v, b, x.shape)
+
+        def bitmask():
+            unpack_bits(pack_bits(x > 0), x.shape)
+
+        def bf16():
+            decompress(*compress(x, "bf16", 256), x.shape, dtype)
+
+        _RATES[key] = {name: _time(fn) / nbytes for name, fn in
+                       (("dropit", dropit), ("bitmask", bitmask), ("bf16", bf16))}
+    return _RATES[key]
+
+
+class _NodeTimer(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.seconds: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        self.seconds[n.name] = min(self.seconds.get(n.name, math.inf), time.perf_counter() - t0)
+        return out
+
+
+def _example(node: fx.Node, device: torch.device) -> Any:
+    meta = node.meta.get("sfx_shape")
+    if meta is None:
+        return None
+    shape, dtype = meta
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _node_seconds(gm: fx.GraphModule) -> dict[str, float]:
+    """Forward time of each node on random inputs of the recorded shapes (eval, no grad)."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = [_example(n, device) for n in placeholders]
+    timer = _NodeTimer(gm)
+    saved = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                timer.run(*args)
+    finally:
+        for name, m in gm.named_modules():
+            m.training = saved[name]
+    return timer.seconds
+
+
+# ---------------------------------------------------------------- trial rewrites
+
+
+@dataclass
+class _Unit:
+    name: str
+    block: sfx.Block | None
+    choices: dict[str, Choice] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # choice -> why it is unavailable
+
+
+def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassConfig]:
+    def filter_fn(name: str, module) -> bool:
+        return in_units(name)
+
+    if choice == "compress-exact":
+        return [ActivationMemory(relu="bitmask", gelu="off", silu="off", batchnorm="off",
+                                 layernorm="off", filter_fn=filter_fn)]
+    return [DropIT(keep=config.keep, filter_fn=filter_fn), ActivationMemory(filter_fn=filter_fn)]
+
+
+def _apply(gm: fx.GraphModule, plan: dict[str, str], units: dict[str, _Unit], config, ctx):
+    """Rewrite ``gm`` in place with ``plan`` (unit -> choice); returns the inner rewrites."""
+    for name, choice in plan.items():
+        if choice == "recompute":
+            block = units[name].block
+            fresh = {b.name: b for b in sfx.find_blocks(gm, gaps=True)}[block.name]
+            sfx.recompute_segment(gm, fresh)
+    rewrites: list[Rewrite] = []
+    for choice in ("compress-exact", "compress"):
+        chosen = {n for n, c in plan.items() if c == choice}
+        if not chosen:
+            continue
+
+        def in_units(qualified: str, chosen=chosen) -> bool:
+            return _unit_of(qualified, units, ctx) in chosen
+
+        for inner in _compress_configs(choice, config, in_units):
+            spec = lookup(inner)
+            inner_ctx = sfx.PassContext(prefix=ctx.prefix, first_last=ctx.first_last, pass_name=spec.name)
+            result = spec.transform(gm, inner, inner_ctx)
+            rewrites += result.rewrites
+    gm.graph.lint()
+    gm.recompile()
+    return rewrites
+
+
+def _unit_of(qualified: str, units: dict[str, _Unit], ctx) -> str:
+    best, best_len = _REST, -1
+    for name, unit in units.items():
+        block = unit.block
+        if block is None:
+            continue
+        if block.gap:
+            if best_len < 0 and qualified in {ctx.qualified(m) for m in block.modules}:
+                best = name
+            continue
+        q = ctx.qualified(block.name)
+        if (qualified == q or qualified.startswith(q + ".")) and len(q) > best_len:
+            best, best_len = name, len(q)
+    return best
+
+
+def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[Rewrite], fx.GraphModule]:
+    trial = sfx.structural_copy(gm)
+    rewrites = _apply(trial, plan, units, config, ctx)
+    compressed = {r.node: r.saved_bytes_after or 0 for r in rewrites}
+    mplan = sfx.memory_plan(trial, compressed)
+    per_unit = {name: 0.0 for name in units}
+    nodes = {n.name: n for n in trial.graph.nodes}
+    for t in mplan.tensors:
+        if not t.holders or not t.bytes:
+            continue
+        holder = nodes.get(t.holders[0])
+        module = sfx.module_name_of(holder) if holder is not None else ""
+        per_unit[_unit_of(ctx.qualified(module), units, ctx)] += t.bytes
+    for name, side in mplan.side_bytes.items():
+        if name in nodes:
+            per_unit[_unit_of(ctx.qualified(sfx.module_name_of(nodes[name])), units, ctx)] += side
+    for r in rewrites:
+        per_unit[_unit_of(r.module, units, ctx)] += r.saved_bytes_after or 0
+    return per_unit, float(mplan.total_bytes), rewrites, trial
+
+
+def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates) -> dict[str, float]:
+    seconds: dict[str, float] = {}
+    for r in rewrites:
+        kind = "dropit" if r.pass_name == "dropit" else ("bitmask" if r.op in ("relu", "leaky_relu") else "bf16")
+        unit = _unit_of(r.module, units, ctx)
+        seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind]
+    return seconds
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+@sfx.register_pass(MemoryBudget, name="budget")
+def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassResult:
+    result = PassResult(gm, modified=False)
+    if not any("sfx_shape" in n.meta for n in gm.graph.nodes):
+        result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
+                                 "no recorded shapes: call sparsify with example_inputs"))
+        return result
+    dense = float(sfx.memory_plan(gm).total_bytes)
+    budget = float(config.bytes) if config.bytes is not None else config.fraction * dense
+
+    units: dict[str, _Unit] = {_REST: _Unit(_REST, None)}
+    for block in sfx.find_blocks(gm, gaps=True):
+        units[block.name] = _Unit(block.name, block)
+        if block.reason is not None:
+            units[block.name].reasons["recompute"] = block.reason
+    units[_REST].reasons["recompute"] = "nodes outside every block and gap"
+
+    node_seconds = _node_seconds(gm)
+    param = next(gm.parameters(), None)
+    rates = calibrate(param.device if param is not None else "cpu",
+                      param.dtype if param is not None and param.is_floating_point() else torch.float32)
+
+    names = list(units)
+    allowed = _EXACT if config.exact_only else CHOICES
+    keep_bytes, _, _, _ = _trial(gm, {}, units, config, ctx)
+    for name in names:
+        units[name].choices["keep"] = Choice("keep", keep_bytes[name], 0.0)
+    for choice in ("compress-exact", "compress"):
+        if choice not in allowed:
+            continue
+        per_unit, _, rewrites, _ = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
+        seconds = _compress_seconds(rewrites, units, ctx, rates)
+        touched = {_unit_of(r.module, units, ctx) for r in rewrites}
+        for name in names:
+            if name in touched:
+                units[name].choices[choice] = Choice(choice, per_unit[name], seconds.get(name, 0.0))
+            else:
+                units[name].reasons[choice] = "nothing in it to compress"
+    if "recompute" in allowed:
+        recomputable = [n for n in names if "recompute" not in units[n].reasons]
+        if recomputable:
+            per_unit, _, _, _ = _trial(gm, dict.fromkeys(recomputable, "recompute"), units, config, ctx)
+            for name in recomputable:
+                fwd = sum(node_seconds.get(n.name, 0.0) for n in units[name].block.nodes)
+                units[name].choices["recompute"] = Choice("recompute", per_unit[name], fwd)
+
+    # the estimate charges each tensor to one unit; the liveness analysis of the applied plan
+    # is the truth, so re-solve under more pressure until the achieved bytes fit
+    pressure = budget
+    best: tuple[bool, float, float, dict[str, str]] | None = None
+    for _round in range(4):
+        picked = solve_greedy([list(units[n].choices.values()) for n in names], pressure)
+        candidate = {n: c.name for n, c in zip(names, picked)}
+        _, measured, _, _ = _trial(gm, {n: c for n, c in candidate.items() if c != "keep"}, units, config, ctx)
+        seconds = sum(c.seconds for c in picked)
+        fits = measured <= budget
+        key = (fits, -seconds if fits else -measured)
+        if best is None or key > (best[0], best[1]):
+            best = (fits, key[1], measured, candidate)
+        if fits:
+            break
+        pressure = max(0.0, pressure - (measured - budget) * 1.5)
+    _, _, achieved, plan = best
+    inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
+    summary = {
+        "dense_bytes": int(dense), "budget_bytes": int(budget), "achieved_bytes": int(achieved),
+        "achieved_fraction": achieved / dense if dense else 0.0,
+        "reachable": achieved <= budget * 1.05,
+        "exact_only": config.exact_only,
+        "estimated_seconds": sum(units[n].choices[plan[n]].seconds for n in names),
+        "units": {},
+    }
+    result.rewrites.append(Rewrite(
+        ctx.pass_name, "(plan)", ctx.prefix.rstrip("."), "plan", "", details=summary,
+    ))
+    for name in names:
+        unit, choice = units[name], plan[name]
+        c = unit.choices[choice]
+        module = ctx.qualified(unit.block.name) if unit.block and not unit.block.gap else name
+        summary["units"][name] = {
+            "choice": choice, "bytes": int(c.bytes), "estimated_seconds": c.seconds,
+            "options": {k: {"bytes": int(v.bytes), "seconds": v.seconds} for k, v in unit.choices.items()},
+            "unavailable": dict(unit.reasons),
+        }
+        if choice == "keep":
+            others = ", ".join(f"{k}: {_mib(v.bytes)} +{v.seconds * 1e3:.1f} ms"
+                               for k, v in unit.choices.items() if k != "keep")
+            result.skips.append(Skip(ctx.pass_name, name, module, "block",
+                                     f"kept dense ({_mib(c.bytes)}): the budget is met "
+                                     f"without it" + (f" (options: {others})" if others else "")))
+            continue
+        # compressed units' bytes are counted by the DropIT / ActivationMemory rewrites below
+        counted = choice == "recompute"
+        result.rewrites.append(Rewrite(
+            ctx.pass_name, name, module, choice, choice,
+            saved_bytes_before=int(unit.choices["keep"].bytes) if counted else None,
+            saved_bytes_after=int(c.bytes) if counted else None,
+            details={"estimated_seconds": c.seconds, "bytes_before": int(unit.choices["keep"].bytes),
+                     "bytes_after": int(c.bytes)},
+        ))
+    result.rewrites += inner
+    if not summary["reachable"]:
+        result.skips.append(Skip(ctx.pass_name, "(plan)", ctx.prefix.rstrip("."), "plan",
+                                 f"budget {_mib(budget)} not reachable with "
+                                 f"{'exact ' if config.exact_only else ''}choices; smallest plan "
+                                 f"found holds {_mib(achieved)} "
+                                 f"({achieved / dense:.3f}x dense)"))
+    result.modified = any(c != "keep" for c in plan.values())
+    return result

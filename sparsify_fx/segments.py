@@ -1,0 +1,305 @@
+"""Blocks of a graph, and recomputing one in backward instead of keeping its activations.
+
+``find_blocks`` groups the compute nodes of a captured graph by the repeated block they came
+from (a child of an ``nn.Sequential`` / ``nn.ModuleList`` that has layers of its own:
+ResNet's ``layer1.0``, ViT's ``encoder.layers.encoder_layer_0``, GPT-2's ``h.3``), read from
+the ``nn_module_stack`` that tracing records.
+
+``recompute_segment`` moves one block's nodes into a parameter-free sub-graph called through
+:class:`RecomputedSegment`. In training its forward runs under ``no_grad`` and saves only the
+block's inputs (with ``save_for_backward``, so memory tools see them); backward re-runs the
+block with grad enabled and back-propagates through it, like
+``torch.utils.checkpoint(use_reentrant=True)``, but:
+
+- parameters read by ``get_attr`` are explicit inputs, so their gradients are returned by
+  the autograd node (not accumulated on the side);
+- modules the block calls (BatchNorm, LayerNorm, Dropout) are passed in by reference, so the
+  sub-graph registers nothing and ``state_dict`` keys do not change;
+- the re-run does not update BatchNorm running statistics a second time (it runs on copies
+  of the buffers), restores the RNG state (Dropout draws the same mask) and the autocast
+  state of the forward: the recomputed gradients are the exact ones.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .graph import install_module, module_name_of
+
+__all__ = ["Block", "find_blocks", "recompute_segment", "RecomputedSegment", "call_module_by_ref"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+_STATE = threading.local()
+
+
+@dataclass
+class Block:
+    """The compute nodes of one repeated block, in graph order.
+
+    ``reason`` is None when the block can be recomputed, else why not.
+    """
+
+    name: str
+    nodes: list[fx.Node] = field(default_factory=list)
+    reason: str | None = None
+    gap: bool = False  # a run of nodes between blocks (stem, head), not a module of its own
+
+    @property
+    def modules(self) -> set[str]:
+        """Qualified names (relative to the graph) of the modules the nodes came from."""
+        return {module_name_of(n) for n in self.nodes}
+
+
+def _is_layer(kind: object) -> bool:
+    # torch.nn's own non-container modules (Conv2d, ReLU, LayerNorm, ...) are layers, not blocks
+    return (
+        isinstance(kind, type)
+        and kind.__module__.startswith("torch.nn.")
+        and not issubclass(kind, _CONTAINERS)
+    )
+
+
+def _block_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    entries = [v if isinstance(v, tuple) else (str(v), object) for v in stack.values()]
+    block = None
+    for i in range(len(entries)):
+        path, kind = entries[i]
+        path = re.sub(r"@\d+$", "", str(path))
+        parent_type = entries[i - 1][1] if i else None
+        in_container = isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS)
+        # a ModuleList's items are indexed, not called through it: their path ends in a number
+        indexed = path.rpartition(".")[2].isdigit()
+        if (in_container or indexed) and not _is_layer(kind):
+            block = path
+    return block
+
+
+def _compute(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method", "call_module")
+
+
+def find_blocks(gm: fx.GraphModule, gaps: bool = False) -> list[Block]:
+    """The repeated blocks of ``gm``, each a contiguous run of compute nodes, in graph order.
+
+    With ``gaps=True`` the runs of compute nodes between blocks (a stem, a head) are returned
+    too, as ``Block(gap=True)`` named after their first and last module. A block whose nodes
+    are interleaved with other nodes, or that produces a non-tensor value used outside it, is
+    returned with a ``reason`` and cannot be recomputed.
+    """
+    blocks: dict[str, Block] = {}
+    order: list[str] = []
+    current: str | None = None
+    gap: Block | None = None
+    for node in gm.graph.nodes:
+        if not _compute(node):
+            continue
+        name = _block_of(node)
+        if name is None:
+            current = None
+            if gaps:
+                if gap is None:
+                    gap = Block(f"#{len(order)}", gap=True)
+                    blocks[gap.name] = gap
+                    order.append(gap.name)
+                gap.nodes.append(node)
+            continue
+        gap = None
+        block = blocks.get(name)
+        if block is None:
+            block = blocks[name] = Block(name)
+            order.append(name)
+        elif current != name and block.reason is None:
+            block.reason = "its nodes are not contiguous in the graph"
+        block.nodes.append(node)
+        current = name
+    result = []
+    for key in order:
+        block = blocks[key]
+        if block.gap:
+            mods = [m for m in (module_name_of(n) for n in block.nodes) if m]
+            block.name = f"({mods[0]}..{mods[-1]})" if mods else f"(nodes {block.nodes[0].name}..)"
+        if block.reason is None:
+            block.reason = _segment_reason(block.nodes)
+        result.append(block)
+    return result
+
+
+def _segment_reason(nodes: list[fx.Node]) -> str | None:
+    inside = set(nodes)
+    for n in nodes:
+        escapes = any(u not in inside for u in n.users)
+        if escapes and "sfx_shape" not in n.meta:
+            return f"node {n.name} leaves the block with a non-tensor (or unrecorded) value"
+        if n.op == "call_method" and n.target.endswith("_"):
+            return f"in-place method {n.target} at {n.name}"
+    return None
+
+
+# ---------------------------------------------------------------- run-time
+
+
+def call_module_by_ref(module: nn.Module, *args, **kwargs):
+    """Call ``module``; during a recompute, on copies of its buffers (BatchNorm statistics
+    were updated by the forward already)."""
+    if getattr(_STATE, "recomputing", False) and module.training:
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
+        if buffers:
+            return torch.func.functional_call(module, buffers, args, kwargs, strict=False)
+    return module(*args, **kwargs)
+
+
+@contextmanager
+def _recomputing() -> Iterator[None]:
+    before = getattr(_STATE, "recomputing", False)
+    _STATE.recomputing = True
+    try:
+        yield
+    finally:
+        _STATE.recomputing = before
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    return [
+        (dev, torch.get_autocast_dtype(dev))
+        for dev in ("cpu", "cuda")
+        if torch.is_autocast_enabled(dev)
+    ]
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, body: fx.GraphModule, *args):
+        is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        ctx.save_for_backward(*[a for a, t in zip(args, is_tensor) if t])
+        ctx.others = [None if t else a for a, t in zip(args, is_tensor)]
+        ctx.is_tensor = is_tensor
+        ctx.body = body
+        ctx.autocast = _autocast_state()
+        ctx.cuda = any(t and a.is_cuda for a, t in zip(args, is_tensor))
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state() if ctx.cuda else None
+        with torch.no_grad():
+            return tuple(body(*args))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = iter(ctx.saved_tensors)
+        args = []
+        for other, is_tensor in zip(ctx.others, ctx.is_tensor):
+            if is_tensor:
+                t = next(saved)
+                leaf = t.detach()
+                leaf.requires_grad_(t.requires_grad)
+                args.append(leaf)
+            else:
+                args.append(other)
+        devices = [torch.cuda.current_device()] if ctx.cuda else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda:
+                torch.cuda.set_rng_state(ctx.cuda_rng)
+            casts = [torch.autocast(dev, dtype=dtype) for dev, dtype in ctx.autocast]
+            with torch.enable_grad(), _recomputing(), (casts[0] if casts else nullcontext()), (
+                casts[1] if len(casts) > 1 else nullcontext()
+            ):
+                outs = tuple(ctx.body(*args))
+        pairs = [
+            (o, g) for o, g in zip(outs, grads)
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, *[a.grad if isinstance(a, torch.Tensor) else None for a in args])
+
+
+class RecomputedSegment(nn.Module):
+    """Calls a parameter-free sub-graph; in training keeps only its inputs for backward.
+
+    ``keeps_dense_inputs`` tells the memory plan that the inputs are what backward holds.
+    """
+
+    keeps_dense_inputs = True
+
+    def __init__(self, body: fx.GraphModule, block: str):
+        super().__init__()
+        self.body = body
+        self.block = block
+
+    def extra_repr(self) -> str:
+        return f"block={self.block!r}"
+
+    def forward(self, *args):
+        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if self.training and torch.is_grad_enabled() and needs_grad:
+            return _Recompute.apply(self.body, *args)
+        return tuple(self.body(*args))
+
+
+def recompute_segment(gm: fx.GraphModule, block: Block) -> fx.Node:
+    """Replace ``block``'s nodes by one :class:`RecomputedSegment` call; returns that node.
+
+    Raises ValueError with the block's reason when it cannot be recomputed.
+    """
+    if block.reason is not None:
+        raise ValueError(f"block {block.name!r} cannot be recomputed: {block.reason}")
+    nodes = block.nodes
+    inside = set(nodes)
+    inputs: list[fx.Node] = []
+    module_inputs: dict[str, fx.Node] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = body.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+    module_args: list[str] = []
+    for n in nodes:
+        if n.op == "call_module":
+            target = str(n.target)
+            if target not in module_inputs:
+                module_args.append(target)
+                module_inputs[target] = body.placeholder("mod_" + target.replace(".", "_"))
+            new = body.call_function(
+                call_module_by_ref,
+                (module_inputs[target], *fx.node.map_arg(n.args, lambda x: env[x])),
+                fx.node.map_arg(n.kwargs, lambda x: env[x]),
+            )
+            new.meta = dict(n.meta)
+            env[n] = new
+        else:
+            env[n] = body.node_copy(n, lambda x: env[x])
+    body.output(tuple(env[o] for o in outputs))
+    body_gm = fx.GraphModule(nn.Module(), body, class_name="RecomputedBody")
+
+    target = install_module(gm, "recompute_" + block.name.replace(".", "_"), RecomputedSegment(body_gm, block.name))
+    # new nodes go, in order, right after the block's last node
+    with gm.graph.inserting_before(nodes[-1].next):
+        module_nodes = [gm.graph.get_attr(t) for t in module_args]
+        call = gm.graph.call_module(target, (*inputs, *module_nodes))
+        call.meta["sfx_module"] = block.name
+        for i, o in enumerate(outputs):
+            item = gm.graph.call_function(operator.getitem, (call, i))
+            item.meta = dict(o.meta)
+            o.replace_all_uses_with(item, delete_user_cb=lambda u: u not in inside)
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    return call
