@@ -550,7 +550,8 @@ def _has_hooks(module: nn.Module) -> bool:
 def _candidate(gm: fx.GraphModule, node: fx.Node):
     """``(op name, original module or None)`` for a node this pass may rewrite, else None."""
     if node.op == "call_function":
-        name = {F.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu"}.get(node.target)
+        name = {F.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu",
+                F.layer_norm: "layer_norm", F.batch_norm: "batch_norm"}.get(node.target)
         return (name, None) if name else None
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -600,6 +601,24 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         return module, (x,), before, _stored_bytes(numel, storage, config.block_size)
     g = gm.graph
     prefix = str(node.target)
+    if op == "batch_norm" and module is None:
+        # Dynamo / export graphs inline BatchNorm with its running-stat updates as separate ops
+        return ("functional batch_norm (a graph from torch.export or Dynamo inlines the module and its "
+                "running-stat updates) is not rewritten; capture with symbolic_trace or submodules to keep "
+                "BatchNorm a module call")
+    if op == "layer_norm" and module is None:
+        if config.layernorm == "off":
+            return "layernorm='off'"
+        shape = _arg(node, 1, "normalized_shape")
+        weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+        if isinstance(shape, int):
+            shape = (shape,)
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) for d in shape):
+            return "normalized_shape is not a constant"
+        if not isinstance(eps, (int, float)):
+            return "eps is not a constant"
+        op_module = ActMemLayerNorm(tuple(shape), float(eps), config.layernorm, config.block_size)
+        return op_module, (x, weight, bias), before, _stored_bytes(numel, config.layernorm, config.block_size)
     if op == "batch_norm":
         if config.batchnorm == "off":
             return "batchnorm='off'"

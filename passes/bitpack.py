@@ -20,13 +20,22 @@ _PACK_MAGIC = 0x0102040810204080
 _UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
-def _unpack_table(device: torch.device) -> torch.Tensor:
+def _build_table(device: torch.device) -> torch.Tensor:
     # byte -> int64 whose 8 bytes are its bits: one gather unpacks 8 elements
-    table = _UNPACK_TABLES.get(device)
+    bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+    return bits.to(torch.uint8).view(torch.int64).reshape(256)
+
+
+def _unpack_table(packed: torch.Tensor) -> torch.Tensor:
+    # A cached tensor must never meet traced code: under torch.compile the backward is traced
+    # with fake tensors, and a cached real table (or a cached fake one) breaks that trace or
+    # the next one. Traced graphs build the table as ops; eager calls reuse a real one.
+    tracing = type(packed) is not torch.Tensor or torch._guards.detect_fake_mode() is not None
+    if tracing:
+        return _build_table(packed.device)
+    table = _UNPACK_TABLES.get(packed.device)
     if table is None:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        table = bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)
-        _UNPACK_TABLES[device] = table
+        table = _UNPACK_TABLES[packed.device] = _build_table(packed.device)
     return table
 
 
@@ -43,5 +52,5 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, shape: list[int] | torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
     numel = math.prod(shape)
-    flat = _unpack_table(packed.device)[packed.long()].view(torch.bool)
+    flat = _unpack_table(packed)[packed.long()].view(torch.bool)
     return flat[:numel].view(shape)

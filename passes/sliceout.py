@@ -23,6 +23,7 @@ three for the fused q/k/v rows of an attention projection) and sum them.
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 
 import torch
@@ -249,12 +250,16 @@ class SliceWindow(nn.Module):
 
     The start is uniform over the aligned positions ``0, align, 2*align, ...`` (plus
     ``units - width``, so the last units are reachable when ``units`` is not a multiple of
-    ``align``), from a generator seeded by ``(seed, name, step)``.
+    ``align``), from a (Python) generator seeded by ``(seed, name, step)``.
 
     Attributes:
         step: training forwards seen so far (set it to resume a run's window sequence).
         fixed: when not None, the start used on every step (tests, debugging).
     """
+
+    #: runs in Python on every training call: a compiler that traces it once would bake the
+    #: first window in (``sfx.backend`` refuses that for AOTAutograd-based inner backends)
+    sfx_host_side = True
 
     def __init__(self, units: int, width: int, align: int, seed: int, name: str):
         super().__init__()
@@ -266,12 +271,17 @@ class SliceWindow(nn.Module):
     def extra_repr(self) -> str:
         return f"units={self.units}, width={self.width}, positions={len(self.positions)}, seed={self.seed}"
 
+    # Dynamo must not trace the draw (it would turn the Python generator into graph ops):
+    # run it in Python and hand the int to the graph (automatic dynamic after it changes)
+    @torch.compiler.disable
     def start_at(self, step: int) -> int:
         """The window start of training step ``step`` (a pure function of seed, name, step)."""
         # blake2b, not hash(): Python's str hash is salted per process, ranks must agree
         digest = hashlib.blake2b(f"{self.seed}/{self.name}/{step}".encode(), digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        return self.positions[int(torch.randint(len(self.positions), (1,), generator=gen))]
+        # a Python generator, not a torch one: torch.export / Dynamo would trace a torch draw
+        # into the graph (fixing it, or failing on the data-dependent start)
+        gen = random.Random(int.from_bytes(digest, "little"))
+        return self.positions[gen.randrange(len(self.positions))]
 
     def forward(self) -> int | None:
         if not self.training:
@@ -322,11 +332,14 @@ class SliceOutDense(nn.Module):
                 rows += [offset + out_start * self.out_unit, self.out_width * self.out_unit]
         cols = [in_start * self.in_unit, self.in_width * self.in_unit] if in_start is not None else []
         scale = self.in_scale if in_start is not None else 1.0
-        if self.kind == "linear":
-            return torch.ops.sparsify_fx.sliceout_linear(x, weight, bias, rows, cols, scale)
-        _, stride, padding, dilation, _ = self.conv_args
-        return torch.ops.sparsify_fx.sliceout_conv(
-            x, weight, bias, rows, cols, scale, list(stride), list(padding), list(dilation))
+        # autocast does not reach inside a custom op: cast the operands as the dense op would
+        with sfx.autocast_region(x.device.type) as cast:
+            x, weight, bias = cast(x), cast(weight), cast(bias)
+            if self.kind == "linear":
+                return torch.ops.sparsify_fx.sliceout_linear(x, weight, bias, rows, cols, scale)
+            _, stride, padding, dilation, _ = self.conv_args
+            return torch.ops.sparsify_fx.sliceout_conv(
+                x, weight, bias, rows, cols, scale, list(stride), list(padding), list(dilation))
 
 
 class SliceOutBatchNorm(nn.Module):

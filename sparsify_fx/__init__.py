@@ -33,10 +33,13 @@ from .graph import (
     module_name_of,
     replace_node,
 )
+from .memory_plan import MemoryPlan, TensorLiveness, memory_plan
+from .optim import extend_optimizer, new_parameters
 from .pass_base import PassContext, PassResult, Rewrite, Skip
 from .recipes import parse_recipe, resolve_recipe
 from .registry import register_pass, registered
 from .report import ExplainReport, PassSummary, explain, graph_diff
+from .segments import Block, RecomputedSegment, find_blocks, recompute_segment
 from .slice_groups import (
     ForbiddenSliceGroup,
     SliceConsumer,
@@ -52,12 +55,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sparsify", "capture", "verify", "explain", "graph_diff", "PassSummary", "backend",
+    "new_parameters", "extend_optimizer",
     "Capture", "CAPTURE_METHODS", "VerifyReport", "ExplainReport", "SparsifyRecord",
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
     "parse_recipe", "resolve_recipe", "check_range",
     "DenseOp", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
     "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
+    "memory_plan", "MemoryPlan", "TensorLiveness",
+    "find_blocks", "Block", "recompute_segment", "RecomputedSegment",
     "DropIT",
     "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",
 ]

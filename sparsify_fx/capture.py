@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import CaptureError
+from .errors import CaptureError, SparsifyError
 from .graph import DENSE_LAYER_TYPES, _has_hooks, canonicalize
 
 __all__ = ["Capture", "capture", "structural_copy", "CAPTURE_METHODS"]
@@ -465,7 +465,14 @@ class DynamoCaptured(nn.Module):
         return gm.forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._compiled(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # our own errors (a refused rewrite) are the user's to see, not Dynamo's wrapper
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, SparsifyError):
+                raise inner from None
+            raise
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # keys of the original model
         return self.model.state_dict(*args, **kwargs)

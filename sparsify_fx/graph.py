@@ -216,8 +216,12 @@ def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Nod
     ops: list[DenseOp] = []
     unmatched: list[tuple[fx.Node, str]] = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and not str(node.target).startswith(OPS_CONTAINER):
-            why = _opaque_module_reason(gm.get_submodule(str(node.target)))
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if str(node.target).startswith(OPS_CONTAINER):
+                why = _rewritten_dense_reason(gm, node, mod)
+            else:
+                why = _opaque_module_reason(mod)
             if why:
                 unmatched.append((node, why))
             continue
@@ -266,6 +270,17 @@ def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Nod
             module = module_name_of(node) or wname.rpartition(".")[0]
             ops.append(DenseOp(node, "matmul", x, w, b, wname, module, _module_type_of(gm, module)))
     return ops, unmatched
+
+
+def _rewritten_dense_reason(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> str | None:
+    """Why an op module an earlier pass installed in place of a dense op is not a candidate.
+
+    Without it a later pass of the same recipe would say nothing about that layer.
+    """
+    weights = [a for a in node.all_input_nodes if (name := _param_name(gm, a)) and gm.get_parameter(name).dim() >= 2]
+    if weights or any(p.dim() >= 2 for p in mod.parameters()):
+        return f"already rewritten by an earlier pass ({type(mod).__name__} at {node.target})"
+    return None
 
 
 def _opaque_module_reason(mod: nn.Module) -> str | None:
@@ -462,7 +477,11 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
             created = anchor.next
             while created is not node:
                 created.meta.setdefault("sfx_module", str(node.target))
-                created.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+                # AOTAutograd joins stack traces as strings: never store None
+                if node.meta.get("stack_trace") is not None:
+                    created.meta.setdefault("stack_trace", node.meta["stack_trace"])
+                if "nn_module_stack" in node.meta:  # block membership (sfx segments) survives
+                    created.meta.setdefault("nn_module_stack", node.meta["nn_module_stack"])
                 created = created.next
             new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
             new.meta.setdefault("sfx_module", str(node.target))

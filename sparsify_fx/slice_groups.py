@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import OPS_CONTAINER, _arg, _param_name, module_name_of
+from .graph import OPS_CONTAINER, _arg, _param_name, find_dense_ops, module_name_of
 
 __all__ = [
     "SliceProducer",
@@ -479,6 +479,12 @@ def find_slice_groups(gm: fx.GraphModule) -> SliceGroupAnalysis:
     weight_uses = Counter(
         str(_arg(n, 1, "weight").target) for n in gm.graph.nodes if _dense_kind(gm, n) is not None)
     claimed: set[fx.Node] = set()  # k/v projections already grouped with their q projection
+    for op in find_dense_ops(gm)[0]:
+        if op.kind == "matmul":  # otherwise this layer would be missing from the report
+            analysis.forbidden.append(ForbiddenSliceGroup(
+                op.node, op.module_name,
+                "weight in the transposed x @ W[in, out] layout (GPT-2 Conv1D / addmm): SliceOut slices "
+                "F.linear and convolutions only"))
     for node in gm.graph.nodes:
         kind = _dense_kind(gm, node)
         if kind is None or node in claimed:

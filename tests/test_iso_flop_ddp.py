@@ -6,8 +6,8 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from test_distributed import run_workers
 
 import sparsify_fx as sfx
 
@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def test_rigl_masks_and_parameters_identical_across_ddp_ranks(tmp_path):
     out = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    run_workers(_worker, str(tmp_path / "init"), str(out))  # 2 ranks, fails after 120 s
     result = torch.load(out)
     assert result["updates"] == 4
     masks, weights = result["masks"], result["weights"]

@@ -1,0 +1,172 @@
+"""torch.compile: the ``sparsify_fx`` backend (every pass, graph breaks, AOTAutograd and
+Inductor on CPU) and compiling a module made by ``sfx.sparsify``.
+
+Inductor compiles are slow on CPU: the models are tiny and every pass is exercised in one
+model, so the whole file compiles a handful of graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Net(nn.Module):
+    """Conv/ReLU/Conv/BN/GELU, a graph break, then Linear/LayerNorm/SiLU: every pass has a target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 1)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.ln = nn.LayerNorm(32)
+        self.fc3 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        # (BatchNorm stays functional in Dynamo graphs: SliceOut groups do not cross it there)
+        x = torch.relu(self.c1(x))
+        x = F.gelu(self.bn(self.c2(x))).mean((2, 3))
+        torch._dynamo.graph_break()  # two Dynamo graphs: both must be rewritten
+        x = torch.relu(self.fc1(x))
+        x = F.silu(self.ln(self.fc2(x)))
+        return self.head(torch.relu(self.fc3(x)))
+
+
+SLICEOUT = sfx.SliceOut(p=0.5, skip_first_last=False, include=["c1", "c2"])
+# every pass that keeps the parameter set, in one recipe, each on its own layers (SliceOut's
+# per-step window draw runs in Python: inner="eager" only; IsoFLOP adds parameters: compile
+# the sparsified module instead)
+PER_GRAPH = [
+    sfx.BlockSparseActivations(block_size=8, density=0.5, include=["fc2"]),
+    sfx.DropIT(keep=0.5, include=["fc1", "fc3", "head"]),
+    sfx.ActivationMemory(),
+]
+
+
+def _train_steps(model: nn.Module, run, steps: int) -> tuple[list, list]:
+    """``steps`` SGD steps of ``run`` on ``model``; returns outputs and gradients per step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    outs, grads = [], []
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 8, 8, generator=gen)
+        opt.zero_grad()
+        torch.manual_seed(3)  # the sparse ops' own sampling, identical for both runs
+        out = run(x)
+        out.pow(2).mean().backward()
+        outs.append(out.detach().clone())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+    return outs, grads
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_every_pass_trains_through_inner_backend_like_eager(inner):
+    """The compiled rewrite trains like the rewrite run eagerly, step after step, on both
+    Dynamo graphs, and eval outputs equal the original model's."""
+    torch.manual_seed(0)
+    reference, model = Net(), Net()
+    model.load_state_dict(reference.state_dict())
+    eager = torch.compile(reference, backend=sfx.backend(PER_GRAPH, inner="eager"))
+    to_inner = sfx.backend(PER_GRAPH, inner=inner)
+    compiled = torch.compile(model, backend=to_inner)
+    ref_outs, ref_grads = _train_steps(reference, eager, steps=3)
+    outs, grads = _train_steps(model, compiled, steps=3)
+    for step, (a, b) in enumerate(zip(outs, ref_outs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"output of step {step}")
+    for step, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.keys() == r.keys() == {n for n, _ in model.named_parameters()}
+        for name in r:
+            torch.testing.assert_close(g[name], r[name], rtol=1e-3, atol=1e-4, msg=f"{name} step {step}")
+    # both graphs were rewritten by every pass (the graph break does not hide layers)
+    assert len(to_inner.results) == 2
+    rewritten = {r.module for results in to_inner.results for res in results for r in res.rewrites}
+    assert {"fc2", "fc3"} <= rewritten
+    passes = {r.pass_name for results in to_inner.results for res in results for r in res.rewrites}
+    assert passes == {"bsr", "dropit", "actmem"}, passes
+    # eval: a new graph (Dynamo guards on the mode) running the original dense ops
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    # eval with grad enabled still runs the exact ops (mode comes from the model, not grad mode)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_backend_by_name_default_recipe_trains_and_matches_in_eval():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    compiled = torch.compile(model, backend="sparsify_fx")  # DropIT(keep=0.1) + Inductor
+    x = torch.randn(16, 8)
+    before = model[2].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled(x).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(before, model[2].weight.detach())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sliceout_in_backend_runs_eagerly_and_is_refused_under_aot():
+    torch.manual_seed(0)
+    model = Net()
+    # per-graph SliceOut runs with inner="eager" (the window draw stays Python) ...
+    eager = torch.compile(model, backend=sfx.backend([SLICEOUT], inner="eager"))
+    eager(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert (model.c1.weight.grad.flatten(1).abs().sum(1) == 0).any()
+    # ... and is refused where AOTAutograd would bake the first window into the graph
+    torch._dynamo.reset()
+    refused = torch.compile(model, backend=sfx.backend([SLICEOUT], inner="aot_eager"))
+    with pytest.raises(Exception, match="bake its first"):
+        refused(torch.randn(2, 3, 8, 8))
+
+
+def test_backend_refuses_passes_that_add_parameters():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    compiled = torch.compile(model, backend=sfx.backend(sfx.IsoFLOP(kind="doped"), inner="eager"))
+    with pytest.raises(Exception, match=r"adds parameters.*sfx\.sparsify"):
+        compiled(torch.randn(4, 8))
+
+
+def test_compile_sparsified_module_with_inductor_iso_flop():
+    """The other route: sparsify first (any pass, IsoFLOP included), then compile the result."""
+    torch.manual_seed(0)
+    # two hidden layers: Sparse Wide widens a layer only when its consumer is rewritten too
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 2))
+    x = torch.randn(16, 8)
+    fast = sfx.sparsify(model, [sfx.IsoFLOP(kind="wide", sparsity=0.5), sfx.DropIT(keep=0.5)],
+                        example_inputs=(x,))
+    compiled = torch.compile(fast, backend="inductor")
+    fast.train()
+    torch.manual_seed(3)
+    out = compiled(x)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in fast.named_parameters() if p.grad is not None}
+    fast.zero_grad()
+    torch.manual_seed(3)
+    ref = fast(x)
+    ref.pow(2).mean().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    new = dict(sfx.new_parameters(model, fast))
+    assert new and set(new) <= set(grads)  # IsoFLOP's own parameters are trained
+    for name, g in grads.items():
+        torch.testing.assert_close(g, fast.get_parameter(name).grad, rtol=1e-3, atol=1e-4)
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fast(x), rtol=1e-4, atol=1e-5)
