@@ -74,6 +74,7 @@ __all__ = [
     "ActMemActivation",
     "ActMemBatchNorm",
     "ActMemLayerNorm",
+    "ActMemActLinear",
 ]
 
 _STORAGE = ("bf16", "int8", "off")
@@ -96,7 +97,9 @@ class ActivationMemory(PassConfig):
         relu: ``"bitmask"`` (1 bit per element, exact gradient) or ``"off"``; applies to
             ReLU and LeakyReLU.
         gelu: how GELU stores its input: ``"bf16"``, ``"int8"`` (per-block absmax scale)
-            or ``"off"``.
+            or ``"off"``; or ``"recompute"``: a GELU whose only consumer is a Linear is fused
+            with it, and the pair keeps only the GELU's input (the GELU output the Linear
+            would keep is recomputed in backward: exact gradients, one GELU per step extra).
         silu: the same for SiLU.
         batchnorm: how BatchNorm stores its normalised input ``x_hat``: ``"bf16"``,
             ``"int8"`` or ``"off"``.
@@ -125,6 +128,8 @@ class ActivationMemory(PassConfig):
             raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
         for name in ("gelu", "silu", "batchnorm", "layernorm"):
             value = getattr(self, name)
+            if value == "recompute" and name in ("gelu", "silu"):
+                continue
             if value not in _STORAGE:
                 raise ConfigError(
                     f"ActivationMemory.{name} must be one of {list(_STORAGE)}, got {value!r}"
@@ -262,6 +267,53 @@ def _silu_backward(ctx, grad_out, _g1, _g2):
 
 _actmem_gelu.register_autograd(_gelu_backward, setup_context=_pointwise_setup)
 _actmem_silu.register_autograd(_silu_backward, setup_context=_pointwise_setup)
+
+
+# ---------------------------------------------------------------- activation -> Linear, recomputed
+
+
+def _activation(h: torch.Tensor, kind: str, approximate: str) -> torch.Tensor:
+    return F.gelu(h, approximate=approximate) if kind == "gelu" else F.silu(h)
+
+
+@torch.library.custom_op("sparsify_fx::actmem_act_linear", mutates_args=())
+def _actmem_act_linear(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str
+) -> torch.Tensor:
+    # the activation runs in h's dtype and its output is cast to the Linear's, as autocast does
+    return F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias)
+
+
+@_actmem_act_linear.register_fake
+def _(h, weight, bias, kind, approximate):
+    return h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+
+
+def _act_linear_setup(ctx, inputs, output) -> None:
+    h, weight, bias, kind, approximate = inputs
+    ctx.save_for_backward(h, weight)
+    ctx.kind, ctx.approximate, ctx.has_bias = kind, approximate, bias is not None
+
+
+def _act_linear_backward(ctx, grad_y):
+    h, weight = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g = _activation(h, ctx.kind, ctx.approximate).to(weight.dtype)  # the recomputed activation
+    grad_h = grad_w = grad_b = None
+    if need_w:
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+    if need_b and ctx.has_bias:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    if need_h:
+        grad_g = (grad_y @ weight).to(h.dtype)
+        if ctx.kind == "gelu":
+            grad_h = torch.ops.aten.gelu_backward(grad_g, h, approximate=ctx.approximate)
+        else:
+            grad_h = torch.ops.aten.silu_backward(grad_g, h)
+    return grad_h, grad_w, grad_b, None, None
+
+
+_actmem_act_linear.register_autograd(_act_linear_backward, setup_context=_act_linear_setup)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -444,6 +496,31 @@ class ActMemActivation(nn.Module):
         return F.silu(x, inplace=self.inplace)
 
 
+class ActMemActLinear(nn.Module):
+    """Parameter-free ``linear(act(h), weight, bias)`` whose backward keeps only ``h``.
+
+    The activation's output, which the Linear would keep, is recomputed in backward; eval,
+    ``no_grad`` and recording off run the two original ops.
+    """
+
+    #: keeps ``h`` itself, dense (read by sfx memory_plan)
+    keeps_dense_inputs = True
+
+    def __init__(self, kind: str, approximate: str = "none"):
+        super().__init__()
+        self.kind, self.approximate = kind, approximate
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} -> linear, activation recomputed in backward"
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and _recording(h, weight, bias):
+            with sfx.autocast_region(h.device.type) as cast:
+                return torch.ops.sparsify_fx.actmem_act_linear(h, cast(weight), cast(bias), self.kind,
+                                                               self.approximate)
+        return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
+
+
 class ActMemBatchNorm(nn.Module):
     """Parameter-free BatchNorm: ``forward(x, weight, bias, running_mean, running_var,
     num_batches_tracked)`` with the original module's tensors, updating its running stats
@@ -564,6 +641,43 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
+def _through_identity_dropout(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The single consumer of ``node`` past ``Dropout(p=0)`` modules, and the dropouts passed."""
+    passed: list[fx.Node] = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), nn.Dropout) \
+                and gm.get_submodule(str(user.target)).p == 0 and len(user.args) == 1:
+            passed.append(user)
+            node = user
+            continue
+        return user, passed
+    return None, passed
+
+
+def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: object, x: object):
+    if not isinstance(approximate, str):
+        return "approximate is not a constant"
+    if not isinstance(x, fx.Node):
+        return "input is not a graph value"
+    if op == "silu" and _arg(node, 1, "inplace", False):
+        return "in-place SiLU"
+    consumer, dropouts = _through_identity_dropout(gm, node)
+    if consumer is None:
+        return f"{op}='recompute' needs one consumer (a Linear); {node.name} has {len(node.users)}"
+    last = dropouts[-1] if dropouts else node
+    if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
+            and consumer.args[0] is last):
+        return f"{op}='recompute' needs a Linear consumer; it feeds {consumer.format_node()}"
+    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return f"the consumer's weight is not a parameter: {consumer.format_node()}"
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return f"the consumer's bias is not a parameter: {consumer.format_node()}"
+    freed = sfx.tensor_bytes(node)
+    return ActMemActLinear(op, approximate), (x, weight, bias), freed, 0, consumer
+
+
 def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
     """``(op module, graph args, stored bytes before, after)`` or a skip reason string."""
     x = _arg(node, 0, "input")
@@ -592,6 +706,8 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         if storage == "off":
             return f"{op}='off'"
         approximate = _arg(node, 1, "approximate", "none") if op == "gelu" else "none"
+        if storage == "recompute":
+            return _plan_act_linear(gm, node, op, approximate, x)
         inplace = _arg(node, 1, "inplace", False) if op == "silu" else False
         if not isinstance(approximate, str) or not isinstance(inplace, bool):
             return "approximate / inplace are not constants"
@@ -675,18 +791,28 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
         if isinstance(plan, str):
             result.skips.append(sfx.Skip(ctx.pass_name, node.name, ctx.qualified(module_name), op, plan))
             continue
-        op_module, args, before, after = plan
+        op_module, args, before, after, *fused = plan
         target = sfx.install_module(gm, f"actmem_{op}_{module_name or node.name}", op_module)
-        with gm.graph.inserting_before(node):
+        replaced = fused[0] if fused else node
+        with gm.graph.inserting_before(replaced):
             new = gm.graph.call_module(target, tuple(args))
         new.meta["sfx_module"] = module_name
         origin = node.name
-        sfx.replace_node(node, new)
+        sfx.replace_node(replaced, new)
+        if fused:  # the activation (and identity dropouts) now feed nothing
+            dead = node
+            chain = [dead]
+            while dead.users:
+                dead = next(iter(dead.users))
+                chain.append(dead)
+            for n in reversed(chain):
+                if not n.users:
+                    gm.graph.erase_node(n)
         result.rewrites.append(
             Rewrite(
                 ctx.pass_name, origin, ctx.qualified(module_name), op, target,
                 saved_bytes_before=before, saved_bytes_after=after,
-                details={"storage": getattr(op_module, "storage", "bitmask")},
+                details={"storage": getattr(op_module, "storage", "recompute" if fused else "bitmask")},
             )
         )
         result.modified = True

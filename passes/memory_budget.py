@@ -5,14 +5,16 @@ Units are the model's repeated blocks (``sfx.find_blocks``: ResNet's ``layer1.0`
 ``encoder_layer_3``) plus one unit for everything outside them (stem, head). Each unit has
 up to four choices:
 
-===============  ========================================================  ==============
-choice           what is rewritten                                         gradient
-===============  ========================================================  ==============
-keep             nothing                                                   exact
-compress-exact   ReLU keeps a 1-bit mask (``ActivationMemory`` ReLU only)  exact
-compress         DropIT(keep) on Linear/Conv + ``ActivationMemory()``      approximate
-recompute        the block re-runs in backward (``sfx.recompute_segment``)  exact
-===============  ========================================================  ==============
+===============  ===========================================================  ==============
+choice           what is rewritten                                            gradient
+===============  ===========================================================  ==============
+keep             nothing                                                      exact
+compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU feeding a Linear is     exact
+                 fused with it and recomputed in backward (``ActivationMemory``
+                 ``relu="bitmask", gelu="recompute", silu="recompute"``)
+compress         DropIT(keep) on Linear/Conv + ``ActivationMemory()``         approximate
+recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
+===============  ===========================================================  ==============
 
 Cost model. Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
 with one choice applied to every unit, each held tensor charged to the unit of its first
@@ -39,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, Skip, check_range
@@ -196,8 +199,11 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         def bf16():
             decompress(*compress(x, "bf16", 256), x.shape, dtype)
 
+        def recompute():  # the GELU an activation->Linear pair re-runs in backward
+            F.gelu(x)
+
         _RATES[key] = {name: _time(fn) / nbytes for name, fn in
-                       (("dropit", dropit), ("bitmask", bitmask), ("bf16", bf16))}
+                       (("dropit", dropit), ("bitmask", bitmask), ("bf16", bf16), ("recompute", recompute))}
     return _RATES[key]
 
 
@@ -257,7 +263,8 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
         return in_units(name)
 
     if choice == "compress-exact":
-        return [ActivationMemory(relu="bitmask", gelu="off", silu="off", batchnorm="off",
+        # exact forms only: 1-bit ReLU masks, GELU/SiLU outputs recomputed for their Linear
+        return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="off",
                                  layernorm="off", filter_fn=filter_fn)]
     return [DropIT(keep=config.keep, filter_fn=filter_fn), ActivationMemory(filter_fn=filter_fn)]
 
@@ -312,8 +319,8 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
     per_unit = {name: 0.0 for name in units}
     nodes = {n.name: n for n in trial.graph.nodes}
     for t in mplan.tensors:
-        if not t.holders or not t.bytes:
-            continue
+        if not t.holders or not t.bytes or (t.storage and t.storage != t.node):
+            continue  # a view's bytes are its base's (q, k, v of one projection count once)
         holder = nodes.get(t.holders[0])
         module = sfx.module_name_of(holder) if holder is not None else ""
         per_unit[_unit_of(ctx.qualified(module), units, ctx)] += t.bytes
@@ -328,7 +335,8 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
 def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for r in rewrites:
-        kind = "dropit" if r.pass_name == "dropit" else ("bitmask" if r.op in ("relu", "leaky_relu") else "bf16")
+        kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
+                else "recompute" if r.details.get("storage") == "recompute" else "bf16")
         unit = _unit_of(r.module, units, ctx)
         seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind]
     return seconds

@@ -306,3 +306,69 @@ def test_off_options_and_inplace_with_other_users_are_reported():
     fast = sfx.sparsify(ConvChain(), sfx.ActivationMemory(relu="off", batchnorm="off"), example_inputs=(x.new_zeros(1, 3, 4, 4),))
     reasons = {s.reason for s in sfx.explain(fast).skipped if s.pass_name == "actmem"}
     assert reasons == {"relu='off'", "batchnorm='off'"}
+
+
+# ---------------------------------------------------------------- GELU/SiLU -> Linear, recomputed
+
+
+class _Mlp(nn.Module):
+    def __init__(self, act: nn.Module, dropout: float = 0.0):
+        super().__init__()
+        self.fc, self.act, self.drop, self.out = nn.Linear(16, 64), act, nn.Dropout(dropout), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return x + self.out(self.drop(self.act(self.fc(x))))
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()], ids=["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_recomputed_activation_linear_gives_dense_gradients_and_frees_its_output(act, autocast):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Mlp(act), _Mlp(copy.deepcopy(act)))
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 8, 16)
+    kind = "silu" if isinstance(act, nn.SiLU) else "gelu"
+    fast = sfx.sparsify(model, sfx.ActivationMemory(**{kind: "recompute"}, layernorm="off"), example_inputs=(x,))
+    rewrites = sfx.explain(fast).rewrites
+    assert [r.details["storage"] for r in rewrites] == ["recompute", "recompute"]
+    # the activation output (4*8*64 fp32 per block) is no longer held; its input still is
+    saved_ref, saved = saved_tensor_bytes(ref.train(), (x,)), saved_tensor_bytes(fast.train(), (x,))
+    assert saved_ref - saved == 2 * 4 * 8 * 64 * 4
+    untouched = sfx.sparsify(ref, sfx.ActivationMemory(**{kind: "off"}), example_inputs=(x,))  # shapes only
+    assert sfx.memory_plan(fast).total_bytes == sfx.memory_plan(untouched).total_bytes - 2 * 4 * 8 * 64 * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_ref, g_ref, _ = _grads(lambda: ref(xr), xr, *ref.parameters())
+        out, g, _ = _grads(lambda: fast(xf), xf, *model.parameters())
+    tol = dict(rtol=1e-5, atol=1e-6) if not autocast else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(out, out_ref, **tol)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **tol)
+    fast.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=0)
+
+
+def test_recompute_skips_non_linear_consumers_and_real_dropout():
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = F.gelu(self.fc(x))
+            return self.out(h) + h
+
+    x = torch.randn(2, 8)
+    fast = sfx.sparsify(TwoUsers(), sfx.ActivationMemory(gelu="recompute"), example_inputs=(x,))
+    skip = [s for s in fast.sfx_record.skips if s.op == "gelu"]
+    assert len(skip) == 1 and "needs one consumer" in skip[0].reason
+    fast = sfx.sparsify(_Mlp(nn.GELU(), dropout=0.5), sfx.ActivationMemory(gelu="recompute"), example_inputs=(x.new_ones(2, 16),))
+    skip = [s for s in fast.sfx_record.skips if s.op == "gelu"]
+    assert len(skip) == 1 and "needs a Linear consumer" in skip[0].reason and "drop" in skip[0].reason
+
+
+def test_recompute_is_only_for_activations():
+    with pytest.raises(sfx.ConfigError, match="batchnorm"):
+        sfx.ActivationMemory(batchnorm="recompute")
+    assert sfx.ActivationMemory(silu="recompute").silu == "recompute"

@@ -1,0 +1,210 @@
+"""MemoryBudget against per-block activation checkpointing (issue #10).
+
+For each model, in one process and interleaved (one step of every configuration per round,
+median of ``--repeats`` rounds after a warm-up round):
+
+* ``dense``: the model as is;
+* ``checkpoint``: every repeated block wrapped in ``torch.utils.checkpoint`` (reentrant, so its
+  saved inputs are visible to the saved-tensor counter; the non-reentrant variant holds the
+  same tensors);
+* ``budget F`` / ``budget F exact``: ``sfx.MemoryBudget(fraction=F, exact_only=...)`` for
+  F in ``--fractions``, plus ``budget @ckpt exact``: the exact planner at checkpointing's own
+  measured memory fraction (the issue's "at checkpointing's memory" comparison).
+
+Memory is the bytes autograd holds for backward after the forward (storage-deduplicated,
+parameters, buffers and the input batch left out: ``benchmarks.memory``); time is forward +
+cross-entropy + backward. Prints a table and writes ``results/bench_budget.json``.
+
+    python -m benchmarks.bench_budget                        # vit_b_16, resnet50, gpt2
+    python -m benchmarks.bench_budget --models resnet50 --repeats 5 --fractions 0.5 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as ckpt
+import torchvision
+
+import sparsify_fx as sfx
+from benchmarks.memory import saved_tensor_bytes
+
+__all__ = ["MODELS", "GPT", "checkpoint_blocks", "bench_model", "main"]
+
+
+class _Block(nn.Module):
+    """GPT-2 block: pre-LayerNorm causal self-attention and a 4x GELU MLP."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder (token + position embeddings, blocks, LM head)."""
+
+    def __init__(self, vocab: int = 2048, d: int = 384, layers: int = 6, heads: int = 6, ctx: int = 256):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos.weight[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+#: name -> (factory, input factory, target factory, the model's repeated blocks)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], Callable[[], torch.Tensor], str]] = {
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(), lambda: torch.randn(4, 3, 224, 224),
+                 lambda: torch.randint(0, 1000, (4,)), "encoder.layers"),
+    "resnet50": (lambda: torchvision.models.resnet50(), lambda: torch.randn(8, 3, 112, 112),
+                 lambda: torch.randint(0, 1000, (8,)), "layer1,layer2,layer3,layer4"),
+    "gpt2": (lambda: GPT(), lambda: torch.randint(0, 2048, (4, 256)),
+             lambda: torch.randint(0, 2048, (4 * 256,)), "blocks"),
+}
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.inner(x)
+        return ckpt.checkpoint(self.inner, x, use_reentrant=True)
+
+
+def checkpoint_blocks(model: nn.Module, containers: str) -> nn.Module:
+    """A copy of ``model`` (sharing parameters) whose blocks in ``containers`` are checkpointed."""
+    copy = sfx.structural_copy(model)
+    for name in containers.split(","):
+        seq = copy.get_submodule(name)
+        for i, block in enumerate(list(seq)):
+            seq[i] = _Checkpointed(block)
+    return copy
+
+
+def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+    for p in model.parameters():
+        p.grad = None
+    start = time.perf_counter()
+    logits = model(x)
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target).backward()
+    return time.perf_counter() - start
+
+
+def bench_model(name: str, repeats: int, fractions: list[float]) -> dict:
+    """Measure dense, checkpointing and the budget plans on one model."""
+    torch.manual_seed(0)
+    factory, make_x, make_target, containers = MODELS[name]
+    model = factory()
+    x, target = make_x(), make_target()
+    model.train()
+    variants: dict[str, nn.Module] = {"dense": model, "checkpoint": checkpoint_blocks(model, containers)}
+    saved = {k: saved_tensor_bytes(m, (x,), count_inputs=False) for k, m in variants.items()}
+    ckpt_fraction = saved["checkpoint"] / saved["dense"]
+    plans: dict[str, dict] = {}
+    budgets = [(f"budget {f:g}", f, False) for f in fractions]
+    budgets += [(f"budget {f:g} exact", f, True) for f in fractions]
+    budgets.append(("budget @ckpt exact", round(ckpt_fraction, 4), True))
+    for label, fraction, exact in budgets:
+        start = time.perf_counter()
+        fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=fraction, exact_only=exact), example_inputs=(x,))
+        plan = sfx.explain(fast).memory_budget
+        plans[label] = {
+            "fraction": fraction, "exact_only": exact, "planning_s": time.perf_counter() - start,
+            "planned_fraction": plan["achieved_fraction"], "reachable": plan["reachable"],
+            "choices": {u: d["choice"] for u, d in plan["units"].items()},
+        }
+        fast.train()
+        variants[label] = fast
+        saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
+        print(f"  {label}: planned {plan['achieved_fraction']:.3f}, measured {saved[label] / saved['dense']:.3f}, "
+              f"planning {plans[label]['planning_s']:.1f} s", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for round_ in range(repeats + 1):
+        for k, m in variants.items():
+            t = _step(m, x, target)
+            if round_:  # round 0 warms allocators and kernels up
+                times[k].append(t)
+    step = {k: statistics.median(ts) for k, ts in times.items()}
+    return {
+        "model": name,
+        "input_shape": list(x.shape),
+        "saved_bytes": saved,
+        "saved_ratio": {k: saved[k] / saved["dense"] for k in saved},
+        "step_s": step,
+        "step_s_all": times,
+        "step_ratio": {k: step[k] / step["dense"] for k in step},
+        "plans": plans,
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| model | config | budget | planned | held vs dense | step vs dense | choices |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        for k in r["saved_bytes"]:
+            plan = r["plans"].get(k)
+            counts: dict[str, int] = {}
+            for c in (plan or {}).get("choices", {}).values():
+                counts[c] = counts.get(c, 0) + 1
+            choices = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+            budget = f"{plan['fraction']:.3f}" if plan else ""
+            planned = f"{plan['planned_fraction']:.3f}" + ("" if plan["reachable"] else " (unreachable)") if plan else ""
+            lines.append(f"| {r['model']} | {k} | {budget} | {planned} | {r['saved_ratio'][k]:.3f} | "
+                         f"{r['step_ratio'][k]:.2f} | {choices} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.25, 0.1])
+    parser.add_argument("--out", default="results/bench_budget.json")
+    args = parser.parse_args(argv)
+    if any(not 0 < f <= 1 or math.isnan(f) for f in args.fractions):
+        parser.error("--fractions must be in (0, 1]")
+    rows, start = [], time.perf_counter()
+    for name in args.models:
+        print(f"{name}:", flush=True)
+        rows.append(bench_model(name, args.repeats, args.fractions))
+        print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
+    print(_table(rows))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "repeats": args.repeats, "wall_s": time.perf_counter() - start}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
