@@ -75,6 +75,7 @@ __all__ = [
     "ActMemBatchNorm",
     "ActMemLayerNorm",
     "ActMemActLinear",
+    "ActMemLnLinear",
 ]
 
 _STORAGE = ("bf16", "int8", "off")
@@ -103,7 +104,9 @@ class ActivationMemory(PassConfig):
         silu: the same for SiLU.
         batchnorm: how BatchNorm stores its normalised input ``x_hat``: ``"bf16"``,
             ``"int8"`` or ``"off"``.
-        layernorm: the same for LayerNorm.
+        layernorm: the same for LayerNorm; ``"recompute"`` fuses a LayerNorm whose only
+            consumer is a Linear with it and recomputes the normalised tensor in backward
+            (exact; the pair keeps the LayerNorm's input and its row statistics).
         block_size: elements per int8 scale block, 16..65536.
 
     Example:
@@ -128,7 +131,7 @@ class ActivationMemory(PassConfig):
             raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
         for name in ("gelu", "silu", "batchnorm", "layernorm"):
             value = getattr(self, name)
-            if value == "recompute" and name in ("gelu", "silu"):
+            if value == "recompute" and name in ("gelu", "silu", "layernorm"):
                 continue
             if value not in _STORAGE:
                 raise ConfigError(
@@ -442,6 +445,60 @@ def _ln_backward(ctx, grad_out, *_unused):
 _actmem_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
+# ---------------------------------------------------------------- LayerNorm -> Linear, recomputed
+
+
+@torch.library.custom_op("sparsify_fx::actmem_ln_linear", mutates_args=())
+def _actmem_ln_linear(
+    x: torch.Tensor, normalized_shape: list[int], ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+    eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, ln_weight, ln_bias, eps)
+    return F.linear(y.to(weight.dtype), weight, bias), mean, rstd
+
+
+@_actmem_ln_linear.register_fake
+def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias):
+    rows = list(x.shape[: x.dim() - len(normalized_shape)]) + [1] * len(normalized_shape)
+    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype),
+            x.new_empty(rows, dtype=stat_dtype), x.new_empty(rows, dtype=stat_dtype))
+
+
+def _ln_linear_setup(ctx, inputs, output) -> None:
+    x, normalized_shape, ln_weight, ln_bias, eps, weight, bias = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, ln_weight, ln_bias, weight)
+    ctx.normalized_shape, ctx.has_bias = list(normalized_shape), bias is not None
+
+
+def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
+    x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
+    need_x, _, need_lw, need_lb, _, need_w, need_b = ctx.needs_input_grad
+    # the normalised input the Linear saw, recomputed from x and the saved row statistics
+    y = (x - mean) * rstd
+    if ln_weight is not None:
+        y = y * ln_weight
+    if ln_bias is not None:
+        y = y + ln_bias
+    y = y.to(weight.dtype)
+    grad_w = grad_b = grad_x = grad_lw = grad_lb = None
+    if need_w:
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ y.reshape(-1, y.shape[-1])
+    if need_b and ctx.has_bias:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    if need_x or need_lw or need_lb:
+        grad_ln = (grad_y @ weight).to(x.dtype)
+        grad_x, grad_lw, grad_lb = torch.ops.aten.native_layer_norm_backward(
+            grad_ln, x, ctx.normalized_shape, mean, rstd, ln_weight, ln_bias,
+            [bool(need_x), bool(need_lw and ln_weight is not None), bool(need_lb and ln_bias is not None)],
+        )
+    return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b
+
+
+_actmem_ln_linear.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
+
+
 # ---------------------------------------------------------------- op modules
 
 
@@ -519,6 +576,28 @@ class ActMemActLinear(nn.Module):
                 return torch.ops.sparsify_fx.actmem_act_linear(h, cast(weight), cast(bias), self.kind,
                                                                self.approximate)
         return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
+
+
+class ActMemLnLinear(nn.Module):
+    """Parameter-free ``linear(layer_norm(x), weight, bias)`` whose backward keeps ``x`` and the
+    row statistics only: the normalised tensor the Linear would keep is recomputed."""
+
+    #: keeps ``x`` itself, dense (read by sfx memory_plan)
+    keeps_dense_inputs = True
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float):
+        super().__init__()
+        self.normalized_shape, self.eps = [int(n) for n in normalized_shape], eps
+
+    def extra_repr(self) -> str:
+        return f"layer_norm{tuple(self.normalized_shape)} -> linear, normalised input recomputed in backward"
+
+    def forward(self, x, ln_weight, ln_bias, weight, bias=None):
+        if self.training and _recording(x, ln_weight, ln_bias, weight, bias):
+            with sfx.autocast_region(x.device.type) as cast:
+                return torch.ops.sparsify_fx.actmem_ln_linear(
+                    x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias))[0]
+        return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
 
 
 class ActMemBatchNorm(nn.Module):
@@ -678,6 +757,42 @@ def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: ob
     return ActMemActLinear(op, approximate), (x, weight, bias), freed, 0, consumer
 
 
+def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object):
+    if not isinstance(x, fx.Node):
+        return "input is not a graph value"
+    consumer, dropouts = _through_identity_dropout(gm, node)
+    if consumer is None:
+        return f"layernorm='recompute' needs one consumer (a Linear); {node.name} has {len(node.users)}"
+    last = dropouts[-1] if dropouts else node
+    if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
+            and consumer.args[0] is last):
+        return f"layernorm='recompute' needs a Linear consumer; it feeds {consumer.format_node()}"
+    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (
+            bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return f"the consumer's weight / bias are not parameters: {consumer.format_node()}"
+    if module is not None:
+        if _has_hooks(module):
+            return "module has hooks; kept as a module call"
+        if len(node.args) + len(node.kwargs) != 1:
+            return "called with more than one argument"
+        shape, eps = tuple(module.normalized_shape), module.eps
+        with gm.graph.inserting_before(node):
+            ln_w, ln_b = (gm.graph.get_attr(f"{node.target}.{n}") if getattr(module, n, None) is not None else None
+                          for n in ("weight", "bias"))
+        for a in (ln_w, ln_b):
+            if a is not None:
+                a.meta["sfx_module"] = str(node.target)
+    else:
+        shape, ln_w, ln_b, eps = (_arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"),
+                                  _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5))
+        shape = (shape,) if isinstance(shape, int) else shape
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) for d in shape) \
+                or not isinstance(eps, (int, float)):
+            return "normalized_shape / eps are not constants"
+    return ActMemLnLinear(tuple(shape), float(eps)), (x, ln_w, ln_b, weight, bias), sfx.tensor_bytes(node), 0, consumer
+
+
 def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
     """``(op module, graph args, stored bytes before, after)`` or a skip reason string."""
     x = _arg(node, 0, "input")
@@ -722,6 +837,8 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         return ("functional batch_norm (a graph from torch.export or Dynamo inlines the module and its "
                 "running-stat updates) is not rewritten; capture with symbolic_trace or submodules to keep "
                 "BatchNorm a module call")
+    if op == "layer_norm" and config.layernorm == "recompute":
+        return _plan_ln_linear(gm, node, module, x)
     if op == "layer_norm" and module is None:
         if config.layernorm == "off":
             return "layernorm='off'"

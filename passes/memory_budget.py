@@ -9,9 +9,10 @@ up to four choices:
 choice           what is rewritten                                            gradient
 ===============  ===========================================================  ==============
 keep             nothing                                                      exact
-compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU feeding a Linear is     exact
-                 fused with it and recomputed in backward (``ActivationMemory``
-                 ``relu="bitmask", gelu="recompute", silu="recompute"``)
+compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU/LayerNorm feeding a     exact
+                 Linear is fused with it and recomputed in backward
+                 (``ActivationMemory(relu="bitmask", gelu=silu=layernorm=
+                 "recompute")``)
 compress         DropIT(keep) on Linear/Conv + ``ActivationMemory()``         approximate
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
 ===============  ===========================================================  ==============
@@ -265,7 +266,7 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
     if choice == "compress-exact":
         # exact forms only: 1-bit ReLU masks, GELU/SiLU outputs recomputed for their Linear
         return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="off",
-                                 layernorm="off", filter_fn=filter_fn)]
+                                 layernorm="recompute", filter_fn=filter_fn)]
     return [DropIT(keep=config.keep, filter_fn=filter_fn), ActivationMemory(filter_fn=filter_fn)]
 
 

@@ -372,3 +372,29 @@ def test_recompute_is_only_for_activations():
     with pytest.raises(sfx.ConfigError, match="batchnorm"):
         sfx.ActivationMemory(batchnorm="recompute")
     assert sfx.ActivationMemory(silu="recompute").silu == "recompute"
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_recomputed_layernorm_linear_gives_dense_gradients_on_transformers(autocast):
+    from benchmarks.bench_budget import GPT
+
+    torch.manual_seed(0)
+    cases = [
+        (GPT(vocab=64, d=32, layers=2, heads=2, ctx=16), torch.randint(0, 64, (2, 16))),
+        (torchvision.models.VisionTransformer(16, 4, 2, 2, 32, 64, num_classes=5), torch.randn(2, 3, 16, 16)),
+    ]
+    recipe = sfx.ActivationMemory(relu="off", gelu="recompute", layernorm="recompute")
+    for model, x in cases:
+        ref = copy.deepcopy(model)
+        fast = sfx.sparsify(model, recipe, example_inputs=(x,))
+        ops = sorted({r.op for r in sfx.explain(fast).rewrites})
+        assert ops == ["gelu", "layer_norm"], ops
+        freed = sum(r.saved_bytes_before for r in sfx.explain(fast).rewrites)
+        assert saved_tensor_bytes(ref.train(), (x,)) - saved_tensor_bytes(fast.train(), (x,)) == freed
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out_ref, g_ref, _ = _grads(lambda: ref(x).float(), *ref.parameters())
+            out, g, _ = _grads(lambda: fast(x).float(), *model.parameters())
+        tol = dict(rtol=1e-5, atol=1e-6) if not autocast else dict(rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(out, out_ref, **tol)
+        for (name, _), a, b in zip(ref.named_parameters(), g, g_ref):
+            torch.testing.assert_close(a, b, **tol, msg=name)
