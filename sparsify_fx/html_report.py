@@ -296,6 +296,31 @@ def _flops_change(before: int, after: int) -> str:
     return "\u2013" if not before and not after else f"{_fmt_flops(before)} \u2192 {_fmt_flops(after)}"
 
 
+#: background of each MemoryBudget choice (the same order of "cost" as the terminal table)
+_BUDGET_COLOURS = {"keep": "#ffffff", "compress-exact": "#d8f1f5", "compress": "#fff3c4", "recompute": "#f3dcf5"}
+
+
+def _budget_section(report: ExplainReport) -> list[str]:
+    plan = report.memory_budget
+    if plan is None:
+        return []
+    state = "" if plan["reachable"] else ' <b class="bad">(budget not reachable)</b>'
+    head = (f'<p>budget {_fmt_bytes(plan["budget_bytes"])} of {_fmt_bytes(plan["dense_bytes"])} dense; the plan '
+            f'holds <b>{_fmt_bytes(plan["achieved_bytes"])}</b> ({plan["achieved_fraction"]:.3f}\u00d7), estimated '
+            f'+{plan["estimated_seconds"] * 1e3:.1f} ms per step{state}</p>')
+    rows = []
+    for unit, d in plan["units"].items():
+        colour = _BUDGET_COLOURS.get(d["choice"], "#ffffff")
+        options = "; ".join(f"{c}: {_fmt_bytes(o['bytes'])}, {o['seconds'] * 1e3:.1f} ms"
+                            for c, o in d["options"].items() if c != d["choice"])
+        options += "".join(f"; {c}: {why}" for c, why in d.get("unavailable", {}).items())
+        rows.append([unit, _Raw(f'<span style="background:{colour};padding:0 6px;border:1px solid #ccc">'
+                                f'{_e(d["choice"])}</span>'),
+                     _fmt_bytes(d["bytes"]), f'{d["estimated_seconds"] * 1e3:.1f} ms', options])
+    return ["<h2>Memory budget plan (per block)</h2>", head,
+            _table(["block", "choice", "bytes held", "est. time", "other options"], rows, "budget")]
+
+
 def render_html(source: nn.Module | ExplainReport, title: str | None = None) -> str:
     """The HTML report of a module made by :func:`sparsify_fx.sparsify` (or of its report).
 
@@ -334,6 +359,7 @@ def render_html(source: nn.Module | ExplainReport, title: str | None = None) -> 
         "<h2>Passes</h2>",
         _table(["pass", "rewritten", "skipped", "FLOPs before \u2192 after", "saved before \u2192 after"],
                pass_rows, "passes"),
+        *_budget_section(report),
         '<div class="cols"><div><h2>Graph</h2>', _graph_section(report, palette), "</div>",
         "<div><h2>Saved activations per layer</h2>", _memory_bars(report, palette), "</div></div>",
         "<h2>Rewritten layers</h2>",

@@ -246,3 +246,16 @@ def test_budget_above_dense_keeps_everything():
     plan = sfx.explain(fast).memory_budget
     assert all(u["choice"] == "keep" for u in plan["units"].values())
     assert not any(isinstance(m, sfx.RecomputedSegment) for m in fast.modules())
+
+
+def test_html_report_colours_the_plan():
+    from sparsify_fx.html_report import render_html
+
+    model = torchvision.models.resnet18(num_classes=10)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, exact_only=True), example_inputs=(torch.randn(2, 3, 32, 32),))
+    page = render_html(fast)
+    plan = sfx.explain(fast).memory_budget
+    assert "Memory budget plan (per block)" in page
+    for unit in plan["units"]:
+        assert f"<td>{unit}</td>" in page.replace("&#x27;", "'")
+    assert "#f3dcf5" in page and "recompute" in page  # at 0.5 some block is recomputed
