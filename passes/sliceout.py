@@ -49,7 +49,8 @@ class SliceOut(PassConfig):
         seed: windows are drawn from ``(seed, group, step)``: the same on every rank.
         skip_first_last: leave groups whose producer is the model's first dense layer or
             whose consumer is its last one dense.
-        heads: slice attention heads (q/k/v rows and out-projection columns).
+        heads: slice attention heads (q/k/v rows and out-projection columns; under
+            grouped-query attention, whole key/value heads with their query heads).
 
     Example:
         >>> import torch, sparsify_fx as sfx
@@ -350,13 +351,14 @@ class SliceOutBatchNorm(nn.Module):
     place); ``num_batches_tracked`` advances as in the module.
     """
 
-    def __init__(self, width: int, momentum: float | None, eps: float, track_running_stats: bool):
+    def __init__(self, width: int, momentum: float | None, eps: float, track_running_stats: bool,
+                 unit: int = 1):
         super().__init__()
-        self.width, self.momentum, self.eps = width, momentum, eps
+        self.width, self.momentum, self.eps, self.unit = width, momentum, eps, unit
         self.track_running_stats = track_running_stats
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, momentum={self.momentum}, eps={self.eps}"
+        return f"width={self.width * self.unit}, momentum={self.momentum}, eps={self.eps}"
 
     def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 start: int | None = None) -> torch.Tensor:
@@ -372,7 +374,7 @@ class SliceOutBatchNorm(nn.Module):
             mean = var = None
         if self.training and start is not None:
             def cut(t):
-                return t.narrow(0, start, self.width) if t is not None else None
+                return t.narrow(0, start * self.unit, self.width * self.unit) if t is not None else None
             weight, bias, mean, var = cut(weight), cut(bias), cut(mean), cut(var)
         return F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
 
@@ -428,13 +430,21 @@ def _group_skip_reason(gm, group, config: SliceOut, ctx, width: int, align: int)
     if group.units < align:
         return f"{group.units} units, fewer than align={align}"
     if width >= group.units:
-        return f"window covers all {group.units} units at p={config.p}, align={align}"
+        what = ""
+        if len({p.unit_size for p in group.producers}) > 1:
+            what = (f" (grouped-query attention: the units are the {group.units} key/value head group(s), "
+                    "each with its query heads)")
+        return f"window covers all {group.units} units at p={config.p}, align={align}{what}"
     return None
 
 
 @sfx.register_pass(SliceOut, name="sliceout")
 def _sliceout_pass(gm: fx.GraphModule, config: SliceOut, ctx: sfx.PassContext) -> PassResult:
     result = PassResult(gm, modified=False)
+    # dense ops this pass cannot see (replaced by an earlier pass, inside a module kept as one
+    # call, activation x activation matmuls) are named too, as every pass does
+    for node, why in sfx.find_dense_ops(gm)[1]:
+        result.skips.append(ctx.skip(node, why))
     analysis = sfx.find_slice_groups(gm)
     for forbidden in analysis.forbidden:
         result.skips.append(sfx.Skip(ctx.pass_name, forbidden.producer.name,
@@ -445,17 +455,28 @@ def _sliceout_pass(gm: fx.GraphModule, config: SliceOut, ctx: sfx.PassContext) -
     in_side: dict[fx.Node, tuple] = {}
     norms: dict[fx.Node, tuple] = {}
     order = {node: i for i, node in enumerate(graph.nodes)}
+    names: set[str] = set()
     for group in analysis.groups:
         align = 1 if group.kind == "heads" else config.align
         width = window_width(group.units, config.p, align)
+        producer_modules = [ctx.qualified(sfx.module_name_of(p.node) or p.weight.rpartition(".")[0])
+                            for p in group.producers]
+        # the group's name seeds its windows: it must be unique (a root-level or shared parent
+        # module is not), else the first producer's module names it
+        name = ctx.qualified(group.module)
+        if not name or name in names:
+            name = producer_modules[0]
+        names.add(name)
         reason = _group_skip_reason(gm, group, config, ctx, width, align)
         if reason is not None:
-            result.skips.append(sfx.Skip(ctx.pass_name, group.producers[0].node.name,
-                                         ctx.qualified(group.module), f"slice_group[{group.kind}]", reason))
+            # one skip per producer, so the report names every layer left dense
+            together = f" (sliced together as {name})" if len(group.producers) > 1 else ""
+            for producer, module in zip(group.producers, producer_modules):
+                result.skips.append(sfx.Skip(ctx.pass_name, producer.node.name, module,
+                                             f"slice_group[{group.kind}]", reason + together))
             continue
-        name = ctx.qualified(group.module)
         window = SliceWindow(group.units, width, align, config.seed, name)
-        target = sfx.install_module(gm, f"sliceout_window_{group.module}", window)
+        target = sfx.install_module(gm, f"sliceout_window_{name}", window)
         # before the earliest producer: separate q/k/v projections may come in any order
         first = min((p.node for p in group.producers), key=order.__getitem__)
         with graph.inserting_before(first):
@@ -463,19 +484,19 @@ def _sliceout_pass(gm: fx.GraphModule, config: SliceOut, ctx: sfx.PassContext) -
         start.meta["sfx_module"] = group.module
         sliced = []
         for producer in group.producers:
-            out_side[producer.node] = (start, producer.offsets, group.unit_size, width)
+            out_side[producer.node] = (start, producer.offsets, producer.unit_size, width)
             what = "q/k/v rows" if len(producer.offsets) == 3 else "rows"
             sliced.append(f"{what} of {ctx.qualified(producer.weight)}")
             if producer.bias is not None:
                 sliced.append(ctx.qualified(producer.bias))
         for bn in group.norms:
-            norms[bn] = (start, width)
+            norms[bn] = (start, width, gm.get_submodule(str(bn.target)).num_features // group.units)
             sliced.append(f"{ctx.qualified(str(bn.target))} (weight, bias, running stats)")
         for consumer in group.consumers:
-            in_side[consumer.node] = (start, group.unit_size, width, group.units / width)
+            in_side[consumer.node] = (start, consumer.unit_size, width, group.units / width)
             sliced.append(f"columns of {ctx.qualified(consumer.weight)}")
-        for reshape in group.head_reshapes:
-            _free_head_count(reshape)
+        for node, path in group.resizes:
+            _infer_size(node, path)
         result.rewrites.append(Rewrite(
             ctx.pass_name, group.producers[0].node.name, name, f"slice_group[{group.kind}]", target,
             details={"units": group.units, "width": width, "unit_size": group.unit_size,
@@ -492,16 +513,21 @@ def _sliceout_pass(gm: fx.GraphModule, config: SliceOut, ctx: sfx.PassContext) -
     return result
 
 
-def _free_head_count(node: fx.Node) -> None:
-    """Let a head split / merge infer the head count, so it follows the window."""
-    args = list(node.args)
-    if node.target == "unflatten":
-        args[2] = (-1, args[2][1])  # unflatten(-1, (H, d)) -> unflatten(-1, (-1, d))
-    elif len(args) == 5:
-        args[3] = -1  # view(B, N, H, d) -> view(B, N, -1, d)
-    else:
-        args[3] = -1  # reshape(B, N, E) -> reshape(B, N, -1)
-    node.args = tuple(args)
+def _infer_size(node: fx.Node, path: tuple[int, ...]) -> None:
+    """Set the size argument at ``node.args[path...]`` to -1, so the size follows the window.
+
+    ``view(B, N, H, d)`` -> ``view(B, N, -1, d)``, ``unflatten(-1, (H, d))`` ->
+    ``unflatten(-1, (-1, d))``, ``expand(B, KV, r, N, d)`` -> ``expand(B, -1, r, N, d)``.
+    """
+
+    def replaced(value, rest):
+        if not rest:
+            return -1
+        items = list(value)
+        items[rest[0]] = replaced(items[rest[0]], rest[1:])
+        return type(value)(items) if isinstance(value, (list, tuple)) else items
+
+    node.args = replaced(node.args, path)
 
 
 def _rewrite_dense(gm: fx.GraphModule, node: fx.Node, out: tuple | None, inp: tuple | None) -> None:
@@ -529,14 +555,14 @@ def _rewrite_dense(gm: fx.GraphModule, node: fx.Node, out: tuple | None, inp: tu
     sfx.replace_node(node, new)
 
 
-def _rewrite_batchnorm(gm: fx.GraphModule, node: fx.Node, start: fx.Node, width: int) -> None:
+def _rewrite_batchnorm(gm: fx.GraphModule, node: fx.Node, start: fx.Node, width: int, unit: int) -> None:
     bn = gm.get_submodule(str(node.target))
     name = str(node.target)
     g = gm.graph
     with g.inserting_before(node):
         tensors = [g.get_attr(f"{name}.{attr}") if getattr(bn, attr) is not None else None
                    for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-        module = SliceOutBatchNorm(width, bn.momentum, bn.eps, bn.track_running_stats)
+        module = SliceOutBatchNorm(width, bn.momentum, bn.eps, bn.track_running_stats, unit)
         target = sfx.install_module(gm, f"sliceout_{name}", module)
         new = g.call_module(target, (node.args[0], *tensors, start))
     sfx.replace_node(node, new)

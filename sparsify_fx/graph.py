@@ -48,7 +48,10 @@ DENSE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2
 aten = torch.ops.aten
 
 # every spelling -> (canonical target, extra kwargs). "before -> after" is the table itself.
-_FUNCTION_ALIASES: dict[Any, tuple[Callable, dict]] = {
+# A str target is a Tensor method: the node becomes ``call_method`` (``aten.view(x, s)`` ->
+# ``x.view(s)``), the spelling symbolic_trace and Dynamo give. The aten rows are what
+# ``torch.export`` leaves; arguments keep their positions (the signatures agree).
+_FUNCTION_ALIASES: dict[Any, tuple[Callable | str, dict]] = {
     torch._C._nn.linear: (F.linear, {}),  # torch._C._nn.linear(x, w, b) -> F.linear(x, w, b)
     aten.linear.default: (F.linear, {}),  # aten.linear(x, w, b) -> F.linear(x, w, b)
     torch.conv1d: (F.conv1d, {}),  # torch.conv1d -> F.conv1d
@@ -61,20 +64,151 @@ _FUNCTION_ALIASES: dict[Any, tuple[Callable, dict]] = {
     aten.matmul.default: (torch.matmul, {}),  # aten.matmul -> torch.matmul
     aten.mm.default: (torch.matmul, {}),  # aten.mm(a, b) -> torch.matmul(a, b)
     torch.mm: (torch.matmul, {}),  # torch.mm(a, b) -> torch.matmul(a, b)
+    aten.bmm.default: (torch.bmm, {}),  # aten.bmm(a, b) -> torch.bmm(a, b)
     aten.addmm.default: (torch.addmm, {}),  # aten.addmm -> torch.addmm
     torch.relu: (F.relu, {}),  # torch.relu(x) -> F.relu(x)
     aten.relu.default: (F.relu, {}),  # aten.relu(x) -> F.relu(x)
     torch.relu_: (F.relu, {"inplace": True}),  # torch.relu_(x) -> F.relu(x, inplace=True)
     aten.relu_.default: (F.relu, {"inplace": True}),  # aten.relu_(x) -> F.relu(x, inplace=True)
-    aten.gelu.default: (F.gelu, {}),  # aten.gelu(x) -> F.gelu(x)
+    aten.gelu.default: (F.gelu, {}),  # aten.gelu(x, approximate) -> F.gelu(x, approximate)
     aten.silu.default: (F.silu, {}),  # aten.silu(x) -> F.silu(x)
     torch.sigmoid: (torch.sigmoid, {}),
+    aten.sigmoid.default: (torch.sigmoid, {}),  # aten.sigmoid(x) -> torch.sigmoid(x)
+    aten.tanh.default: (torch.tanh, {}),  # aten.tanh(x) -> torch.tanh(x)
+    aten.rsqrt.default: (torch.rsqrt, {}),  # aten.rsqrt(x) -> torch.rsqrt(x)
+    aten.sqrt.default: (torch.sqrt, {}),  # aten.sqrt(x) -> torch.sqrt(x)
+    aten.exp.default: (torch.exp, {}),  # aten.exp(x) -> torch.exp(x)
+    aten.neg.default: (operator.neg, {}),  # aten.neg(x) -> -x
+    aten.pow.Tensor_Scalar: (torch.pow, {}),  # aten.pow(x, 2) -> torch.pow(x, 2)
+    aten.mul.Tensor: (operator.mul, {}),  # aten.mul(a, b) -> a * b
+    aten.mul.Scalar: (operator.mul, {}),  # aten.mul(a, 2.0) -> a * 2.0
+    aten.div.Tensor: (operator.truediv, {}),  # aten.div(a, b) -> a / b
+    aten.div.Scalar: (operator.truediv, {}),  # aten.div(a, 2.0) -> a / 2.0
+    aten.mean.dim: (torch.mean, {}),  # aten.mean.dim(x, dims, keepdim) -> torch.mean(x, dims, keepdim)
+    aten.sum.dim_IntList: (torch.sum, {}),  # aten.sum.dim_IntList(x, dims, keepdim) -> torch.sum(...)
+    aten.cat.default: (torch.cat, {}),  # aten.cat(tensors, dim) -> torch.cat(tensors, dim)
+    aten.flatten.using_ints: (torch.flatten, {}),  # aten.flatten(x, s, e) -> torch.flatten(x, s, e)
+    aten.scaled_dot_product_attention.default: (F.scaled_dot_product_attention, {}),  # same signature
+    aten.view.default: ("view", {}),  # aten.view(x, size) -> x.view(size)
+    aten.reshape.default: ("reshape", {}),  # aten.reshape(x, size) -> x.reshape(size)
+    aten._unsafe_view.default: ("reshape", {}),  # aten._unsafe_view(x, size) -> x.reshape(size)
+    aten.transpose.int: ("transpose", {}),  # aten.transpose(x, a, b) -> x.transpose(a, b)
+    aten.permute.default: ("permute", {}),  # aten.permute(x, dims) -> x.permute(dims)
+    aten.t.default: ("t", {}),  # aten.t(x) -> x.t()
+    aten.unsqueeze.default: ("unsqueeze", {}),  # aten.unsqueeze(x, d) -> x.unsqueeze(d)
+    aten.squeeze.dim: ("squeeze", {}),  # aten.squeeze.dim(x, d) -> x.squeeze(d)
+    aten.unflatten.int: ("unflatten", {}),  # aten.unflatten(x, d, sizes) -> x.unflatten(d, sizes)
+    aten.contiguous.default: ("contiguous", {}),  # aten.contiguous(x) -> x.contiguous()
+    aten.clone.default: ("clone", {}),  # aten.clone(x) -> x.clone()
+    aten.split.Tensor: ("split", {}),  # aten.split(x, size, dim) -> x.split(size, dim)
+    aten.chunk.default: ("chunk", {}),  # aten.chunk(x, n, dim) -> x.chunk(n, dim)
+    aten.to.dtype: ("to", {}),  # aten.to.dtype(x, dtype, ...) -> x.to(dtype, ...)
 }
 _METHOD_ALIASES: dict[str, tuple[Callable, dict]] = {
     "matmul": (torch.matmul, {}),  # a.matmul(b) -> torch.matmul(a, b)
     "relu": (F.relu, {}),  # x.relu() -> F.relu(x)
     "relu_": (F.relu, {"inplace": True}),  # x.relu_() -> F.relu(x, inplace=True)
 }
+
+_INT64_MAX = 2**63 - 1
+
+
+def _binary_with_alpha(fn: Callable, torch_fn: Callable) -> Callable:
+    def rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+        kwargs = dict(node.kwargs)
+        alpha = kwargs.pop("alpha", 1)
+        if alpha == 1 and not kwargs and len(node.args) == 2:
+            return "call_function", fn, node.args, {}
+        return "call_function", torch_fn, node.args, {**kwargs, "alpha": alpha}
+
+    return rule
+
+
+def _dim_index(dim: int, item: Any) -> tuple:
+    """The getitem index that applies ``item`` at ``dim`` (negative dims index from the end)."""
+    return (slice(None),) * dim + (item,) if dim >= 0 else (Ellipsis, item) + (slice(None),) * (-dim - 1)
+
+
+def _slice_rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, end, step = args[:5]
+    dim = node.kwargs.get("dim", 0 if dim is None else dim)
+    start, end = node.kwargs.get("start", start), node.kwargs.get("end", end)
+    step = node.kwargs.get("step", 1 if step is None else step)
+    if not isinstance(dim, int):
+        return None
+    end = None if isinstance(end, int) and end >= _INT64_MAX else end
+    return "call_function", operator.getitem, (x, _dim_index(dim, slice(start, end, None if step == 1 else step))), {}
+
+
+def _select_rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    x, dim, index = node.args[:3]
+    if node.kwargs or not isinstance(dim, int):
+        return None
+    return "call_function", operator.getitem, (x, _dim_index(dim, index)), {}
+
+
+def _softmax_rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    if node.target is aten._softmax.default:
+        x, dim, half_to_float = node.args[:3]
+        return None if half_to_float else ("call_function", F.softmax, (x,), {"dim": dim})
+    x, dim = node.args[:2]
+    dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+    return "call_function", F.softmax, (x,), {"dim": dim, **({"dtype": dtype} if dtype is not None else {})}
+
+
+def _to_rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    kwargs = dict(node.kwargs)
+    if kwargs.pop("layout", None) not in (None, torch.strided) or kwargs.pop("pin_memory", None):
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if node.target is aten._to_copy.default:
+        kwargs["copy"] = True
+    return "call_method", "to", node.args[:1], kwargs
+
+
+def _expand_rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    if node.kwargs.get("implicit", False) or len(node.args) > 2:
+        return None
+    return "call_method", "expand", node.args[:2], {}
+
+
+def _layer_norm_rule(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    return "call_function", F.layer_norm, node.args[:5], {k: v for k, v in node.kwargs.items() if k != "cudnn_enable"}
+
+
+# aten spellings whose arguments change on the way: node -> (op, target, args, kwargs), or
+# None for "leave it as it is" (an argument the canonical spelling cannot express).
+_FUNCTION_REWRITES: dict[Any, Callable[[fx.Node], tuple[str, Any, tuple, dict] | None]] = {
+    aten.add.Tensor: _binary_with_alpha(operator.add, torch.add),  # aten.add(a, b[, alpha]) -> a + b | torch.add
+    aten.add.Scalar: _binary_with_alpha(operator.add, torch.add),  # aten.add(a, 1) -> a + 1
+    aten.sub.Tensor: _binary_with_alpha(operator.sub, torch.sub),  # aten.sub(a, b[, alpha]) -> a - b | torch.sub
+    aten.sub.Scalar: _binary_with_alpha(operator.sub, torch.sub),  # aten.sub(a, 1) -> a - 1
+    aten.slice.Tensor: _slice_rule,  # aten.slice(x, d, s, e, k) -> x[:, ..., s:e:k]
+    aten.select.int: _select_rule,  # aten.select(x, d, i) -> x[:, ..., i]
+    aten.softmax.int: _softmax_rule,  # aten.softmax(x, d, dtype) -> F.softmax(x, dim=d, dtype=dtype)
+    aten._softmax.default: _softmax_rule,  # aten._softmax(x, d, False) -> F.softmax(x, dim=d)
+    aten.to.dtype_layout: _to_rule,  # aten.to(x, dtype=, layout=strided, device=) -> x.to(dtype=, device=)
+    aten._to_copy.default: _to_rule,  # aten._to_copy(x, dtype=, ...) -> x.to(dtype=, ..., copy=True)
+    aten.expand.default: _expand_rule,  # aten.expand(x, size) -> x.expand(size)
+    aten.layer_norm.default: _layer_norm_rule,  # aten.layer_norm(x, s, w, b, eps, cudnn) -> F.layer_norm(x, s, w, b, eps)
+}
+
+
+def _canonical_call(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    """The canonical ``(op, target, args, kwargs)`` of a call node, or None when it already is."""
+    if node.op == "call_function" and node.target in _FUNCTION_REWRITES:
+        return _FUNCTION_REWRITES[node.target](node)
+    if node.op == "call_function" and node.target in _FUNCTION_ALIASES:
+        target, extra = _FUNCTION_ALIASES[node.target]
+        if target is node.target and not extra:
+            return None
+        op = "call_method" if isinstance(target, str) else "call_function"
+        return op, target, node.args, {**node.kwargs, **extra}
+    if node.op == "call_method" and node.target in _METHOD_ALIASES:
+        target, extra = _METHOD_ALIASES[node.target]
+        return "call_function", target, node.args, {**node.kwargs, **extra}
+    return None
 
 
 def module_name_of(node: fx.Node) -> str:
@@ -489,18 +623,11 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
             node.replace_all_uses_with(new)
             g.erase_node(node)
             report.expanded += 1
-        elif node.op == "call_function" and node.target in _FUNCTION_ALIASES:
-            target, extra = _FUNCTION_ALIASES[node.target]
-            if target is not node.target or extra:
-                node.target = target
-                node.kwargs = {**node.kwargs, **extra}
+        elif node.op in ("call_function", "call_method"):
+            canonical = _canonical_call(node)
+            if canonical is not None:
+                node.op, node.target, node.args, node.kwargs = canonical
                 report.renamed += 1
-        elif node.op == "call_method" and node.target in _METHOD_ALIASES:
-            target, extra = _METHOD_ALIASES[node.target]
-            node.op = "call_function"
-            node.target = target
-            node.kwargs = {**node.kwargs, **extra}
-            report.renamed += 1
     for node in g.nodes:
         if "sfx_module" not in node.meta:
             node.meta["sfx_module"] = module_name_of(node)

@@ -1,24 +1,29 @@
 """Slice groups: which units of a canonical graph can be narrowed together, and what follows.
 
 A *slice group* is a set of units (output features of a Linear, output channels of a Conv,
-or whole attention heads) such that keeping only a contiguous window of them is a
-consistent sub-network: the producer's weight rows and bias, every per-channel op on the way
-(BatchNorm's affine parameters and running statistics), and the consumer's weight columns
-all take the same window, and no other tensor ever sees the units' dimension.
+whole attention heads, or whole key/value head groups) such that keeping only a contiguous
+window of them is a consistent sub-network: the producers' weight rows and biases, every
+per-channel op on the way (BatchNorm's affine parameters and running statistics), and the
+consumers' weight columns all take the same window, and no other tensor ever sees the
+units' dimension.
 
-Starting from each producer, :func:`find_slice_groups` follows the users of its output
-through window-preserving ops (elementwise activations, BatchNorm over the unit dim,
-Dropout, pooling, arithmetic with Python scalars) until every path ends in a consumer (a
-Linear's input features or a Conv's input channels). Anything else on the way forbids the
-group, with the reason and the node (``node.format_node()``): a residual add or a product
-with another tensor (both sides would need the same window), a concatenation, a
-flatten/reshape (it mixes the unit dim with others), a LayerNorm over the units, a graph
-output.
+From each producer, :func:`find_slice_groups` follows the users of its output, tracking
+*where* the units are (which dim, counted from the right, and how many elements of that
+dim one unit spans) through window-preserving ops: elementwise activations, BatchNorm over
+the unit dim, Dropout, pooling, arithmetic with scalars or with tensors that broadcast
+over the units (RoPE's cos / sin, an attention mask with one head), reductions and
+softmax over other dims, transposes, and reshapes that split or merge the unit dim with
+the dims after it (``view(B, T, -1, d)`` puts whole heads at dim 2). Every path must end
+in a consumer (a Linear's input features or a Conv's input channels).
 
-Attention heads form groups of their own: for ``F.linear(x, in_proj) -> chunk(3) ->
-unflatten heads -> transpose -> SDPA -> transpose -> flatten -> F.linear(out_proj)`` (the
-expanded ``nn.MultiheadAttention``), a window of whole heads takes the matching q, k and v
-rows of ``in_proj`` and the matching columns of ``out_proj``.
+Where tensors from two producers meet, the producers join one group and take the same
+window: a product (``silu(gate(x)) * up(x)``, SwiGLU), attention
+(``scaled_dot_product_attention(q, k, v)``; with grouped-query attention the units are the
+key/value head groups, each spanning ``H / KV`` query heads), or a batched matmul over the
+head dim. A *sum* with another producer's tensor, or any op with a tensor that does not
+carry the window (the residual stream), forbids the group, naming the node
+(``node.format_node()``); so do concatenation along the units, reshapes mixing them with
+the dims before them, LayerNorm over them, and graph outputs.
 
 Example:
     >>> import torch, sparsify_fx as sfx
@@ -31,9 +36,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -62,20 +69,28 @@ class SliceProducer:
         offsets: where each section of units starts in the weight's output dim, in rows:
             ``(0,)`` for a plain layer, ``(0, E, 2E)`` for a fused q/k/v projection (the
             same window is taken in each section).
+        unit_size: weight rows per unit in each section (1 for features / channels, the
+            head dim for heads, ``H / KV`` head dims for a query projection under
+            grouped-query attention).
     """
 
     node: fx.Node
     weight: str
     bias: str | None
     offsets: tuple[int, ...] = (0,)
+    unit_size: int = 1
 
 
 @dataclass
 class SliceConsumer:
-    """A dense op whose input features / channels take the group's window."""
+    """A dense op whose input features / channels take the group's window.
+
+    ``unit_size`` is the number of input features (weight columns) one unit spans.
+    """
 
     node: fx.Node
     weight: str
+    unit_size: int = 1
 
 
 @dataclass
@@ -83,16 +98,22 @@ class SliceGroup:
     """Units that can be sliced together.
 
     Attributes:
-        kind: ``"channels"`` (features / channels, one row each) or ``"heads"``.
-        units: how many units (features, channels or heads).
-        unit_size: rows per unit in the producer's weight (1, or the head dim).
-        module: qualified name of the producer's module (relative to the graph).
+        kind: ``"channels"`` (features / channels, one row each) or ``"heads"`` (units of
+            several rows: attention heads or key/value head groups).
+        units: how many units.
+        unit_size: rows per unit in the first producer's weight (each member has its own
+            ``unit_size``).
+        module: qualified name of the producer's module, relative to the graph; with
+            several producers, of the innermost module holding them all (``""`` when that
+            is the graph's root).
         producers / consumers: the dense ops that are sliced on their output / input side.
         norms: BatchNorm ``call_module`` nodes on the way (parameters and running stats
             are sliced with the units).
         passthrough: the window-preserving nodes in between (activations, dropout, ...).
-        head_reshapes: nodes that split the heads out with a literal head count
-            (``unflatten(-1, (H, d))``): a rewrite must let that count follow the window.
+        resizes: ``(node, path)`` of each size argument that spells the unit dim's full
+            size (``view(B, N, H, d)``'s ``H``, ``expand``'s key/value head count):
+            ``node.args`` followed along ``path``; a rewrite sets it to ``-1`` so the size
+            follows the window.
     """
 
     kind: str
@@ -103,7 +124,7 @@ class SliceGroup:
     consumers: list[SliceConsumer]
     norms: list[fx.Node] = field(default_factory=list)
     passthrough: list[fx.Node] = field(default_factory=list)
-    head_reshapes: list[fx.Node] = field(default_factory=list)
+    resizes: list[tuple[fx.Node, tuple[int, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,40 +146,112 @@ class SliceGroupAnalysis:
 
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
-# elementwise, parameter-free: the unit dim passes through unchanged
-_ELEMENTWISE_FUNCS = {
-    F.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu, F.hardswish,
-    F.hardsigmoid, F.relu6, F.hardtanh, F.elu, F.selu, F.celu, F.mish, F.softplus,
-    torch.relu, torch.nn.functional.dropout, torch.clamp, torch.abs,
+# how each canonical op treats the unit dim; one category per target (functions) or name
+# (Tensor methods). The walk below has one rule per category.
+_FUNCTION_CATEGORY: dict[Any, str] = {
+    **dict.fromkeys([
+        F.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu, F.hardswish,
+        F.hardsigmoid, F.relu6, F.hardtanh, F.elu, F.selu, F.celu, F.mish, F.softplus,
+        torch.relu, F.dropout, torch.clamp, torch.abs, torch.rsqrt, torch.sqrt, torch.exp,
+        torch.pow, operator.neg, torch.neg, torch.ops.aten.alias.default,
+    ], "unary"),
+    **dict.fromkeys([
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    ], "pool"),
+    **dict.fromkeys([operator.add, operator.sub, torch.add, torch.sub, operator.iadd, operator.isub], "add"),
+    **dict.fromkeys([operator.mul, operator.truediv, torch.mul, torch.div, operator.imul,
+                     operator.itruediv], "mul"),
+    **dict.fromkeys([torch.mean, torch.sum, torch.amax], "reduce"),
+    **dict.fromkeys([F.softmax, F.log_softmax, torch.softmax, torch.log_softmax], "softmax"),
+    **dict.fromkeys([F.layer_norm, F.rms_norm], "layer_norm"),
+    F.group_norm: "group_norm",
+    torch.reshape: "reshape",
+    torch.flatten: "flatten",
+    torch.transpose: "transpose",
+    torch.permute: "permute",
+    torch.t: "t",
+    torch.unsqueeze: "unsqueeze",
+    torch.squeeze: "squeeze",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.stack: "stack",
+    torch.chunk: "chunk",
+    torch.split: "chunk",
+    operator.getitem: "getitem",
+    F.scaled_dot_product_attention: "sdpa",
+    torch.matmul: "matmul",
+    torch.bmm: "matmul",
+    torch.ops.aten._assert_tensor_metadata.default: "ignore",  # checks dtype / device only
+    getattr: "getattr",  # x.shape / x.dtype
 }
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "abs", "contiguous", "float", "to"}
+_METHOD_CATEGORY: dict[str, str] = {
+    **dict.fromkeys(["relu", "sigmoid", "tanh", "clamp", "abs", "contiguous", "float", "half",
+                     "bfloat16", "to", "clone", "detach", "neg", "exp", "rsqrt", "sqrt", "pow"], "unary"),
+    "type_as": "dtype_only",  # the other tensor only gives a dtype
+    **dict.fromkeys(["add", "sub", "add_", "sub_"], "add"),
+    **dict.fromkeys(["mul", "div", "mul_", "div_"], "mul"),
+    **dict.fromkeys(["mean", "sum", "amax"], "reduce"),
+    **dict.fromkeys(["softmax", "log_softmax"], "softmax"),
+    **dict.fromkeys(["view", "reshape"], "reshape"),
+    "flatten": "flatten",
+    "unflatten": "unflatten",
+    "transpose": "transpose",
+    "permute": "permute",
+    "t": "t",
+    "unsqueeze": "unsqueeze",
+    "squeeze": "squeeze",
+    "expand": "expand",
+    "chunk": "chunk",
+    "split": "chunk",
+    "size": "size",
+}
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid,
     nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
-_POOL_FUNCS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-}
 _POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_SCALAR_FUNCS = {
-    operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add,
-    torch.sub, torch.div, operator.iadd, operator.imul,
+
+# where tensors of several producers may meet, and the refusal when one side is not sliced
+_MEET_REASONS = {
+    "add": "residual add with another tensor (both sides would need the same window)",
+    "mul": "binary op with another tensor (both sides would need the same window)",
+    "cat": "concatenation mixes the group with other tensors",
+    "matmul": "matmul with another tensor (both sides would need the same window)",
+    "sdpa": "attention inputs are not sliced with the same heads",
 }
-_SCALAR_METHODS = {"mul", "add", "sub", "div", "mul_", "add_", "sub_", "div_"}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
 
 
-def _rank(node: fx.Node) -> int | None:
-    meta = node.meta.get("sfx_shape")
-    return len(meta[0]) if meta else None
+def _category(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_CATEGORY.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHOD_CATEGORY.get(str(node.target))
+    return None
+
+
+class _Forbid(Exception):
+    def __init__(self, reason: str, node: fx.Node):
+        super().__init__(f"{reason}: {node.format_node()}")
+        self.reason, self.node = reason, node
+
+
+class _Coarsen(Exception):
+    """The walk needs fewer, larger units (a reshape splits the unit dim into blocks)."""
+
+    def __init__(self, units: int):
+        super().__init__(units)
+        self.units = units
 
 
 def _dense_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -181,132 +274,19 @@ def _dense_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 def _only_tensor_arg(node: fx.Node, tracked: fx.Node) -> bool:
     """True when ``tracked`` is the only fx.Node among the node's arguments."""
-    others = [a for a in node.all_input_nodes if a is not tracked]
-    return not others
+    return all(a is tracked for a in node.all_input_nodes)
 
 
-def _normalize(dim: int, rank: int | None) -> int:
-    return dim % rank if rank is not None and dim < 0 else dim
+_INT_ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.floordiv}
 
 
-class _Forbid(Exception):
-    def __init__(self, reason: str, node: fx.Node):
-        super().__init__(f"{reason}: {node.format_node()}")
-
-
-class _Walk:
-    """One breadth-first walk from a producer's output, collecting the group's members."""
-
-    def __init__(self, gm: fx.GraphModule, module_calls: Counter):
-        self.gm = gm
-        self.module_calls = module_calls
-        self.consumers: list[SliceConsumer] = []
-        self.norms: list[fx.Node] = []
-        self.passthrough: list[fx.Node] = []
-
-    def run(self, start: fx.Node, dim: int) -> None:
-        queue = [(start, dim)]
-        seen = {start}
-        while queue:
-            node, dim = queue.pop(0)
-            for user in node.users:
-                nxt = self._step(user, node, _normalize(dim, _rank(node)))
-                if nxt is not None and user not in seen:
-                    seen.add(user)
-                    queue.append((user, nxt))
-
-    def _step(self, user: fx.Node, node: fx.Node, dim: int) -> int | None:
-        """The unit dim in ``user``'s output when it passes the window on, None at a consumer."""
-        gm = self.gm
-        rank = _rank(node)
-        last = dim == -1 or (rank is not None and dim == rank - 1)
-        if user.op == "output":
-            raise _Forbid("the units reach a graph output", user)
-        if user.op == "call_module":
-            if str(user.target).startswith(OPS_CONTAINER):
-                raise _Forbid("already rewritten by another pass", user)
-            mod = gm.get_submodule(str(user.target))
-            if isinstance(mod, _ELEMENTWISE_MODULES):
-                self.passthrough.append(user)
-                return dim
-            if isinstance(mod, _BATCHNORMS) and type(mod) in _BATCHNORMS:
-                if dim != 1:
-                    raise _Forbid(f"BatchNorm normalizes dim 1, the units are dim {dim}", user)
-                if self.module_calls[str(user.target)] > 1:
-                    raise _Forbid("BatchNorm module is called more than once", user)
-                self.norms.append(user)
-                return dim
-            if isinstance(mod, _POOL_MODULES):
-                if dim != 1:
-                    raise _Forbid("pooling over the sliced dim", user)
-                self.passthrough.append(user)
-                return dim
-            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
-                raise _Forbid(f"{type(mod).__name__} normalizes over the sliced units", user)
-            raise _Forbid(f"{type(mod).__name__} module is not known to preserve the window", user)
-        if user.op == "call_function":
-            target = user.target
-            kind = _dense_kind(gm, user)
-            if kind is not None and _arg(user, 0, "input") is node and _arg(user, 1, "weight") is not node:
-                if kind == "linear" and not last:
-                    raise _Forbid(f"Linear reads the last dim, the units are dim {dim}", user)
-                if kind == "conv":
-                    if dim != 1:
-                        raise _Forbid(f"Conv reads channels (dim 1), the units are dim {dim}", user)
-                    if int(_arg(user, 6, "groups", 1)) != 1:
-                        raise _Forbid("grouped / depthwise conv consumer", user)
-                self.consumers.append(SliceConsumer(user, str(_arg(user, 1, "weight").target)))
-                return None
-            if target in _ELEMENTWISE_FUNCS and _only_tensor_arg(user, node):
-                self.passthrough.append(user)
-                return dim
-            if target in _POOL_FUNCS:
-                if dim != 1:
-                    raise _Forbid("pooling over the sliced dim", user)
-                self.passthrough.append(user)
-                return dim
-            if target in _SCALAR_FUNCS:
-                if _only_tensor_arg(user, node):
-                    self.passthrough.append(user)
-                    return dim
-                what = "residual add" if target in (operator.add, torch.add, operator.iadd) else "binary op"
-                raise _Forbid(f"{what} with another tensor (both sides would need the same window)", user)
-            if target in (torch.cat, torch.concat, torch.stack):
-                raise _Forbid("concatenation mixes the group with other tensors", user)
-            if target in (torch.flatten, torch.reshape):
-                raise _Forbid("flatten/reshape mixes the sliced dim with others", user)
-            if target in (F.layer_norm, F.group_norm, F.rms_norm):
-                raise _Forbid("normalization over the sliced units", user)
-            name = getattr(target, "__name__", str(target))
-            raise _Forbid(f"{name} is not known to preserve the window", user)
-        if user.op == "call_method":
-            method = str(user.target)
-            if method in _ELEMENTWISE_METHODS and _only_tensor_arg(user, node):
-                self.passthrough.append(user)
-                return dim
-            if method in _SCALAR_METHODS:
-                if _only_tensor_arg(user, node):
-                    self.passthrough.append(user)
-                    return dim
-                raise _Forbid("binary op with another tensor (both sides would need the same window)", user)
-            if method in _REDUCE_METHODS and _only_tensor_arg(user, node):
-                return self._reduce(user, dim, rank)
-            if method in ("flatten", "view", "reshape", "unflatten", "permute", "transpose"):
-                raise _Forbid(f"{method} moves or mixes the sliced dim", user)
-            raise _Forbid(f"method {method!r} is not known to preserve the window", user)
-        raise _Forbid(f"{user.op} node is not known to preserve the window", user)
-
-    def _reduce(self, user: fx.Node, dim: int, rank: int | None) -> int:
-        # x.mean((2, 3)) after a conv: the channel dim survives, only its position may change
-        dims = _arg(user, 1, "dim")
-        keepdim = bool(_arg(user, 2, "keepdim", False))
-        if dims is None or rank is None:
-            raise _Forbid("reduction over all dims (or of unknown rank) includes the units", user)
-        dims = [d % rank for d in ((dims,) if isinstance(dims, int) else dims)]
-        if dim in dims:
-            raise _Forbid("reduction over the sliced dim", user)
-        self.passthrough.append(user)
-        return dim if keepdim else dim - sum(d < dim for d in dims)
+def _paths_of(value: Any, target: fx.Node, path: tuple[int, ...] = ()) -> Any:
+    """Every index path at which ``target`` appears inside nested args."""
+    if value is target:
+        yield path
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _paths_of(item, target, (*path, i))
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -314,214 +294,779 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _is_method(node: fx.Node | None, name: str) -> bool:
-    return node is not None and node.op == "call_method" and node.target == name
+def _norm_dim(dim: Any, rank: int) -> int:
+    if not isinstance(dim, int) or not -rank <= dim < max(rank, 1):
+        raise ValueError(dim)
+    return dim % rank if rank else 0
 
 
-def _head_split(node: fx.Node | None, embed: int) -> tuple[int, int] | None:
-    """``(H, d)`` when ``node`` splits the last dim into heads with literal sizes, else None.
+def _dims_arg(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
-    ``unflatten(-1, (H, d))`` (expanded MultiheadAttention) or ``view/reshape(B, N, H, d)``
-    (separate q/k/v projections, HF style).
+
+class _Graph:
+    """What every walk reads: the graph, recorded shapes, call counts, node order."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.recorded = any("sfx_shape" in n.meta for n in gm.graph.nodes)
+        self.module_calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        self.weight_uses = Counter(
+            str(_arg(n, 1, "weight").target) for n in gm.graph.nodes if _dense_kind(gm, n) is not None)
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        """A node's tensor shape (recorded, or from export / Dynamo metadata), else None."""
+        if not isinstance(node, fx.Node):
+            return None
+        meta = node.meta.get("sfx_shape")
+        if meta is not None:
+            return tuple(meta[0])
+        for key in ("val", "example_value"):
+            value = node.meta.get(key)
+            if isinstance(value, torch.Tensor):
+                try:
+                    return tuple(int(s) for s in value.shape)
+                except (TypeError, ValueError):  # symbolic sizes
+                    return None
+        if node.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            return tuple(obj.shape) if isinstance(obj, torch.Tensor) else None
+        return None
+
+    def is_scalar(self, node: Any) -> bool:
+        """True for values known not to be tensors (Python numbers, sizes read in the graph)."""
+        if not isinstance(node, fx.Node):
+            return True
+        if self.shape(node) is not None or node.op == "get_attr":
+            return False
+        for key in ("val", "example_value"):
+            if key in node.meta:
+                return not isinstance(node.meta[key], torch.Tensor)
+        # the recorder stores every tensor's shape: a node without one holds no tensor
+        return self.recorded and node.op != "placeholder"
+
+    def broadcasts(self, node: Any, dim: int) -> bool:
+        """True when ``node`` is constant along the unit dim ``dim`` (counted from the right)."""
+        if self.is_scalar(node):
+            return True
+        shape = self.shape(node)
+        return shape is not None and (len(shape) < -dim or shape[dim] == 1)
+
+
+def _reshape_map(in_shape: tuple[int, ...], pos: int, out_shape: tuple[int, ...]) -> tuple[int, int, bool]:
+    """Where the unit dim ``pos`` of ``in_shape`` lands in ``out_shape``.
+
+    Returns ``(out_pos, size, split_off_one)``: the output dim holding the units (it must be
+    the first of the output dims its input dims become, and the unit dim the first of its
+    input dims), that dim's size, and whether a size-1 dim was split off in front of it.
+    Raises ValueError with the reason when the reshape mixes the unit dim with the dims
+    before it.
     """
-    if node is None or node.op != "call_method":
+    if in_shape[pos] == 1:
+        raise ValueError("the sliced dim has size 1")
+    ins = [(i, s) for i, s in enumerate(in_shape) if s != 1]
+    outs = [(j, s) for j, s in enumerate(out_shape) if s != 1]
+    i = j = 0
+    while i < len(ins):
+        group_in, group_out = [ins[i]], []
+        p_in, p_out = ins[i][1], 1
+        i += 1
+        while p_in != p_out:
+            if p_out < p_in and j < len(outs):
+                group_out.append(outs[j])
+                p_out *= outs[j][1]
+                j += 1
+            elif p_in < p_out and i < len(ins):
+                group_in.append(ins[i])
+                p_in *= ins[i][1]
+                i += 1
+            else:
+                raise ValueError("input and output shapes do not match")
+        if any(k == pos for k, _ in group_in):
+            if group_in[0][0] != pos:
+                raise ValueError("reshape merges the sliced dim with the dims before it")
+            out_pos = group_out[0][0]
+            previous = group_out[0][0] - 1
+            split_off_one = previous >= 0 and out_shape[previous] == 1 and len(out_shape) > len(in_shape)
+            return out_pos, group_out[0][1], split_off_one
+    raise ValueError("the sliced dim is not found in the reshape")
+
+
+def _upstream_producers(gm: fx.GraphModule, node: fx.Node, limit: int = 256) -> list[fx.Node]:
+    """The nearest dense ops above ``node`` (for messages naming what fed an input)."""
+    found, seen, queue = [], {node}, deque([node])
+    while queue and len(seen) < limit:
+        n = queue.popleft()
+        if _dense_kind(gm, n) is not None:
+            found.append(n)
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                queue.append(a)
+    return found
+
+
+class _Walk:
+    """Everything one producer's units reach, with the dim (from the right) they are at."""
+
+    def __init__(self, graph: _Graph, producer: fx.Node, units: int | None):
+        self.graph, self.gm, self.producer = graph, graph.gm, producer
+        self.kind = _dense_kind(self.gm, producer)
+        self.weight = str(_arg(producer, 1, "weight").target)
+        bias = _arg(producer, 2, "bias")
+        self.bias = str(bias.target) if bias is not None else None
+        rows = self.gm.get_parameter(self.weight).shape[0]
+        self.dims: dict[fx.Node, int] = {}
+        self.tuples: set[fx.Node] = set()
+        self.meets: dict[fx.Node, None] = {}
+        self.consumers: dict[fx.Node, SliceConsumer] = {}
+        self.norms: dict[fx.Node, None] = {}
+        self.resizes: dict[tuple[fx.Node, tuple[int, ...]], None] = {}
+        self.error: _Forbid | None = None
+        self.size_reads: list[fx.Node] = []
+        self.note = ""
+        self.offsets: tuple[int, ...] = (0,)
+        self.section_rows = rows
+        self.starts = self._starts(rows)
+        self.units = units if units is not None else self.section_rows
+
+    def _starts(self, rows: int) -> list[tuple[fx.Node, int]]:
+        node = self.producer
+        if self.kind == "conv":
+            shape = self.graph.shape(node)
+            rank = len(shape) if shape else _CONV_FUNCS[node.target] + 2
+            return [(node, 1 - rank)]
+        # a fused projection split in equal sections along the units (q/k/v of an expanded
+        # nn.MultiheadAttention, a fused gate/up): each section takes the same window
+        first = _single_user(node)
+        if first is not None and _category(first) == "chunk" and first.args and first.args[0] is node:
+            n = _arg(first, 1, "chunks" if first.target in ("chunk", torch.chunk) else "split_size_or_sections")
+            dim = _arg(first, 2, "dim", 0)
+            sections = n if first.target in ("chunk", torch.chunk) else (rows // n if isinstance(n, int) and n else 0)
+            items = sorted(first.users, key=lambda u: u.args[1] if u.target is operator.getitem else -1)
+            last = (-1, self._rank(node) - 1) if self.graph.shape(node) is not None else (-1,)
+            if (isinstance(sections, int) and sections > 1 and rows % sections == 0 and dim in last
+                    and all(u.target is operator.getitem for u in items)
+                    and [u.args[1] for u in items] == list(range(sections))):
+                self.section_rows = rows // sections
+                self.offsets = tuple(i * self.section_rows for i in range(sections))
+                self.dims[first] = -1
+                self.tuples.add(first)
+                return [(u, -1) for u in items]
+        return [(node, -1)]
+
+    def _rank(self, node: fx.Node, default: int = -10) -> int:
+        shape = self.graph.shape(node)
+        return len(shape) if shape is not None else default
+
+    def run(self) -> None:
+        """Walk everything the units reach; ``self.error`` keeps the first refusal (by node order).
+
+        The walk goes on past a refusal (not through the refused node), so where the units
+        meet other producers' tensors is known in full, not only up to the first problem.
+        """
+        queue = deque(self.starts)
+        for node, dim in self.starts:
+            self.dims[node] = dim
+        while queue:
+            node, dim = queue.popleft()
+            for user in node.users:
+                try:
+                    nxt = self._step(user, node, dim)
+                    if nxt is None:
+                        continue
+                    if user in self.dims:
+                        if self.dims[user] != nxt:
+                            raise _Forbid("the units reach this node at two different dims", user)
+                        continue
+                except _Forbid as e:
+                    self._refuse(e)
+                    continue
+                self.dims[user] = nxt
+                queue.append((user, nxt))
+        self._check_size_reads()
+
+    def _refuse(self, error: _Forbid) -> None:
+        if self.error is None or self.graph.order[error.node] < self.graph.order[self.error.node]:
+            self.error = error
+
+    def _check_size_reads(self) -> None:
+        """A read of the unit dim's size (``b, kv, t, d = x.shape``) must only feed sizes that
+        the rewrite replaces by -1 (``expand(b, kv, ...)``): then nothing uses it any more."""
+        for read in self.size_reads:
+            derived, queue = {read}, deque([read])
+            while queue:
+                for user in queue.popleft().users:
+                    if user.op == "call_function" and user.target in _INT_ARITHMETIC and user not in derived:
+                        derived.add(user)
+                        queue.append(user)
+            for value in derived:
+                for user in value.users:
+                    if user in derived:
+                        continue
+                    paths = list(_paths_of(user.args, value))
+                    if user not in self.dims or not paths or any((user, p) not in self.resizes for p in paths):
+                        self._refuse(_Forbid("reads the size of the sliced dim", read))
+
+    @property
+    def passthrough(self) -> list[fx.Node]:
+        return [n for n in self.dims if n is not self.producer]
+
+    # ------------------------------------------------------------ one step
+
+    def _step(self, user: fx.Node, node: fx.Node, dim: int) -> int | None:
+        """The unit dim in ``user``'s output, or None where the walk stops (a consumer)."""
+        shape = self.graph.shape(node)
+        rank = len(shape) if shape is not None else None
+        pos = rank + dim if rank is not None else None
+        if user.op == "output":
+            raise _Forbid("the units reach a graph output", user)
+        if user.op == "call_module":
+            return self._module(user, dim, pos)
+        if user.op not in ("call_function", "call_method"):
+            raise _Forbid(f"{user.op} node is not known to preserve the window", user)
+        kind = _dense_kind(self.gm, user)
+        if kind is not None and _arg(user, 0, "input") is node and _arg(user, 1, "weight") is not node:
+            return self._consumer(user, kind, dim, pos)
+        category = _category(user)
+        rule = getattr(self, f"_on_{category}", None) if category else None
+        if rule is None:
+            name = getattr(user.target, "__name__", str(user.target))
+            if user.op == "call_method":
+                raise _Forbid(f"method {name!r} is not known to preserve the window", user)
+            raise _Forbid(f"{name} is not known to preserve the window", user)
+        return rule(user, node, dim, pos, shape)
+
+    def _need(self, value: Any, user: fx.Node, what: str) -> Any:
+        if value is None:
+            raise _Forbid(f"{what} needs recorded shapes (pass example_inputs)", user)
+        return value
+
+    def _consumer(self, user: fx.Node, kind: str, dim: int, pos: int | None) -> None:
+        weight = str(_arg(user, 1, "weight").target)
+        if kind == "linear" and dim != -1:
+            raise _Forbid(f"Linear reads the last dim, the units are dim {pos if pos is not None else dim}", user)
+        if kind == "conv":
+            if pos != 1:
+                raise _Forbid(f"Conv reads channels (dim 1), the units are dim {pos if pos is not None else dim}", user)
+            if int(_arg(user, 6, "groups", 1)) != 1:
+                raise _Forbid("grouped / depthwise conv consumer", user)
+        features = self.gm.get_parameter(weight).shape[1]
+        self.consumers[user] = SliceConsumer(user, weight, features // self.units)
         return None
-    if node.target == "unflatten" and len(node.args) == 3 and node.args[1] in (-1, 2):
-        sizes = tuple(node.args[2])
-    elif node.target in ("view", "reshape") and len(node.args) == 5:
-        sizes = tuple(node.args[3:])
-    else:
+
+    def _module(self, user: fx.Node, dim: int, pos: int | None) -> int:
+        if str(user.target).startswith(OPS_CONTAINER):
+            raise _Forbid("already rewritten by another pass", user)
+        mod = self.gm.get_submodule(str(user.target))
+        if len(user.all_input_nodes) > 1:
+            raise _Forbid(f"{type(mod).__name__} module called with several tensors", user)
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return dim
+        if isinstance(mod, _BATCHNORMS) and type(mod) in _BATCHNORMS:
+            if pos != 1:
+                where = pos if pos is not None else "of unknown rank"
+                raise _Forbid(f"BatchNorm normalizes dim 1, the units are dim {where}", user)
+            if self.graph.module_calls[str(user.target)] > 1:
+                raise _Forbid("BatchNorm module is called more than once", user)
+            self.norms[user] = None
+            return dim
+        if isinstance(mod, _POOL_MODULES):
+            if pos != 1:
+                raise _Forbid("pooling over the sliced dim", user)
+            return dim
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+            if -dim <= len(mod.normalized_shape):
+                raise _Forbid(f"{type(mod).__name__} normalizes over the sliced units", user)
+            return dim
+        if isinstance(mod, nn.GroupNorm):
+            raise _Forbid("GroupNorm normalizes over the sliced units", user)
+        raise _Forbid(f"{type(mod).__name__} module is not known to preserve the window", user)
+
+    # ------------------------------------------------------------ rules per category
+
+    def _on_ignore(self, user, node, dim, pos, shape):
         return None
-    if len(sizes) != 2 or not all(isinstance(v, int) for v in sizes) or sizes[1] <= 0:
+
+    def _on_unary(self, user, node, dim, pos, shape):
+        if not _only_tensor_arg(user, node):
+            name = getattr(user.target, "__name__", str(user.target))
+            raise _Forbid(f"{name} with another tensor argument is not known to preserve the window", user)
+        return dim
+
+    def _on_dtype_only(self, user, node, dim, pos, shape):
+        if user.args[0] is not node:
+            raise _Forbid("the units only give a dtype here", user)
+        return dim
+
+    def _on_pool(self, user, node, dim, pos, shape):
+        if pos != 1:
+            raise _Forbid("pooling over the sliced dim", user)
+        return dim
+
+    def _on_add(self, user, node, dim, pos, shape):
+        if not _only_tensor_arg(user, node):
+            self.meets[user] = None  # decided once every producer's walk is known
+        return dim
+
+    _on_mul = _on_add
+
+    def _on_size(self, user, node, dim, pos, shape):
+        d = _arg(user, 1, "dim")
+        if d is None and not user.kwargs:
+            return self._on_getattr(user, node, dim, pos, shape)
+        if shape is not None and _norm_dim(d, len(shape)) != pos:
+            return None
+        raise _Forbid("reads the size of the sliced dim", user)
+
+    def _on_getattr(self, user, node, dim, pos, shape):
+        # x.shape[-1] // 2 (rotate_half) reads another dim: fine; the unit dim's size is the
+        # window's in training, so anything else reading it refuses the group
+        attr = user.args[1] if user.target is getattr else "shape"
+        if attr in ("dtype", "device", "ndim"):
+            return None
+        if attr != "shape":
+            raise _Forbid(f"attribute {attr!r} is not known to preserve the window", user)
+        reads = [u.args[1] if u.target is operator.getitem else None for u in user.users]
+        if shape is None or not all(isinstance(i, int) for i in reads):
+            raise _Forbid("reads the size of the sliced dim", user)
+        self.size_reads += [u for u in user.users if _norm_dim(u.args[1], len(shape)) == pos]
         return None
-    if sizes[0] == -1 and embed % sizes[1] == 0:  # view(B, N, -1, d): newer HF spelling
-        sizes = (embed // sizes[1], sizes[1])
-    return sizes if sizes[0] * sizes[1] == embed else None
+
+    def _on_reduce(self, user, node, dim, pos, shape):
+        dims = _dims_arg(_arg(user, 1, "dim"))
+        keepdim = bool(_arg(user, 2, "keepdim", False))
+        if dims is None or shape is None:
+            raise _Forbid("reduction over all dims (or of unknown rank) includes the units", user)
+        dims = [_norm_dim(d, len(shape)) for d in dims]
+        if pos in dims:
+            raise _Forbid("reduction over the sliced dim", user)
+        return dim if keepdim else dim + sum(d > pos for d in dims)
+
+    def _on_softmax(self, user, node, dim, pos, shape):
+        d = _arg(user, 1, "dim")
+        shape = self._need(shape, user, "softmax")
+        if d is None or _norm_dim(d, len(shape)) == pos:
+            raise _Forbid("softmax over the sliced dim", user)
+        return dim
+
+    def _on_layer_norm(self, user, node, dim, pos, shape):
+        normalized = _dims_arg(_arg(user, 1, "normalized_shape")) or []
+        if user.args[0] is not node or -dim <= len(normalized):
+            raise _Forbid("normalization over the sliced units", user)
+        return dim
+
+    def _on_group_norm(self, user, node, dim, pos, shape):
+        raise _Forbid("normalization over the sliced units", user)
+
+    def _on_transpose(self, user, node, dim, pos, shape):
+        rank = len(self._need(shape, user, "transpose"))
+        a, b = (_norm_dim(d, rank) for d in (_arg(user, 1, "dim0"), _arg(user, 2, "dim1")))
+        new = b if pos == a else a if pos == b else pos
+        return new - rank
+
+    def _on_permute(self, user, node, dim, pos, shape):
+        rank = len(self._need(shape, user, "permute"))
+        dims = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
+        dims = [_norm_dim(d, rank) for d in _dims_arg(dims or user.kwargs.get("dims")) or []]
+        return dims.index(pos) - rank
+
+    def _on_t(self, user, node, dim, pos, shape):
+        rank = len(self._need(shape, user, "t()"))
+        return (rank - 1 - pos) - rank if rank == 2 else dim
+
+    def _on_unsqueeze(self, user, node, dim, pos, shape):
+        rank = len(self._need(shape, user, "unsqueeze"))
+        d = _norm_dim(_arg(user, 1, "dim"), rank + 1)
+        return dim if d <= pos else dim - 1
+
+    def _on_squeeze(self, user, node, dim, pos, shape):
+        shape = self._need(shape, user, "squeeze")
+        dims = _dims_arg(_arg(user, 1, "dim"))
+        if dims is None:
+            raise _Forbid("squeeze() without dims could drop a narrowed unit dim", user)
+        dims = [_norm_dim(d, len(shape)) for d in dims]
+        if pos in dims:
+            raise _Forbid("squeeze of the sliced dim", user)
+        return dim + sum(d > pos and shape[d] == 1 for d in dims)
+
+    def _on_expand(self, user, node, dim, pos, shape):
+        sizes, path = self._sizes(user, 1)
+        out = len(sizes)
+        entry = sizes[out + dim]
+        if entry != -1:
+            self.resizes[(user, (*path, out + dim) if path else (1 + out + dim,))] = None
+        return dim
+
+    def _on_cat(self, user, node, dim, pos, shape):
+        shape = self._need(shape, user, "concatenation")
+        d = _norm_dim(_arg(user, 1, "dim", 0), len(shape))
+        if d == pos:
+            raise _Forbid("concatenation mixes the group with other tensors", user)
+        self.meets[user] = None
+        return dim
+
+    def _on_stack(self, user, node, dim, pos, shape):
+        raise _Forbid("concatenation mixes the group with other tensors", user)
+
+    def _on_chunk(self, user, node, dim, pos, shape):
+        shape = self._need(shape, user, "chunk / split")
+        if user.args[0] is not node or _norm_dim(_arg(user, 2, "dim", 0), len(shape)) == pos:
+            raise _Forbid("chunk / split along the sliced dim", user)
+        self.tuples.add(user)
+        return dim
+
+    def _on_getitem(self, user, node, dim, pos, shape):
+        if node in self.tuples:
+            return dim
+        shape = self._need(shape, user, "indexing")
+        rank = len(shape)
+        index = list(user.args[1]) if isinstance(user.args[1], tuple) else [user.args[1]]
+        used = sum(i is not None and i is not Ellipsis for i in index)
+        if Ellipsis in index:
+            k = index.index(Ellipsis)
+            index[k:k + 1] = [slice(None)] * (rank - used)
+        else:
+            index += [slice(None)] * (rank - used)
+        in_dim = out_dim = 0
+        new = None
+        for item in index:
+            if item is None:
+                out_dim += 1
+                continue
+            if in_dim == pos:
+                whole = (isinstance(item, slice) and item.start in (None, 0) and item.step in (None, 1)
+                         and (item.stop is None or (isinstance(item.stop, int) and item.stop >= shape[pos])))
+                if not whole:
+                    raise _Forbid("indexing along the sliced dim", user)
+                new = out_dim
+            if isinstance(item, int) or (isinstance(item, fx.Node) and self.graph.is_scalar(item)):
+                in_dim += 1
+            elif isinstance(item, slice):
+                in_dim += 1
+                out_dim += 1
+            else:
+                raise _Forbid("advanced indexing of the units", user)
+        return new - out_dim
+
+    def _on_sdpa(self, user, node, dim, pos, shape):
+        qkv = [_arg(user, i, name) for i, name in enumerate(("query", "key", "value"))]
+        if node not in qkv:
+            raise _Forbid("the units reach an attention mask", user)
+        if dim != -3:
+            raise _Forbid(f"the units reach scaled_dot_product_attention at dim {pos}, not its head dim", user)
+        self.meets[user] = None
+        return -3
+
+    def _on_matmul(self, user, node, dim, pos, shape):
+        if any(_param_name(self.gm, a) for a in user.all_input_nodes):
+            raise _Forbid("matmul with a parameter (x @ W[in, out]) is not a sliceable consumer", user)
+        ranks = [len(s) if (s := self.graph.shape(a)) is not None else 0 for a in user.args[:2]]
+        if dim > -3 or min(ranks) < 2:
+            raise _Forbid("matmul contracts or produces along the sliced dim", user)
+        self.meets[user] = None
+        return dim
+
+    def _on_reshape(self, user, node, dim, pos, shape):
+        return self._reshape(user, node, pos, shape)
+
+    _on_flatten = _on_unflatten = _on_reshape
+
+    def _reshape(self, user: fx.Node, node: fx.Node, pos: int | None, shape: tuple | None) -> int:
+        in_shape, out_shape = shape, self.graph.shape(user)
+        if in_shape is None or out_shape is None:
+            raise _Forbid("flatten/reshape of the units needs recorded shapes (pass example_inputs)", user)
+        try:
+            out_pos, size, split_off_one = _reshape_map(in_shape, pos, out_shape)
+        except ValueError as e:
+            raise _Forbid(f"flatten/reshape mixes the sliced dim with others ({e})", user) from None
+        if size % self.units:
+            units = math.gcd(self.units, size)
+            if units == 1:
+                raise _Forbid(f"reshape splits the {self.units} units into blocks of {size}: no whole unit is left",
+                              user)
+            raise _Coarsen(units)
+        if split_off_one and not self.note:
+            self.note = (f"{user.name} reshapes the units to 1 x {size}: a single head or key/value "
+                         "group has nothing to slice across")
+        path = self._size_path(user, out_pos, len(out_shape), len(in_shape))
+        if path is not None:
+            self.resizes[(user, path)] = None
+        return out_pos - len(out_shape)
+
+    def _sizes(self, user: fx.Node, first: int) -> tuple[list[Any], tuple[int, ...]]:
+        """Size arguments from ``args[first]``: a list (``path`` to it) or varargs (path ``()``)."""
+        if user.kwargs:
+            raise _Forbid("sizes given as keywords", user)
+        if len(user.args) == first + 1 and isinstance(user.args[first], (list, tuple)):
+            return list(user.args[first]), (first,)
+        sizes = list(user.args[first:])
+        if any(isinstance(s, fx.Node) and not self.graph.is_scalar(s) for s in sizes):
+            raise _Forbid("reshape to a computed shape", user)
+        return sizes, ()
+
+    def _size_path(self, user: fx.Node, out_pos: int, out_rank: int, in_rank: int) -> tuple[int, ...] | None:
+        """Where the size of output dim ``out_pos`` is spelled, None when it is inferred."""
+        if _category(user) == "flatten":
+            return None
+        if user.target == "unflatten":
+            start = _norm_dim(_arg(user, 1, "dim"), in_rank)
+            sizes = list(_arg(user, 2, "sizes"))
+            if not start <= out_pos < start + len(sizes):
+                return None
+            k = out_pos - start
+            if sizes[k] == -1:
+                return None
+            if -1 in sizes:
+                raise _Forbid("unflatten infers another size (-1) besides the sliced one", user)
+            return (2, k)
+        sizes, path = self._sizes(user, 1)
+        if len(sizes) != out_rank:
+            raise _Forbid("reshape sizes do not match the recorded shape", user)
+        if isinstance(sizes[out_pos], int) and sizes[out_pos] == -1:
+            return None
+        if any(isinstance(s, int) and s == -1 for s in sizes):
+            raise _Forbid("reshape infers another dim (-1) besides the sliced one", user)
+        return (*path, out_pos) if path else (1 + out_pos,)
 
 
-def _is_transpose_12(node: fx.Node | None) -> bool:
-    return _is_method(node, "transpose") and tuple(node.args[1:]) in ((1, 2), (2, 1))
+class _Producers:
+    """Union-find over producers: the ones whose tensors meet take the same window."""
+
+    def __init__(self, nodes: list[fx.Node]):
+        self.parent = {n: n for n in nodes}
+
+    def find(self, n: fx.Node) -> fx.Node:
+        while self.parent[n] is not n:
+            self.parent[n] = self.parent[self.parent[n]]
+            n = self.parent[n]
+        return self.parent[n]
+
+    def union(self, a: fx.Node, b: fx.Node) -> None:
+        self.parent[self.find(b)] = self.find(a)
 
 
-def _heads_to_sdpa(branch: fx.Node, embed: int) -> tuple[fx.Node, fx.Node, tuple[int, int]]:
-    """From one q/k/v tensor to its attention call: ``(split, sdpa, (H, d))`` or _Forbid."""
-    split = _single_user(branch)
-    sizes = _head_split(split, embed)
-    if sizes is None:
-        raise _Forbid("heads are not split by unflatten(-1, (H, d)) / view(B, N, H, d) with literal sizes",
-                      split or branch)
-    trans = _single_user(split)
-    if not _is_transpose_12(trans):
-        raise _Forbid("heads are not moved by transpose(1, 2)", trans or split)
-    sdpa = _single_user(trans)
-    if sdpa is None or sdpa.target is not F.scaled_dot_product_attention or trans not in sdpa.args[:3]:
-        raise _Forbid("q/k/v do not meet in scaled_dot_product_attention", sdpa or trans)
-    return split, sdpa, sizes
+def _meet_operands(node: fx.Node, category: str) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(operands that must carry the window or broadcast over it, attention masks)."""
+    if category == "cat":
+        return [a for a in _arg(node, 0, "tensors") if isinstance(a, fx.Node)], []
+    if category == "sdpa":
+        qkv = [_arg(node, i, name) for i, name in enumerate(("query", "key", "value"))]
+        mask = _arg(node, 3, "attn_mask")
+        return [a for a in qkv if isinstance(a, fx.Node)], [mask] if isinstance(mask, fx.Node) else []
+    return list(node.all_input_nodes), []
 
 
-def _merge_heads(gm: fx.GraphModule, sdpa: fx.Node, embed: int) -> tuple[list[fx.Node], list[fx.Node], fx.Node]:
-    """SDPA -> transpose(1, 2) -> [contiguous] -> flatten(2) | reshape(B, N, E) -> out Linear."""
-    if len(sdpa.args) > 3 or sdpa.kwargs.get("attn_mask") is not None:
-        raise _Forbid("attention mask may carry a head dim", sdpa)
-    back = _single_user(sdpa)
-    if not _is_transpose_12(back):
-        raise _Forbid("attention output is not transpose(1, 2)", back or sdpa)
-    merge, passthrough, reshapes = _single_user(back), [sdpa, back], []
-    if _is_method(merge, "contiguous"):
-        passthrough.append(merge)
-        merge = _single_user(merge)
-    if _is_method(merge, "flatten") and merge.args[1:] in ((2,), (-2,)) and not merge.kwargs:
-        passthrough.append(merge)
-    elif (merge is not None and merge.op == "call_method" and merge.target in ("view", "reshape")
-          and len(merge.args) == 4 and _merges_heads(back, merge, embed)):
-        reshapes.append(merge)
-    else:
-        raise _Forbid("heads are not merged by flatten(2) or reshape(B, N, E)", merge or back)
-    out = _single_user(merge)
-    if out is None or _dense_kind(gm, out) != "linear" or _arg(out, 0, "input") is not merge:
-        raise _Forbid("merged heads do not feed an out-projection Linear", out or merge)
-    return passthrough, reshapes, out
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> str:
+    return module_name_of(node) or str(_arg(node, 1, "weight").target).rpartition(".")[0]
 
 
-def _merges_heads(heads: fx.Node, merge: fx.Node, embed: int) -> bool:
-    """True when ``reshape(B, N, E)`` of ``[B, N, H, d]`` keeps B, N and merges the heads."""
-    last = merge.args[3]
-    if isinstance(last, int) and last not in (embed, -1):
-        return False
-    before, after = heads.meta.get("sfx_shape"), merge.meta.get("sfx_shape")
-    if before is None or after is None:
-        # without recorded shapes, only a literal E or -1 proves the last dim is the heads
-        return isinstance(last, int)
-    return tuple(after[0]) == (*before[0][:2], embed)
-
-
-def _producer(gm: fx.GraphModule, node: fx.Node, offsets: tuple[int, ...]) -> SliceProducer:
-    bias = _arg(node, 2, "bias")
-    weight = str(_arg(node, 1, "weight").target)
-    return SliceProducer(node, weight, str(bias.target) if bias is not None else None, offsets)
-
-
-def _match_heads(gm: fx.GraphModule, producer: fx.Node) -> SliceGroup:
-    """The head group a q/k/v projection belongs to, or _Forbid saying where the pattern broke.
-
-    Fused (expanded ``nn.MultiheadAttention``): ``linear -> chunk(3, -1) -> [0], [1], [2]``,
-    each split into heads. Separate (HF style): three Linears, each split into heads, meeting
-    in one SDPA call as its q, k and v.
-    """
-    out_rows = gm.get_parameter(str(_arg(producer, 1, "weight").target)).shape[0]
-    first = _single_user(producer)
-    passthrough: list[fx.Node] = []
-    if _is_method(first, "chunk"):
-        if tuple(first.args[1:]) not in ((3, -1), (3, 2)):
-            raise _Forbid("q/k/v projection output is not chunk(3, -1)", first)
-        embed = out_rows // 3
-        items = sorted(first.users, key=lambda n: n.args[1] if n.target is operator.getitem else -1)
-        if [n.args[1] for n in items if n.target is operator.getitem] != [0, 1, 2]:
-            raise _Forbid("q/k/v chunk is not consumed as [0], [1], [2]", first)
-        branches = items
-        producers = [_producer(gm, producer, (0, embed, 2 * embed))]
-        passthrough += [first, *items]
-    else:
-        embed = out_rows
-        _, sdpa, _ = _heads_to_sdpa(producer, embed)
-        branches, producers = [], []
-        for arg in sdpa.args[:3]:
-            # walk back: transpose <- head split <- q/k/v Linear
-            split = arg.args[0] if isinstance(arg, fx.Node) and _is_transpose_12(arg) else None
-            linear = split.args[0] if isinstance(split, fx.Node) and split.args else None
-            if not isinstance(linear, fx.Node) or _dense_kind(gm, linear) != "linear":
-                raise _Forbid("an attention input is not a Linear split into heads", arg if isinstance(arg, fx.Node) else sdpa)
-            if gm.get_parameter(str(_arg(linear, 1, "weight").target)).shape[0] != embed:
-                raise _Forbid("q, k and v projections differ in width", linear)
-            branches.append(linear)
-            producers.append(_producer(gm, linear, (0,)))
-    sdpa = None
-    heads = None
-    reshapes: list[fx.Node] = []
-    for i, branch in enumerate(branches):
-        split, attn, sizes = _heads_to_sdpa(branch, embed)
-        if attn.args[i] is not _single_user(split):
-            raise _Forbid("q, k and v reach the attention call in the wrong order", attn)
-        if (sdpa is not None and attn is not sdpa) or (heads is not None and sizes != heads):
-            raise _Forbid("q, k and v go to different attention calls or head splits", attn)
-        sdpa, heads = attn, sizes
-        reshapes.append(split)
-        passthrough += [split, _single_user(split)]
-    assert sdpa is not None and heads is not None
-    merged, merge_reshapes, out = _merge_heads(gm, sdpa, embed)
-    return SliceGroup(
-        kind="heads",
-        units=heads[0],
-        unit_size=heads[1],
-        module=module_name_of(producer) or producers[0].weight.rpartition(".")[0],
-        producers=producers,
-        consumers=[SliceConsumer(out, str(_arg(out, 1, "weight").target))],
-        passthrough=passthrough + merged,
-        head_reshapes=reshapes + merge_reshapes,
-    )
+def _common_module(names: list[str]) -> str:
+    """The producer's module, or the innermost module holding several ('' for the graph root)."""
+    if len(set(names)) == 1:
+        return names[0]
+    common = []
+    for level in zip(*(n.split(".") for n in names)):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def find_slice_groups(gm: fx.GraphModule) -> SliceGroupAnalysis:
     """Every sliceable group of units in a canonical graph, and every producer that is not.
 
     Args:
-        gm: a canonical ``GraphModule`` (as made by :func:`sparsify_fx.capture`). Recorded
-            shapes (``node.meta["sfx_shape"]``) let BatchNorm1d / pooling / reductions after
-            a Linear be checked; without them such paths are refused.
+        gm: a canonical ``GraphModule`` (as made by :func:`sparsify_fx.capture`). Shapes
+            (recorded in ``node.meta["sfx_shape"]``, or export / Dynamo metadata) are needed
+            to follow the units through reshapes, transposes, broadcasts and BatchNorm1d /
+            pooling / reductions; without them such paths are refused.
 
     Returns:
-        A :class:`SliceGroupAnalysis`: one :class:`SliceGroup` per producer whose units can
-        be sliced, one :class:`ForbiddenSliceGroup` (with the reason and the node) per
-        Linear / Conv that cannot.
+        A :class:`SliceGroupAnalysis`: one :class:`SliceGroup` per set of producers whose
+        units can be sliced together, one :class:`ForbiddenSliceGroup` (with the reason and
+        the node) per Linear / Conv that cannot.
     """
+    graph = _Graph(gm)
     analysis = SliceGroupAnalysis()
-    module_calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    weight_uses = Counter(
-        str(_arg(n, 1, "weight").target) for n in gm.graph.nodes if _dense_kind(gm, n) is not None)
-    claimed: set[fx.Node] = set()  # k/v projections already grouped with their q projection
+    early: dict[fx.Node, str] = {}  # producers refused before any walk
+    modules: dict[fx.Node, str] = {}
     for op in find_dense_ops(gm)[0]:
         if op.kind == "matmul":  # otherwise this layer would be missing from the report
-            analysis.forbidden.append(ForbiddenSliceGroup(
-                op.node, op.module_name,
-                "weight in the transposed x @ W[in, out] layout (GPT-2 Conv1D / addmm): SliceOut slices "
-                "F.linear and convolutions only"))
+            modules[op.node] = op.module_name
+            early[op.node] = ("weight in the transposed x @ W[in, out] layout (GPT-2 Conv1D / addmm): SliceOut "
+                              "slices F.linear and convolutions only")
+    producers: list[fx.Node] = []
     for node in gm.graph.nodes:
         kind = _dense_kind(gm, node)
-        if kind is None or node in claimed:
+        if kind is None:
             continue
         weight = str(_arg(node, 1, "weight").target)
-        module = module_name_of(node) or weight.rpartition(".")[0]
+        if graph.weight_uses[weight] > 1:
+            early[node] = str(_Forbid(f"weight {weight} is shared by {graph.weight_uses[weight]} ops", node))
+        elif kind == "conv" and int(_arg(node, 6, "groups", 1)) != 1:
+            early[node] = str(_Forbid("grouped / depthwise conv producer", node))
+        else:
+            producers.append(node)
+
+    units: dict[fx.Node, int] = {}  # per producer; a walk starts with one unit per row (per section)
+    for _ in range(16):  # each round only lowers unit counts: a few rounds at most
+        walks = {p: _run_walk(graph, p, units) for p in producers}
+        sets, problems = _join(graph, walks)
+        changed = False
+        for root in {sets.find(p) for p in producers}:
+            members = [p for p in producers if sets.find(p) is root]
+            if any(p in problems for p in members):
+                continue
+            common = math.gcd(*(units[p] for p in members))
+            for p in members:
+                if units[p] != common:
+                    units[p], changed = common, True
+        if not changed:
+            break
+
+    forbidden: dict[fx.Node, str] = dict(early)
+    claimed_consumers: dict[fx.Node, fx.Node] = {}
+    groups: list[tuple[fx.Node, SliceGroup]] = []
+    roots = list(dict.fromkeys(sets.find(p) for p in producers))
+    for root in roots:
+        members = [p for p in producers if sets.find(p) is root]
         try:
-            if weight_uses[weight] > 1:
-                raise _Forbid(f"weight {weight} is shared by {weight_uses[weight]} ops", node)
-            if kind == "conv" and int(_arg(node, 6, "groups", 1)) != 1:
-                raise _Forbid("grouped / depthwise conv producer", node)
-            first = _single_user(node)
-            rows = gm.get_parameter(weight).shape[0]
-            if kind == "linear" and (_is_method(first, "chunk") or _head_split(first, rows) is not None):
-                group = _match_heads(gm, node)
-                claimed.update(p.node for p in group.producers)
-            else:
-                walk = _Walk(gm, module_calls)
-                walk.run(node, -1 if kind == "linear" else 1)
-                bias = _arg(node, 2, "bias")
-                group = SliceGroup(
-                    kind="channels",
-                    units=gm.get_parameter(weight).shape[0],
-                    unit_size=1,
-                    module=module,
-                    producers=[SliceProducer(node, weight, str(bias.target) if bias is not None else None)],
-                    consumers=walk.consumers,
-                    norms=walk.norms,
-                    passthrough=walk.passthrough,
-                )
-            for member in [*group.producers, *group.consumers]:
-                if weight_uses[member.weight] > 1:
-                    raise _Forbid(f"weight {member.weight} is shared", member.node)
-            if not group.consumers:
-                raise _Forbid("the units reach no consumer", node)
-        except _Forbid as e:
-            analysis.forbidden.append(ForbiddenSliceGroup(node, module, str(e)))
+            group = _build_group(graph, [walks[p] for p in members], problems)
+        except _GroupRefused as e:
+            forbidden.update(e.reasons)
             continue
-        analysis.groups.append(group)
+        for c in group.consumers:
+            if c.node in claimed_consumers:
+                forbidden.update({p.node: str(_Forbid("consumes two slice groups", c.node)) for p in group.producers})
+                break
+            claimed_consumers[c.node] = root
+        else:
+            groups.append((members[0], group))
+    analysis.groups = [g for _, g in sorted(groups, key=lambda item: graph.order[item[0]])]
+    for node in sorted(forbidden, key=graph.order.__getitem__):
+        module = modules.get(node) or _module_of(gm, node)
+        analysis.forbidden.append(ForbiddenSliceGroup(node, module, forbidden[node]))
     return analysis
+
+
+def _run_walk(graph: _Graph, producer: fx.Node, units: dict[fx.Node, int]) -> _Walk:
+    while True:
+        walk = _Walk(graph, producer, units.get(producer))
+        units[producer] = walk.units
+        try:
+            walk.run()
+        except _Coarsen as e:
+            units[producer] = e.units
+            continue
+        return walk
+
+
+def _join(graph: _Graph, walks: dict[fx.Node, _Walk]) -> tuple[_Producers, dict[fx.Node, tuple[int, str]]]:
+    """Join producers whose tensors meet; collect each producer's first problem (by node order)."""
+    gm = graph.gm
+    sets = _Producers(list(walks))
+    problems: dict[fx.Node, tuple[int, str]] = {}
+
+    def refuse(producer: fx.Node, node: fx.Node, reason: str) -> None:
+        if producer not in problems or graph.order[node] < problems[producer][0]:
+            problems[producer] = (graph.order[node], reason)
+
+    for p, walk in walks.items():
+        if walk.error is not None:
+            note = f" (note: {walk.note})" if walk.note else ""
+            refuse(p, walk.error.node, f"{walk.error}{note}")
+    carried: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+    for p, walk in walks.items():
+        for n, d in walk.dims.items():
+            carried.setdefault(n, []).append((p, d))
+    meets = sorted({m for w in walks.values() for m in w.meets}, key=graph.order.__getitem__)
+    for meet in meets:
+        category = _category(meet) or "mul"
+        operands, masks = _meet_operands(meet, category)
+        members = {p for o in operands for p, _ in carried.get(o, ())}
+        dims = {d for o in operands for _, d in carried.get(o, ())}
+        reason = None
+        if not dims:
+            continue
+        if len(dims) > 1:
+            reason = "the operands carry the units at different dims"
+        else:
+            dim = dims.pop()
+            free = [o for o in operands if o not in carried and not graph.broadcasts(o, dim)]
+            if free:
+                reason = _MEET_REASONS[category]
+                if category == "sdpa":
+                    feeders = _upstream_producers(gm, free[0])
+                    why = [f"{_module_of(gm, f)}: {walks[f].note or walks[f].error.reason}" for f in feeders
+                           if f in walks and walks[f].error is not None]
+                    reason = f"attention input {free[0].name} is not sliced with the same heads" + (
+                        f" ({'; '.join(why)})" if why else "")
+            for mask in masks:
+                if reason is None and not graph.broadcasts(mask, dim):
+                    shape = graph.shape(mask)
+                    reason = ("attention mask may carry a head dim" if shape is None else
+                              f"attention mask has {shape[dim]} entries along the head dim (it would need the same window)")
+            roots = {sets.find(p) for p in members}
+            if reason is None and len(roots) > 1 and category in ("add", "cat"):
+                reason = _MEET_REASONS[category]
+        if reason is not None:
+            for p in members:
+                refuse(p, meet, f"{reason}: {meet.format_node()}")
+            continue
+        first, *rest = members
+        for p in rest:
+            sets.union(first, p)
+    return sets, problems
+
+
+class _GroupRefused(Exception):
+    def __init__(self, reasons: dict[fx.Node, str]):
+        super().__init__(reasons)
+        self.reasons = reasons
+
+
+def _build_group(graph: _Graph, walks: list[_Walk], problems: dict[fx.Node, tuple[int, str]]) -> SliceGroup:
+    gm = graph.gm
+    members = [w.producer for w in walks]
+    bad = sorted((problems[p][0], p) for p in members if p in problems)
+    if bad:
+        _, culprit = bad[0]
+        shared = f"sliced together with {_module_of(gm, culprit)}, which cannot be: {problems[culprit][1]}"
+        raise _GroupRefused({p: problems[p][1] if p in problems else shared for p in members})
+    units = walks[0].units
+    producers = [SliceProducer(w.producer, w.weight, w.bias, w.offsets, w.section_rows // units) for w in walks]
+    consumers: dict[fx.Node, SliceConsumer] = {}
+    norms: dict[fx.Node, None] = {}
+    passthrough: dict[fx.Node, None] = {}
+    resizes: dict[tuple[fx.Node, tuple[int, ...]], None] = {}
+    for w in walks:
+        consumers.update(w.consumers)
+        norms.update(w.norms)
+        passthrough.update(dict.fromkeys(w.passthrough))
+        resizes.update(w.resizes)
+    try:
+        if not consumers:
+            raise _Forbid("the units reach no consumer", members[0])
+        for member in [*producers, *consumers.values()]:
+            if graph.weight_uses[member.weight] > 1:
+                raise _Forbid(f"weight {member.weight} is shared", member.node)
+    except _Forbid as e:
+        raise _GroupRefused({p: str(e) for p in members}) from None
+    return SliceGroup(
+        kind="heads" if any(p.unit_size > 1 for p in producers) else "channels",
+        units=units,
+        unit_size=producers[0].unit_size,
+        module=_common_module([_module_of(gm, p) for p in members]),
+        producers=producers,
+        consumers=sorted(consumers.values(), key=lambda c: graph.order[c.node]),
+        norms=sorted(norms, key=graph.order.__getitem__),
+        passthrough=[n for n in sorted(passthrough, key=graph.order.__getitem__) if n not in consumers],
+        resizes=sorted(resizes, key=lambda r: graph.order[r[0]]),
+    )

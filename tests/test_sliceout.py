@@ -84,6 +84,76 @@ class SeparateQKV(nn.Module):
         return self.norm(self.o(o))
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def repeat_kv(x, n_rep: int):
+    b, kv, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, n_rep, t, d).reshape(b, kv * n_rep, t, d)
+
+
+class LlamaAttention(nn.Module):
+    """Llama-style: separate q/k/v, view(B, T, -1, d), RoPE, grouped-query attention, a mask."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, seq: int):
+        super().__init__()
+        self.d, self.n_rep = hidden // heads, heads // kv_heads
+        self.q = nn.Linear(hidden, heads * self.d, bias=False)
+        self.k = nn.Linear(hidden, kv_heads * self.d, bias=False)
+        self.v = nn.Linear(hidden, kv_heads * self.d, bias=False)
+        self.o = nn.Linear(heads * self.d, hidden, bias=False)
+        angles = torch.arange(seq)[:, None] * torch.arange(1, self.d // 2 + 1)[None] / seq
+        self.register_buffer("cos", torch.cat([angles.cos()] * 2, -1))
+        self.register_buffer("sin", torch.cat([angles.sin()] * 2, -1))
+        self.register_buffer("mask", torch.ones(seq, seq, dtype=torch.bool).tril()[None, None])
+
+    def heads(self, h, proj):
+        b, t, _ = h.shape
+        return proj(h).view(b, t, -1, self.d).transpose(1, 2)
+
+    def forward(self, h):
+        q, k, v = self.heads(h, self.q), self.heads(h, self.k), self.heads(h, self.v)
+        q = q * self.cos + rotate_half(q) * self.sin
+        k = k * self.cos + rotate_half(k) * self.sin
+        o = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), attn_mask=self.mask)
+        return self.o(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate, self.up = nn.Linear(hidden, inner, bias=False), nn.Linear(hidden, inner, bias=False)
+        self.down = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, h):
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class LlamaBlock(nn.Module):
+    """RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU MLP -> residual (pre-norm)."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4, kv_heads: int = 2, inner: int = 64, seq: int = 6):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(hidden), RMSNorm(hidden)
+        self.attn = LlamaAttention(hidden, heads, kv_heads, seq)
+        self.mlp = SwiGLU(hidden, inner)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
 def _groups(model: nn.Module, x: torch.Tensor) -> sfx.SliceGroupAnalysis:
     cap = sfx.capture(model, example_inputs=(x,))
     sfx.ShapeRecorder(cap.graph_module).run(x)
@@ -143,7 +213,8 @@ def test_groups_attention_heads():
     [producer] = group.producers
     assert producer.weight == "attn.in_proj_weight" and producer.offsets == (0, 16, 32)
     assert [c.weight for c in group.consumers] == ["attn.out_proj.weight"]
-    assert len(group.head_reshapes) == 3
+    # each unflatten(-1, (4, 4)) gets its head count freed: unflatten(-1, (-1, 4)) in the rewrite
+    assert [(n.target, path) for n, path in group.resizes] == [("unflatten", (2, 0))] * 3
     # the out-projection feeds a LayerNorm over its units
     [out] = analysis.forbidden
     assert out.module == "attn.out_proj"
@@ -153,9 +224,11 @@ def test_groups_separate_qkv_heads():
     analysis = _groups(SeparateQKV(), torch.randn(2, 5, 16))
     [group] = analysis.groups
     assert (group.kind, group.units, group.unit_size) == ("heads", 4, 4)
-    assert [p.weight for p in group.producers] == ["q.weight", "k.weight", "v.weight"]
-    assert [c.weight for c in group.consumers] == ["o.weight"]
-    assert [n.target for n in group.head_reshapes] == ["view", "view", "view", "reshape"]
+    assert [p.weight for p in group.producers] == ["k.weight", "q.weight", "v.weight"]  # graph order
+    assert [p.unit_size for p in group.producers] == [4, 4, 4]
+    assert [(c.weight, c.unit_size) for c in group.consumers] == [("o.weight", 4)]
+    # view(b, n, 4, 4): the literal head count; reshape(b, n, e): e (read from x.shape) is the full width
+    assert [(n.target, path) for n, path in group.resizes] == [("view", (3,))] * 3 + [("reshape", (3,))]
     assert [f.module for f in analysis.forbidden] == ["o"]
 
 
@@ -280,6 +353,111 @@ def test_separate_qkv_grads_match_explicitly_sliced_model():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+LLAMA_CAPTURES = ["symbolic_trace", "export"]
+
+
+def _llama(capture: str, kv_heads: int = 2, **config):
+    torch.manual_seed(0)
+    model, x = LlamaBlock(kv_heads=kv_heads), torch.randn(2, 6, 32)
+    fast = sfx.sparsify(model, sfx.SliceOut(**{"p": 0.5, "skip_first_last": False, **config}),
+                        example_inputs=(x,), capture_methods=(capture,))
+    assert fast.sfx_record.capture_method == capture
+    return model, fast, x
+
+
+@pytest.mark.parametrize("capture", LLAMA_CAPTURES)
+def test_groups_llama_swiglu_and_grouped_query_heads(capture):
+    torch.manual_seed(0)
+    model, x = LlamaBlock(), torch.randn(2, 6, 32)
+    cap = sfx.capture(model, (x,), methods=(capture,))
+    sfx.ShapeRecorder(cap.graph_module).run(x)
+    analysis = sfx.find_slice_groups(cap.graph_module)
+    groups = {g.module: g for g in analysis.groups}
+    assert set(groups) == {"attn", "mlp"}
+    heads, mlp = groups["attn"], groups["mlp"]
+    # grouped-query attention: the units are the 2 key/value groups, each with 2 query heads of 8
+    assert (heads.kind, heads.units) == ("heads", 2)
+    assert {p.weight: p.unit_size for p in heads.producers} == {"attn.q.weight": 16, "attn.k.weight": 8,
+                                                                "attn.v.weight": 8}
+    assert [(c.weight, c.unit_size) for c in heads.consumers] == [("attn.o.weight", 16)]
+    # repeat_kv's expand(b, 2, n_rep, t, d) and reshape(b, 4, t, d) spell the group count: freed
+    assert sorted(n.target for n, _ in heads.resizes) == ["expand", "expand", "reshape", "reshape"]
+    # SwiGLU: gate and up are multiplied, so they take one window; down consumes it
+    assert (mlp.kind, mlp.units) == ("channels", 64)
+    assert [p.weight for p in mlp.producers] == ["mlp.gate.weight", "mlp.up.weight"]
+    assert [c.weight for c in mlp.consumers] == ["mlp.down.weight"]
+    reasons = {f.module: f.reason for f in analysis.forbidden}
+    assert set(reasons) == {"attn.o", "mlp.down"}
+    assert all("residual add" in r for r in reasons.values())
+
+
+@pytest.mark.parametrize("capture", LLAMA_CAPTURES)
+def test_llama_block_eval_exact_and_report(capture):
+    model, fast, x = _llama(capture)
+    assert fast.sfx_record.verification.ok
+    fast.train()
+    fast(x).pow(2).mean().backward()  # a training step leaves eval exact
+    fast.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    report = sfx.explain(fast)
+    rewrites = {r.module: r.details for r in report.rewrites}
+    assert {m: (d["units"], d["width"]) for m, d in rewrites.items()} == {"attn": (2, 1), "mlp": (64, 32)}
+    skipped = {s.module: s.reason for s in report.skipped}
+    assert set(skipped) == {"attn.o", "mlp.down"}
+    # every dense layer is named: sliced (rows / columns) or skipped with its reason
+    named = " ".join(" ".join(d["sliced"]) for d in rewrites.values()) + " " + " ".join(skipped)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            assert name in named, name
+
+
+@pytest.mark.parametrize("capture", LLAMA_CAPTURES)
+def test_llama_block_grads_match_explicitly_sliced_model(capture):
+    model, fast, x = _llama(capture)
+    win = {w.name: w for w in _windows(fast)}
+    assert {n: (w.units, w.width) for n, w in win.items()} == {"attn": (2, 1), "mlp": (64, 32)}
+    win["attn"].fixed, win["mlp"].fixed = 1, 24  # key/value group 1 (query heads 2, 3); units 24..56
+    params = list(model.parameters())
+    out, grads = _grads(lambda: fast.train()(x), params)
+    attn, mlp = model.attn, model.mlp
+
+    def reference():
+        h = model.norm1(x)
+
+        def heads(w):
+            return F.linear(h, w).view(2, 6, -1, 8).transpose(1, 2)
+
+        q, k, v = heads(attn.q.weight[16:32]), heads(attn.k.weight[8:16]), heads(attn.v.weight[8:16])
+        q = q * attn.cos + rotate_half(q) * attn.sin
+        k = k * attn.cos + rotate_half(k) * attn.sin
+        o = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=attn.mask)
+        y = x + F.linear(o.transpose(1, 2).reshape(2, 6, 16) * 2.0, attn.o.weight[:, 16:32])
+        h = model.norm2(y)
+        gated = F.silu(F.linear(h, mlp.gate.weight[24:56])) * F.linear(h, mlp.up.weight[24:56])
+        return y + F.linear(gated * 2.0, mlp.down.weight[:, 24:56])
+
+    ref, ref_grads = _grads(reference, params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert attn.k.weight.grad[:8].abs().sum() == 0 and mlp.up.weight.grad[:24].abs().sum() == 0
+
+
+@pytest.mark.parametrize("capture", LLAMA_CAPTURES)
+def test_llama_block_single_kv_head_is_reported(capture):
+    # one key/value head: no whole group of heads to drop; the MLP is still sliced
+    model, fast, x = _llama(capture, kv_heads=1)
+    report = sfx.explain(fast)
+    assert [r.module for r in report.rewrites] == ["mlp"]
+    skipped = {s.module: s.reason for s in report.skipped}
+    assert set(skipped) == {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.down"}
+    for name in ("attn.k", "attn.v"):
+        assert "a single head or key/value group" in skipped[name]
+    assert "not sliced with the same heads" in skipped["attn.q"] and "attn.k" in skipped["attn.q"]
+    assert fast.sfx_record.verification.ok
 
 
 def test_op_modules_have_no_state_and_eval_is_dense():
