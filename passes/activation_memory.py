@@ -147,20 +147,45 @@ class ActivationMemory(PassConfig):
 # ---------------------------------------------------------------- value compression
 
 
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+#: int8 code of a non-finite element (codes -127..127 hold finite values); decompressed as NaN
+NONFINITE_CODE = -128
+
+
+def _to_bf16(x: torch.Tensor) -> torch.Tensor:
+    # float32 values within half a bf16 ulp of float32's maximum round up to inf, which would
+    # turn a finite gradient into NaN (gelu_backward(g, inf) is NaN): saturate them. Adding
+    # 0 * x adds 0 where x is finite and NaN where it is not, so +-inf is stored as NaN: every
+    # backward reading this (GELU / SiLU, whose derivative at +-inf is NaN; normalised
+    # tensors, NaN wherever an input is inf) gives the same result. Two passes instead of
+    # isinf + where's four (tests/test_numerics.py pins the behaviour).
+    if x.dtype == torch.float32 or x.dtype == torch.float64:
+        x = x.clamp(-_BF16_MAX, _BF16_MAX).add_(x, alpha=0)
+    return x.to(torch.bfloat16)
+
+
 def compress(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(payload, scale)``: bf16 copy (empty scale), or int8 blocks with fp32 absmax scales."""
+    """``(payload, scale)``: bf16 copy (empty scale), or int8 blocks with fp32 absmax scales.
+
+    Non-finite values propagate: bf16 stores NaN for inf / NaN (and saturates finite values
+    beyond its range instead of rounding them to inf); int8 scales each block by its largest *finite*
+    magnitude and stores inf / NaN elements as :data:`NONFINITE_CODE`, decompressed as NaN
+    (what the dense GELU / SiLU backward gives at +-inf). So one inf in a block neither turns
+    its neighbours into NaN nor is it lost.
+    """
     x = x.detach()
     if storage == "bf16":
-        return x.to(torch.bfloat16), x.new_empty(0, dtype=torch.float32)
+        return _to_bf16(x), x.new_empty(0, dtype=torch.float32)
     flat = x.reshape(-1)
     pad = (-flat.numel()) % block
     if pad:
         flat = F.pad(flat, (0, pad))
     rows = flat.view(-1, block).float()
-    scale = rows.abs().amax(1, keepdim=True) / 127.0
+    scale = rows.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(1, keepdim=True) / 127.0
     # an all-zero block has scale 0; dividing by the tiny clamp keeps it exactly zero
-    q = torch.round(rows / scale.clamp_min(1e-30)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    q = torch.round(rows / scale.clamp_min(1e-30))
+    q = q.nan_to_num_(nan=NONFINITE_CODE, posinf=NONFINITE_CODE, neginf=NONFINITE_CODE)
+    return q.clamp_(NONFINITE_CODE, 127).to(torch.int8), scale
 
 
 def decompress(
@@ -170,7 +195,8 @@ def decompress(
     if payload.dtype == torch.bfloat16:
         return payload.to(dtype)
     numel = math.prod(shape)
-    return (payload.float() * scale).view(-1)[:numel].view(shape).to(dtype)
+    values = (payload.float() * scale).masked_fill_(payload == NONFINITE_CODE, float("nan"))
+    return values.view(-1)[:numel].view(shape).to(dtype)
 
 
 def _fake_payload(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -913,7 +939,9 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
         replaced = fused[0] if fused else node
         with gm.graph.inserting_before(replaced):
             new = gm.graph.call_module(target, tuple(args))
-        new.meta["sfx_module"] = module_name
+        # a fused op *is* the Linear call now: later passes skip it under the Linear's name
+        linear = sfx.module_name_of(fused[0]) if fused else ""
+        new.meta["sfx_module"] = linear or module_name
         origin = node.name
         sfx.replace_node(replaced, new)
         if fused:  # the activation (and identity dropouts) now feed nothing
@@ -929,7 +957,8 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
             Rewrite(
                 ctx.pass_name, origin, ctx.qualified(module_name), op, target,
                 saved_bytes_before=before, saved_bytes_after=after,
-                details={"storage": getattr(op_module, "storage", "recompute" if fused else "bitmask")},
+                details={"storage": getattr(op_module, "storage", "recompute" if fused else "bitmask"),
+                         **({"fused_linear": ctx.qualified(linear)} if fused else {})},
             )
         )
         result.modified = True

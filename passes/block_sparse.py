@@ -184,9 +184,11 @@ class CompressedBlocks(NamedTuple):
 
 
 def _score(blocks: torch.Tensor, dims: tuple[int, int], norm: str) -> torch.Tensor:
-    # float32 accumulation: a half-precision sum of b*b squares overflows/ties easily
+    # at least float32 accumulation: a half-precision sum of b*b squares overflows/ties easily
+    # (float64 inputs keep float64: vector_norm refuses to narrow)
     order = 1 if norm == "l1" else 2
-    return torch.linalg.vector_norm(blocks, order, dim=dims, dtype=torch.float32).reshape(-1)
+    dtype = torch.promote_types(blocks.dtype, torch.float32)
+    return torch.linalg.vector_norm(blocks, order, dim=dims, dtype=dtype).reshape(-1)
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -330,6 +332,10 @@ def _block_sparse_dense(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 ]:
     out = _dense(x, weight, bias, kind, dilation)
+    if out._is_view():
+        # below autograd a conv1d is a squeezed conv2d: a view output of a multi-output op
+        # cannot be modified in place afterwards (an inplace ReLU would raise)
+        out = out.clone()
     return (out, *compress_blocks(_rows_view(x, kind), block, density, norm))
 
 

@@ -139,7 +139,11 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     flat = x.detach().reshape(-1)
     n = flat.numel()
     cap = _capacity(n, keep)
-    magnitude = flat.abs()
+    # NaN ranks above every number (as in torch.topk) and inf above every finite value, so
+    # non-finite inputs are kept and reach grad_weight instead of being dropped as zeros
+    magnitude = flat.abs().nan_to_num_(nan=float("inf"))
+    # a cut-off is at most the largest finite value: inf always passes "> cutoff"
+    largest = torch.finfo(magnitude.dtype).max
     sample = magnitude[:: max(1, n // _SAMPLE)]
     m = sample.numel()
     dropped = m - min(m, math.ceil(keep * m))
@@ -147,12 +151,12 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
         mask = torch.ones_like(flat, dtype=torch.bool)
     else:
         # strictly above the largest dropped sample value: ties (ReLU's zeros) are dropped
-        cutoff = torch.kthvalue(sample, dropped).values
+        cutoff = torch.kthvalue(sample, dropped).values.clamp(max=largest)
         mask = magnitude > cutoff
     count = int(torch.count_nonzero(mask))
     if count > cap:
         candidates = magnitude[mask]
-        mask = magnitude > torch.kthvalue(candidates, count - cap).values
+        mask = magnitude > torch.kthvalue(candidates, count - cap).values.clamp(max=largest)
         count = int(torch.count_nonzero(mask))
         if count > cap:  # ties at the exact cut-off: keep the first ``cap`` in flat order
             mask &= torch.cumsum(mask, 0) <= cap
@@ -281,6 +285,10 @@ def _dropit_conv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     zeros = [0] * len(stride)
     out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+    if out._is_view():
+        # below autograd a conv1d is a squeezed conv2d: a view output of a multi-output op
+        # cannot be modified in place afterwards (an inplace ReLU would raise)
+        out = out.clone()
     values, index = compress(x, keep, chunk, selection)
     return out, values, index
 

@@ -594,10 +594,18 @@ def _candidate_reason(gm: fx.GraphModule, op: sfx.DenseOp, config: IsoFLOP, ctx:
     if op.kind == "matmul" and weight.dim() != 2:
         return "matmul weight is not 2-D"
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and str(node.target) == op.weight_name:
+        # tied weights are one Parameter under several names (out.weight = embed.weight)
+        if node.op == "get_attr" and _attr(gm, str(node.target)) is weight:
             if any(user is not op.node for user in node.users):
                 return "weight is shared with another op (tied weights); rewriting one use would untie them"
     return None
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return None
 
 
 def _layer_of(gm: fx.GraphModule, op: sfx.DenseOp) -> _Layer:

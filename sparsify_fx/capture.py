@@ -82,10 +82,14 @@ def _modes(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = saved.get(name, m.training)
 
 
+# containers are not layers: their children are (a ModuleList is never even called)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _is_torch_nn_leaf(m: nn.Module) -> bool:
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
-        m, nn.Sequential
+        m, _CONTAINERS
     )
 
 
@@ -183,9 +187,84 @@ def _mirror_tree(gm: fx.GraphModule, root: nn.Module) -> None:
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set) | set(extra_buffers)
 
 
+def _convert_buffers_in_place(module: nn.Module, fn: Callable) -> None:
+    """Apply a ``.to()`` / ``.cuda()`` / ``.double()`` conversion to every buffer in place.
+
+    ``nn.Module._apply`` converts parameters in place (``param.data = fn(param)``) but *replaces*
+    buffers, which would silently end the sharing with the original model: the result would
+    train its own BatchNorm statistics and leave the original half moved (parameters converted,
+    buffers not). Converting buffers in place first keeps every tensor shared; the replacement
+    ``_apply`` then makes is a no-op (``fn`` of an already converted tensor is that tensor).
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            for buf in m._buffers.values():
+                if buf is not None:
+                    new = fn(buf)
+                    if new is not buf:
+                        buf.data = new
+
+
+class _SharedStateGraphModule(fx.GraphModule):
+    """A captured GraphModule whose device / dtype conversions keep buffers shared with the
+    original model (see :func:`_convert_buffers_in_place`), and whose copies and pickles keep
+    what ``fx.GraphModule`` would drop: forward hooks carried from the model, the
+    ``sfx_record`` and the model's plain attributes."""
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        if recurse:
+            _convert_buffers_in_place(self, fn)
+        return super()._apply(fn, recurse)
+
+    def __deepcopy__(self, memo: dict) -> fx.GraphModule:
+        res = super().__deepcopy__(memo)
+        # GraphModule.__init__ keeps only what the graph references (and state-dict hooks)
+        for key, value in self.__dict__.items():
+            if key not in res.__dict__ or (key in _HOOK_DICTS and value):
+                res.__dict__[key] = copy.deepcopy(value, memo)
+        return res
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _, (body, import_block) = super().__reduce__()
+        return (_rebuild_captured, (body, import_block))
+
+
+def _rebuild_captured(body: dict[str, Any], import_block: str) -> fx.GraphModule:
+    """Unpickle a :class:`_SharedStateGraphModule` (fx's own reducer returns a plain
+    GraphModule without the hooks)."""
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
+    gm = _deserialize_graph_module(forward, body, graph_module_cls=_SharedStateGraphModule)
+    for key in _HOOK_DICTS:
+        if body.get(key):
+            gm.__dict__[key] = body[key]
+    return gm
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _carry_hooks(gm: nn.Module, module: nn.Module) -> None:
+    """The traced module's own hooks run around its forward, which tracing does not see: the
+    GraphModule replacing it must run them (forward hooks on the root model, state-dict hooks)."""
+    for name in _HOOK_DICTS:
+        hooks = module.__dict__.get(name)
+        if hooks:
+            gm.__dict__[name] = type(hooks)(hooks)
+    if module.__dict__.get("_is_full_backward_hook") is not None:
+        gm._is_full_backward_hook = module._is_full_backward_hook
+
+
 def _make_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm = _SharedStateGraphModule(module, graph, class_name=type(module).__name__)
     _mirror_tree(gm, module)
+    _carry_hooks(gm, module)
     gm.training = module.training
     return gm
 
@@ -288,10 +367,23 @@ def _copy_plain_attributes(src: nn.Module, gm: fx.GraphModule) -> None:
         gm.__dict__[key] = value
 
 
+class _InputsDoNotRun(CaptureError):
+    """The model raised on the example inputs: no capture method can do better."""
+
+
 def _capture_submodules(
     model: nn.Module, args: tuple | None, kwargs: dict | None, root_reason: str
 ) -> Capture:
-    calls = _record_calls(model, args, kwargs or {}) if args is not None else {}
+    calls: dict[int, list[tuple[tuple, dict]]] = {}
+    if args is not None:
+        try:
+            calls = _record_calls(model, args, kwargs or {})
+        except Exception as e:
+            raise _InputsDoNotRun(
+                f"{type(model).__name__} raises on the example inputs (eval mode, no grad): "
+                f"{_short(e)}. Pass example_inputs of the shape, dtype and device the model takes "
+                "(positional, as a tuple; keyword inputs as example_kwargs)."
+            ) from e
     graphs: dict[str, fx.GraphModule] = {}
     notes = [f"root ({type(model).__name__}) kept as Python: {root_reason}"]
 
@@ -301,6 +393,9 @@ def _capture_submodules(
                 continue
             path = prefix + cname
             if not any(True for _ in child.parameters()):
+                continue
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                visit(child, path + ".")  # never called itself: its children are
                 continue
             if _is_torch_nn_leaf(child) and type(child) not in DENSE_LAYER_TYPES:
                 continue  # torch.nn layers are units; their internals are not rewritable
@@ -339,6 +434,27 @@ def _capture_submodules(
     if not graphs:
         raise CaptureError("no submodule with parameters could be traced")
     return Capture(model, "submodules", graphs, notes)
+
+
+def _dense_layers_traced_alone(cap: Capture, model: nn.Module) -> list[str]:
+    """torch.nn layers of ``model`` (the user's, unchanged) whose parent block stayed Python.
+
+    Such layers are captured one by one (or not at all, for norms and activations), so passes
+    that follow a tensor from layer to layer see nothing of the block. Layers directly under
+    the root do not count: an untraceable root is what per-submodule capture is for.
+    """
+    def covered(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in cap.graphs for i in range(1, len(parts) + 1))
+
+    alone = []
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0]
+        if not parent or not _is_torch_nn_leaf(module) or next(module.children(), None) is not None:
+            continue
+        if not covered(parent) and isinstance(module, (*DENSE_LAYER_TYPES, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+            alone.append(name)
+    return alone
 
 
 def _unreached_parameters(cap: Capture, model: nn.Module) -> list[str]:
@@ -392,18 +508,35 @@ def _restore_mode_ops(gm: fx.GraphModule) -> list[str]:
     return unresolved
 
 
+def _counts_batches(node: fx.Node, buffers: dict[str, str]) -> bool:
+    """A training graph's ``num_batches_tracked += 1``: the BatchNorm module call put back in
+    place of ``aten.batch_norm`` does it itself (the eval graph, the one kept, has none)."""
+    if node.target is not torch.ops.aten.add_.Tensor or not node.args:
+        return False
+    target = node.args[0]
+    return (isinstance(target, fx.Node) and target.op == "placeholder"
+            and buffers.get(target.name, "").endswith("num_batches_tracked"))
+
+
 def _capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Capture:
+    hooked = [name or "(root)" for name, m in model.named_modules() if _has_hooks(m)]
+    if hooked:
+        # export runs hooks once while tracing and keeps only their tensor ops: a hook that
+        # logs, collects features or counts calls would silently stop running
+        raise CaptureError(f"export would inline the hooks of {hooked[:3]} (their Python side effects would be lost)")
     keys = []
     programs = []
     for training in (True, False):
         with _modes(model, training):
             ep = torch.export.export(model, tuple(args), kwargs or None, strict=False)
         programs.append(ep)
+        buffers = ep.graph_signature.inputs_to_buffers
         keys.append(
             [
                 str(n.target)
                 for n in ep.graph.nodes
                 if n.op == "call_function" and n.target not in _MODE_OPS
+                and not _counts_batches(n, buffers)
             ]
         )
     if keys[0] != keys[1]:
@@ -411,10 +544,18 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captu
     unlifted = programs[1].module()
     # the unlifted module refuses train()/eval(); a plain GraphModule over the same graph
     # (its pytree codegen included) does not
-    gm = fx.GraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
+    gm = _SharedStateGraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
     for name, m in model._modules.items():
         gm._modules[name] = m
     gm.register_forward_pre_hook(_ShapeGuard(args, kwargs or {}), with_kwargs=True)
+    # export's own input guard is a module whose forward is a local function: it cannot be
+    # pickled, and the shape guard above already rejects inputs the graph was not made for
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    if "_guards_fn" in gm._modules and not any(
+            n.op == "call_module" and n.target == "_guards_fn" for n in gm.graph.nodes):
+        del gm._modules["_guards_fn"]
     unresolved = _restore_mode_ops(gm)
     if unresolved:
         raise CaptureError(
@@ -476,6 +617,11 @@ class DynamoCaptured(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # keys of the original model
         return self.model.state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        if recurse:
+            _convert_buffers_in_place(self, fn)
+        return super()._apply(fn, recurse)
 
 
 def _capture_dynamo(model: nn.Module, args: tuple, kwargs: dict | None) -> Capture:
@@ -550,11 +696,21 @@ def capture(
             if method == "submodules":
                 cap = _capture_submodules(work, args, kwargs, failures.get("symbolic_trace", ""))
                 missing = _unreached_parameters(cap, work)
-                if not missing:
+                alone = _dense_layers_traced_alone(cap, model)
+                if not missing and not alone:
                     return _finish(cap, failures)
-                cap.notes.append(f"parameters of {missing[:5]} are used by untraced Python code")
                 partial = cap
-                failures[method] = f"partial: {len(missing)} module(s) not reached ({', '.join(missing[:3])})"
+                if missing:
+                    cap.notes.append(f"parameters of {missing[:5]} are used by untraced Python code")
+                    failures[method] = f"partial: {len(missing)} module(s) not reached ({', '.join(missing[:3])})"
+                else:
+                    # every layer is reachable, but one by one: passes that follow a tensor from
+                    # one layer to the next (SliceOut, IsoFLOP, fused recompute) would see none of
+                    # it, so a whole-graph method is tried first and this is the fallback
+                    cap.notes.append(f"{len(alone)} layer(s) captured one by one, their blocks untraceable: "
+                                     f"{', '.join(alone[:3])}")
+                    failures[method] = (f"partial: {len(alone)} layer(s) captured one by one, their blocks "
+                                        f"untraceable ({', '.join(alone[:3])}); whole-graph methods tried first")
                 continue
             if args is None:
                 failures[method] = "needs example_inputs"
@@ -564,7 +720,7 @@ def capture(
             if method == "dynamo":
                 return _finish(_capture_dynamo(work, args, kwargs), failures)
         except CaptureError as e:
-            if "example inputs do not match" in str(e):
+            if isinstance(e, _InputsDoNotRun) or "example inputs do not match" in str(e):
                 raise
             failures[method] = _short(e)
         except Exception as e:  # noqa: BLE001 - recorded and reported together below
@@ -572,12 +728,13 @@ def capture(
     if partial is not None:
         return _finish(partial, {k: v for k, v in failures.items() if k != "submodules"})
     lines = "\n".join(f"  - {m}: {why}" for m, why in failures.items())
-    raise CaptureError(
-        f"no capture method could handle {type(model).__name__}:\n{lines}\n"
-        "Give example_inputs (and example_kwargs) so export/Dynamo can be tried, or mark "
-        "the untraceable code with torch.fx.wrap.",
-        failures,
-    )
+    if args is None:
+        hint = ("Give example_inputs (and example_kwargs) so export/Dynamo can be tried, or mark "
+                "the untraceable code with torch.fx.wrap.")
+    else:
+        hint = ("Mark the untraceable code with torch.fx.wrap, or move it out of forward "
+                "(data-dependent Python control flow cannot be captured as one graph).")
+    raise CaptureError(f"no capture method could handle {type(model).__name__}:\n{lines}\n{hint}", failures)
 
 
 def _finish(cap: Capture, failures: dict[str, str]) -> Capture:

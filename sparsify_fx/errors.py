@@ -17,7 +17,8 @@ class SparsifyError(Exception):
 
 
 class ConfigError(SparsifyError, ValueError):
-    """A pass config got an invalid value (the message names the field and the value)."""
+    """A pass config or an argument got an invalid value (the message names the field or
+    argument, the value received and what to pass instead). See ``docs/errors.md``."""
 
 
 class RecipeError(SparsifyError, ValueError):

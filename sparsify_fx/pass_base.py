@@ -112,6 +112,17 @@ def _restore(gm: fx.GraphModule, snap: tuple[fx.Graph, dict[str, Any], dict[str,
     gm.recompile()
 
 
+def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[Any, int]]:
+    """Each parameter / buffer and its in-place version counter (shared with the user's model)."""
+    tensors = dict(gm.named_parameters())
+    tensors.update(gm.named_buffers())
+    return {name: (t, t._version) for name, t in tensors.items()}
+
+
+def _mutated(versions: dict[str, tuple[Any, int]]) -> list[str]:
+    return [name for name, (t, version) in versions.items() if t._version != version]
+
+
 def run_passes(
     graphs: dict[str, fx.GraphModule],
     configs: Sequence[PassConfig],
@@ -120,7 +131,10 @@ def run_passes(
     """Apply each config's pass to every graph, in order; lint + recompile after each.
 
     A pass that raises leaves its graph exactly as before the pass, and the error is re-raised
-    as :class:`PassError` naming the pass and the node it was working on.
+    as :class:`PassError` naming the pass and the node it was working on. A pass that modifies
+    a parameter or buffer in place (they are the user's model's own tensors) is refused the
+    same way: the message names the tensors, since their values cannot be rolled back.
+    Op modules a pass installs take the graph's train/eval mode.
     """
     results = []
     for config in configs:
@@ -129,19 +143,40 @@ def run_passes(
         for prefix, gm in graphs.items():
             ctx = PassContext(prefix=prefix + "." if prefix else "", first_last=first_last, pass_name=spec.name)
             snap = _snapshot(gm)
+            versions = _tensor_versions(gm)
             try:
                 result = spec.transform(gm, config, ctx)
                 if not isinstance(result, PassResult):
                     raise TypeError(f"pass returned {type(result).__name__}, expected PassResult")
+                changed = _mutated(versions)
+                if changed:
+                    raise RuntimeError(
+                        f"the pass modified {', '.join(ctx.qualified(n) for n in changed[:5])} in place; "
+                        "passes must leave the model's parameters and buffers alone (add new ones instead)"
+                    )
                 gm.graph.lint()
                 gm.recompile()
+                ops = getattr(gm, OPS_CONTAINER, None)
+                if ops is not None:
+                    # nn.Module() starts in training mode: a pass run on an eval() model must
+                    # not leave its op modules training (SliceOut would slice in eval)
+                    ops.train(gm.training)
             except Exception as e:
                 _restore(gm, snap)
+                changed = _mutated(versions)
                 node = getattr(e, "sfx_node", None)
-                where = f" at node {node.format_node()}" if isinstance(node, fx.Node) else ""
+                where = ""
+                if isinstance(node, fx.Node):
+                    module = ctx.qualified(str(node.meta.get("sfx_module", "")))
+                    where = f" at node {node.format_node()}" + (f" (module {module!r})" if module else "")
+                if changed:
+                    outcome = (f"The graph was restored, but {', '.join(ctx.qualified(n) for n in changed[:5])} "
+                               "(shared with the original model) was modified in place and cannot be restored.")
+                else:
+                    outcome = "The model was left unchanged."
                 raise PassError(
                     f"pass {spec.name!r} failed on graph {prefix or '(root)'}{where}: "
-                    f"{type(e).__name__}: {e}. The model was left unchanged.",
+                    f"{type(e).__name__}: {e}. {outcome}",
                     pass_name=spec.name,
                     node=node.name if isinstance(node, fx.Node) else "",
                 ) from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,8 @@ import torch.nn as nn
 from .analysis import ShapeRecorder
 from .capture import CAPTURE_METHODS, Capture, capture
 from .config import PassConfig
+from .errors import CaptureError, ConfigError
+from .graph import OPS_CONTAINER
 from .pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
 from .recipes import Recipe, resolve_recipe
 from .verify import VerifyReport
@@ -39,6 +42,40 @@ class SparsifyRecord:
     graphs: list[str] = field(default_factory=list)
 
 
+class _NodeTracker(fx.Interpreter):
+    """Runs a graph remembering the node being run, to name the one an input breaks."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def _failing_node(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
+    tracker = _NodeTracker(gm)
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with torch.no_grad():
+            tracker.run(*bound.args)
+    except Exception:  # noqa: BLE001 - the error itself is reported by the caller
+        node = tracker.current
+        if node is not None:
+            where = node.meta.get("sfx_module")
+            return f" at node {node.format_node()}" + (f" (module {where!r})" if where else "")
+    return ""
+
+
+def _describe_inputs(args: tuple, kwargs: dict) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{list(v.shape)} {str(v.dtype).removeprefix('torch.')} on {v.device}"
+        return type(v).__name__
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
 def _record_shapes(cap: Capture, args: tuple, kwargs: dict) -> list[str]:
     """Run the captured module once (eval, no grad) to store tensor shapes in node.meta."""
     notes: list[str] = []
@@ -52,7 +89,17 @@ def _record_shapes(cap: Capture, args: tuple, kwargs: dict) -> list[str]:
     try:
         cap.graph_module.eval()
         with torch.no_grad():
-            cap.graph_module(*args, **kwargs)
+            try:
+                cap.graph_module(*args, **kwargs)
+            except Exception as e:
+                where = _failing_node(cap.graph_module, args, kwargs) if isinstance(
+                    cap.graph_module, fx.GraphModule) else ""
+                raise CaptureError(
+                    f"{type(cap.graph_module).__name__} does not run on the example inputs "
+                    f"{_describe_inputs(args, kwargs)}{where}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}. Pass example_inputs of the shape, dtype "
+                    "and device the model takes (positional, as a tuple; keyword inputs as example_kwargs)."
+                ) from e
     finally:
         for h in handles:
             h.remove()
@@ -116,10 +163,25 @@ def sparsify(
         True
     """
     configs: list[PassConfig] = resolve_recipe(recipe)
+    _refuse_rewritten(model)
+    if isinstance(example_inputs, Mapping):
+        raise ConfigError(
+            "example_inputs is a dict: it holds the positional inputs of one forward call, as a "
+            "tuple; pass keyword inputs as example_kwargs={...}"
+        )
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise ConfigError(
+            f"example_kwargs must be a dict of keyword inputs ({{'attention_mask': mask}}), "
+            f"got {type(example_kwargs).__name__}"
+        )
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs) if example_inputs is not None else None
     kwargs = dict(example_kwargs or {})
+    if verify and args is None:
+        raise ConfigError(
+            "sparsify(verify=True) needs example_inputs: verification runs both models on them"
+        )
     cap = capture(model, args, kwargs, methods=capture_methods)
     record = SparsifyRecord(
         capture_method=cap.method,
@@ -128,6 +190,12 @@ def sparsify(
         recipe=[c.describe() for c in configs],
         graphs=list(cap.graphs),
     )
+    if isinstance(model, nn.Module) and not model.training:
+        record.capture_notes.append(
+            "the model was in eval() mode, so the result is too: eval runs the original ops "
+            "(exact passes give the original's outputs); training-time rewrites (compressed "
+            "saved tensors, slicing, recomputation) act only after .train()"
+        )
     if cap.method == "dynamo":
         from .backend import rewrite_lazily
 
@@ -150,10 +218,24 @@ def sparsify(
     if verify is None:
         verify = args is not None
     if verify:
-        if args is None:
-            raise ValueError("sparsify(verify=True) needs example_inputs")
         record.verification = verify_outputs(model, module, args, kwargs, rtol=rtol, atol=atol)
     return module
+
+
+def _refuse_rewritten(model: Any) -> None:
+    """A module sparsify already rewrote cannot be rewritten again (its op modules are opaque)."""
+    if not isinstance(model, nn.Module):
+        return  # capture names the problem
+    for name, m in model.named_modules():
+        record = getattr(m, RECORD_ATTR, None)
+        if isinstance(record, SparsifyRecord) or isinstance(getattr(m, OPS_CONTAINER, None), nn.Module):
+            what = f"its submodule {name!r} is" if name else "it is"
+            done = f" of recipe {record.recipe}" if isinstance(record, SparsifyRecord) else ""
+            raise ConfigError(
+                f"{type(model).__name__} was already rewritten by sparsify_fx ({what} the result{done}); "
+                "rewriting a rewritten module again is not supported. Call sparsify once on the "
+                "original model with every pass in one recipe: sfx.sparsify(model, [first, second])"
+            )
 
 
 def record_of(module: nn.Module) -> SparsifyRecord | None:
