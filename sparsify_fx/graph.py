@@ -60,6 +60,9 @@ _FUNCTION_ALIASES: dict[Any, tuple[Callable | str, dict]] = {
     aten.conv1d.default: (F.conv1d, {}),  # aten.conv1d -> F.conv1d
     aten.conv2d.default: (F.conv2d, {}),  # aten.conv2d -> F.conv2d
     aten.conv3d.default: (F.conv3d, {}),  # aten.conv3d -> F.conv3d
+    aten.conv1d.padding: (F.conv1d, {}),  # aten.conv1d(x, w, b, s, "same") -> F.conv1d (padding str)
+    aten.conv2d.padding: (F.conv2d, {}),  # aten.conv2d(x, w, b, s, "same") -> F.conv2d
+    aten.conv3d.padding: (F.conv3d, {}),  # aten.conv3d(x, w, b, s, "same") -> F.conv3d
     operator.matmul: (torch.matmul, {}),  # a @ b -> torch.matmul(a, b)
     aten.matmul.default: (torch.matmul, {}),  # aten.matmul -> torch.matmul
     aten.mm.default: (torch.matmul, {}),  # aten.mm(a, b) -> torch.matmul(a, b)
