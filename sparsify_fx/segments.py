@@ -144,7 +144,17 @@ def _segment_reason(nodes: list[fx.Node]) -> str | None:
             return f"node {n.name} leaves the block with a non-tensor (or unrecorded) value"
         if n.op == "call_method" and n.target.endswith("_"):
             return f"in-place method {n.target} at {n.name}"
+        in_place = n.kwargs.get("inplace") is True or (
+            n.op == "call_function" and getattr(n.target, "__name__", "").endswith("_")
+            and not getattr(n.target, "__name__", "").startswith("_")) or n.target in _IN_PLACE_OPERATORS
+        first = n.args[0] if n.args else None
+        if in_place and isinstance(first, fx.Node) and first not in inside:
+            # the forward would overwrite the saved input the backward re-runs the block from
+            return f"in-place op on a block input: {n.format_node()}"
     return None
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 # ---------------------------------------------------------------- run-time

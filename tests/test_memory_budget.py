@@ -259,3 +259,19 @@ def test_html_report_colours_the_plan():
     for unit in plan["units"]:
         assert f"<td>{unit}</td>" in page.replace("&#x27;", "'")
     assert "#f3dcf5" in page and "recompute" in page  # at 0.5 some block is recomputed
+
+
+def test_block_with_in_place_op_on_its_input_is_not_recomputed():
+    # ReLU(inplace=True) as the first op of a block would overwrite the input saved for backward
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 8)), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    gm = sfx.sparsify(model, MemoryBudget(fraction=1.0), example_inputs=(x,))
+    block = {b.name: b for b in sfx.find_blocks(gm)}["1"]
+    assert block.reason is not None and "in-place op on a block input" in block.reason
+    with pytest.raises(ValueError, match="in-place"):
+        sfx.recompute_segment(gm, block)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.05, exact_only=True), example_inputs=(x,))
+    unit = sfx.explain(fast).memory_budget["units"]["1"]
+    assert unit["choice"] != "recompute" and "in-place" in unit["unavailable"]["recompute"]
+    fast.train()
+    fast(x).sum().backward()  # trains
