@@ -760,6 +760,23 @@ def _through_identity_dropout(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Nod
     return None, passed
 
 
+def _linear_consumer(gm: fx.GraphModule, node: fx.Node, what: str):
+    """``(linear node, weight, bias)`` of the one Linear ``node`` feeds, or why there is none."""
+    consumer, dropouts = _through_identity_dropout(gm, node)
+    if consumer is None:
+        return f"{what} needs one consumer (a Linear); {node.name} has {len(node.users)}"
+    last = dropouts[-1] if dropouts else node
+    if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
+            and consumer.args[0] is last):
+        return f"{what} needs a Linear consumer; it feeds {consumer.format_node()}"
+    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return f"the consumer's weight is not a parameter: {consumer.format_node()}"
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return f"the consumer's bias is not a parameter: {consumer.format_node()}"
+    return consumer, weight, bias
+
+
 def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: object, x: object):
     if not isinstance(approximate, str):
         return "approximate is not a constant"
@@ -767,36 +784,20 @@ def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: ob
         return "input is not a graph value"
     if op == "silu" and _arg(node, 1, "inplace", False):
         return "in-place SiLU"
-    consumer, dropouts = _through_identity_dropout(gm, node)
-    if consumer is None:
-        return f"{op}='recompute' needs one consumer (a Linear); {node.name} has {len(node.users)}"
-    last = dropouts[-1] if dropouts else node
-    if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
-            and consumer.args[0] is last):
-        return f"{op}='recompute' needs a Linear consumer; it feeds {consumer.format_node()}"
-    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return f"the consumer's weight is not a parameter: {consumer.format_node()}"
-    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-        return f"the consumer's bias is not a parameter: {consumer.format_node()}"
-    freed = sfx.tensor_bytes(node)
-    return ActMemActLinear(op, approximate), (x, weight, bias), freed, 0, consumer
+    found = _linear_consumer(gm, node, f"{op}='recompute'")
+    if isinstance(found, str):
+        return found
+    consumer, weight, bias = found
+    return ActMemActLinear(op, approximate), (x, weight, bias), sfx.tensor_bytes(node), 0, consumer
 
 
 def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object):
     if not isinstance(x, fx.Node):
         return "input is not a graph value"
-    consumer, dropouts = _through_identity_dropout(gm, node)
-    if consumer is None:
-        return f"layernorm='recompute' needs one consumer (a Linear); {node.name} has {len(node.users)}"
-    last = dropouts[-1] if dropouts else node
-    if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
-            and consumer.args[0] is last):
-        return f"layernorm='recompute' needs a Linear consumer; it feeds {consumer.format_node()}"
-    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (
-            bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
-        return f"the consumer's weight / bias are not parameters: {consumer.format_node()}"
+    found = _linear_consumer(gm, node, "layernorm='recompute'")
+    if isinstance(found, str):
+        return found
+    consumer, weight, bias = found
     if module is not None:
         if _has_hooks(module):
             return "module has hooks; kept as a module call"
