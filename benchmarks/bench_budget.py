@@ -37,6 +37,7 @@ import torch.utils.checkpoint as ckpt
 import torchvision
 
 import sparsify_fx as sfx
+from benchmarks.bench_memory import interleaved_times
 from benchmarks.memory import saved_tensor_bytes
 
 __all__ = ["MODELS", "GPT", "checkpoint_blocks", "bench_model", "main"]
@@ -146,12 +147,7 @@ def bench_model(name: str, repeats: int, fractions: list[float]) -> dict:
         saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
         print(f"  {label}: planned {plan['achieved_fraction']:.3f}, measured {saved[label] / saved['dense']:.3f}, "
               f"planning {plans[label]['planning_s']:.1f} s", flush=True)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for round_ in range(repeats + 1):
-        for k, m in variants.items():
-            t = _step(m, x, target)
-            if round_:  # round 0 warms allocators and kernels up
-                times[k].append(t)
+    times = interleaved_times(variants, lambda m: _step(m, x, target), repeats)
     step = {k: statistics.median(ts) for k, ts in times.items()}
     return {
         "model": name,

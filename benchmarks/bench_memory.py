@@ -32,7 +32,7 @@ import torchvision
 import sparsify_fx as sfx
 from benchmarks.memory import saved_tensor_bytes
 
-__all__ = ["MODELS", "CONFIGS", "bench_model", "main"]
+__all__ = ["MODELS", "CONFIGS", "bench_model", "interleaved_times", "main"]
 
 #: name -> (factory, input shape): the issue's target sizes (ResNet-50 8x3x112x112,
 #: ViT-B/16 4x3x224x224), plus convnext_tiny and an MLP.
@@ -64,6 +64,20 @@ def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_times(
+    variants: dict[str, nn.Module], step: Callable[[nn.Module], float], repeats: int
+) -> dict[str, list[float]]:
+    """``repeats`` step times per variant, one step of each per round (machine noise hits them
+    alike), after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, m in variants.items():
+            t = step(m)
+            if round_:  # round 0 warms up allocators and kernels
+                times[name].append(t)
+    return times
+
+
 def bench_model(name: str, repeats: int = 3, shape: tuple[int, ...] | None = None) -> dict:
     """Measure every configuration on one model; returns a JSON-ready dict."""
     torch.manual_seed(0)
@@ -80,12 +94,7 @@ def bench_model(name: str, repeats: int = 3, shape: tuple[int, ...] | None = Non
     saved = {
         config: saved_tensor_bytes(m, (x,), count_inputs=False) for config, m in variants.items()
     }
-    times: dict[str, list[float]] = {config: [] for config in variants}
-    for round_ in range(repeats + 1):
-        for config, m in variants.items():
-            t = _step(m, x, target)
-            if round_:  # round 0 warms up allocators and kernels
-                times[config].append(t)
+    times = interleaved_times(variants, lambda m: _step(m, x, target), repeats)
     step = {config: statistics.median(ts) for config, ts in times.items()}
     return {
         "model": name,
