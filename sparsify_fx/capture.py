@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .captured_module import (
+    SharedStateGraphModule,
+    convert_buffers_in_place,
+    make_graph_module,
+)
 from .errors import CaptureError, SparsifyError
 from .graph import DENSE_LAYER_TYPES, _has_hooks, canonicalize
 
@@ -176,99 +180,6 @@ def _trace_graph(
     raise _ModeDependent("too many self.training-dependent submodules")
 
 
-def _mirror_tree(gm: fx.GraphModule, root: nn.Module) -> None:
-    """Make gm's module tree, parameters and buffers exactly root's (state_dict keys kept)."""
-    extra_modules = [(k, v) for k, v in gm._modules.items() if k not in root._modules]
-    gm._modules = OrderedDict(list(root._modules.items()) + extra_modules)
-    extra_buffers = {k: v for k, v in gm._buffers.items() if k not in root._buffers}
-    gm._parameters = OrderedDict(root._parameters)
-    gm._buffers = OrderedDict(list(root._buffers.items()) + list(extra_buffers.items()))
-    # tensor constants the tracer lifted are not state: keep them out of state_dict
-    gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set) | set(extra_buffers)
-
-
-def _convert_buffers_in_place(module: nn.Module, fn: Callable) -> None:
-    """Apply a ``.to()`` / ``.cuda()`` / ``.double()`` conversion to every buffer in place.
-
-    ``nn.Module._apply`` converts parameters in place (``param.data = fn(param)``) but *replaces*
-    buffers, which would silently end the sharing with the original model: the result would
-    train its own BatchNorm statistics and leave the original half moved (parameters converted,
-    buffers not). Converting buffers in place first keeps every tensor shared; the replacement
-    ``_apply`` then makes is a no-op (``fn`` of an already converted tensor is that tensor).
-    """
-    with torch.no_grad():
-        for m in module.modules():
-            for buf in m._buffers.values():
-                if buf is not None:
-                    new = fn(buf)
-                    if new is not buf:
-                        buf.data = new
-
-
-class _SharedStateGraphModule(fx.GraphModule):
-    """A captured GraphModule whose device / dtype conversions keep buffers shared with the
-    original model (see :func:`_convert_buffers_in_place`), and whose copies and pickles keep
-    what ``fx.GraphModule`` would drop: forward hooks carried from the model, the
-    ``sfx_record`` and the model's plain attributes."""
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
-        if recurse:
-            _convert_buffers_in_place(self, fn)
-        return super()._apply(fn, recurse)
-
-    def __deepcopy__(self, memo: dict) -> fx.GraphModule:
-        res = super().__deepcopy__(memo)
-        # GraphModule.__init__ keeps only what the graph references (and state-dict hooks)
-        for key, value in self.__dict__.items():
-            if key not in res.__dict__ or (key in _HOOK_DICTS and value):
-                res.__dict__[key] = copy.deepcopy(value, memo)
-        return res
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        _, (body, import_block) = super().__reduce__()
-        return (_rebuild_captured, (body, import_block))
-
-
-def _rebuild_captured(body: dict[str, Any], import_block: str) -> fx.GraphModule:
-    """Unpickle a :class:`_SharedStateGraphModule` (fx's own reducer returns a plain
-    GraphModule without the hooks)."""
-    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
-
-    forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
-    gm = _deserialize_graph_module(forward, body, graph_module_cls=_SharedStateGraphModule)
-    for key in _HOOK_DICTS:
-        if body.get(key):
-            gm.__dict__[key] = body[key]
-    return gm
-
-
-_HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
-
-
-def _carry_hooks(gm: nn.Module, module: nn.Module) -> None:
-    """The traced module's own hooks run around its forward, which tracing does not see: the
-    GraphModule replacing it must run them (forward hooks on the root model, state-dict hooks)."""
-    for name in _HOOK_DICTS:
-        hooks = module.__dict__.get(name)
-        if hooks:
-            gm.__dict__[name] = type(hooks)(hooks)
-    if module.__dict__.get("_is_full_backward_hook") is not None:
-        gm._is_full_backward_hook = module._is_full_backward_hook
-
-
-def _make_graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    gm = _SharedStateGraphModule(module, graph, class_name=type(module).__name__)
-    _mirror_tree(gm, module)
-    _carry_hooks(gm, module)
-    gm.training = module.training
-    return gm
-
-
 def _concrete_args_for(
     module: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -318,7 +229,7 @@ def _capture_whole(
 ) -> Capture:
     concrete = _concrete_args_for(model, args, kwargs or {}) if args is not None else None
     graph, notes = _trace_graph(model, concrete)
-    gm = _make_graph_module(model, graph)
+    gm = make_graph_module(model, graph)
     canon = canonicalize(gm)
     notes += [f"{name}: {why}" for name, why in canon.kept_as_modules]
     return Capture(gm, "symbolic_trace", {"": gm}, notes)
@@ -419,7 +330,7 @@ def _capture_submodules(
                         concrete = None
             try:
                 graph, leaf_notes = _trace_graph(child, concrete)
-                gm = _make_graph_module(child, graph)
+                gm = make_graph_module(child, graph)
                 canonicalize(gm)
             except Exception as e:  # noqa: BLE001 - every failure means "trace its children"
                 notes.append(f"{path}: untraceable ({_short(e)}); traced its children")
@@ -544,7 +455,7 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captu
     unlifted = programs[1].module()
     # the unlifted module refuses train()/eval(); a plain GraphModule over the same graph
     # (its pytree codegen included) does not
-    gm = _SharedStateGraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
+    gm = SharedStateGraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
     for name, m in model._modules.items():
         gm._modules[name] = m
     gm.register_forward_pre_hook(_ShapeGuard(args, kwargs or {}), with_kwargs=True)
@@ -620,7 +531,7 @@ class DynamoCaptured(nn.Module):
 
     def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
         if recurse:
-            _convert_buffers_in_place(self, fn)
+            convert_buffers_in_place(self, fn)
         return super()._apply(fn, recurse)
 
 
