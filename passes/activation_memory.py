@@ -35,6 +35,13 @@ layers have to stop holding dense tensors as well. Per op (training mode, grad e
   ``|dgrad_x| <= 2^-7 * rstd * |x_hat| * mean_row|gw x_hat|``;
   ``|dgrad_weight| <= 2^-8 * sum|g x_hat|``; ``grad_bias`` exact.
 
+* **Scale by a parameter** (``alpha * x`` / ``x * gamma`` with a learned per-channel or scalar
+  ``alpha``: LayerScale, ResMLP's Affine, ConvNeXt's ``layer_scale``): the dense backward keeps
+  ``x`` only for ``alpha``'s gradient. The op saves ``x`` as ``bf16`` (or ``int8``); ``grad_x``
+  is exact (``grad_out * alpha``, as dense) and ``grad_alpha = sum(grad_out * x_stored)`` over
+  the broadcast dimensions, so ``|dgrad_alpha| <= 2^-8 * sum|grad_out * x|`` (bf16) or
+  ``<= absmax_block / 254 * sum|grad_out|`` (int8).
+
 In eval mode, under ``no_grad``, or for inputs that cannot be compressed (half-precision
 inputs with ``bf16`` storage), each op module runs the exact original op (``F.relu``,
 ``F.batch_norm`` with running stats...), so eval outputs are bit-identical.
@@ -51,6 +58,7 @@ pooled ReLU output stays held by it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +84,7 @@ __all__ = [
     "ActMemLayerNorm",
     "ActMemActLinear",
     "ActMemLnLinear",
+    "ActMemScale",
 ]
 
 _STORAGE = ("bf16", "int8", "off")
@@ -107,6 +116,9 @@ class ActivationMemory(PassConfig):
         layernorm: the same for LayerNorm; ``"recompute"`` fuses a LayerNorm whose only
             consumer is a Linear with it and recomputes the normalised tensor in backward
             (exact; the pair keeps the LayerNorm's input and its row statistics).
+        scale: how a multiplication by a learned parameter (LayerScale, ResMLP's Affine)
+            stores its activation operand for the parameter's gradient: ``"bf16"``,
+            ``"int8"`` or ``"off"``.
         block_size: elements per int8 scale block, 16..65536.
 
     Example:
@@ -123,13 +135,14 @@ class ActivationMemory(PassConfig):
     silu: str = "bf16"
     batchnorm: str = "bf16"
     layernorm: str = "bf16"
+    scale: str = "bf16"
     block_size: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.relu not in ("bitmask", "off"):
             raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
-        for name in ("gelu", "silu", "batchnorm", "layernorm"):
+        for name in ("gelu", "silu", "batchnorm", "layernorm", "scale"):
             value = getattr(self, name)
             if value == "recompute" and name in ("gelu", "silu", "layernorm"):
                 continue
@@ -525,6 +538,44 @@ def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
 _actmem_ln_linear.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
 
 
+# ---------------------------------------------------------------- scale by a parameter
+
+
+@torch.library.custom_op("sparsify_fx::actmem_scale", mutates_args=())
+def _actmem_scale(
+    x: torch.Tensor, scale: torch.Tensor, storage: str, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    payload, s = compress(x, storage, block)
+    return x * scale, payload, s
+
+
+@_actmem_scale.register_fake
+def _(x, scale, storage, block):
+    out = x.new_empty(torch.broadcast_shapes(x.shape, scale.shape), dtype=torch.result_type(x, scale))
+    return (out, *_fake_payload(x, storage, block))
+
+
+def _scale_setup(ctx, inputs, output) -> None:
+    x, scale = inputs[:2]
+    ctx.save_for_backward(output[1], output[2], scale)
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+
+
+def _scale_backward(ctx, grad_out, _g1, _g2):
+    payload, s, scale = ctx.saved_tensors
+    need_x, need_scale = ctx.needs_input_grad[:2]
+    grad_x = grad_scale = None
+    if need_x:  # what mul's backward computes: exact
+        grad_x = (grad_out * scale).sum_to_size(ctx.shape).to(ctx.dtype)
+    if need_scale:
+        x = decompress(payload, s, ctx.shape, ctx.dtype)
+        grad_scale = (grad_out * x).sum_to_size(scale.shape).to(scale.dtype)
+    return grad_x, grad_scale, None, None
+
+
+_actmem_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
+
+
 # ---------------------------------------------------------------- op modules
 
 
@@ -624,6 +675,28 @@ class ActMemLnLinear(nn.Module):
                 return torch.ops.sparsify_fx.actmem_ln_linear(
                     x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias))[0]
         return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
+
+
+class ActMemScale(nn.Module):
+    """Parameter-free ``x * scale`` (``scale`` a learned parameter) saving a compressed ``x``
+    for the parameter's gradient; eval, ``no_grad`` and a frozen scale run the plain product."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, storage: str, block: int):
+        super().__init__()
+        self.storage, self.block = storage, block
+
+    def extra_repr(self) -> str:
+        return f"storage={self.storage}"
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if (self.training and torch.is_grad_enabled() and scale.requires_grad
+                and _compressible(x, self.storage)
+                and torch.broadcast_shapes(x.shape, scale.shape) == x.shape):
+            return torch.ops.sparsify_fx.actmem_scale(x, scale, self.storage, self.block)[0]
+        return x * scale
 
 
 class ActMemBatchNorm(nn.Module):
@@ -734,7 +807,12 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
     if node.op == "call_function":
         name = {F.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu",
                 F.layer_norm: "layer_norm", F.batch_norm: "batch_norm"}.get(node.target)
-        return (name, None) if name else None
+        if name:
+            return name, None
+        if node.target in (operator.mul, torch.mul) and len(node.args) == 2 and not node.kwargs \
+                and sum(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args) == 1:
+            return "scale", None
+        return None
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if type(module) in _BATCH_NORMS:
@@ -820,8 +898,34 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
     return ActMemLnLinear(tuple(shape), float(eps)), (x, ln_w, ln_b, weight, bias), sfx.tensor_bytes(node), 0, consumer
 
 
+def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
+    if config.scale == "off":
+        return "scale='off'"
+    param, x = node.args if node.args[0].op == "get_attr" else node.args[::-1]
+    if not isinstance(x, fx.Node):
+        return "the other operand is not a graph value"
+    try:
+        value = gm.get_parameter(str(param.target))
+    except AttributeError:  # a buffer or a constant tensor: no gradient, nothing kept
+        value = None
+    if value is None or not value.requires_grad:
+        return f"{param.target} is not a trainable parameter: the product keeps nothing for backward"
+    x_meta, out_meta = sfx.tensor_meta(x), sfx.tensor_meta(node)
+    if x_meta is None or out_meta is None:
+        return "shapes unknown (no example inputs recorded)"
+    if tuple(out_meta[0]) != tuple(x_meta[0]):
+        return f"{param.target} broadcasts {x.name} to a larger shape {tuple(out_meta[0])}"
+    if not x_meta[1].is_floating_point:
+        return f"{x.name} is not floating point"
+    numel = math.prod(x_meta[0])
+    return (ActMemScale(config.scale, config.block_size), (x, param), sfx.tensor_bytes(x),
+            _stored_bytes(numel, config.scale, config.block_size))
+
+
 def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
     """``(op module, graph args, stored bytes before, after)`` or a skip reason string."""
+    if op == "scale":
+        return _plan_scale(gm, node, config)
     x = _arg(node, 0, "input")
     numel = _numel_of(x)
     before = sfx.tensor_bytes(x)

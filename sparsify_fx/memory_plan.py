@@ -148,6 +148,13 @@ def _is_activation(arg: Any) -> bool:
     return isinstance(arg, fx.Node) and arg.op not in ("get_attr",) and "sfx_shape" in arg.meta
 
 
+def _trainable(gm: fx.GraphModule, attr: fx.Node) -> bool:
+    try:
+        return gm.get_parameter(str(attr.target)).requires_grad
+    except AttributeError:  # a buffer or constant: no gradient, so the product keeps nothing for it
+        return False
+
+
 def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bool]:
     """(tensors this node's backward keeps dense, keeps-compressed?, known op?)"""
     acts = [a for a in node.all_input_nodes if _is_activation(a)]
@@ -173,7 +180,8 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
             return [node], False, True
         if kind == _OPERANDS:
             if target is operator.mul or target is torch.mul or target is operator.truediv:
-                learned = any(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args)
+                learned = any(isinstance(a, fx.Node) and a.op == "get_attr" and _trainable(gm, a)
+                              for a in node.args)
                 if len(acts) < 2 and not learned:
                     return [], False, True  # scaling by a constant keeps nothing
                 # x * parameter keeps x for the parameter's gradient

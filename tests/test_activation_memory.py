@@ -19,6 +19,7 @@ from passes.activation_memory import (
     ActMemBatchNorm,
     ActMemLayerNorm,
     ActMemReLU,
+    ActMemScale,
     pack_bits,
     unpack_bits,
 )
@@ -398,3 +399,89 @@ def test_recomputed_layernorm_linear_gives_dense_gradients_on_transformers(autoc
         torch.testing.assert_close(out, out_ref, **tol)
         for (name, _), a, b in zip(ref.named_parameters(), g, g_ref):
             torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+# ---------------------------------------------------------------- scale by a parameter
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("scale_shape,x_shape", [((6,), (4, 5, 6)), ((6, 1, 1), (3, 6, 4, 4)), ((), (7, 9))],
+                         ids=["channel_last", "channel_first", "scalar"])
+def test_scale_grad_x_exact_and_grad_scale_within_bound(storage, scale_shape, x_shape):
+    x = (torch.randn(x_shape) * 3).requires_grad_()
+    alpha = torch.randn(scale_shape).requires_grad_()
+    ref, (ref_gx, ref_ga), g = _grads(lambda: alpha * x, x, alpha)
+    op = ActMemScale(storage, block=64).train()
+    out, (gx, ga), _ = _grads(lambda: op(x, alpha), x, alpha)
+    assert torch.equal(out, ref)
+    assert torch.equal(gx, ref_gx)  # grad_out * alpha, as dense
+    dims = [d for d in range(x.dim()) if d >= x.dim() - len(scale_shape) and scale_shape[d - x.dim()] > 1]
+    other = [d for d in range(x.dim()) if d not in dims]
+    if storage == "bf16":
+        bound = BF16_UNIT * (g * x.detach()).abs().sum(other).reshape(scale_shape)
+    else:
+        bound = x.detach().abs().max() / 254 * g.abs().sum(other).reshape(scale_shape)
+    assert ((ga - ref_ga).abs() <= bound + 1e-6).all()
+    assert (ga - ref_ga).abs().max() > 0  # it really read the compressed copy
+
+
+class _LayerScaleBlock(nn.Module):
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.pre = nn.Linear(dim, dim)
+        self.alpha = nn.Parameter(torch.ones(dim))
+        self.fc = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.1))
+        self.register_buffer("fixed", torch.full((dim,), 2.0))
+
+    def forward(self, x):
+        h = self.pre(x)
+        h = h + self.gamma * self.fc(self.alpha * h)
+        return h * self.fixed
+
+
+def test_scale_pass_frees_the_dense_operand_and_skips_buffers():
+    model, x = _LayerScaleBlock(), torch.randn(4, 16, 32)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,))
+    report = sfx.explain(fast)
+    assert sorted(r.op for r in report.rewrites) == ["scale", "scale"]
+    assert any("not a trainable parameter" in s.reason for s in report.skipped if s.op == "scale")
+    # alpha's product kept h and gamma's kept fc's output: both now bf16 (h is also the
+    # residual, but the add keeps nothing); fc keeps its input dense
+    dense, rewritten = _train_bytes(model, x), _train_bytes(fast, x)
+    h_bytes = x.numel() * 4
+    assert dense == 3 * h_bytes and rewritten == h_bytes + 2 * (h_bytes // 2)
+    plan = sfx.memory_plan(fast)
+    # pre keeps the input, fc keeps alpha * h; h * buffer keeps nothing
+    assert sorted(t.holders[0] for t in plan.still_dense()) == ["linear", "linear_1"]
+    with torch.no_grad():
+        model.eval(), fast.eval()
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    model.train(), fast.train()
+    ref = copy.deepcopy(model)
+    fast(x).sum().backward()
+    ref(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if name in ("alpha", "gamma"):  # reductions over the bf16 copy (bound tested above)
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=2e-2 * q.grad.abs().max().item())
+        else:  # every other gradient flows through the exact grad_x
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_scale_off_frozen_and_broadcasting_products_are_reported():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(8), requires_grad=False)
+            self.grow = nn.Parameter(torch.ones(3, 8))
+
+        def forward(self, x):
+            return (self.w * x) + (x * self.grow).sum(0)
+
+    x = torch.randn(8)
+    report = sfx.explain(sfx.sparsify(Frozen(), sfx.ActivationMemory(), example_inputs=(x,)))
+    reasons = " | ".join(s.reason for s in report.skipped if s.op == "scale")
+    assert "not a trainable parameter" in reasons and "broadcasts" in reasons
+    report = sfx.explain(sfx.sparsify(_LayerScaleBlock(), sfx.ActivationMemory(scale="off"),
+                                      example_inputs=(torch.randn(2, 32),)))
+    assert not report.rewrites and any(s.reason == "scale='off'" for s in report.skipped)

@@ -115,6 +115,17 @@ def test_activation_compression_propagates_non_finite_inputs(form, poke):
 
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
 @pytest.mark.parametrize("poke", POKES)
+def test_scale_compression_propagates_non_finite_inputs(poke, storage):
+    torch.manual_seed(0)
+    x = _poke(poke, torch.randn(16, 32))
+    alpha, grad = torch.randn(32), torch.randn(16, 32)
+    dense = _run(lambda x, a: x * a, x, alpha, grad=grad)
+    compressed = _run(lambda x, a: ops.actmem_scale(x, a, storage, 16)[0], x, alpha, grad=grad)
+    _same_non_finite(dense, compressed, f"scale-{storage}")
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("poke", POKES)
 @pytest.mark.parametrize("norm", ["layer_norm", "batch_norm"])
 def test_norm_compression_propagates_non_finite_inputs(norm, poke, storage):
     torch.manual_seed(0)
