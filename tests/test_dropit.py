@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import SmallCNN, mlp
 
 import sparsify_fx as sfx
+from passes import dropit
 from passes.dropit import (
     DropITConv,
     DropITLinear,
@@ -294,10 +295,10 @@ def test_threshold_selection_relu_zeros_are_never_kept():
 
 
 def test_threshold_selection_overflow_is_refined_to_the_capacity():
-    # the strided sample sees only the small values; the large ones sit between sample points,
-    # so the sampled cut-off lets far more than keep * numel through and must be raised
-    x = torch.full((65536,), 0.01)
-    x[1::2] = torch.linspace(1.0, 2.0, 32768)
+    # the sample sees only the small values; the large ones sit between sample points, so
+    # the sampled cut-off lets far more than keep * numel through and must be raised
+    x = torch.linspace(1.0, 2.0, 65536)
+    x[dropit._sample_index(x.numel(), x.device)] = 0.01
     values, bitmap = compress_threshold(x, 0.1)
     restored = decompress_threshold(values, bitmap, x.shape)
     kept = restored != 0
