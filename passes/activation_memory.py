@@ -173,8 +173,15 @@ def _to_bf16(x: torch.Tensor) -> torch.Tensor:
     # 0 * x adds 0 where x is finite and NaN where it is not, so +-inf is stored as NaN: every
     # backward reading this (GELU / SiLU, whose derivative at +-inf is NaN; normalised
     # tensors, NaN wherever an input is inf) gives the same result. Two passes instead of
-    # isinf + where's four (tests/test_numerics.py pins the behaviour).
+    # isinf + where's four (tests/test_numerics.py pins the behaviour). Those passes only
+    # matter when the plain cast gives a non-finite value, which one max over the (half-size)
+    # result detects: the common case costs a cast and a max instead of clamp, add and cast
+    # (the clamp alone was 2 % of a ResMLP-12 training step). Runs on real tensors only:
+    # the custom ops call it eagerly under torch.compile too.
     if x.dtype == torch.float32 or x.dtype == torch.float64:
+        y = x.to(torch.bfloat16)
+        if y.numel() == 0 or bool(torch.isfinite(y.abs().amax())):
+            return y
         x = x.clamp(-_BF16_MAX, _BF16_MAX).add_(x, alpha=0)
     return x.to(torch.bfloat16)
 
