@@ -929,9 +929,8 @@ def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
         return f"{param.target} broadcasts {x.name} to a larger shape {tuple(out_meta[0])}"
     if not x_meta[1].is_floating_point:
         return f"{x.name} is not floating point"
-    numel = math.prod(x_meta[0])
     return (ActMemScale(config.scale, config.block_size), (x, param), sfx.tensor_bytes(x),
-            _stored_bytes(numel, config.scale, config.block_size))
+            _stored_bytes(_numel_of(x), config.scale, config.block_size))
 
 
 def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
