@@ -26,8 +26,10 @@ against full blocks whose norms sum over more elements. ``saved_bytes_after`` co
 what is stored: values plus every index byte, and no padding exists to hide.
 
 The op is a ``torch.library.custom_op`` with registered autograd and fake kernels, so it runs
-in eager, FX, ``torch.export`` and ``torch.compile``. It is CPU/GPU-agnostic PyTorch (gathers
-and GEMMs); there is no fused Triton/CUDA kernel.
+in eager, FX, ``torch.export`` and ``torch.compile``. Compression is device-agnostic PyTorch.
+The weight gradient of the full blocks runs a Triton kernel on CUDA when triton is installed
+and ``b`` is 16/32/64/128 (:mod:`passes.bsr_triton`), and per-column GEMMs otherwise; each
+rewrite's report says which (``details["kernel"]``) and why.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
+
+from .bsr_triton import bsc_weight_grad_triton, kernel_for
 
 __all__ = [
     "BlockSparseActivations",
@@ -254,9 +258,13 @@ def decompress_blocks(blocks: CompressedBlocks, rows: int, cols: int, block: int
 
 
 def block_sparse_weight_grad(
-    blocks: CompressedBlocks, grad_out2: torch.Tensor, rows: int, cols: int, block: int
+    blocks: CompressedBlocks, grad_out2: torch.Tensor, rows: int, cols: int, block: int,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``x_sparseᵀ @ grad_out`` (shape ``[cols, out]``) from the kept blocks only.
+
+    ``kernel`` picks the full-block path: ``"triton"`` (:mod:`passes.bsr_triton`, CUDA), or
+    ``"torch"`` (below); ``None`` takes :func:`passes.bsr_triton.kernel_for`'s choice.
 
     Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to ``grad[j-rows]``. The
     blocks of block column ``j`` are stored together (BSC), so their sum is one GEMM of the
@@ -270,9 +278,14 @@ def block_sparse_weight_grad(
     g2 = grad_out2.contiguous()
     out_features = g2.shape[1]
     dtype = g2.dtype
-    grad = g2.new_zeros(cols, out_features)
+    if kernel is None:
+        kernel = kernel_for(blocks.values.device, b, g2.dtype)[0]
     g_blocks = g2[:rf].view(n_r, b, out_features)
-    if blocks.values.shape[0]:
+    if kernel == "triton":
+        grad = bsc_weight_grad_triton(blocks.values, blocks.col_ptr, blocks.row_idx, g2, cols)
+    else:
+        grad = g2.new_zeros(cols, out_features)
+    if kernel != "triton" and blocks.values.shape[0]:
         # blocks are stored column by column (BSC): block column j's kept blocks, side by
         # side, times their stacked b-row slices of grad_out is one GEMM with inner dimension
         # k_j * b, written straight into grad's rows of column j. (One bmm per b x b block
@@ -508,7 +521,9 @@ def _rewrite_one(gm, op: sfx.DenseOp, config: BlockSparseActivations, ctx) -> Re
     x, w_node, b_node = op.input, op.weight, op.bias
     before = sfx.tensor_bytes(x)
     after = None
-    details: dict = {"block_size": config.block_size, "density": config.density, "norm": config.norm}
+    kernel, why = kernel_for(weight.device, config.block_size, weight.dtype)
+    details: dict = {"block_size": config.block_size, "density": config.density, "norm": config.norm,
+                     "kernel": kernel, "kernel_reason": why}
     meta = sfx.tensor_meta(x)
     if meta is not None:
         shape, dtype = meta

@@ -1,0 +1,156 @@
+"""Triton kernel for the block-sparse weight gradient of :mod:`passes.block_sparse` (GPU path).
+
+``grad_wᵀ[j-block] = Σ_{kept (i, j)} x_ijᵀ @ grad_out[i-rows]``, computed straight from the
+BSC arrays (``values``, ``col_ptr``, ``row_idx``): one program per (block column, tile of
+output features) walks its column's kept blocks, loads each ``b x b`` block and the ``b`` rows
+of ``grad_out`` it pairs with, and accumulates in fp32 registers. Nothing is gathered or
+copied first; the CPU path (per-column GEMMs of gathered ``grad_out`` slices) has to move
+``kept_blocks * b * out`` elements to get the same result.
+
+Only the full ``b x b`` blocks go through the kernel; the partial bottom/right strips and the
+corner are small and stay on the PyTorch path. ``b`` must be a power of two in 16..128
+(``tl.dot`` needs tiles of at least 16; 256 would not fit the registers).
+
+Triton is optional: :func:`triton_available` says whether this path can run, and nothing is
+imported until it is asked for. With ``TRITON_INTERPRET=1`` the same kernel runs on CPU
+tensors through Triton's interpreter; the tests use that to check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["TRITON_BLOCKS", "TRITON_DTYPES", "triton_available", "kernel_for", "bsc_weight_grad_triton"]
+
+#: block sides the kernel supports
+TRITON_BLOCKS = (16, 32, 64, 128)
+#: value dtypes it supports (it accumulates in fp32, so float64 stays on the exact torch path)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works here (cached; the import is slow)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails on import
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_for(device: torch.device | str, block: int, dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """Which weight-gradient path a layer on ``device`` with ``b = block`` runs, and why.
+
+    Returns ``("triton" | "torch", reason)``. The Triton kernel is picked wherever it can run:
+    it never moves more data than the PyTorch path, which gathers ``grad_out`` slices.
+    """
+    device = torch.device(device)
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return "torch", f"{dtype}: the Triton kernel takes {[str(t) for t in TRITON_DTYPES]}"
+    if block not in TRITON_BLOCKS:
+        return "torch", f"block_size={block}: the Triton kernel needs one of {TRITON_BLOCKS}"
+    if device.type != "cuda" and not (_interpreting() and device.type == "cpu"):
+        return "torch", f"{device.type} tensors: the Triton kernel runs on CUDA"
+    if not triton_available():
+        return "torch", "triton is not installed"
+    where = "CUDA tensors" if device.type == "cuda" else "TRITON_INTERPRET=1 (CPU interpreter)"
+    return "triton", f"{where} and triton available: fused BSC x dense kernel"
+
+
+@functools.cache
+def _kernel():
+    # defined on first use so that importing this module never imports triton
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bsc_weight_grad(
+        values_ptr, col_ptr_ptr, row_idx_ptr, g_ptr, out_ptr,
+        out_features, stride_g, stride_out,
+        B: tl.constexpr, BLOCK_O: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        col = tl.program_id(0)
+        tile = tl.program_id(1)
+        start = tl.load(col_ptr_ptr + col)
+        end = tl.load(col_ptr_ptr + col + 1)
+        offs_b = tl.arange(0, B)
+        offs_o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_mask = offs_o[None, :] < out_features
+        acc = tl.zeros((B, BLOCK_O), dtype=tl.float32)
+        # 64-bit block offsets: k * b * b overflows int32 past 131072 blocks of 128 x 128
+        block_ptr = values_ptr + start.to(tl.int64) * B * B
+        for k in range(start, end):
+            row = tl.load(row_idx_ptr + k).to(tl.int64)
+            # x_ijᵀ: element (c, i) of the transposed block is values[k, i, c]
+            x_t = tl.load(block_ptr + offs_b[None, :] * B + offs_b[:, None])
+            block_ptr += B * B
+            g = tl.load(g_ptr + (row * B + offs_b)[:, None] * stride_g + offs_o[None, :], mask=o_mask, other=0.0)
+            if IEEE:
+                # fp32 inputs: full-precision products, as torch.mm gives (not TF32)
+                acc += tl.dot(x_t.to(g.dtype), g, input_precision="ieee")
+            elif UPCAST:
+                # the interpreter's dot reads bf16 bits as garbage: products in fp32 there
+                acc += tl.dot(x_t.to(g.dtype).to(tl.float32), g.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x_t.to(g.dtype), g)
+        out_rows = col.to(tl.int64) * B + offs_b
+        tl.store(out_ptr + out_rows[:, None] * stride_out + offs_o[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+    return triton, bsc_weight_grad
+
+
+def bsc_weight_grad_triton(
+    values: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, grad_out2: torch.Tensor,
+    cols: int,
+) -> torch.Tensor:
+    """``[cols, out]`` with rows of block column ``j`` set to ``Σ x_ijᵀ @ grad_out[i-rows]``.
+
+    Rows past ``n_c * b`` (the partial right strip, which the caller adds) are zero.
+
+    Args:
+        values: ``(k, b, b)`` kept full blocks in BSC order.
+        col_ptr: ``(n_c + 1,)`` int32 offsets of each block column's blocks in ``values``.
+        row_idx: ``(k,)`` block-row index of each block (int16 or int32).
+        grad_out2: ``[rows, out]`` gradient of the layer's output.
+        cols: the input's feature count (``>= n_c * b``).
+    """
+    # a custom op of its own: under torch.compile the backward is traced with fake tensors,
+    # which a Triton launch cannot read; the op's fake kernel gives the traced shape instead
+    return torch.ops.sparsify_fx.bsc_weight_grad_triton(values, col_ptr, row_idx, grad_out2, cols)
+
+
+@torch.library.custom_op("sparsify_fx::bsc_weight_grad_triton", mutates_args=())
+def _bsc_weight_grad_op(
+    values: torch.Tensor, col_ptr: torch.Tensor, row_idx: torch.Tensor, grad_out2: torch.Tensor, cols: int
+) -> torch.Tensor:
+    out = grad_out2.new_zeros(cols, grad_out2.shape[1])
+    triton, kernel = _kernel()
+    b = values.shape[-1]
+    n_c = col_ptr.numel() - 1
+    out_features = grad_out2.shape[1]
+    if n_c == 0 or out_features == 0:
+        return out
+    if grad_out2.stride(1) != 1:
+        grad_out2 = grad_out2.contiguous()
+    block_o = 64 if b >= 64 else 128
+    grid = (n_c, triton.cdiv(out_features, block_o))
+    kernel[grid](
+        values.contiguous(), col_ptr, row_idx.to(torch.int32), grad_out2, out,
+        out_features, grad_out2.stride(0), out.stride(0),
+        B=b, BLOCK_O=block_o, IEEE=grad_out2.dtype == torch.float32, UPCAST=_interpreting(),
+    )
+    return out
+
+
+@_bsc_weight_grad_op.register_fake
+def _(values, col_ptr, row_idx, grad_out2, cols):
+    return grad_out2.new_empty(cols, grad_out2.shape[1])
