@@ -88,10 +88,11 @@ def test_weight_grad_equals_dense_product_of_kept_blocks(rows, cols, block):
     torch.testing.assert_close(grad, dense.t() @ g, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("out", [7, 600])  # 600 >= 32 blocks of 16: one GEMM per kept block
 @pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
-def test_weight_grad_per_block_column_equals_dense_product_of_kept_blocks(density):
+def test_weight_grad_per_block_column_equals_dense_product_of_kept_blocks(density, out):
     # 6 x 5 full blocks plus partial strips; at 5 % density most block columns keep nothing
-    x, g = torch.randn(100, 85), torch.randn(100, 7)
+    x, g = torch.randn(100, 85), torch.randn(100, out)
     x[:, 16:32] *= 50  # one block column wins every kept slot at low density
     blocks = compress_blocks(x, 16, density)
     counts = blocks.col_ptr[1:] - blocks.col_ptr[:-1]
@@ -99,7 +100,13 @@ def test_weight_grad_per_block_column_equals_dense_product_of_kept_blocks(densit
         assert (counts == 0).sum() >= 3
     got = block_sparse_weight_grad(blocks, g, 100, 85, 16)
     want = decompress_blocks(blocks, 100, 85, 16).t() @ g
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # fp32 sums of up to 100 products of a 50x-scaled column: absolute slack scaled by the largest
+    atol = 1e-6 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+    # the [out, cols] layout a Linear's weight takes, written directly (contiguous)
+    got_t = block_sparse_weight_grad(blocks, g, 100, 85, 16, transposed=True)
+    assert got_t.shape == (out, 85) and got_t.is_contiguous()
+    torch.testing.assert_close(got_t, want.t(), rtol=1e-5, atol=atol)
 
 
 # ---------------------------------------------------------------- custom op vs autograd

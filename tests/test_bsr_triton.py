@@ -83,9 +83,11 @@ def test_interpreted_kernel_equals_torch_path_fp32_fp16_bf16():
                 # against the exact value rather than against the other
                 exact = decompress_blocks(blocks, rows, cols, b).double().t() @ g.double()
                 for kernel in ("triton", "torch"):
-                    res = block_sparse_weight_grad(blocks, g, rows, cols, b, kernel=kernel)
-                    torch.testing.assert_close(res.double(), exact, rtol=tol, atol=tol * float(exact.abs().max()),
-                                               msg=f"{{kernel}} {{(rows, cols, out, b, density, dtype)}}")
+                    for transposed in (False, True):
+                        res = block_sparse_weight_grad(blocks, g, rows, cols, b, kernel=kernel, transposed=transposed)
+                        res = res.t() if transposed else res
+                        torch.testing.assert_close(res.double(), exact, rtol=tol, atol=tol * float(exact.abs().max()),
+                                                   msg=f"{{kernel}} {{(rows, cols, out, b, density, dtype, transposed)}}")
         # a non-contiguous grad_out (a transposed view) is read correctly
         x, g = torch.randn(64, 64, generator=gen), torch.randn(50, 64, generator=gen).t()
         blocks = compress_blocks(x, 16, 0.5)
@@ -129,13 +131,13 @@ def test_interpreted_kernel_trains_the_op_like_the_torch_path_eager_and_compiled
         assert not launched
         block_sparse.kernel_for = original
         for name in ref:
-            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
         compiled = torch.compile(model, backend=sfx.backend([config], inner="aot_eager"))
         comp = grads(compiled, model, x)
         assert launched, "the compiled backward did not run the Triton op"
         for name in ref:
-            torch.testing.assert_close(comp[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(comp[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     """)
 
 
