@@ -51,6 +51,8 @@ CONFIGS: dict[str, list | None] = {
     "dense": None,
     "dropit": [sfx.DropIT(keep=0.1)],
     "dropit+actmem": [sfx.DropIT(keep=0.1), sfx.ActivationMemory()],
+    # + attention q, k, v in bf16 (opt-in: approximate; only models with SDPA are affected)
+    "dropit+actmem+attn": [sfx.DropIT(keep=0.1), sfx.ActivationMemory(attention="bf16")],
     # the planner: compress (DropIT keep=0.1 + ActivationMemory) or recompute per block, 0.4x
     "budget:0.4": [sfx.MemoryBudget(fraction=0.4, keep=0.1)],
 }

@@ -69,7 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region
 
 from .bitpack import pack_bits, unpack_bits, unpack_bits_as
 
@@ -87,6 +87,7 @@ __all__ = [
     "ActMemActLinear",
     "ActMemLnLinear",
     "ActMemScale",
+    "ActMemAttention",
 ]
 
 _STORAGE = ("bf16", "int8", "off")
@@ -121,6 +122,10 @@ class ActivationMemory(PassConfig):
         scale: how a multiplication by a learned parameter (LayerScale, ResMLP's Affine)
             stores its activation operand for the parameter's gradient: ``"bf16"``,
             ``"int8"`` or ``"off"``.
+        attention: ``scaled_dot_product_attention`` without a mask or dropout keeps q, k, v
+            as ``"bf16"`` / ``"int8"`` instead of q, k, v *and* its output in full precision,
+            and recomputes the attention probabilities in backward (approximate: the
+            gradients see the rounded q, k, v). ``"off"`` (the default) leaves it dense.
         block_size: elements per int8 scale block, 16..65536.
 
     Example:
@@ -138,13 +143,14 @@ class ActivationMemory(PassConfig):
     batchnorm: str = "bf16"
     layernorm: str = "bf16"
     scale: str = "bf16"
+    attention: str = "off"
     block_size: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.relu not in ("bitmask", "off"):
             raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
-        for name in ("gelu", "silu", "batchnorm", "layernorm", "scale"):
+        for name in ("gelu", "silu", "batchnorm", "layernorm", "scale", "attention"):
             value = getattr(self, name)
             if value == "recompute" and name in ("gelu", "silu", "layernorm"):
                 continue
@@ -588,6 +594,56 @@ def _scale_backward(ctx, grad_out, _g1, _g2):
 _actmem_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
+# ---------------------------------------------------------------- scaled dot-product attention
+
+
+@torch.library.custom_op("sparsify_fx::actmem_sdpa", mutates_args=())
+def _actmem_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
+    storage: str, block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    return (out, *compress(q, storage, block), *compress(k, storage, block), *compress(v, storage, block))
+
+
+@_actmem_sdpa.register_fake
+def _(q, k, v, is_causal, scale, storage, block):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return (out, *_fake_payload(q, storage, block), *_fake_payload(k, storage, block),
+            *_fake_payload(v, storage, block))
+
+
+def _sdpa_setup(ctx, inputs, output) -> None:
+    q, k, v, is_causal, scale = inputs[:5]
+    # only the compressed q, k, v: neither the dense operands nor the output are kept
+    ctx.save_for_backward(*output[1:])
+    ctx.shapes = [list(q.shape), list(k.shape), list(v.shape)]
+    ctx.dtype, ctx.is_causal, ctx.scale = q.dtype, is_causal, scale
+
+
+def _sdpa_backward(ctx, grad_out, *_unused):
+    pq, sq, pk, sk, pv, sv = ctx.saved_tensors
+    q, k, v = (decompress(p, s, shape, ctx.dtype) for p, s, shape in zip((pq, pk, pv), (sq, sk, sv), ctx.shapes))
+    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    # the math backend's backward, written out: probabilities recomputed from the stored q, k
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if ctx.is_causal:
+        rows, cols = logits.shape[-2:]
+        causal = torch.ones(rows, cols, dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    grad_out = grad_out.to(ctx.dtype)
+    grad_v = probs.transpose(-2, -1) @ grad_out
+    grad_probs = grad_out @ v.transpose(-2, -1)
+    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    grad_q = (grad_logits @ k) * scale
+    grad_k = (grad_logits.transpose(-2, -1) @ q) * scale
+    return grad_q, grad_k, grad_v, None, None, None, None
+
+
+_actmem_sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
 # ---------------------------------------------------------------- op modules
 
 
@@ -711,6 +767,32 @@ class ActMemScale(nn.Module):
         return x * scale
 
 
+class ActMemAttention(nn.Module):
+    """Parameter-free ``scaled_dot_product_attention(q, k, v)`` (no mask, no dropout) keeping
+    bf16/int8 q, k, v for backward; eval and no-grad run the original op."""
+
+    #: the backward keeps only compressed copies (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, is_causal: bool, scale: float | None, storage: str, block: int):
+        super().__init__()
+        self.is_causal, self.scale, self.storage, self.block = is_causal, scale, storage, block
+
+    def extra_repr(self) -> str:
+        return f"is_causal={self.is_causal}, scale={self.scale}, storage={self.storage}"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.training and _recording(q, k, v) and q.dim() >= 2 \
+                and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+            with autocast_region(q.device.type) as cast:
+                q, k, v = cast(q), cast(k), cast(v)
+                if _compressible(q, self.storage) and q.dtype == k.dtype == v.dtype:
+                    return torch.ops.sparsify_fx.actmem_sdpa(
+                        q, k, v, self.is_causal, self.scale, self.storage, self.block)[0]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
+
+
 class ActMemBatchNorm(nn.Module):
     """Parameter-free BatchNorm: ``forward(x, weight, bias, running_mean, running_var,
     num_batches_tracked)`` with the original module's tensors, updating its running stats
@@ -818,7 +900,8 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
     """``(op name, original module or None)`` for a node this pass may rewrite, else None."""
     if node.op == "call_function":
         name = {F.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu",
-                F.layer_norm: "layer_norm", F.batch_norm: "batch_norm"}.get(node.target)
+                F.layer_norm: "layer_norm", F.batch_norm: "batch_norm",
+                F.scaled_dot_product_attention: "attention"}.get(node.target)
         if name:
             return name, None
         if node.target in (operator.mul, torch.mul) and len(node.args) == 2 and not node.kwargs \
@@ -933,10 +1016,40 @@ def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
             _stored_bytes(_numel_of(x), config.scale, config.block_size))
 
 
+def _plan_attention(node: fx.Node, config: ActivationMemory):
+    if config.attention == "off":
+        return "attention='off'"
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    args = {name: _arg(node, i, name) for i, name in enumerate(names)}
+    if node.kwargs.get("enable_gqa", False):
+        return "enable_gqa=True (grouped-query attention) is not supported"
+    if args["attn_mask"] is not None:
+        return "attn_mask given: the op would keep the mask dense; only unmasked / is_causal attention is rewritten"
+    if args["dropout_p"] not in (None, 0, 0.0):
+        return f"dropout_p={args['dropout_p']}: recomputing the probabilities would need the dropout mask"
+    is_causal, scale = args["is_causal"] or False, args["scale"]
+    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
+        return "is_causal / scale are not constants"
+    q, k, v = args["query"], args["key"], args["value"]
+    if not all(isinstance(t, fx.Node) for t in (q, k, v)):
+        return "q, k, v are not graph values"
+    metas = [sfx.tensor_meta(t) for t in (q, k, v)]
+    if any(m is None for m in metas):
+        return "shapes unknown (no example inputs recorded)"
+    if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
+        return "q, k, v batch dims differ (broadcasting attention is not supported)"
+    before = sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v, node))
+    after = sum(_stored_bytes(_numel_of(t), config.attention, config.block_size) or 0 for t in (q, k, v))
+    module = ActMemAttention(is_causal, None if scale is None else float(scale), config.attention, config.block_size)
+    return module, (q, k, v), before, after
+
+
 def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
     """``(op module, graph args, stored bytes before, after)`` or a skip reason string."""
     if op == "scale":
         return _plan_scale(gm, node, config)
+    if op == "attention":
+        return _plan_attention(node, config)
     x = _arg(node, 0, "input")
     numel = _numel_of(x)
     before = sfx.tensor_bytes(x)

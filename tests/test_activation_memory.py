@@ -4,6 +4,7 @@ saved-tensor memory it frees (with and without DropIT)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from benchmarks.memory import saved_tensor_bytes
 from passes.activation_memory import (
     GRAD_ERROR_BOUNDS,
     ActMemActivation,
+    ActMemAttention,
     ActMemBatchNorm,
     ActMemLayerNorm,
     ActMemReLU,
@@ -485,3 +487,110 @@ def test_scale_off_frozen_and_broadcasting_products_are_reported():
     report = sfx.explain(sfx.sparsify(_LayerScaleBlock(), sfx.ActivationMemory(scale="off"),
                                       example_inputs=(torch.randn(2, 32),)))
     assert not report.rewrites and any(s.reason == "scale='off'" for s in report.skipped)
+
+
+# ---------------------------------------------------------------- scaled dot-product attention
+
+
+class _Attention(nn.Module):
+    """qkv projection -> SDPA -> output projection, as torchvision ViT / GPT-2 spell it."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, causal: bool = False, **sdpa_kwargs):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.causal, self.sdpa_kwargs = heads, causal, sdpa_kwargs
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **self.sdpa_kwargs)
+        return self.out(a.transpose(1, 2).reshape(b, n, d))
+
+
+def _bf16_exact(module: nn.Module) -> None:
+    # weights and inputs representable in bf16 make q, k, v (one Linear of them) close to
+    # bf16-exact, so what remains of the gradient error is the backward's own arithmetic
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.bfloat16().float())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_attention_backward_matches_autograd_on_exact_inputs(causal, scale):
+    """The written-out backward (probabilities recomputed from q, k) is the math backend's:
+    on inputs bf16 storage does not round, gradients equal dense autograd's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16).bfloat16().float().requires_grad_() for _ in range(3))
+    kw = {"is_causal": causal, "scale": scale}
+    g = torch.randn(2, 3, 7, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    op = ActMemAttention(causal, scale, "bf16", 256).train()
+    out = op(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad_{name}: {m}")
+
+
+@pytest.mark.parametrize("storage,bound", [("bf16", 2e-2), ("int8", 6e-2)])
+def test_attention_keeps_only_compressed_qkv_and_trains_close_to_dense(storage, bound):
+    torch.manual_seed(0)
+    model, x = _Attention(causal=True), torch.randn(2, 12, 64)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(attention=storage), example_inputs=(x,))
+    (rewrite,) = [r for r in sfx.explain(fast).rewrites if r.op == "attention"]
+    qkv_numel = 3 * x.numel()
+    # SDPA kept q, k, v and its output; the op keeps q, k, v compressed and nothing else
+    assert rewrite.saved_bytes_before == 4 * (qkv_numel + x.numel())
+    expected_after = 2 * qkv_numel if storage == "bf16" else 3 * math.ceil(x.numel() / 256) * (256 + 4)
+    assert rewrite.saved_bytes_after == expected_after
+    plan = sfx.memory_plan(fast)
+    assert not [t for t in plan.still_dense() if "scaled_dot_product" in " ".join(t.holders)]
+    # measured on the whole model: at least q, k, v's fp32 bytes minus the compressed copies
+    # are freed (the output stays held here: the output projection keeps the same storage)
+    assert _train_bytes(model, x) - _train_bytes(fast, x) >= 4 * qkv_numel - expected_after
+    # measured on the op alone: exactly the compressed bytes are saved, nothing else
+    q, k, v = (torch.randn(2, 4, 12, 16, requires_grad=True) * 1 for _ in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ActMemAttention(True, None, storage, 256).train()(q, k, v)
+    assert sum(t.numel() * t.element_size() for t in saved) == expected_after
+    with torch.no_grad():
+        model.eval(), fast.eval()
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    model.train(), fast.train()
+    ref = copy.deepcopy(model)
+    fast(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        # q, k, v rounded to bf16 / int8: relative to the largest gradient entry
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=bound * q.grad.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_attention_is_opt_in_and_masked_or_dropout_attention_is_reported():
+    x = torch.randn(2, 6, 64)
+    report = sfx.explain(sfx.sparsify(_Attention(), sfx.ActivationMemory(), example_inputs=(x,)))
+    assert any(s.reason == "attention='off'" for s in report.skipped if s.op == "attention")
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    config = sfx.ActivationMemory(attention="bf16")
+    for model, why in ((_Attention(attn_mask=mask), "attn_mask given"), (_Attention(dropout_p=0.1), "dropout_p=0.1")):
+        # verify=False: the dropout model is random in eval too (SDPA's dropout_p ignores the mode)
+        report = sfx.explain(sfx.sparsify(model, config, example_inputs=(x,), verify=False))
+        assert not [r for r in report.rewrites if r.op == "attention"]
+        assert any(why in s.reason for s in report.skipped if s.op == "attention"), report.skipped
+
+
+def test_attention_rewrite_on_vit_eval_exact_and_memory_below_dropit_actmem():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4,
+                                                 hidden_dim=64, mlp_dim=128).train()
+    x = torch.randn(2, 3, 32, 32)
+    base = sfx.sparsify(model, [sfx.DropIT(keep=0.1), sfx.ActivationMemory()], example_inputs=(x,), verify=False)
+    fast = sfx.sparsify(model, [sfx.DropIT(keep=0.1), sfx.ActivationMemory(attention="bf16")], example_inputs=(x,))
+    assert len([r for r in sfx.explain(fast).rewrites if r.op == "attention"]) == 3
+    assert _train_bytes(fast, x) < _train_bytes(base, x)
+    model.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
