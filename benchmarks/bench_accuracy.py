@@ -2,8 +2,10 @@
 
     python -m benchmarks.bench_accuracy [--epochs 30] [--seeds 0 1 2] [--recipes R ...]
 
-Two small models on the bundled 8x8 digits (1797 images, 25% held out, stratified): an MLP
-64-256-256-256-10 and a CNN (conv-BN-ReLU x2, pool, linear). Each recipe is trained with the
+Small models on the bundled 8x8 digits (1797 images, 25% held out, stratified): an MLP
+64-256-256-256-10 and a CNN (conv-BN-ReLU x2, pool, linear) by default; ``--models vit`` adds a
+tiny ViT (2x2 patches, 2 layers, width 64) for the attention forms
+(``--recipes "dropit:keep=0.1+actmem:attention=bf16"``). Each recipe is trained with the
 same optimizer, steps and data order as dense, per seed; the table gives mean +- std test
 accuracy and the difference to dense. Writes ``results/bench_accuracy.json``. Not a CI test:
 about a minute on two CPU cores.
@@ -37,8 +39,19 @@ def _data(seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y))
 
 
+class _Gray2RGB(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
 def _model(kind: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
+    if kind == "vit":
+        import torchvision
+
+        vit = torchvision.models.VisionTransformer(image_size=8, patch_size=2, num_layers=2, num_heads=4,
+                                                   hidden_dim=64, mlp_dim=128, num_classes=10)
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), _Gray2RGB(), vit)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                              nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -77,13 +90,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "vit"])
     parser.add_argument("--out", default="results/bench_accuracy.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     print("| model | recipe | test accuracy % (mean +- std) | vs dense (points) |")
     print("|---|---|---:|---:|")
-    for model_kind in ("mlp", "cnn"):
+    for model_kind in args.models:
         dense = [train_and_eval(model_kind, None, s, args.epochs) for s in args.seeds]
         for recipe in [None, *args.recipes]:
             accs = dense if recipe is None else [
