@@ -624,15 +624,24 @@ def _sdpa_setup(ctx, inputs, output) -> None:
 def _sdpa_backward(ctx, grad_out, *_unused):
     pq, sq, pk, sk, pv, sv = ctx.saved_tensors
     q, k, v = (decompress(p, s, shape, ctx.dtype) for p, s, shape in zip((pq, pk, pv), (sq, sk, sv), ctx.shapes))
+    grad_out = grad_out.to(ctx.dtype)
+    if type(grad_out) is torch.Tensor and not torch.compiler.is_compiling():
+        # eager: re-run the attention on the stored q, k, v through the fused kernels and take
+        # their gradient (1.5x faster than the formulas below on ViT-B/16's shapes on CPU)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves, is_causal=ctx.is_causal, scale=ctx.scale)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        return (*grads, None, None, None, None)
+    # traced (torch.compile's backward sees fake / functional tensors and cannot nest autograd):
+    # the math backend's backward, written out, probabilities recomputed from the stored q, k
     scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    # the math backend's backward, written out: probabilities recomputed from the stored q, k
     logits = (q @ k.transpose(-2, -1)) * scale
     if ctx.is_causal:
         rows, cols = logits.shape[-2:]
         causal = torch.ones(rows, cols, dtype=torch.bool, device=logits.device).tril()
         logits = logits.masked_fill(~causal, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    grad_out = grad_out.to(ctx.dtype)
     grad_v = probs.transpose(-2, -1) @ grad_out
     grad_probs = grad_out @ v.transpose(-2, -1)
     grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
@@ -1034,12 +1043,14 @@ def _plan_attention(node: fx.Node, config: ActivationMemory):
     if not all(isinstance(t, fx.Node) for t in (q, k, v)):
         return "q, k, v are not graph values"
     metas = [sfx.tensor_meta(t) for t in (q, k, v)]
-    if any(m is None for m in metas):
-        return "shapes unknown (no example inputs recorded)"
-    if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
-        return "q, k, v batch dims differ (broadcasting attention is not supported)"
-    before = sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v, node))
-    after = sum(_stored_bytes(_numel_of(t), config.attention, config.block_size) or 0 for t in (q, k, v))
+    before = after = None
+    if all(m is not None for m in metas):
+        if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
+            return "q, k, v batch dims differ (broadcasting attention is not supported)"
+        before = sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v, node))
+        after = sum(_stored_bytes(_numel_of(t), config.attention, config.block_size) or 0 for t in (q, k, v))
+    # without recorded shapes (a torch.compile graph) the op module checks them at run time and
+    # runs the dense op on broadcasting batch dims
     module = ActMemAttention(is_causal, None if scale is None else float(scale), config.attention, config.block_size)
     return module, (q, k, v), before, after
 
