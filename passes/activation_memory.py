@@ -798,7 +798,7 @@ class ActMemAttention(nn.Module):
                 if _compressible(q, self.storage) and q.dtype == k.dtype == v.dtype:
                     return torch.ops.sparsify_fx.actmem_sdpa(
                         q, k, v, self.is_causal, self.scale, self.storage, self.block)[0]
-                return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
+        # (operands already in the autocast dtype run the same kernel autocast would pick)
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
 
 

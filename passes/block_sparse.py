@@ -259,6 +259,46 @@ def decompress_blocks(blocks: CompressedBlocks, rows: int, cols: int, block: int
     return dense
 
 
+def _full_blocks_per_column(grad: torch.Tensor, blocks: CompressedBlocks, g_blocks: torch.Tensor) -> None:
+    """Add every kept full block's ``x_ijᵀ @ grad_out[i-rows]`` into ``grad[j-rows]``, one GEMM
+    per block column: the column's kept blocks side by side (``b x k_j b``) times their
+    gathered ``b``-row slices of ``grad_out`` (``k_j b x out``, at most grad_out's size)."""
+    # (One bmm per b x b block plus an index_add_ of the (k, b, out) products was 1.5-2.7x
+    # slower on CPU.)
+    n_r, b, out_features = g_blocks.shape
+    ptr = blocks.col_ptr.tolist()
+    row_idx = blocks.row_idx.long()
+    for j in range(len(ptr) - 1):
+        start, end = ptr[j], ptr[j + 1]
+        if start == end:
+            continue
+        # (k, b_rows, b_cols) stacked is (k b, b): its transpose is the blocks side by side,
+        # a view BLAS reads as is (no copy)
+        x_t = blocks.values[start:end].to(g_blocks.dtype).reshape((end - start) * b, b).t()
+        g_kept = g_blocks.index_select(0, row_idx[start:end]).reshape((end - start) * b, out_features)
+        torch.mm(x_t, g_kept, out=grad[j * b:(j + 1) * b])
+
+
+def _full_blocks_per_block(grad: torch.Tensor, blocks: CompressedBlocks, g_blocks: torch.Tensor) -> None:
+    """The same sum, one in-place GEMM per kept block, reading ``grad_out`` where it lies.
+
+    For a wide ``grad_out`` (fc1 of an MLP: out = 4 x in) the per-column gathers copy
+    ``kept_blocks * b * out`` elements, more than one small GEMM per block costs (ResMLP-12 fc1,
+    b = 32: 5.0 ms against 6.9 ms gathered, dense 5.1 ms).
+    """
+    b = g_blocks.shape[1]
+    counts = (blocks.col_ptr[1:] - blocks.col_ptr[:-1]).tolist()
+    # views made in bulk (unbind/split): per-block Python indexing cost as much as the GEMMs
+    x_t = blocks.values.to(g_blocks.dtype).transpose(1, 2).unbind(0)
+    g_rows = g_blocks.unbind(0)
+    row_idx = blocks.row_idx.tolist()
+    k = 0
+    for target, count in zip(grad[:len(counts) * b].split(b), counts):
+        for _ in range(count):
+            target.addmm_(x_t[k], g_rows[row_idx[k]])
+            k += 1
+
+
 def block_sparse_weight_grad(
     blocks: CompressedBlocks, grad_out2: torch.Tensor, rows: int, cols: int, block: int,
     kernel: str | None = None, transposed: bool = False,
@@ -269,13 +309,11 @@ def block_sparse_weight_grad(
     layout): the GEMMs write that layout directly instead of a copy transposing the result.
 
     ``kernel`` picks the full-block path: ``"triton"`` (:mod:`passes.bsr_triton`, CUDA), or
-    ``"torch"`` (below); ``None`` takes :func:`passes.bsr_triton.kernel_for`'s choice.
-
-    Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to ``grad[j-rows]``. The
-    blocks of block column ``j`` are stored together (BSC), so their sum is one GEMM of the
-    kept blocks side by side (``b x k_j b``) with their stacked ``b``-row slices of
-    ``grad_out`` (``k_j b x out``). Cost scales with the kept fraction; dropped blocks are
-    never materialised, not even as zeros, and the gathered slices never exceed grad_out.
+    ``"torch"`` (per block column, or per block when ``grad_out`` is at least
+    ``_PER_BLOCK_MIN_WIDTH`` blocks wide); ``None`` takes :func:`passes.bsr_triton.kernel_for`'s
+    choice. Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to
+    ``grad[j-rows]``; the partial strips are added after. Cost scales with the kept fraction:
+    dropped blocks are never materialised, not even as zeros.
     """
     b = block
     n_r, n_c = rows // b, cols // b
@@ -287,46 +325,19 @@ def block_sparse_weight_grad(
         kernel = kernel_for(blocks.values.device, b, g2.dtype)[0]
     g_blocks = g2[:rf].view(n_r, b, out_features)
     if kernel == "triton":
-        grad = bsc_weight_grad_triton(blocks.values, blocks.col_ptr, blocks.row_idx, g2, cols)
-        result = None  # transposed (when asked) once the strips below are added
-    elif transposed:
-        # every write below goes through this column-major view; BLAS writes it as is
-        result = g2.new_zeros(out_features, cols)
-        grad = result.t()
+        result = grad = bsc_weight_grad_triton(blocks.values, blocks.col_ptr, blocks.row_idx, g2, cols)
     else:
-        result = grad = g2.new_zeros(cols, out_features)
-    if kernel != "triton" and blocks.values.shape[0] and out_features >= _PER_BLOCK_MIN_WIDTH * b:
-        # wide grad_out (fc1 of an MLP: out = 4 x in): gathering each column's b-row slices
-        # copies kept_blocks * b * out elements, more than one small GEMM per kept block costs;
-        # each block adds x_ijᵀ @ grad_out[i-rows] in place, reading grad_out where it lies
-        # (ResMLP-12 fc1, b = 32: 5.0 ms against 6.9 ms gathered, dense 5.1 ms)
-        counts = (blocks.col_ptr[1:] - blocks.col_ptr[:-1]).tolist()
-        # views made in bulk (unbind/split): per-block Python indexing cost as much as the GEMMs
-        x_t = blocks.values.to(dtype).transpose(1, 2).unbind(0)
-        g_rows = g_blocks.unbind(0)
-        row_idx = blocks.row_idx.tolist()
-        k = 0
-        for target, count in zip(grad[:cf].split(b), counts):
-            for _ in range(count):
-                target.addmm_(x_t[k], g_rows[row_idx[k]])
-                k += 1
-    elif kernel != "triton" and blocks.values.shape[0]:
-        # blocks are stored column by column (BSC): block column j's kept blocks, side by
-        # side, times their stacked b-row slices of grad_out is one GEMM with inner dimension
-        # k_j * b, written straight into grad's rows of column j. (One bmm per b x b block
-        # plus an index_add_ of the (k, b, out) products was 1.5-2.7x slower on CPU.) The
-        # gathered slices are at most grad_out's size.
-        ptr = blocks.col_ptr.tolist()
-        row_idx = blocks.row_idx.long()
-        for j in range(n_c):
-            start, end = ptr[j], ptr[j + 1]
-            if start == end:
-                continue
-            # (k, b_rows, b_cols) stacked is (k b, b): its transpose is the blocks side by side,
-            # a view BLAS reads as is (no copy)
-            x_t = blocks.values[start:end].to(dtype).reshape((end - start) * b, b).t()
-            g_kept = g_blocks.index_select(0, row_idx[start:end]).reshape((end - start) * b, out_features)
-            torch.mm(x_t, g_kept, out=grad[j * b:(j + 1) * b])
+        if transposed:
+            # every write below goes through this column-major view; BLAS writes it as is
+            result = g2.new_zeros(out_features, cols)
+            grad = result.t()
+        else:
+            result = grad = g2.new_zeros(cols, out_features)
+        if blocks.values.shape[0]:
+            if out_features >= _PER_BLOCK_MIN_WIDTH * b:
+                _full_blocks_per_block(grad, blocks, g_blocks)
+            else:
+                _full_blocks_per_column(grad, blocks, g_blocks)
     if blocks.bottom_values.shape[0]:
         # every bottom block pairs with the same partial row strip of grad_out: one GEMM
         k, rem_r = blocks.bottom_values.shape[:2]
@@ -340,8 +351,8 @@ def block_sparse_weight_grad(
         grad[cf:] += x_r.t() @ g_r
     if blocks.corner.numel():
         grad[cf:] += blocks.corner.to(dtype).t() @ g2[rf:]
-    if result is None:
-        result = grad.t().contiguous() if transposed else grad
+    if kernel == "triton" and transposed:
+        return grad.t().contiguous()  # the kernel writes [cols, out]
     return result
 
 
