@@ -1,4 +1,4 @@
-"""CPU benchmark of BlockSparseActivations on ResMLP: saved bytes and step time vs dense and DropIT.
+"""Benchmark of BlockSparseActivations on ResMLP: saved bytes and step time vs dense and DropIT.
 
 For each ResMLP config it builds one model and, from it, the dense graph, BSR at every
 ``density x block_size``, BSR with ``block_size = 32`` plus :class:`sfx.ActivationMemory`
@@ -19,14 +19,20 @@ import argparse
 import importlib.util
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sparsify_fx as sfx
+from benchmarks.device import (
+    add_device_args,
+    autocast,
+    check_device,
+    cuda_step_memory,
+    device_meta,
+    timed_step,
+)
 from benchmarks.memory import saved_tensor_bytes
 
 __all__ = ["CONFIGS", "run_config", "main"]
@@ -50,21 +56,16 @@ def _resmlp_factory():
     return module.resmlp
 
 
-def _step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    start = time.perf_counter()
-    F.cross_entropy(model(images), labels).backward()
-    elapsed = time.perf_counter() - start
-    for p in model.parameters():
-        p.grad = None
-    return elapsed
-
-
-def run_config(name: str, reps: int) -> list[dict]:
+def run_config(name: str, reps: int, *, device: str = "cpu", amp: str = "off", batch: int | None = None) -> list[dict]:
     """Measure every variant of one ResMLP config; one dict per variant."""
-    kwargs, batch = CONFIGS[name]
+    kwargs, default_batch = CONFIGS[name]
+    batch = batch or default_batch
     torch.manual_seed(0)
-    model = _resmlp_factory()(**kwargs).train()
-    images, labels = torch.randn(batch, 3, kwargs["image_size"], kwargs["image_size"]), torch.randint(0, 10, (batch,))
+    model = _resmlp_factory()(**kwargs).train().to(device)
+    size = kwargs["image_size"]
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    step = lambda m: timed_step(m, images, labels, device, amp)  # noqa: E731
 
     variants: dict[str, tuple[nn.Module, dict]] = {"dense": (model, {"method": "dense"})}
     for density in DENSITIES:
@@ -88,7 +89,10 @@ def run_config(name: str, reps: int) -> list[dict]:
     for label, (module, info) in variants.items():
         module.train()
         row = {"config": name, "variant": label, **info}
-        row["saved_bytes"] = saved_tensor_bytes(module, (images,), count_inputs=False)
+        with autocast(device, amp):
+            row["saved_bytes"] = saved_tensor_bytes(module, (images,), count_inputs=False)
+        if device == "cuda":
+            row["cuda"] = cuda_step_memory(module, images, labels, amp)
         if module is not model:
             # the dense layers' saved inputs only (ActivationMemory's rewrites are not layers)
             layers = [r for r in sfx.explain(module).rewrites if r.pass_name != "actmem"]
@@ -98,25 +102,27 @@ def run_config(name: str, reps: int) -> list[dict]:
             row["index_bytes"] = sum(r.details.get("index_bytes", 0) for r in layers)
         rows.append(row)
         if reps:
-            _step(module, images, labels)  # warm-up (allocator, lazy init)
+            step(module)  # warm-up (allocator, lazy init, Triton compilation)
 
     times: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(reps):
         for label, (module, _) in variants.items():
-            times[label].append(_step(module, images, labels))
+            times[label].append(step(module))
     dense_time = statistics.median(times["dense"]) if reps else None
     dense_bytes = rows[0]["saved_bytes"]
     for row in rows:
         row["step_s"] = statistics.median(times[row["variant"]]) if reps else None
         row["step_ratio"] = row["step_s"] / dense_time if reps else None
         row["memory_ratio"] = row["saved_bytes"] / dense_bytes
+        if "cuda" in row:
+            row["held_ratio"] = row["cuda"]["held_bytes"] / rows[0]["cuda"]["held_bytes"]
         if "layer_bytes_before" in row and row["layer_bytes_before"]:
             row["layer_compression"] = row["layer_bytes_after"] / row["layer_bytes_before"]
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'config':<9} {'variant':<23} {'saved MiB':>9} {'mem/dense':>9} {'layers after/before':>19} {'index KiB':>9} {'step s':>7} {'time/dense':>10}"
+    head = f"{'config':<9} {'variant':<23} {'saved MiB':>9} {'mem/dense':>9} {'held/dense':>10} {'layers after/before':>19} {'index KiB':>9} {'step s':>7} {'time/dense':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         comp = f"{r['layer_compression']:.3f}" if "layer_compression" in r else "-"
@@ -124,6 +130,7 @@ def _table(rows: list[dict]) -> str:
         step = f"{r['step_s']:>7.3f} {r['step_ratio']:>10.2f}" if r["step_s"] is not None else f"{'-':>7} {'-':>10}"
         lines.append(
             f"{r['config']:<9} {r['variant']:<23} {r['saved_bytes'] / 2**20:>9.2f} {r['memory_ratio']:>9.3f} "
+            f"{r.get('held_ratio', float('nan')):>10.3f} "
             f"{comp:>19} {index:>9} {step}"
         )
     return "\n".join(lines)
@@ -134,17 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=[*CONFIGS, "both"], default="small")
     parser.add_argument("--reps", type=int, default=7, help="interleaved rounds; the median is reported (0: bytes only, no timing)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
     parser.add_argument("--out", type=Path, default=_ROOT / "results" / "bench_block_sparse.json")
+    add_device_args(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     torch.set_num_threads(args.threads)
 
     names = list(CONFIGS) if args.config == "both" else [args.config]
     rows = []
     for name in names:
-        rows += run_config(name, args.reps)
+        rows += run_config(name, args.reps, device=args.device, amp=args.amp, batch=args.batch)
         print(_table([r for r in rows if r["config"] == name]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": args.threads, "reps": args.reps, "configs": {n: CONFIGS[n] for n in names}}
+    meta = {"torch": torch.__version__, **device_meta(args.device, args.amp), "reps": args.reps,
+            "batch": args.batch, "configs": {n: CONFIGS[n] for n in names}}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 

@@ -6,12 +6,18 @@ of each configuration per round, so machine noise hits all of them alike), media
 
 * ``saved``: bytes the autograd graph of one training forward holds for backward, de-duplicated
   by storage, parameters, buffers and the input batch left out (``benchmarks.memory``);
-* ``step``: wall time of forward + cross-entropy + backward.
+* ``step``: wall time of forward + cross-entropy + backward;
+* on ``--device cuda`` also ``held``: the caching allocator's bytes after the forward minus
+  before it (what the step really keeps until backward), and the step's peak.
+
+``--amp bf16`` runs the forward under ``torch.autocast`` (bf16). ``--batch`` overrides the
+batch size (the issue's CPU sizes are too small to fill a GPU).
 
 Prints a table (ratios vs dense) and writes ``results/bench_memory.json``.
 
     python -m benchmarks.bench_memory                 # resnet18, resnet50, vit_b_16
     python -m benchmarks.bench_memory --models resnet18 --repeats 5
+    python -m benchmarks.bench_memory --device cuda --amp bf16 --batch 64 --models resnet50
 """
 
 from __future__ import annotations
@@ -26,10 +32,17 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 import sparsify_fx as sfx
+from benchmarks.device import (
+    add_device_args,
+    autocast,
+    check_device,
+    cuda_step_memory,
+    device_meta,
+    timed_step,
+)
 from benchmarks.memory import saved_tensor_bytes
 
 __all__ = ["MODELS", "CONFIGS", "bench_model", "interleaved_times", "main"]
@@ -58,14 +71,6 @@ CONFIGS: dict[str, list | None] = {
 }
 
 
-def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
-    for p in model.parameters():
-        p.grad = None
-    start = time.perf_counter()
-    F.cross_entropy(model(x), target).backward()
-    return time.perf_counter() - start
-
-
 def interleaved_times(
     variants: dict[str, nn.Module], step: Callable[[nn.Module], float], repeats: int
 ) -> dict[str, list[float]]:
@@ -80,25 +85,29 @@ def interleaved_times(
     return times
 
 
-def bench_model(name: str, repeats: int = 3, shape: tuple[int, ...] | None = None) -> dict:
+def bench_model(
+    name: str, repeats: int = 3, shape: tuple[int, ...] | None = None, *,
+    device: str = "cpu", amp: str = "off",
+) -> dict:
     """Measure every configuration on one model; returns a JSON-ready dict."""
     torch.manual_seed(0)
     factory, default_shape = MODELS[name]
     shape = shape or default_shape
-    model = factory()
-    x = torch.randn(*shape)
-    target = torch.randint(0, 1000, (shape[0],))
-    small = torch.randn(1, *shape[1:])
+    model = factory().to(device)
+    x = torch.randn(*shape, device=device)
+    target = torch.randint(0, 1000, (shape[0],), device=device)
+    small = torch.randn(1, *shape[1:], device=device)
     variants: dict[str, nn.Module] = {}
     for config, recipe in CONFIGS.items():
         variants[config] = model if recipe is None else sfx.sparsify(model, recipe, example_inputs=(small,))
         variants[config].train()
-    saved = {
-        config: saved_tensor_bytes(m, (x,), count_inputs=False) for config, m in variants.items()
-    }
-    times = interleaved_times(variants, lambda m: _step(m, x, target), repeats)
+    with autocast(device, amp):
+        saved = {
+            config: saved_tensor_bytes(m, (x,), count_inputs=False) for config, m in variants.items()
+        }
+    times = interleaved_times(variants, lambda m: timed_step(m, x, target, device, amp), repeats)
     step = {config: statistics.median(ts) for config, ts in times.items()}
-    return {
+    row = {
         "model": name,
         "input_shape": list(shape),
         "saved_bytes": saved,
@@ -107,20 +116,30 @@ def bench_model(name: str, repeats: int = 3, shape: tuple[int, ...] | None = Non
         "saved_ratio": {c: saved[c] / saved["dense"] for c in saved},
         "step_ratio": {c: step[c] / step["dense"] for c in step},
     }
+    if device == "cuda":
+        cuda = {config: cuda_step_memory(m, x, target, amp) for config, m in variants.items()}
+        row["cuda"] = cuda
+        row["held_ratio"] = {c: cuda[c]["held_bytes"] / cuda["dense"]["held_bytes"] for c in cuda}
+        row["peak_ratio"] = {c: cuda[c]["step_peak_bytes"] / cuda["dense"]["step_peak_bytes"] for c in cuda}
+    return row
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [
-        "| model | input | config | saved MiB | saved vs dense | step s | step vs dense |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
+    cuda = any("cuda" in r for r in rows)
+    head = "| model | input | config | saved MiB | saved vs dense |"
+    rule = "|---|---|---|---:|---:|"
+    if cuda:
+        head += " held MiB (allocator) | held vs dense | peak vs dense |"
+        rule += "---:|---:|---:|"
+    lines = [head + " step ms | step vs dense |", rule + "---:|---:|"]
     for r in rows:
         for c in r["saved_bytes"]:
-            lines.append(
-                f"| {r['model']} | {'x'.join(map(str, r['input_shape']))} | {c} | "
-                f"{r['saved_bytes'][c] / 2**20:.1f} | {r['saved_ratio'][c]:.3f} | "
-                f"{r['step_s'][c]:.3f} | {r['step_ratio'][c]:.2f} |"
-            )
+            line = (f"| {r['model']} | {'x'.join(map(str, r['input_shape']))} | {c} | "
+                    f"{r['saved_bytes'][c] / 2**20:.1f} | {r['saved_ratio'][c]:.3f} |")
+            if cuda:
+                line += (f" {r['cuda'][c]['held_bytes'] / 2**20:.1f} | {r['held_ratio'][c]:.3f} |"
+                         f" {r['peak_ratio'][c]:.3f} |")
+            lines.append(line + f" {1e3 * r['step_s'][c]:.1f} | {r['step_ratio'][c]:.2f} |")
     return "\n".join(lines)
 
 
@@ -128,19 +147,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the issue's)")
     parser.add_argument("--out", default="results/bench_memory.json")
+    add_device_args(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     rows = []
     start = time.perf_counter()
     for name in args.models:
-        rows.append(bench_model(name, args.repeats))
+        shape = MODELS[name][1]
+        if args.batch:
+            shape = (args.batch, *shape[1:])
+        rows.append(bench_model(name, args.repeats, shape, device=args.device, amp=args.amp))
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **device_meta(args.device, args.amp),
         "machine": platform.machine(),
         "repeats": args.repeats,
         "wall_s": time.perf_counter() - start,

@@ -749,6 +749,10 @@ class ActMemLnLinear(nn.Module):
     def forward(self, x, ln_weight, ln_bias, weight, bias=None):
         if self.training and _recording(x, ln_weight, ln_bias, weight, bias):
             with sfx.autocast_region(x.device.type) as cast:
+                if ln_weight is not None and ln_weight.dtype != x.dtype:
+                    # under autocast x arrives in bf16/fp16 beside fp32 LayerNorm parameters,
+                    # and CUDA's layer-norm kernel takes no mixed dtypes: the parameters follow x
+                    ln_weight, ln_bias = ln_weight.to(x.dtype), None if ln_bias is None else ln_bias.to(x.dtype)
                 return torch.ops.sparsify_fx.actmem_ln_linear(
                     x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias))[0]
         return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)

@@ -244,14 +244,16 @@ def compress_blocks(x2: torch.Tensor, block: int, density: float, norm: str = "l
 def decompress_blocks(blocks: CompressedBlocks, rows: int, cols: int, block: int) -> torch.Tensor:
     """The dense ``[rows, cols]`` matrix with kept blocks in place and zeros elsewhere.
 
-    Used by tests and inspection only; the backward pass never calls it.
+    Tests, benchmarks and the backward's explicit ``kernel="dense"`` path use it.
     """
     b = block
     n_r, n_c = rows // b, cols // b
     rf, cf = n_r * b, n_c * b
     dense = blocks.values.new_zeros(rows, cols)
     counts = (blocks.col_ptr[1:] - blocks.col_ptr[:-1]).long()
-    cols_of = torch.repeat_interleave(torch.arange(n_c, device=dense.device), counts)
+    # output_size: the length is known, so CUDA needs no device-to-host sync to size it
+    cols_of = torch.repeat_interleave(torch.arange(n_c, device=dense.device), counts,
+                                      output_size=blocks.values.shape[0])
     dense[:rf, :cf].view(n_r, b, n_c, b).permute(2, 0, 1, 3)[cols_of, blocks.row_idx.long()] = blocks.values
     dense[rf:, :cf].view(rows - rf, n_c, b).permute(1, 0, 2)[blocks.bottom_cols.long()] = blocks.bottom_values
     dense[:rf, cf:].view(n_r, b, cols - cf)[blocks.right_rows.long()] = blocks.right_values
@@ -308,10 +310,12 @@ def block_sparse_weight_grad(
     ``transposed=True`` returns its transpose, ``[out, cols]`` contiguous (a Linear's weight
     layout): the GEMMs write that layout directly instead of a copy transposing the result.
 
-    ``kernel`` picks the full-block path: ``"triton"`` (:mod:`passes.bsr_triton`, CUDA), or
+    ``kernel`` picks the full-block path: ``"triton"`` (:mod:`passes.bsr_triton`, CUDA),
     ``"torch"`` (per block column, or per block when ``grad_out`` is at least
-    ``_PER_BLOCK_MIN_WIDTH`` blocks wide); ``None`` takes :func:`passes.bsr_triton.kernel_for`'s
-    choice. Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to
+    ``_PER_BLOCK_MIN_WIDTH`` blocks wide), or ``"dense"`` (the input rebuilt dense, zeros in the
+    dropped blocks, for one GEMM; for comparison, never picked automatically: it materialises
+    a dense input in backward); ``None`` takes
+    :func:`passes.bsr_triton.kernel_for`'s choice. Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to
     ``grad[j-rows]``; the partial strips are added after. Cost scales with the kept fraction:
     dropped blocks are never materialised, not even as zeros.
     """
@@ -323,6 +327,9 @@ def block_sparse_weight_grad(
     dtype = g2.dtype
     if kernel is None:
         kernel = kernel_for(blocks.values.device, b, g2.dtype)[0]
+    if kernel == "dense":
+        x = decompress_blocks(blocks, rows, cols, b).to(dtype)
+        return g2.t() @ x if transposed else x.t() @ g2
     g_blocks = g2[:rf].view(n_r, b, out_features)
     if kernel == "triton":
         result = grad = bsc_weight_grad_triton(blocks.values, blocks.col_ptr, blocks.row_idx, g2, cols)

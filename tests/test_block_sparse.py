@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from conftest import mlp
 
 import sparsify_fx as sfx
-from passes import block_sparse
 from passes.block_sparse import (
     BlockSparseConv1x1,
     BlockSparseLinear,

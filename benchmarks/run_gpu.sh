@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of one lent-GPU session, by stage (a machine starts bare: the
+# package is installed first). Logs and results go to $OUT (or results/gpu/).
+#   benchmarks/run_gpu.sh tests      # the CUDA-only tests (they skip in CI)
+#   benchmarks/run_gpu.sh kernel     # BSR weight-gradient kernel: Triton vs torch vs dense
+#   benchmarks/run_gpu.sh memory     # bench_memory on CUDA, fp32 and bf16 autocast
+#   benchmarks/run_gpu.sh profile    # where ResNet-50's DropIT step spends its GPU time
+#   benchmarks/run_gpu.sh bsr        # bench_block_sparse (ResMLP-12) on CUDA
+set -uo pipefail
+out=${OUT:-results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || echo "editable install failed; PYTHONPATH only"
+python3 - <<'PY'
+import torch, torchvision
+print("torch", torch.__version__, "torchvision", torchvision.__version__, torch.cuda.get_device_name())
+PY
+for stage in "$@"; do
+  case $stage in
+    tests)  python3 -m pytest -q -rs tests/test_bsr_triton.py tests/test_autocast.py tests/test_errors.py \
+              2>&1 | tee "$out/tests.log" | tail -25 ;;
+    kernel) python3 -m benchmarks.bench_bsr_kernel --out "$out/bench_bsr_kernel.json" 2>&1 | tee "$out/kernel.log" | tail -40 ;;
+    memory) for amp in ${MEM_AMPS:-off bf16}; do
+              python3 -m benchmarks.bench_memory --device cuda --amp $amp --repeats 10 --batch "${MEM_BATCH:-32}" \
+                --models ${MEM_MODELS:-resnet50 vit_b_16 resnet18 convnext_tiny mlp} \
+                --out "$out/bench_memory_cuda_$amp.json" 2>&1 | tee "$out/memory_$amp.log" | tail -30
+            done ;;
+    profile) python3 -m benchmarks.profile_step --device cuda --batch 32 --model resnet50 \
+              --recipe "dropit:keep=0.1" "dropit:keep=0.1+actmem" 2>&1 | tee "$out/profile_resnet50.log" | grep -v "^USDT" | tail -90 ;;
+    bsr)    python3 -m benchmarks.bench_block_sparse --config resmlp12 --device cuda --batch 64 --reps 10 \
+              --out "$out/bench_block_sparse_cuda.json" 2>&1 | tee "$out/bsr.log" | tail -20 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
