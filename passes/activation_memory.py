@@ -71,6 +71,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region
 
+from . import sync
 from .bitpack import pack_bits, unpack_bits, unpack_bits_as
 
 __all__ = [
@@ -185,6 +186,8 @@ def _to_bf16(x: torch.Tensor) -> torch.Tensor:
     # (the clamp alone was 2 % of a ResMLP-12 training step). Runs on real tensors only:
     # the custom ops call it eagerly under torch.compile too.
     if x.dtype == torch.float32 or x.dtype == torch.float64:
+        if sync.sync_free(x.device):  # the check reads a value back: always clamp there instead
+            return x.clamp(-_BF16_MAX, _BF16_MAX).add_(x, alpha=0).to(torch.bfloat16)
         y = x.to(torch.bfloat16)
         if y.numel() == 0 or bool(torch.isfinite(y.abs().amax())):
             return y

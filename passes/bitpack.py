@@ -11,13 +11,14 @@ import math
 
 import torch
 
+from .cache import cached
+
 __all__ = ["pack_bits", "unpack_bits", "unpack_bits_as"]
 
 
 # (b0 + b1<<8 + ... + b7<<56) * MAGIC puts b_i at bit 56+i and nothing else in bits 56..63
 # (every other product term lands on a distinct lower bit, so there are no carries).
 _PACK_MAGIC = 0x0102040810204080
-_UNPACK_TABLES: dict[tuple[torch.device, torch.dtype | None, bool], torch.Tensor] = {}
 
 
 def _build_table(device: torch.device, dtype: torch.dtype | None, invert: bool = False) -> torch.Tensor:
@@ -30,17 +31,8 @@ def _build_table(device: torch.device, dtype: torch.dtype | None, invert: bool =
 
 
 def _unpack_table(packed: torch.Tensor, dtype: torch.dtype | None = None, invert: bool = False) -> torch.Tensor:
-    # A cached tensor must never meet traced code: under torch.compile the backward is traced
-    # with fake tensors, and a cached real table (or a cached fake one) breaks that trace or
-    # the next one. Traced graphs build the table as ops; eager calls reuse a real one.
-    tracing = type(packed) is not torch.Tensor or torch._guards.detect_fake_mode() is not None
-    if tracing:
-        return _build_table(packed.device, dtype, invert)
-    key = (packed.device, dtype, invert)
-    table = _UNPACK_TABLES.get(key)
-    if table is None:
-        table = _UNPACK_TABLES[key] = _build_table(packed.device, dtype, invert)
-    return table
+    return cached(("unpack", packed.device, dtype, invert), packed,
+                  lambda: _build_table(packed.device, dtype, invert))
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

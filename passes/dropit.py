@@ -36,7 +36,9 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
+from . import sync
 from .bitpack import pack_bits, unpack_bits
+from .cache import cached
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
@@ -130,17 +132,22 @@ def _capacity(numel: int, keep: float) -> int:
     return min(numel, max(1, math.ceil(_SLACK * keep * numel)))
 
 
-def _sample_index(n: int, device: torch.device) -> torch.Tensor:
+def _sample_index(n: int, device: torch.device, like: torch.Tensor | None = None) -> torch.Tensor:
     """One element per window of ``n // 8192``, at a hashed offset inside the window.
 
     A plain strided sample aliases with NCHW layouts (stride a multiple of a channel's plane:
     it reads the same pixel of every channel), which mis-estimated the cut-off on half of
     ResNet-50's convs and sent them to the slow exact re-selection; hashed offsets did so on
-    6 of 52. Deterministic, so seeded runs stay reproducible.
+    6 of 52. Deterministic, so seeded runs stay reproducible. With ``like`` (the tensor it
+    will index) eager calls reuse one index per ``(n, device)``.
     """
     stride = max(1, n // _SAMPLE)
-    i = torch.arange(n // stride, device=device)
-    return i * stride + (i * 40503) % stride
+
+    def build() -> torch.Tensor:
+        i = torch.arange(n // stride, device=device)
+        return i * stride + (i * 40503) % stride
+
+    return build() if like is None else cached(("dropit-sample", n, device), like, build)
 
 
 def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +156,12 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     Returns ``(values, bitmap)``: ``values`` has ``ceil(1.04 * keep * numel)`` elements (the
     kept ones in flat order, then zeros), ``bitmap`` is ``uint8`` with bit ``i % 8`` of byte
     ``i // 8`` set where element ``i`` is kept.
+
+    More passing the cut-off than the capacity holds (the sample under-estimated it) is
+    handled two ways. On CPU the cut-off is raised to the exact one among the candidates, so
+    the largest ``capacity`` are kept. Where :func:`passes.sync.sync_free` (accelerators: the count is
+    never read back) the first ``capacity`` in flat order are kept. Whenever everything that
+    passes fits, both give the same result.
     """
     flat = x.detach().reshape(-1)
     n = flat.numel()
@@ -158,7 +171,7 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     magnitude = flat.abs().nan_to_num_(nan=float("inf"))
     # a cut-off is at most the largest finite value: inf always passes "> cutoff"
     largest = torch.finfo(magnitude.dtype).max
-    sample = magnitude[_sample_index(n, magnitude.device)]
+    sample = magnitude[_sample_index(n, magnitude.device, magnitude)]
     m = sample.numel()
     dropped = m - min(m, math.ceil(keep * m))
     if dropped == 0:
@@ -167,6 +180,8 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
         # strictly above the largest dropped sample value: ties (ReLU's zeros) are dropped
         cutoff = torch.kthvalue(sample, dropped).values.clamp(max=largest)
         mask = magnitude > cutoff
+    if sync.sync_free(flat.device):
+        return _gather_static(flat, mask, cap)
     count = int(torch.count_nonzero(mask))
     if count > cap:
         candidates = magnitude[mask]
@@ -178,6 +193,20 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     values = flat.new_zeros(cap)
     values[:count] = flat[mask]
     return values, pack_bits(mask)
+
+
+def _gather_static(flat: torch.Tensor, mask: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compress_threshold`'s tail at static shapes: no count is read back to the host.
+
+    ``nonzero_static`` lists the first ``cap`` kept positions (``n`` pads the rest); the
+    bitmap is rebuilt from that list, so a truncated tail is dropped from both alike.
+    """
+    n = flat.numel()
+    index = torch.nonzero_static(mask, size=cap, fill_value=n).squeeze(1)
+    padding = index == n
+    values = flat[index.clamp(max=n - 1)].masked_fill_(padding, 0)
+    kept = mask.new_zeros(n + 1).index_fill_(0, index, True)[:n]
+    return values, pack_bits(kept)
 
 
 def decompress_threshold(
