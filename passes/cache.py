@@ -13,19 +13,20 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-__all__ = ["cached"]
+__all__ = ["cached", "eager"]
 
 _CACHE: dict[Hashable, torch.Tensor] = {}
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
 
 
-def _eager(like: torch.Tensor) -> bool:
+def eager(like: torch.Tensor) -> bool:
+    """Whether ``like`` is a real tensor outside tracing (what a cache or a C++ kernel may see)."""
     return type(like) is torch.Tensor and torch._C._get_dispatch_mode(_FAKE) is None
 
 
 def cached(key: Hashable, like: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, remembered under ``key`` when ``like`` is a real tensor outside tracing."""
-    if not _eager(like):
+    if not eager(like):
         return build()
     tensor = _CACHE.get(key)
     if tensor is None:

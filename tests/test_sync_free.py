@@ -58,7 +58,7 @@ def test_static_selection_equals_the_exact_one_when_it_fits(keep, monkeypatch):
 
 def test_static_selection_over_capacity_keeps_the_first_in_flat_order(read_free):
     # the sample sees only small values, so far more than the capacity passes its cut-off
-    x = torch.linspace(1.0, 2.0, 65536)
+    x = torch.linspace(1.0, 2.0, 262144)
     x[dropit._sample_index(x.numel(), x.device)] = 0.01
     assert not _reads(lambda: compress_threshold(x, 0.1))
     values, bitmap = compress_threshold(x, 0.1)
