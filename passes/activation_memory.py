@@ -71,7 +71,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region
 
-from . import sync
+from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits, unpack_bits_as
 
 __all__ = [
@@ -249,6 +249,10 @@ def _compressible(x: torch.Tensor, storage: str) -> bool:
 def _actmem_relu(x: torch.Tensor, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     # ReLU: where threshold_backward zeroes the gradient (out <= 0; NaN passes through).
     # LeakyReLU: where its slope is 1 (x > 0)
+    kernels = cpu_kernels.for_tensors(x) if x.dtype == torch.float32 else None
+    if kernels is not None:  # one pass instead of the activation, a compare and the packing
+        out, bits = kernels.relu_bits(x, negative_slope)
+        return out, bits
     if negative_slope == 0.0:
         out = torch.relu(x)
         return out, pack_bits(out <= 0)
@@ -270,6 +274,9 @@ def _relu_setup(ctx, inputs, output) -> None:
 
 def _relu_backward(ctx, grad_out, _grad_mask):
     (packed,) = ctx.saved_tensors
+    kernels = cpu_kernels.for_tensors(grad_out, packed) if grad_out.dtype == torch.float32 else None
+    if kernels is not None:  # straight from the bits (set: blocked for ReLU, slope 1 for leaky)
+        return kernels.masked_grad(grad_out, packed, ctx.negative_slope), None
     # the dense backward kernels run on a 0/1 stand-in for the saved tensor: they only test
     # it (> 0), so the gradient is bit-identical
     if ctx.negative_slope == 0.0:
@@ -405,8 +412,12 @@ def _actmem_batch_norm(
     out, mean, invstd = torch.ops.aten.native_batch_norm(
         x, weight, bias, new_mean, new_var, True, momentum, eps
     )
-    x_hat = (x.detach() - _channel_view(mean, x.dim())).mul_(_channel_view(invstd, x.dim()))
-    payload, scale = compress(x_hat, storage, block)
+    kernels = cpu_kernels.for_tensors(x) if storage == "bf16" and x.dtype == torch.float32 else None
+    if kernels is not None:  # normalise, saturate and round to bf16 in one pass
+        payload, scale = kernels.normalize_bf16(x.detach(), mean, invstd), x.new_empty(0)
+    else:
+        x_hat = (x.detach() - _channel_view(mean, x.dim())).mul_(_channel_view(invstd, x.dim()))
+        payload, scale = compress(x_hat, storage, block)
     return out, payload, scale, mean, invstd, new_mean, new_var
 
 

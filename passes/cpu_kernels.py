@@ -1,4 +1,5 @@
-"""Fused CPU kernels for DropIT's threshold selection (C++, built on first use).
+"""Fused CPU kernels for DropIT's selection and ActivationMemory's ReLU / BatchNorm (C++, built on
+first use).
 
 DropIT's saved input is stored as the kept values in flat order plus a 1-bit-per-element
 bitmap. In PyTorch ops that takes ``abs``, ``nan_to_num``, ``gt``, ``count_nonzero``,
@@ -10,6 +11,10 @@ dense step takes 430 ms. Here the same result is two passes per direction:
   PyTorch path keeps it) and the number of kept elements in each chunk of 65536;
 * ``compact(x, bits, counts, capacity)``: the kept values in flat order, zero padded;
 * ``expand(values, bits, n)``: the dense tensor back, zeros where a bit is clear.
+
+ActivationMemory's: ``relu_bits`` (the activation and its 1-bit mask in one pass),
+``masked_grad`` (its backward straight from the bits) and ``normalize_bf16`` (BatchNorm's
+normalised input, saturated to bf16, in one pass instead of five).
 
 Chunks run in parallel through ``at::parallel_for``; each chunk's write offset is the prefix
 sum of the counts before it. The bitmap layout is :func:`passes.bitpack.pack_bits`'s, so either
@@ -32,7 +37,10 @@ import warnings
 
 import torch
 
-__all__ = ["load", "unavailable_reason", "DTYPES"]
+from . import sync
+from .cache import eager
+
+__all__ = ["load", "unavailable_reason", "for_tensors", "DTYPES"]
 
 #: value dtypes the kernels take
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -44,6 +52,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -177,9 +186,155 @@ at::Tensor expand(const at::Tensor& values, const at::Tensor& bits, int64_t n) {
   });
   return out;
 }
+
+// ---------------------------------------------------------------- ActivationMemory
+// fp32 only (the common case; other dtypes take the PyTorch path). Restrict-qualified
+// pointers and branch-free bodies, so the compiler vectorises each inner loop.
+
+namespace {
+inline uint32_t bits_of(float v) { uint32_t u; std::memcpy(&u, &v, 4); return u; }
+inline float float_of(uint32_t u) { float v; std::memcpy(&v, &u, 4); return v; }
+
+// byte -> its 8 bits as 32-bit lane masks (all ones where set), bit k in lane k
+struct LaneMasks {
+  uint32_t set[256][8];
+  LaneMasks() {
+    for (int byte = 0; byte < 256; ++byte)
+      for (int k = 0; k < 8; ++k) set[byte][k] = ((byte >> k) & 1) ? 0xFFFFFFFFu : 0u;
+  }
+};
+const LaneMasks kLaneMasks;
+
+void check_fp32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kFloat, what, ": contiguous fp32 CPU tensor");
+}
+}  // namespace
+
+// ReLU (slope 0): out = relu(x), bit = out <= 0 (where threshold_backward blocks the gradient;
+// NaN passes). LeakyReLU: out = leaky_relu(x), bit = x > 0 (where its slope is 1).
+std::vector<at::Tensor> relu_bits(const at::Tensor& x, double negative_slope) {
+  check_fp32(x, "relu_bits");
+  const int64_t n = x.numel();
+  auto out = at::empty_like(x);
+  auto bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
+  uint8_t* __restrict__ b = bits.data_ptr<uint8_t>();
+  const float* __restrict__ p = x.const_data_ptr<float>();
+  float* __restrict__ q = out.data_ptr<float>();
+  const float slope = static_cast<float>(negative_slope);
+  const bool relu = negative_slope == 0.0;
+  at::parallel_for(0, n_chunks(n), 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint8_t flag[kBatch];
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t lo = ch * kChunk, hi = std::min(n, lo + kChunk);
+      for (int64_t i = lo; i < hi; i += kBatch) {
+        const int64_t m = std::min<int64_t>(kBatch, hi - i);
+        const float* __restrict__ pi = p + i;
+        float* __restrict__ qi = q + i;
+        // selects as bit masks: the compiler keeps ternaries on floats as branches (NaN)
+        if (relu) {
+          for (int64_t k = 0; k < m; ++k) {
+            const float v = pi[k];
+            const uint32_t negative = 0u - static_cast<uint32_t>(v < 0.0f);
+            qi[k] = float_of(bits_of(v) & ~negative);  // 0 below zero; NaN stays NaN
+            flag[k] = v <= 0.0f;                       // relu(v) <= 0
+          }
+        } else {
+          const uint32_t one = bits_of(1.0f), low = bits_of(slope);
+          for (int64_t k = 0; k < m; ++k) {
+            const float v = pi[k];
+            const uint32_t positive = 0u - static_cast<uint32_t>(v > 0.0f);
+            qi[k] = v * float_of((one & positive) | (low & ~positive));
+            flag[k] = v > 0.0f;
+          }
+        }
+        for (int64_t k = m; k < kBatch; ++k) flag[k] = 0;
+        for (int64_t w = 0; w < (m + 7) / 8; ++w) {
+          uint64_t word;
+          std::memcpy(&word, flag + 8 * w, 8);
+          b[(i >> 3) + w] = static_cast<uint8_t>((word * kPackMagic) >> 56);
+        }
+      }
+    }
+  });
+  return {out, bits};
+}
+
+// grad where the bit is clear and 0 where set (ReLU: exact zeros, NaN gradients included, as
+// threshold_backward gives), or grad * (bit ? 1 : slope) (LeakyReLU, slope != 0)
+at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& bits, double negative_slope) {
+  check_fp32(grad, "masked_grad");
+  TORCH_CHECK(bits.is_contiguous() && bits.scalar_type() == at::kByte, "masked_grad: contiguous uint8 bitmap");
+  const int64_t n = grad.numel();
+  TORCH_CHECK(bits.numel() == (n + 7) / 8, "masked_grad: bitmap of ", bits.numel(), " bytes for ", n, " elements");
+  auto out = at::empty_like(grad);
+  const uint8_t* __restrict__ b = bits.const_data_ptr<uint8_t>();
+  const float* __restrict__ g = grad.const_data_ptr<float>();
+  float* __restrict__ q = out.data_ptr<float>();
+  const bool relu = negative_slope == 0.0;
+  const float slope = static_cast<float>(negative_slope);
+  at::parallel_for(0, n_chunks(n), 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t keep[kBatch];
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t lo = ch * kChunk, hi = std::min(n, lo + kChunk);
+      for (int64_t i = lo; i < hi; i += kBatch) {
+        const int64_t m = std::min<int64_t>(kBatch, hi - i);
+        const uint8_t* __restrict__ bi = b + (i >> 3);
+        const float* __restrict__ gi = g + i;
+        float* __restrict__ qi = q + i;
+        // each bitmap byte -> 8 lane masks from a table, then one vectorised select pass
+        for (int64_t j = 0; j < (m + 7) / 8; ++j) std::memcpy(keep + 8 * j, kLaneMasks.set[bi[j]], 32);
+        if (relu) {
+          // the gradient passes where the bit is clear: an AND gives it or +0.0, never NaN
+          for (int64_t k = 0; k < m; ++k) qi[k] = float_of(bits_of(gi[k]) & ~keep[k]);
+        } else {
+          const uint32_t one = bits_of(1.0f), low = bits_of(slope);
+          for (int64_t k = 0; k < m; ++k) qi[k] = gi[k] * float_of((one & keep[k]) | (low & ~keep[k]));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// BatchNorm's normalised input (x - mean[c]) * invstd[c] of an fp32 [N, C, ...] tensor, stored
+// as bf16 in one pass: finite values saturate at bf16's largest instead of rounding to inf,
+// inf / NaN are stored as NaN, rounding is to nearest even (activation_memory._to_bf16's
+// rules, bit for bit)
+at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_fp32(x, "normalize_bf16");
+  TORCH_CHECK(x.dim() >= 2, "normalize_bf16: [N, C, ...]");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && invstd.scalar_type() == at::kFloat, "normalize_bf16: fp32 statistics");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t inner = channels ? x.numel() / (batch * channels) : 0;
+  auto m = mean.contiguous(), s = invstd.contiguous();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* p = x.const_data_ptr<float>();
+  const float* mp = m.const_data_ptr<float>();
+  const float* sp = s.const_data_ptr<float>();
+  uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const float big = 3.3895313892515355e38f;  // bf16's largest finite value
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % channels;
+      const float mu = mp[c], is = sp[c];
+      const float* __restrict__ xp = p + plane * inner;
+      uint16_t* __restrict__ qp = q + plane * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        const float v = (xp[i] - mu) * is;
+        const uint32_t u = bits_of(v);
+        const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+        const uint32_t c32 = bits_of(std::min(std::max(v, -big), big));
+        const uint32_t rounded = (c32 + 0x7FFFu + ((c32 >> 16) & 1u)) >> 16;  // nearest even
+        qp[i] = static_cast<uint16_t>(finite ? rounded : 0x7FC0u);  // quiet NaN
+      }
+    }
+  });
+  return out;
+}
 """
 
-_FUNCTIONS = ["threshold_bits", "compact", "expand"]
+_FUNCTIONS = ["threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16"]
 
 
 def _cpu_tag() -> str:
@@ -227,3 +382,15 @@ def load():
 def unavailable_reason() -> str | None:
     """Why :func:`load` returned ``None`` (after it was called), else ``None``."""
     return _reason
+
+
+def for_tensors(*tensors: torch.Tensor):
+    """The kernels, where they apply to all of ``tensors``: eager (never traced or fake)
+    contiguous CPU tensors of a dtype in :data:`DTYPES`, on a device where a value read back
+    is free (:func:`passes.sync.sync_free`: the kernels read counts back). Else ``None``, and
+    the caller runs its PyTorch path, which computes the same bits."""
+    for t in tensors:
+        if t.device.type != "cpu" or sync.sync_free(t.device) or t.dtype not in DTYPES \
+                or not t.is_contiguous() or not eager(t):
+            return None
+    return load()

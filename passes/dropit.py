@@ -39,7 +39,6 @@ from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_r
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits
 from .cache import cached
-from .cache import eager as cached_ok
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
@@ -178,7 +177,7 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     cap = _capacity(n, keep)
     kernels = _cpu_kernels(flat)
     if kernels is not None:
-        fused = _compress_fused(kernels, flat.contiguous(), keep, cap)
+        fused = _compress_fused(kernels, flat, keep, cap)
         if fused is not None:
             return fused
     # NaN ranks above every number (as in torch.topk) and inf above every finite value, so
@@ -203,13 +202,9 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     return values, pack_bits(mask)
 
 
-def _cpu_kernels(t: torch.Tensor):
-    """The fused C++ kernels where they apply (an eager CPU tensor of a float dtype), else None."""
-    # (they read counts back: only where that is free, per passes.sync)
-    if t.device.type != "cpu" or sync.sync_free(t.device) or t.dtype not in cpu_kernels.DTYPES \
-            or not cached_ok(t):
-        return None
-    return cpu_kernels.load()
+def _cpu_kernels(*tensors: torch.Tensor):
+    """The fused C++ kernels where they apply (:func:`passes.cpu_kernels.for_tensors`)."""
+    return cpu_kernels.for_tensors(*tensors)
 
 
 def _cutoff(sample: torch.Tensor, keep: float) -> torch.Tensor | None:
@@ -256,9 +251,9 @@ def decompress_threshold(
 ) -> torch.Tensor:
     """Inverse of :func:`compress_threshold`: the kept values in place, zeros elsewhere."""
     n = math.prod(shape)
-    kernels = _cpu_kernels(values)
+    kernels = _cpu_kernels(values, bitmap)
     if kernels is not None:
-        return kernels.expand(values.contiguous(), bitmap.contiguous(), n).view(shape)
+        return kernels.expand(values, bitmap, n).view(shape)
     mask = unpack_bits(bitmap, [n])
     out = values.new_zeros(mask.shape)
     out.masked_scatter_(mask, values)

@@ -614,3 +614,65 @@ def test_attention_compiled_backward_matches_eager(causal):
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
+
+
+# ---------------------------------------------------------------- fused CPU kernels
+
+from passes import cpu_kernels  # noqa: E402
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.load() is None, reason=f"C++ kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def _with_nonfinite(*shape, dtype=torch.float32, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+    flat = x.view(-1)
+    flat[[0, flat.numel() // 2, flat.numel() - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    flat[1] = -0.0
+    return x.to(dtype)
+
+
+def _op_and_grads(x, slope, kernels_on: bool, monkeypatch):
+    with monkeypatch.context() as m:
+        if not kernels_on:
+            m.setattr(cpu_kernels, "for_tensors", lambda *t: None)
+        xr = x.clone().requires_grad_()
+        out, bits = torch.ops.sparsify_fx.actmem_relu(xr, slope)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+        g.view(-1)[2] = float("nan")
+        out.backward(g)
+        return out.detach(), bits, xr.grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_relu_equals_the_torch_path(slope, dtype, monkeypatch):
+    for shape in [(3,), (2, 5, 7), (4, 8, 129, 130)]:  # byte and chunk tails
+        x = _with_nonfinite(*shape, dtype=dtype)
+        fused = _op_and_grads(x, slope, True, monkeypatch)
+        ref = _op_and_grads(x, slope, False, monkeypatch)
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{shape} {dtype}: {m}")
+
+
+@needs_kernels
+def test_fused_batchnorm_storage_equals_the_torch_path(monkeypatch):
+    """The bf16 normalised input is bit-identical: rounding, saturation near fp32's maximum
+    (a finite value that would round to inf), inf and NaN stored as NaN."""
+    x = _with_nonfinite(4, 6, 9, 11)
+    x[1, 2, 3, 4] = 3.4e38
+    x[2, 3] = 1e30  # a channel whose normalised values are huge
+    args = (torch.ones(6), torch.zeros(6), torch.zeros(6), torch.ones(6), 0.1, 1e-5, "bf16", 64)
+    fused = torch.ops.sparsify_fx.actmem_batch_norm(x, *args)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "for_tensors", lambda *t: None)
+        ref = torch.ops.sparsify_fx.actmem_batch_norm(x, *args)
+    assert fused[1].dtype == torch.bfloat16
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # and one that exercises the saturation itself: a normalised value past bf16's range
+    kernels = cpu_kernels.load()
+    big = torch.tensor([[[3.39e38, -3.4e38, 1.0, float("inf")]]]).float()
+    got = kernels.normalize_bf16(big, torch.zeros(1), torch.ones(1))
+    assert torch.isfinite(got[..., :3]).all() and torch.isnan(got[..., 3]).all()
