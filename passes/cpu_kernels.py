@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import warnings
 
 import torch
@@ -337,6 +338,16 @@ at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at:
 _FUNCTIONS = ["threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16"]
 
 
+def _ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the pip package's binary may not be on it."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
 def _cpu_tag() -> str:
     """A short hash of this CPU's model and feature flags (Linux; else the machine name)."""
     text = platform.machine()
@@ -358,6 +369,7 @@ def load():
         _reason = "disabled by SPARSIFY_FX_CPU_KERNELS=0"
         return None
     try:
+        _ninja_on_path()
         # importing cpp_extension logs "No CUDA runtime is found" on CPU-only hosts
         logger = logging.getLogger("torch.utils.cpp_extension")
         level = logger.level
