@@ -24,6 +24,11 @@ The extension is compiled with ``torch.utils.cpp_extension.load_inline`` the fir
 asked for (about a minute; then cached on disk under ``TORCH_EXTENSIONS_DIR``). Where that
 fails (no C++ compiler) or ``SPARSIFY_FX_CPU_KERNELS=0`` is set, :func:`load` returns
 ``None`` and DropIT runs its PyTorch path: same results, slower.
+
+On torch releases whose ``cpp_extension`` still locks builds with a lock file's existence (not
+an OS-level lock, as 2.15 has), a build killed midway leaves ``lock`` in the build folder and
+the next process waits on it: delete
+``~/.cache/torch_extensions/*/sparsify_fx_cpu_kernels_*/lock``.
 """
 
 from __future__ import annotations
