@@ -175,7 +175,7 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     flat = x.detach().reshape(-1)
     n = flat.numel()
     cap = _capacity(n, keep)
-    kernels = _cpu_kernels(flat)
+    kernels = cpu_kernels.for_tensors(flat)
     if kernels is not None:
         fused = _compress_fused(kernels, flat, keep, cap)
         if fused is not None:
@@ -200,11 +200,6 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
     values = flat.new_zeros(cap)
     values[:count] = flat[mask]
     return values, pack_bits(mask)
-
-
-def _cpu_kernels(*tensors: torch.Tensor):
-    """The fused C++ kernels where they apply (:func:`passes.cpu_kernels.for_tensors`)."""
-    return cpu_kernels.for_tensors(*tensors)
 
 
 def _cutoff(sample: torch.Tensor, keep: float) -> torch.Tensor | None:
@@ -251,7 +246,7 @@ def decompress_threshold(
 ) -> torch.Tensor:
     """Inverse of :func:`compress_threshold`: the kept values in place, zeros elsewhere."""
     n = math.prod(shape)
-    kernels = _cpu_kernels(values, bitmap)
+    kernels = cpu_kernels.for_tensors(values, bitmap)
     if kernels is not None:
         return kernels.expand(values, bitmap, n).view(shape)
     mask = unpack_bits(bitmap, [n])
