@@ -274,7 +274,7 @@ def _relu_setup(ctx, inputs, output) -> None:
 
 def _relu_backward(ctx, grad_out, _grad_mask):
     (packed,) = ctx.saved_tensors
-    kernels = cpu_kernels.for_tensors(grad_out, packed) if grad_out.dtype == torch.float32 else None
+    kernels = cpu_kernels.for_tensors(grad_out, bits=packed) if grad_out.dtype == torch.float32 else None
     if kernels is not None:  # straight from the bits (set: blocked for ReLU, slope 1 for leaky)
         return kernels.masked_grad(grad_out, packed, ctx.negative_slope), None
     # the dense backward kernels run on a 0/1 stand-in for the saved tensor: they only test

@@ -401,13 +401,19 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def for_tensors(*tensors: torch.Tensor):
-    """The kernels, where they apply to all of ``tensors``: eager (never traced or fake)
-    contiguous CPU tensors of a dtype in :data:`DTYPES`, on a device where a value read back
-    is free (:func:`passes.sync.sync_free`: the kernels read counts back). Else ``None``, and
-    the caller runs its PyTorch path, which computes the same bits."""
+def for_tensors(*tensors: torch.Tensor, bits: torch.Tensor | None = None):
+    """The kernels, where they apply to all of ``tensors`` and the bitmap ``bits``: eager
+    (never traced or fake) contiguous CPU tensors, ``tensors`` of a dtype in :data:`DTYPES` and
+    ``bits`` ``uint8``, on a device where a value read back is free
+    (:func:`passes.sync.sync_free`: the kernels read counts back). Else ``None``, and the caller
+    runs its PyTorch path, which computes the same bits."""
+    if bits is not None and (bits.dtype != torch.uint8 or not _usable(bits)):
+        return None
     for t in tensors:
-        if t.device.type != "cpu" or sync.sync_free(t.device) or t.dtype not in DTYPES \
-                or not t.is_contiguous() or not eager(t):
+        if t.dtype not in DTYPES or not _usable(t):
             return None
     return load()
+
+
+def _usable(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not sync.sync_free(t.device) and t.is_contiguous() and eager(t)

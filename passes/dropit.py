@@ -246,7 +246,7 @@ def decompress_threshold(
 ) -> torch.Tensor:
     """Inverse of :func:`compress_threshold`: the kept values in place, zeros elsewhere."""
     n = math.prod(shape)
-    kernels = cpu_kernels.for_tensors(values, bitmap)
+    kernels = cpu_kernels.for_tensors(values, bits=bitmap)
     if kernels is not None:
         return kernels.expand(values, bitmap, n).view(shape)
     mask = unpack_bits(bitmap, [n])

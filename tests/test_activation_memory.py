@@ -635,7 +635,7 @@ def _with_nonfinite(*shape, dtype=torch.float32, seed=0):
 def _op_and_grads(x, slope, kernels_on: bool, monkeypatch):
     with monkeypatch.context() as m:
         if not kernels_on:
-            m.setattr(cpu_kernels, "for_tensors", lambda *t: None)
+            m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
         xr = x.clone().requires_grad_()
         out, bits = torch.ops.sparsify_fx.actmem_relu(xr, slope)
         g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
@@ -666,7 +666,7 @@ def test_fused_batchnorm_storage_equals_the_torch_path(monkeypatch):
     args = (torch.ones(6), torch.zeros(6), torch.zeros(6), torch.ones(6), 0.1, 1e-5, "bf16", 64)
     fused = torch.ops.sparsify_fx.actmem_batch_norm(x, *args)
     with monkeypatch.context() as m:
-        m.setattr(cpu_kernels, "for_tensors", lambda *t: None)
+        m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
         ref = torch.ops.sparsify_fx.actmem_batch_norm(x, *args)
     assert fused[1].dtype == torch.bfloat16
     for a, b in zip(fused, ref):

@@ -387,7 +387,7 @@ def test_fused_kernels_equal_the_torch_path(keep, monkeypatch):
     for x in _kernel_inputs():
         fused = compress_threshold(x, keep)
         with monkeypatch.context() as m:
-            m.setattr(cpu_kernels, "for_tensors", lambda *t: None)
+            m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
             ref = compress_threshold(x, keep)
             restored_ref = decompress_threshold(*fused, x.shape)
         assert fused[0].dtype == x.dtype and fused[1].dtype == torch.uint8
@@ -419,3 +419,27 @@ def test_kernels_can_be_switched_off_and_say_so(monkeypatch):
     finally:
         monkeypatch.delenv("SPARSIFY_FX_CPU_KERNELS")
         cpu_kernels.load.cache_clear()
+
+
+@needs_kernels
+def test_a_cpu_training_step_takes_the_kernels_at_every_lookup(monkeypatch):
+    """Every saved tensor of DropIT and ActivationMemory goes through the kernels both ways on
+    an fp32 CPU step: a lookup that falls back (a bitmap's dtype refused, say) only costs time,
+    so no numerical test would see it."""
+    from conftest import SmallCNN
+
+    looked_up = []
+    real = cpu_kernels.for_tensors
+
+    def recording(*tensors, **kw):
+        found = real(*tensors, **kw)
+        looked_up.append((found is not None, [t.dtype for t in tensors], "bits" in kw))
+        return found
+
+    torch.manual_seed(0)
+    model = sfx.sparsify(SmallCNN(), "dropit:keep=0.1+actmem", example_inputs=(torch.randn(1, 3, 16, 16),)).train()
+    x = torch.randn(4, 3, 16, 16)
+    monkeypatch.setattr(cpu_kernels, "for_tensors", recording)
+    model(x).sum().backward()
+    assert any(bits for _, _, bits in looked_up), "no backward lookup with a bitmap ran"
+    assert len(looked_up) >= 4 and all(found for found, _, _ in looked_up), looked_up
