@@ -41,7 +41,7 @@ def _bench(name: str, recipe: str, repeats: int) -> dict:
 
     def step(label: str) -> float:
         module, kernels = variants[label]
-        cpu_kernels.for_tensors = real if kernels else (lambda *t: None)
+        cpu_kernels.for_tensors = real if kernels else (lambda *t, **k: None)
         try:
             return timed_step(module, x, target, "cpu", "off")
         finally:
