@@ -73,6 +73,7 @@ from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_r
 
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits, unpack_bits_as
+from .op_autograd import register_autograd
 
 __all__ = [
     "ActivationMemory",
@@ -286,7 +287,7 @@ def _relu_backward(ctx, grad_out, _grad_mask):
     return torch.ops.aten.leaky_relu_backward(grad_out, passes, ctx.negative_slope, False), None
 
 
-_actmem_relu.register_autograd(_relu_backward, setup_context=_relu_setup)
+register_autograd(_actmem_relu, _relu_backward, _relu_setup)
 
 
 # ---------------------------------------------------------------- GELU / SiLU
@@ -335,8 +336,8 @@ def _silu_backward(ctx, grad_out, _g1, _g2):
     return torch.ops.aten.silu_backward(grad_out, x), None, None
 
 
-_actmem_gelu.register_autograd(_gelu_backward, setup_context=_pointwise_setup)
-_actmem_silu.register_autograd(_silu_backward, setup_context=_pointwise_setup)
+register_autograd(_actmem_gelu, _gelu_backward, _pointwise_setup)
+register_autograd(_actmem_silu, _silu_backward, _pointwise_setup)
 
 
 # ---------------------------------------------------------------- activation -> Linear, recomputed
@@ -383,7 +384,7 @@ def _act_linear_backward(ctx, grad_y):
     return grad_h, grad_w, grad_b, None, None
 
 
-_actmem_act_linear.register_autograd(_act_linear_backward, setup_context=_act_linear_setup)
+register_autograd(_actmem_act_linear, _act_linear_backward, _act_linear_setup)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -442,10 +443,17 @@ def _bn_setup(ctx, inputs, output) -> None:
 def _bn_backward(ctx, grad_out, *_unused):
     payload, scale, invstd, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    eff_weight = invstd * weight if weight is not None else invstd
+    kernels = None
+    if payload.dtype == torch.bfloat16 and ctx.dtype == grad_out.dtype == eff_weight.dtype == torch.float32:
+        kernels = cpu_kernels.for_tensors(grad_out, payload, eff_weight)
+    if kernels is not None:  # two passes over grad and the bf16 x_hat, no fp32 copy of it
+        grad_x, grad_w, grad_b = kernels.bn_backward_bf16(grad_out, payload, eff_weight, bool(need_x))
+        return (grad_x if need_x else None, grad_w if need_w and weight is not None else None,
+                grad_b if need_b and ctx.has_bias else None, None, None, None, None, None, None)
     x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
     # the fused kernel computes x_hat = (input - mean) * invstd and scales grad_x by
     # weight * invstd; feeding it x_hat, mean 0, invstd 1, weight*invstd is the same formula
-    eff_weight = invstd * weight if weight is not None else invstd
     # re-centring on the stored x_hat's own channel mean (the kernel subtracts save_mean)
     # keeps sum_c(grad_x) ~ 0 as in dense autograd: a conv bias before BN then gets ~0
     # gradient instead of the bf16 rounding of sum(x_hat)
@@ -459,7 +467,7 @@ def _bn_backward(ctx, grad_out, *_unused):
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-_actmem_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+register_autograd(_actmem_batch_norm, _bn_backward, _bn_setup)
 
 
 # ---------------------------------------------------------------- LayerNorm
@@ -513,7 +521,7 @@ def _ln_backward(ctx, grad_out, *_unused):
     return grad_x, None, grad_w, grad_b, None, None, None
 
 
-_actmem_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+register_autograd(_actmem_layer_norm, _ln_backward, _ln_setup)
 
 
 # ---------------------------------------------------------------- LayerNorm -> Linear, recomputed
@@ -567,7 +575,7 @@ def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
     return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b
 
 
-_actmem_ln_linear.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
+register_autograd(_actmem_ln_linear, _ln_linear_backward, _ln_linear_setup)
 
 
 # ---------------------------------------------------------------- scale by a parameter
@@ -605,7 +613,7 @@ def _scale_backward(ctx, grad_out, _g1, _g2):
     return grad_x, grad_scale, None, None
 
 
-_actmem_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
+register_autograd(_actmem_scale, _scale_backward, _scale_setup)
 
 
 # ---------------------------------------------------------------- scaled dot-product attention
@@ -664,7 +672,7 @@ def _sdpa_backward(ctx, grad_out, *_unused):
     return grad_q, grad_k, grad_v, None, None, None, None
 
 
-_actmem_sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+register_autograd(_actmem_sdpa, _sdpa_backward, _sdpa_setup)
 
 
 # ---------------------------------------------------------------- op modules

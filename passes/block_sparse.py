@@ -46,6 +46,7 @@ import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
 from .bsr_triton import bsc_weight_grad_triton, kernel_for
+from .op_autograd import register_autograd
 
 __all__ = [
     "BlockSparseActivations",
@@ -478,7 +479,7 @@ def _backward(ctx, grad_out, *_grad_blocks):
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-_block_sparse_dense.register_autograd(_backward, setup_context=_setup)
+register_autograd(_block_sparse_dense, _backward, _setup)
 
 
 # ---------------------------------------------------------------- op modules

@@ -7,14 +7,18 @@ bitmap. In PyTorch ops that takes ``abs``, ``nan_to_num``, ``gt``, ``count_nonze
 backward: about 3.5 ns per element on 2 cores, 150 ms of a ResNet-50 step (8x112x112) whose
 dense step takes 430 ms. Here the same result is two passes per direction:
 
+* ``sample_cutoff(x, index, dropped)``: the cut-off, from the sample ``|x[index]|``
+  (:func:`passes.dropit._sample_index`) by ``nth_element``, in one call;
 * ``threshold_bits(x, cutoff)``: the bitmap of ``!(|x| <= cutoff)`` (NaN is kept, as the
   PyTorch path keeps it) and the number of kept elements in each chunk of 65536;
 * ``compact(x, bits, counts, capacity)``: the kept values in flat order, zero padded;
 * ``expand(values, bits, n)``: the dense tensor back, zeros where a bit is clear.
 
 ActivationMemory's: ``relu_bits`` (the activation and its 1-bit mask in one pass),
-``masked_grad`` (its backward straight from the bits) and ``normalize_bf16`` (BatchNorm's
-normalised input, saturated to bf16, in one pass instead of five).
+``masked_grad`` (its backward straight from the bits), ``normalize_bf16`` (BatchNorm's
+normalised input, saturated to bf16, in one pass instead of five) and ``bn_backward_bf16``
+(BatchNorm's backward read straight from that bf16 copy: two passes instead of an fp32 upcast,
+a mean and the dense backward's three).
 
 Chunks run in parallel through ``at::parallel_for``; each chunk's write offset is the prefix
 sum of the counts before it. The bitmap layout is :func:`passes.bitpack.pack_bits`'s, so either
@@ -60,6 +64,9 @@ _SOURCE = r"""
 #include <cstring>
 #include <limits>
 #include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace {
 constexpr int64_t kChunk = 1 << 16;  // elements per task; a multiple of kBatch
@@ -83,6 +90,25 @@ std::vector<int64_t> offsets_of(const at::Tensor& counts) {
   for (int64_t i = 0; i < counts.numel(); ++i) off[i + 1] = off[i] + c[i];
   return off;
 }
+
+// one full batch of threshold_bits through AVX2 (8 compares -> one bitmap byte by movemask);
+// false where it does not apply (other dtypes, no AVX2), and the portable loop runs
+template <typename T, typename U>
+inline bool threshold_batch(const T*, U, uint8_t*, int64_t&) { return false; }
+#ifdef __AVX2__
+inline bool threshold_batch(const float* p, float cut, uint8_t* b, int64_t& count) {
+  const __m256 cut8 = _mm256_set1_ps(cut);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t k = 0; k < kBatch; k += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(p + k), magnitude);
+    // not (|x| <= cut), unordered true: NaN is kept
+    const uint8_t byte = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, cut8, _CMP_NLE_UQ)));
+    b[k >> 3] = byte;
+    count += __builtin_popcount(byte);
+  }
+  return true;
+}
+#endif
 }  // namespace
 
 std::vector<at::Tensor> threshold_bits(const at::Tensor& x, double cutoff) {
@@ -103,6 +129,7 @@ std::vector<at::Tensor> threshold_bits(const at::Tensor& x, double cutoff) {
         int64_t count = 0;
         for (int64_t i = lo; i < hi; i += kBatch) {
           const int64_t m = std::min<int64_t>(kBatch, hi - i);
+          if (m == kBatch && threshold_batch(p + i, cut, b + (i >> 3), count)) continue;
           // one flag byte per element (a loop the compiler vectorises), then 8 flags -> 1 byte
           for (int64_t k = 0; k < m; ++k) {
             keep[k] = !(std::abs(static_cast<opmath_t>(p[i + k])) <= cut);  // NaN: kept
@@ -171,7 +198,7 @@ at::Tensor expand(const at::Tensor& values, const at::Tensor& bits, int64_t n) {
   });
   const std::vector<int64_t> off = offsets_of(counts);
   TORCH_CHECK(off.back() <= values.numel(), "expand: the bitmap sets ", off.back(), " elements, values holds ", values.numel());
-  auto out = at::zeros({n}, values.options());
+  auto out = at::empty({n}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "expand", [&] {
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     scalar_t* q = out.data_ptr<scalar_t>();
@@ -179,7 +206,9 @@ at::Tensor expand(const at::Tensor& values, const at::Tensor& bits, int64_t n) {
       for (int64_t ch = begin; ch < end; ++ch) {
         const int64_t lo = ch * kChunk, hi = std::min(n, lo + kChunk);
         int64_t o = off[ch];
-        // the output starts zeroed: only the kept elements are written, a word at a time
+        // the chunk is zeroed while it is in cache (all-zero bits are 0.0 in every floating
+        // dtype), then only the kept elements are written, a word at a time
+        std::memset(q + lo, 0, static_cast<size_t>(hi - lo) * sizeof(scalar_t));
         for (int64_t i = lo; i < hi; i += 64) {
           uint64_t w = word_at(b, nbytes, i);
           while (w) {
@@ -191,6 +220,66 @@ at::Tensor expand(const at::Tensor& values, const at::Tensor& bits, int64_t n) {
     });
   });
   return out;
+}
+
+namespace {
+// The k-th smallest (0-based) of non-negative floats (+inf allowed; no NaN): their bit patterns
+// order as the values do, so a radix select on 11 + 11 + 10 bits finds it exactly, each round
+// over the shrinking set of candidates left in the chosen bin (a few times faster than
+// std::nth_element on 16384 samples).
+float select_nonnegative(const std::vector<float>& values, int64_t k) {
+  std::vector<uint32_t> cur(values.size()), next;
+  std::memcpy(cur.data(), values.data(), values.size() * sizeof(float));
+  int shift = 32;
+  for (const int width : {11, 11, 10}) {
+    shift -= width;
+    const uint32_t mask = (1u << width) - 1;
+    std::vector<int64_t> hist(static_cast<size_t>(mask) + 1, 0);
+    for (const uint32_t u : cur) ++hist[(u >> shift) & mask];
+    uint32_t bin = 0;
+    while (k >= hist[bin]) k -= hist[bin++];
+    next.clear();
+    for (const uint32_t u : cur) {
+      if (((u >> shift) & mask) == bin) next.push_back(u);
+    }
+    cur.swap(next);
+  }
+  float out;  // every candidate left has the same 32 bits
+  std::memcpy(&out, cur.data(), sizeof(float));
+  return out;
+}
+
+double select_nonnegative(std::vector<double>& values, int64_t k) {  // fp64 inputs: rare
+  std::nth_element(values.begin(), values.begin() + k, values.end());
+  return values[k];
+}
+}  // namespace
+
+// The cut-off DropIT keeps above, estimated on the sample x[index] of |x| (index:
+// dropit._sample_index's, cached there): the `dropped`-th smallest sample (1-based; NaN ranks
+// as inf), at most the dtype's largest finite value. dropit._cutoff's result on the same
+// sample, without the gathered copy, abs, nan_to_num and kthvalue as separate ops.
+double sample_cutoff(const at::Tensor& x, const at::Tensor& index, int64_t dropped) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "sample_cutoff: contiguous CPU tensor");
+  TORCH_CHECK(index.is_contiguous() && index.scalar_type() == at::kLong, "sample_cutoff: contiguous int64 index");
+  const int64_t m = index.numel(), n = x.numel();
+  TORCH_CHECK(dropped >= 1 && dropped <= m, "sample_cutoff: dropped ", dropped, " of ", m, " samples");
+  const int64_t* at = index.const_data_ptr<int64_t>();
+  double cut = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sample_cutoff", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    std::vector<opmath_t> sample(static_cast<size_t>(m));
+    for (int64_t i = 0; i < m; ++i) {
+      TORCH_CHECK(at[i] >= 0 && at[i] < n, "sample_cutoff: index ", at[i], " out of ", n);
+      const opmath_t v = std::abs(static_cast<opmath_t>(p[at[i]]));
+      sample[i] = std::isnan(v) ? std::numeric_limits<opmath_t>::infinity() : v;
+    }
+    const opmath_t kth = select_nonnegative(sample, dropped - 1);
+    const opmath_t largest = static_cast<opmath_t>(std::numeric_limits<scalar_t>::max());
+    cut = static_cast<double>(std::min(kth, largest));
+  });
+  return cut;
 }
 
 // ---------------------------------------------------------------- ActivationMemory
@@ -237,6 +326,17 @@ std::vector<at::Tensor> relu_bits(const at::Tensor& x, double negative_slope) {
         const float* __restrict__ pi = p + i;
         float* __restrict__ qi = q + i;
         // selects as bit masks: the compiler keeps ternaries on floats as branches (NaN)
+#ifdef __AVX2__
+        if (relu && m == kBatch) {  // 8 compares -> one bitmap byte (movemask), no flag bytes
+          const __m256 zero = _mm256_setzero_ps();
+          for (int64_t k = 0; k < kBatch; k += 8) {
+            const __m256 v = _mm256_loadu_ps(pi + k);
+            _mm256_storeu_ps(qi + k, _mm256_andnot_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), v));
+            b[(i + k) >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LE_OQ)));
+          }
+          continue;
+        }
+#endif
         if (relu) {
           for (int64_t k = 0; k < m; ++k) {
             const float v = pi[k];
@@ -287,6 +387,16 @@ at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& bits, double ne
         const uint8_t* __restrict__ bi = b + (i >> 3);
         const float* __restrict__ gi = g + i;
         float* __restrict__ qi = q + i;
+#ifdef __AVX2__
+        if (relu && m == kBatch) {  // each byte broadcast and tested against lane k's bit
+          const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+          for (int64_t k = 0; k < kBatch; k += 8) {
+            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bi[k >> 3]), lane_bit), lane_bit);
+            _mm256_storeu_ps(qi + k, _mm256_andnot_ps(_mm256_castsi256_ps(set), _mm256_loadu_ps(gi + k)));
+          }
+          continue;
+        }
+#endif
         // each bitmap byte -> 8 lane masks from a table, then one vectorised select pass
         for (int64_t j = 0; j < (m + 7) / 8; ++j) std::memcpy(keep + 8 * j, kLaneMasks.set[bi[j]], 32);
         if (relu) {
@@ -338,9 +448,93 @@ at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at:
   });
   return out;
 }
+// BatchNorm's backward straight from its bf16 normalised input x_hat (fp32 [N, C, ...] gradient):
+// native_batch_norm_backward's training formula with input x_hat, save_mean = x_hat's channel
+// mean and save_invstd 1 (activation_memory._bn_backward's PyTorch path), without the fp32
+// copy of x_hat: one pass for the channel sums, one for grad_x. Sums are fp32 within blocks of
+// 256 (16 lanes), fp64 across them, so the result agrees with the PyTorch path to fp32 rounding, not bits.
+std::vector<at::Tensor> bn_backward_bf16(const at::Tensor& grad, const at::Tensor& xhat, const at::Tensor& weight, bool need_x) {
+  check_fp32(grad, "bn_backward_bf16");
+  check_fp32(weight, "bn_backward_bf16 weight");
+  TORCH_CHECK(grad.dim() >= 2, "bn_backward_bf16: [N, C, ...]");
+  TORCH_CHECK(xhat.is_contiguous() && xhat.scalar_type() == at::kBFloat16 && xhat.sizes() == grad.sizes(),
+              "bn_backward_bf16: x_hat must be a contiguous bf16 tensor of the gradient's shape");
+  const int64_t batch = grad.size(0), channels = grad.size(1);
+  TORCH_CHECK(weight.numel() == channels, "bn_backward_bf16: ", weight.numel(), " weights for ", channels, " channels");
+  const int64_t inner = channels ? grad.numel() / (batch * channels) : 0;
+  const double count = static_cast<double>(batch * inner);
+  auto grad_w = at::empty({channels}, grad.options());
+  auto grad_b = at::empty({channels}, grad.options());
+  std::vector<float> centre(channels), scale(channels), shift(channels);
+  const float* g = grad.const_data_ptr<float>();
+  const uint16_t* xq = reinterpret_cast<const uint16_t*>(xhat.const_data_ptr<at::BFloat16>());
+  const float* w = weight.const_data_ptr<float>();
+  float* gw = grad_w.data_ptr<float>();
+  float* gb = grad_b.data_ptr<float>();
+  constexpr int64_t kBlock = 256, kLanes = 16;
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sg = 0, sgx = 0, sx = 0;
+      for (int64_t n = 0; n < batch; ++n) {
+        const float* __restrict__ gp = g + (n * channels + c) * inner;
+        const uint16_t* __restrict__ xp = xq + (n * channels + c) * inner;
+        for (int64_t i = 0; i < inner; i += kBlock) {
+          const int64_t m = std::min(kBlock, inner - i);
+          // kLanes independent sums: a loop the compiler vectorises without reassociating
+          float bg[kLanes] = {}, bgx[kLanes] = {}, bx[kLanes] = {};
+          int64_t k = 0;
+          for (; k + kLanes <= m; k += kLanes) {
+            for (int64_t j = 0; j < kLanes; ++j) {
+              const float x = float_of(static_cast<uint32_t>(xp[i + k + j]) << 16);
+              const float gv = gp[i + k + j];
+              bg[j] += gv;
+              bgx[j] += gv * x;
+              bx[j] += x;
+            }
+          }
+          for (; k < m; ++k) {
+            const float x = float_of(static_cast<uint32_t>(xp[i + k]) << 16);
+            bg[0] += gp[i + k];
+            bgx[0] += gp[i + k] * x;
+            bx[0] += x;
+          }
+          for (int64_t j = 0; j < kLanes; ++j) { sg += bg[j]; sgx += bgx[j]; sx += bx[j]; }
+        }
+      }
+      const double mu = count > 0 ? sx / count : 0.0;
+      const double dot = sgx - mu * sg;  // sum(g * (x_hat - mu))
+      gw[c] = static_cast<float>(dot);
+      gb[c] = static_cast<float>(sg);
+      centre[c] = static_cast<float>(mu);
+      scale[c] = static_cast<float>(count > 0 ? dot / count : 0.0);
+      shift[c] = static_cast<float>(count > 0 ? sg / count : 0.0);
+    }
+  });
+  at::Tensor grad_x;
+  if (need_x) {
+    grad_x = at::empty_like(grad);
+    float* out = grad_x.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1));
+    at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % channels;
+        const float mu = centre[c], k = scale[c], mg = shift[c], wc = w[c];
+        const float* __restrict__ gp = g + plane * inner;
+        const uint16_t* __restrict__ xp = xq + plane * inner;
+        float* __restrict__ op = out + plane * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          const float x = float_of(static_cast<uint32_t>(xp[i]) << 16);
+          op[i] = (gp[i] - mg - (x - mu) * k) * wc;
+        }
+      }
+    });
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
 """
 
-_FUNCTIONS = ["threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16"]
+_FUNCTIONS = ["sample_cutoff", "threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16", "bn_backward_bf16"]
 
 
 def _ninja_on_path() -> None:

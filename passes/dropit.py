@@ -39,6 +39,7 @@ from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_r
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits
 from .cache import cached
+from .op_autograd import register_autograd
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
@@ -217,11 +218,12 @@ def _compress_fused(kernels, flat: torch.Tensor, keep: float, cap: int):
     """:func:`compress_threshold` in two fused passes (:mod:`passes.cpu_kernels`); None when
     more than the capacity pass the sampled cut-off (the exact refinement then runs)."""
     n = flat.numel()
-    sample = flat[_sample_index(n, flat.device, flat)].abs().nan_to_num_(nan=float("inf"))
-    cutoff = _cutoff(sample, keep)
-    if cutoff is None:
+    index = _sample_index(n, flat.device, flat)
+    m = index.numel()
+    dropped = m - min(m, math.ceil(keep * m))  # as in _cutoff
+    if dropped == 0:
         return None
-    bits, counts = kernels.threshold_bits(flat, float(cutoff))
+    bits, counts = kernels.threshold_bits(flat, kernels.sample_cutoff(flat, index, dropped))
     if int(counts.sum()) > cap:
         return None
     return kernels.compact(flat, bits, counts, cap), bits
@@ -346,7 +348,7 @@ def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
     return grad_x, grad_w, grad_b, None, None, None, None
 
 
-_dropit_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(_dropit_linear, _linear_backward, _linear_setup)
 
 
 @torch.library.custom_op("sparsify_fx::dropit_conv", mutates_args=())
@@ -412,7 +414,7 @@ def _conv_backward(ctx, grad_out, _grad_values, _grad_indices):
     return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-_dropit_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+register_autograd(_dropit_conv, _conv_backward, _conv_setup)
 
 
 # ---------------------------------------------------------------- op modules

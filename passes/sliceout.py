@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
 
+from .op_autograd import register_autograd
+
 __all__ = ["SliceOut", "SliceWindow", "SliceOutDense", "SliceOutBatchNorm", "window_width"]
 
 
@@ -189,7 +191,7 @@ def _linear_backward(ctx, grad_out):
     return grad_x, grad_w, grad_b, None, None, None
 
 
-_sliceout_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(_sliceout_linear, _linear_backward, _linear_setup)
 
 
 @torch.library.custom_op("sparsify_fx::sliceout_conv", mutates_args=())
@@ -240,7 +242,7 @@ def _conv_backward(ctx, grad_out):
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-_sliceout_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+register_autograd(_sliceout_conv, _conv_backward, _conv_setup)
 
 
 # ---------------------------------------------------------------- op modules

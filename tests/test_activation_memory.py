@@ -676,3 +676,50 @@ def test_fused_batchnorm_storage_equals_the_torch_path(monkeypatch):
     big = torch.tensor([[[3.39e38, -3.4e38, 1.0, float("inf")]]]).float()
     got = kernels.normalize_bf16(big, torch.zeros(1), torch.ones(1))
     assert torch.isfinite(got[..., :3]).all() and torch.isnan(got[..., 3]).all()
+
+
+def _bn_grads(x, affine: bool, kernels_on: bool, monkeypatch, need_x=True):
+    with monkeypatch.context() as m:
+        if not kernels_on:
+            m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
+        gen = torch.Generator().manual_seed(4)
+        c = x.shape[1]
+        weight = (torch.rand(c, generator=gen) + 0.5).requires_grad_() if affine else None
+        bias = torch.randn(c, generator=gen).requires_grad_() if affine else None
+        xr = x.clone().requires_grad_(need_x)
+        out = torch.ops.sparsify_fx.actmem_batch_norm(xr, weight, bias, torch.zeros(c), torch.ones(c), 0.1, 1e-5, "bf16", 64)
+        g = torch.randn(x.shape, generator=gen)
+        inputs = [t for t in (xr, weight, bias) if t is not None and t.requires_grad]
+        return torch.autograd.grad(out[0], inputs, g)
+
+
+@needs_kernels
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(4, 6, 9, 11), (3, 5, 300), (2, 7)])
+def test_fused_batchnorm_backward_agrees_with_the_torch_path(shape, affine, monkeypatch):
+    """Read straight from the bf16 copy: the same formula as the PyTorch path, summed in
+    another order, so equal to fp32 rounding (not bit for bit)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    fused = _bn_grads(x, affine, True, monkeypatch)
+    ref = _bn_grads(x, affine, False, monkeypatch)
+    assert len(fused) == len(ref) == (3 if affine else 1)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # weight / bias only (the input needs no gradient): the grad_x pass is skipped
+    fused_wb = _bn_grads(x, True, True, monkeypatch, need_x=False)
+    ref_wb = _bn_grads(x, True, False, monkeypatch, need_x=False)
+    for a, b in zip(fused_wb, ref_wb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_fused_batchnorm_backward_takes_the_kernel_and_propagates_nan(monkeypatch):
+    used = []
+    real = cpu_kernels.for_tensors
+    monkeypatch.setattr(cpu_kernels, "for_tensors", lambda *t, **k: used.append(real(*t, **k) is not None) or real(*t, **k))
+    x = _with_nonfinite(2, 3, 5, 5)
+    grad_x, grad_w, grad_b = _bn_grads(x, True, True, monkeypatch)
+    assert used and all(used)
+    # channel 0 holds the NaN: its statistics are NaN, so is its whole gradient, as in dense autograd
+    assert torch.isnan(grad_x[:, 0]).all() and torch.isnan(grad_w[0])
+    assert torch.isfinite(grad_b).all()

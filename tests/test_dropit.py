@@ -397,6 +397,30 @@ def test_fused_kernels_equal_the_torch_path(keep, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("keep", [0.01, 0.1, 0.5, 0.99])
+def test_sample_cutoff_is_the_torch_paths_cutoff(keep):
+    """The C++ gather and nth_element give kthvalue's value
+    on the PyTorch path's gathered sample, NaN ranked as inf, clamped to the largest finite."""
+    kernels = cpu_kernels.load()
+    for x in _kernel_inputs():
+        flat = x.reshape(-1)
+        n = flat.numel()
+        sample = flat[dropit._sample_index(n, flat.device)].abs().nan_to_num_(nan=float("inf"))
+        ref = dropit._cutoff(sample, keep)
+        m = sample.numel()
+        dropped = m - min(m, math.ceil(keep * m))
+        if ref is None:
+            assert dropped == 0
+            continue
+        got = kernels.sample_cutoff(flat, dropit._sample_index(n, flat.device), dropped)
+        assert got == float(ref), (x.dtype, n, got, float(ref))
+    with pytest.raises(RuntimeError, match="dropped"):
+        kernels.sample_cutoff(torch.randn(100), torch.arange(100), 101)
+    with pytest.raises(RuntimeError, match="out of"):
+        kernels.sample_cutoff(torch.randn(100), torch.arange(101), 3)
+
+
+@needs_kernels
 def test_fused_kernels_refuse_inconsistent_buffers():
     kernels = cpu_kernels.load()
     x = torch.randn(1000)
