@@ -334,3 +334,25 @@ def test_dp_prefers_many_cheap_small_savings_where_greedy_stalls():
     assert sum(c.bytes for c in dp) <= budget
     t_exact = min(sum(c.seconds for c in p) for p in [solve_exact(units[:6], budget / 2)]) * 2
     assert t_dp <= t_greedy and t_dp == pytest.approx(t_exact, rel=0.02)
+
+
+def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
+    """Every rewrite maps to a calibrated rate; the 1-bit ReLU and BatchNorm are priced as what
+    their op adds over the dense op (their kernels replace its backward), not as a compress +
+    decompress, which cost more than recomputing on ResNet-50."""
+    from passes.memory_budget import _RATES, calibrate
+
+    _RATES.clear()
+    rates = calibrate("cpu")
+    assert set(rates) == {"dropit", "bf16", "recompute", "bitmask", "batchnorm"}
+    assert all(0.0 <= r < 1e-6 for r in rates.values())  # seconds per byte: finite, not absurd
+    assert rates["dropit"] > 0 and rates["bf16"] > 0
+    from passes.memory_budget import _compress_seconds
+    rewrite = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
+                          details={"storage": "bf16"})
+    relu = sfx.Rewrite("actmem", "relu", "relu", "relu", "x", saved_bytes_before=1000)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("passes.memory_budget._unit_of", lambda *a: "u")
+        fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0}
+        assert _compress_seconds([rewrite], None, None, fake) == {"u": 1000.0}
+        assert _compress_seconds([relu], None, None, fake) == {"u": 10000.0}
