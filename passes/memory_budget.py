@@ -13,7 +13,8 @@ compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU/LayerNorm feeding a     ex
                  Linear is fused with it and recomputed in backward
                  (``ActivationMemory(relu="bitmask", gelu=silu=layernorm=
                  "recompute")``)
-compress         DropIT(keep) on Linear/Conv + ``ActivationMemory()``         approximate
+compress         DropIT(keep) on Linear/Conv + ``ActivationMemory(attention=  approximate
+                 "bf16")`` (``MemoryBudget.attention``)
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
 ===============  ===========================================================  ==============
 
@@ -69,6 +70,9 @@ class MemoryBudget(PassConfig):
         bytes: budget in bytes (instead of ``fraction``).
         exact_only: only choices with exact gradients (keep, 1-bit ReLU, recompute).
         keep: DropIT's kept fraction for the approximate ``compress`` choice.
+        attention: how the ``compress`` choice stores unmasked attention's q, k, v
+            (``ActivationMemory.attention``): ``"bf16"`` (default), ``"int8"`` or ``"off"``.
+            On ViT-B/16 it is what takes a plan below 0.5 without recomputing blocks.
 
     Example:
         >>> import torch, torchvision, sparsify_fx as sfx
@@ -82,6 +86,7 @@ class MemoryBudget(PassConfig):
     bytes: int | None = None
     exact_only: bool = False
     keep: float = 0.1
+    attention: str = "bf16"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +100,8 @@ class MemoryBudget(PassConfig):
         if not isinstance(self.exact_only, bool):
             raise ConfigError(f"MemoryBudget.exact_only must be a bool, got {self.exact_only!r}")
         check_range(self, "keep", self.keep, 0.0, 1.0, low_open=True)
+        if self.attention not in ("bf16", "int8", "off"):
+            raise ConfigError(f"MemoryBudget.attention must be 'bf16', 'int8' or 'off', got {self.attention!r}")
 
 
 # ---------------------------------------------------------------- solver
@@ -356,7 +363,8 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
         # exact forms only: 1-bit ReLU masks, GELU/SiLU outputs recomputed for their Linear
         return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="off",
                                  layernorm="recompute", filter_fn=filter_fn)]
-    return [DropIT(keep=config.keep, filter_fn=filter_fn), ActivationMemory(filter_fn=filter_fn)]
+    return [DropIT(keep=config.keep, filter_fn=filter_fn),
+            ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
 
 
 def _apply(gm: fx.GraphModule, plan: dict[str, str], units: dict[str, _Unit], config, ctx):

@@ -204,6 +204,8 @@ def test_config_validation():
         MemoryBudget(bytes=-1)
     with pytest.raises(sfx.ConfigError, match="exact_only"):
         MemoryBudget(exact_only="yes")
+    with pytest.raises(sfx.ConfigError, match="attention"):
+        MemoryBudget(attention="fp8")
     assert sfx.MemoryBudget is MemoryBudget
 
 
@@ -356,3 +358,47 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
         fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0}
         assert _compress_seconds([rewrite], None, None, fake) == {"u": 1000.0}
         assert _compress_seconds([relu], None, None, fake) == {"u": 10000.0}
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class _TinyViT(nn.Module):
+    def __init__(self, d: int = 32, depth: int = 3):
+        super().__init__()
+        self.blocks = nn.Sequential(*[_Block(d) for _ in range(depth)])
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(1))
+
+
+def test_compress_choice_stores_attention_as_configured():
+    """The approximate choice stores q, k, v as MemoryBudget.attention says (bf16 by default):
+    each block's compress option holds less than with attention="off", where only DropIT and
+    the norms / GELU are compressed."""
+    torch.manual_seed(0)
+    model = _TinyViT().train()
+    x = torch.randn(2, 16, 32)
+    compress = {}
+    for attention in ("bf16", "off"):
+        fast = sfx.sparsify(model, MemoryBudget(fraction=0.3, attention=attention), example_inputs=(x,))
+        units = sfx.explain(fast).memory_budget["units"]
+        compress[attention] = {u: d["options"]["compress"]["bytes"] for u, d in units.items()
+                               if u.startswith("blocks.")}
+    assert len(compress["bf16"]) == 3
+    for unit, held in compress["bf16"].items():
+        assert held < compress["off"][unit], (unit, held, compress["off"][unit])
