@@ -85,3 +85,19 @@ def test_explain_shows_the_plan():
     data = report.to_dict()["memory_plan"]
     assert data["held_bytes"] > 0 and data["still_dense"][0]["reason"].startswith("kept by")
     assert "kept by relu backward" in report.render(width=120)
+
+
+def test_plan_agrees_with_measured_saved_bytes_on_a_small_vit():
+    """torchvision's ViT traces ``getattr(x, "shape")`` and tuple packing: builtins that keep
+    nothing for backward (as unknown ops they were counted as holders, 30 % over on ViT-B/16)."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)
+    x = torch.randn(2, 3, 64, 64)
+    for recipe in ("dropit:keep=1.0,include=['none']", "dropit:keep=0.1+actmem:attention=bf16"):
+        fast = sfx.sparsify(model, recipe, (x,))
+        plan = _plan(fast)
+        assert not [t.node for t in plan.tensors if t.held and t.reason.startswith(("kept by getattr", "kept by tuple"))]
+        # the measurement holds ~10 KB more at this toy size whatever the recipe (1-2.5 %); at
+        # ViT-B/16's size the plan and the measurement agree within 0.1 %
+        torch.testing.assert_close(float(plan.total_bytes), float(saved_tensor_bytes(fast, (x,))), rtol=0.03, atol=0)
