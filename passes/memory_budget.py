@@ -3,7 +3,7 @@ the whole model's backward holds at most the budget, at the least added step tim
 
 Units are the model's repeated blocks (``sfx.find_blocks``: ResNet's ``layer1.0``, ViT's
 ``encoder_layer_3``) plus one unit for everything outside them (stem, head). Each unit has
-up to four choices:
+up to five choices:
 
 ===============  ===========================================================  ==============
 choice           what is rewritten                                            gradient
@@ -13,6 +13,8 @@ compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU/LayerNorm feeding a     ex
                  Linear is fused with it and recomputed in backward
                  (``ActivationMemory(relu="bitmask", gelu=silu=layernorm=
                  "recompute")``)
+compress-light   ``ActivationMemory(attention="bf16")`` alone: BatchNorm /       approximate
+                 LayerNorm / GELU / SiLU / attention in bf16, ReLU 1-bit
 compress         DropIT(keep) on Linear/Conv + ``ActivationMemory(attention=  approximate
                  "bf16")`` (``MemoryBudget.attention``)
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
@@ -56,7 +58,7 @@ from .dropit import DropIT
 
 __all__ = ["MemoryBudget", "Choice", "solve", "solve_dp", "solve_greedy", "solve_exact", "calibrate", "CHOICES"]
 
-CHOICES = ("keep", "compress-exact", "compress", "recompute")
+CHOICES = ("keep", "compress-exact", "compress-light", "compress", "recompute")
 _EXACT = ("keep", "compress-exact", "recompute")
 _REST = "(outside blocks)"
 
@@ -363,6 +365,10 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
         # exact forms only: 1-bit ReLU masks, GELU/SiLU outputs recomputed for their Linear
         return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="off",
                                  layernorm="recompute", filter_fn=filter_fn)]
+    if choice == "compress-light":
+        # the norms / activations / attention only: no DropIT, whose selection is most of the
+        # compress choice's time on a CNN
+        return [ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
     return [DropIT(keep=config.keep, filter_fn=filter_fn),
             ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
 
@@ -375,7 +381,7 @@ def _apply(gm: fx.GraphModule, plan: dict[str, str], units: dict[str, _Unit], co
             fresh = {b.name: b for b in sfx.find_blocks(gm, gaps=True)}[block.name]
             sfx.recompute_segment(gm, fresh)
     rewrites: list[Rewrite] = []
-    for choice in ("compress-exact", "compress"):
+    for choice in ("compress-exact", "compress-light", "compress"):
         chosen = {n for n, c in plan.items() if c == choice}
         if not chosen:
             continue
@@ -475,7 +481,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
     keep_bytes, _, _, _ = _trial(gm, {}, units, config, ctx)
     for name in names:
         units[name].choices["keep"] = Choice("keep", keep_bytes[name], 0.0)
-    for choice in ("compress-exact", "compress"):
+    for choice in ("compress-exact", "compress-light", "compress"):
         if choice not in allowed:
             continue
         per_unit, _, rewrites, _ = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)

@@ -402,3 +402,18 @@ def test_compress_choice_stores_attention_as_configured():
     assert len(compress["bf16"]) == 3
     for unit, held in compress["bf16"].items():
         assert held < compress["off"][unit], (unit, held, compress["off"][unit])
+
+
+def test_compress_light_is_activation_memory_alone():
+    """The light choice compresses norms / activations / attention without DropIT: on a CNN its
+    unit holds more than ``compress`` and less than ``keep``, and no rewrite of its is DropIT."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    x = torch.randn(2, 3, 64, 64)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(x,))
+    units = sfx.explain(fast).memory_budget["units"]
+    block = units["layer1.1"]["options"]
+    assert block["compress"]["bytes"] < block["compress-light"]["bytes"] < block["keep"]["bytes"]
+    from passes.memory_budget import _compress_configs
+    configs = _compress_configs("compress-light", MemoryBudget(), lambda name: True)
+    assert [type(c).__name__ for c in configs] == ["ActivationMemory"]
