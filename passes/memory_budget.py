@@ -495,9 +495,13 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
     if "recompute" in allowed:
         recomputable = [n for n in names if "recompute" not in units[n].reasons]
         if recomputable:
-            per_unit, _, _, _ = _trial(gm, dict.fromkeys(recomputable, "recompute"), units, config, ctx)
+            per_unit, _, _, trial = _trial(gm, dict.fromkeys(recomputable, "recompute"), units, config, ctx)
+            # what backward re-runs: the block less the Linears whose value nothing reads
+            skipped = {n.name for m in trial.modules() if isinstance(m, sfx.RecomputedSegment)
+                       and m.replay is not None for n in m.replay.graph.nodes
+                       if n.target is sfx.segments.grad_only_linear}
             for name in recomputable:
-                fwd = sum(node_seconds.get(n.name, 0.0) for n in units[name].block.nodes)
+                fwd = sum(node_seconds.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
                 units[name].choices["recompute"] = Choice("recompute", per_unit[name], fwd)
 
     # the estimate charges each tensor to one unit; the liveness analysis of the applied plan

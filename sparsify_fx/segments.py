@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .graph import install_module, module_name_of
 
-__all__ = ["Block", "find_blocks", "recompute_segment", "RecomputedSegment", "call_module_by_ref"]
+__all__ = ["Block", "find_blocks", "recompute_segment", "RecomputedSegment", "call_module_by_ref", "grad_only_linear"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
 _STATE = threading.local()
@@ -188,15 +188,88 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     ]
 
 
+class _GradOnlyLinear(torch.autograd.Function):
+    """``F.linear`` for a re-run whose output value nothing reads: forward returns an
+    uninitialised tensor of the output's shape (no matmul), backward computes the input,
+    weight and bias gradients from the saved input and weight, as addmm's backward does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = rows.mm(weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = x.reshape(-1, x.shape[-1]).t().mm(rows).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def grad_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """See :class:`_GradOnlyLinear`: what a recomputed block's tail Linear runs in backward."""
+    return _GradOnlyLinear.apply(x, weight, bias)
+
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_PASS_THROUGH = (operator.add, torch.add, operator.sub, torch.sub)
+
+
+def _value_free_linears(body: fx.Graph, dropouts: set[str]) -> set[fx.Node]:
+    """Linear nodes whose output no backward of the block reads: it reaches the block's outputs
+    only through additions, subtractions and dropout (a ViT / GPT block's last projection
+    before the residual add). Their re-run can skip the matmul."""
+
+    def value_free(n: fx.Node) -> bool:
+        for u in n.users:
+            if u.op == "output":
+                continue
+            passes = u.op == "call_function" and (
+                u.target in _PASS_THROUGH
+                or (u.target is call_module_by_ref and isinstance(u.args[0], fx.Node) and u.args[0].name in dropouts))
+            if not (passes and value_free(u)):
+                return False
+        return True
+
+    return {n for n in body.nodes if n.op == "call_function" and n.target in _LINEAR and not n.kwargs
+            and 2 <= len(n.args) <= 3 and value_free(n)}
+
+
+def _replay_graph(body: fx.Graph, tail: set[fx.Node]) -> fx.Graph:
+    """``body`` with each node of ``tail`` replaced by :func:`grad_only_linear`."""
+    replay = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in body.nodes:
+        if n in tail:
+            # same name as the node it stands for, so cost models can find what was skipped
+            env[n] = replay.create_node("call_function", grad_only_linear,
+                                        fx.node.map_arg(n.args, lambda x: env[x]), {}, name=n.name)
+            env[n].meta = dict(n.meta)
+        else:
+            env[n] = replay.node_copy(n, lambda x: env[x])
+    return replay
+
+
 class _Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, body: fx.GraphModule, *args):
+    def forward(ctx, segment: RecomputedSegment, *args):
+        body = segment.body
         is_tensor = [isinstance(a, torch.Tensor) for a in args]
         ctx.save_for_backward(*[a for a, t in zip(args, is_tensor) if t])
         ctx.others = [None if t else a for a, t in zip(args, is_tensor)]
         ctx.is_tensor = is_tensor
         ctx.body = body
         ctx.autocast = _autocast_state()
+        # the replay skips value-free tail matmuls; under autocast the dtypes of the skipped
+        # ops' outputs would have to be mimicked, so the full body re-runs there
+        ctx.replay = segment.replay if segment.replay is not None and not ctx.autocast else body
         ctx.cuda = any(t and a.is_cuda for a, t in zip(args, is_tensor))
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state() if ctx.cuda else None
@@ -224,7 +297,7 @@ class _Recompute(torch.autograd.Function):
             with torch.enable_grad(), _recomputing(), (casts[0] if casts else nullcontext()), (
                 casts[1] if len(casts) > 1 else nullcontext()
             ):
-                outs = tuple(ctx.body(*args))
+                outs = tuple(ctx.replay(*args))
         pairs = [
             (o, g) for o, g in zip(outs, grads)
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
@@ -242,10 +315,13 @@ class RecomputedSegment(nn.Module):
 
     keeps_dense_inputs = True
 
-    def __init__(self, body: fx.GraphModule, block: str):
+    def __init__(self, body: fx.GraphModule, block: str, replay: fx.GraphModule | None = None):
         super().__init__()
         self.body = body
         self.block = block
+        # what backward re-runs: the body, with Linears whose output no backward reads
+        # replaced by grad_only_linear (None: the body itself)
+        self.replay = replay
 
     def extra_repr(self) -> str:
         return f"block={self.block!r}"
@@ -253,7 +329,7 @@ class RecomputedSegment(nn.Module):
     def forward(self, *args):
         needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         if self.training and torch.is_grad_enabled() and needs_grad:
-            return _Recompute.apply(self.body, *args)
+            return _Recompute.apply(self, *args)
         return tuple(self.body(*args))
 
 
@@ -297,8 +373,13 @@ def recompute_segment(gm: fx.GraphModule, block: Block) -> fx.Node:
             env[n] = body.node_copy(n, lambda x: env[x])
     body.output(tuple(env[o] for o in outputs))
     body_gm = fx.GraphModule(nn.Module(), body, class_name="RecomputedBody")
+    dropouts = {module_inputs[t].name for t in module_args
+                if isinstance(gm.get_submodule(t), nn.modules.dropout._DropoutNd)}
+    tail = _value_free_linears(body, dropouts)
+    replay = fx.GraphModule(nn.Module(), _replay_graph(body, tail), class_name="RecomputedReplay") if tail else None
 
-    target = install_module(gm, "recompute_" + block.name.replace(".", "_"), RecomputedSegment(body_gm, block.name))
+    segment = RecomputedSegment(body_gm, block.name, replay)
+    target = install_module(gm, "recompute_" + block.name.replace(".", "_"), segment)
     # new nodes go, in order, right after the block's last node
     with gm.graph.inserting_before(nodes[-1].next):
         module_nodes = [gm.graph.get_attr(t) for t in module_args]

@@ -417,3 +417,62 @@ def test_compress_light_is_activation_memory_alone():
     from passes.memory_budget import _compress_configs
     configs = _compress_configs("compress-light", MemoryBudget(), lambda name: True)
     assert [type(c).__name__ for c in configs] == ["ActivationMemory"]
+
+
+def _recomputed_vit(dropout: float):
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, dropout=dropout)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    gm = _captured(model, x)
+    for block in sfx.find_blocks(gm):
+        sfx.recompute_segment(gm, block)
+    return gm, ref, x
+
+
+def _matmuls(model, x) -> int:
+    from torch.profiler import profile
+    with profile() as prof:
+        _train_step(model, x)
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::addmm", "aten::mm"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_recompute_skips_the_matmul_no_backward_reads(dropout):
+    """A ViT block's last projection reaches the block output only through dropout and the
+    residual add: backward re-runs it as grad_only_linear (no forward matmul), with the
+    gradients of the plain model."""
+    gm, ref, x = _recomputed_vit(dropout)
+    segments = [m for m in gm.modules() if isinstance(m, sfx.RecomputedSegment)]
+    assert len(segments) == 2 and all(s.replay is not None for s in segments)
+    replaced = [n for s in segments for n in s.replay.graph.nodes if n.target is sfx.segments.grad_only_linear]
+    assert len(replaced) == 2  # mlp.3 of each block; mlp.0 feeds GELU, whose backward reads it
+    out_ref, g_ref = _train_step(ref, x)
+    out, g = _train_step(gm, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    with_replay = _matmuls(gm, x)
+    for s in segments:
+        s.replay = None
+    assert with_replay == _matmuls(gm, x) - 2  # one forward matmul fewer per block
+
+
+def test_recompute_under_autocast_re_runs_the_full_block():
+    gm, ref, x = _recomputed_vit(0.0)
+
+    def step(m):
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        out.float().sum().backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        return out, grads
+
+    out_ref, g_ref = step(ref)
+    out, g = step(gm)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
