@@ -215,6 +215,8 @@ class _GradOnlyLinear(torch.autograd.Function):
 
 def grad_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """See :class:`_GradOnlyLinear`: what a recomputed block's tail Linear runs in backward."""
+    if isinstance(x, fx.Proxy):  # re-traced (deepcopy / pickle of the replay graph): a leaf
+        return x.tracer.create_proxy("call_function", grad_only_linear, (x, weight, bias), {})
     return _GradOnlyLinear.apply(x, weight, bias)
 
 

@@ -356,8 +356,9 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     with pytest.MonkeyPatch.context() as m:
         m.setattr("passes.memory_budget._unit_of", lambda *a: "u")
         fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0}
-        assert _compress_seconds([rewrite], None, None, fake) == {"u": 1000.0}
-        assert _compress_seconds([relu], None, None, fake) == {"u": 10000.0}
+        from passes.memory_budget import _OP_SECONDS
+        assert _compress_seconds([rewrite], None, None, fake) == {"u": 1000.0 + _OP_SECONDS}
+        assert _compress_seconds([relu], None, None, fake) == {"u": 10000.0 + _OP_SECONDS}
 
 
 class _Block(nn.Module):
