@@ -106,6 +106,16 @@ def test_recompute_holds_only_block_inputs():
     assert any("recompute_blocks_0" in h for t in plan.tensors for h in t.holders)
 
 
+def _autocast_step(m, x):
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    out.float().sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    return out, grads
+
+
 def test_recompute_under_autocast_matches_plain_autocast():
     torch.manual_seed(0)
     model = Net()
@@ -115,17 +125,8 @@ def test_recompute_under_autocast_matches_plain_autocast():
     for block in sfx.find_blocks(gm):
         sfx.recompute_segment(gm, block)
 
-    def step(m):
-        m.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(x)
-        out.float().sum().backward()
-        grads = [p.grad.clone() for p in m.parameters()]
-        m.zero_grad(set_to_none=True)
-        return out, grads
-
-    out_ref, g_ref = step(ref)
-    out, g = step(gm)
+    out_ref, g_ref = _autocast_step(ref, x)
+    out, g = _autocast_step(gm, x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     for a, b in zip(g, g_ref):
@@ -463,17 +464,8 @@ def test_recompute_skips_the_matmul_no_backward_reads(dropout):
 def test_recompute_under_autocast_re_runs_the_full_block():
     gm, ref, x = _recomputed_vit(0.0)
 
-    def step(m):
-        m.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(x)
-        out.float().sum().backward()
-        grads = [p.grad.clone() for p in m.parameters()]
-        m.zero_grad(set_to_none=True)
-        return out, grads
-
-    out_ref, g_ref = step(ref)
-    out, g = step(gm)
+    out_ref, g_ref = _autocast_step(ref, x)
+    out, g = _autocast_step(gm, x)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
