@@ -178,6 +178,12 @@ def solve_dp(units: list[list[Choice]], budget: float, resolution: int = 4096) -
     if sum(c.bytes for c in smallest) > budget or not fronts:
         return smallest
     cell = budget / resolution if budget > 0 else 1.0
+
+    def cells(c: Choice) -> int:  # rounded up, so a plan the DP returns always fits
+        if budget > 0:
+            return math.ceil(c.bytes / cell - 1e-9)
+        return 0 if c.bytes <= 0 else resolution + 1
+
     inf = float("inf")
     # best[c]: least time of the units so far in at most c cells; how[u][c]: the choice it took
     best = torch.zeros(resolution + 1, dtype=torch.float64)
@@ -186,7 +192,7 @@ def solve_dp(units: list[list[Choice]], budget: float, resolution: int = 4096) -
         nxt = torch.full((resolution + 1,), inf, dtype=torch.float64)
         arg = torch.zeros(resolution + 1, dtype=torch.int64)
         for j, c in enumerate(front):
-            w = math.ceil(c.bytes / cell - 1e-9) if budget > 0 else (0 if c.bytes <= 0 else resolution + 1)
+            w = cells(c)
             if w > resolution:
                 continue
             cand = torch.full((resolution + 1,), inf, dtype=torch.float64)
@@ -203,7 +209,7 @@ def solve_dp(units: list[list[Choice]], budget: float, resolution: int = 4096) -
     for front, arg in zip(reversed(fronts), reversed(how)):
         choice = front[int(arg[c])]
         picked.append(choice)
-        c -= math.ceil(choice.bytes / cell - 1e-9) if budget > 0 else 0
+        c -= cells(choice)
     return picked[::-1]
 
 
