@@ -8,7 +8,7 @@ backward: about 3.5 ns per element on 2 cores, 150 ms of a ResNet-50 step (8x112
 dense step takes 430 ms. Here the same result is two passes per direction:
 
 * ``sample_cutoff(x, index, dropped)``: the cut-off, from the sample ``|x[index]|``
-  (:func:`passes.dropit._sample_index`) by ``nth_element``, in one call;
+  (:func:`passes.dropit._sample_index`) by a radix select on the float bits, in one call;
 * ``threshold_bits(x, cutoff)``: the bitmap of ``!(|x| <= cutoff)`` (NaN is kept, as the
   PyTorch path keeps it) and the number of kept elements in each chunk of 65536;
 * ``compact(x, bits, counts, capacity)``: the kept values in flat order, zero padded;
