@@ -5,6 +5,7 @@ lazily (``sparsify_fx.registry.load_builtin_passes``) the first time a pass is n
 """
 
 from .activation_memory import ActivationMemory
+from . import dense_storage  # noqa: F401  (registers its ops: unpickling needs them)
 from .block_sparse import BlockSparseActivations
 from .dropit import DropIT
 from .iso_flop import IsoFLOP

@@ -128,6 +128,10 @@ class ActivationMemory(PassConfig):
             as ``"bf16"`` / ``"int8"`` instead of q, k, v *and* its output in full precision,
             and recomputes the attention probabilities in backward (approximate: the
             gradients see the rounded q, k, v). ``"off"`` (the default) leaves it dense.
+        dense: ``"bf16"``: Linear / Conv / matmul-against-a-weight keep their input as bf16
+            for the weight gradient (``passes/dense_storage.py``; forward and input gradient
+            exact, the weight gradient sees the rounded input); ``"off"`` (the default).
+            Dense ops an earlier pass rewrote (DropIT) are left to it.
         block_size: elements per int8 scale block, 16..65536.
 
     Example:
@@ -146,6 +150,7 @@ class ActivationMemory(PassConfig):
     layernorm: str = "bf16"
     scale: str = "bf16"
     attention: str = "off"
+    dense: str = "off"
     block_size: int = 256
 
     def __post_init__(self) -> None:
@@ -160,6 +165,8 @@ class ActivationMemory(PassConfig):
                 raise ConfigError(
                     f"ActivationMemory.{name} must be one of {list(_STORAGE)}, got {value!r}"
                 )
+        if self.dense not in ("bf16", "off"):
+            raise ConfigError(f"ActivationMemory.dense must be 'bf16' or 'off', got {self.dense!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise ConfigError(f"ActivationMemory.block_size must be an int, got {self.block_size!r}")
         sfx.check_range(self, "block_size", self.block_size, 16, 65536)
@@ -1228,4 +1235,9 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
             )
         )
         result.modified = True
+    if config.dense != "off":
+        # after the activations: a fused activation->Linear pair already is that Linear's call
+        from .dense_storage import rewrite_dense_inputs
+
+        rewrite_dense_inputs(gm, config, ctx, result)
     return result

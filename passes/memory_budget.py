@@ -3,7 +3,7 @@ the whole model's backward holds at most the budget, at the least added step tim
 
 Units are the model's repeated blocks (``sfx.find_blocks``: ResNet's ``layer1.0``, ViT's
 ``encoder_layer_3``) plus one unit for everything outside them (stem, head). Each unit has
-up to five choices:
+up to six choices:
 
 ===============  ===========================================================  ==============
 choice           what is rewritten                                            gradient
@@ -15,6 +15,9 @@ compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU/LayerNorm feeding a     ex
                  "recompute")``)
 compress-light   ``ActivationMemory(attention="bf16")`` alone: BatchNorm /       approximate
                  LayerNorm / GELU / SiLU / attention in bf16, ReLU 1-bit
+compress-bf16    ``ActivationMemory(attention="bf16", dense="bf16")``: the same  approximate
+                 and Linear / Conv inputs in bf16 too, so every saved tensor is
+                 bf16 (about half the bytes; two casts per tensor)
 compress         DropIT(keep) on Linear/Conv + ``ActivationMemory(attention=  approximate
                  "bf16")`` (``MemoryBudget.attention``)
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
@@ -58,7 +61,8 @@ from .dropit import DropIT
 
 __all__ = ["MemoryBudget", "Choice", "solve", "solve_dp", "solve_greedy", "solve_exact", "calibrate", "CHOICES"]
 
-CHOICES = ("keep", "compress-exact", "compress-light", "compress", "recompute")
+CHOICES = ("keep", "compress-exact", "compress-light", "compress-bf16", "compress", "recompute")
+_COMPRESSED = ("compress-exact", "compress-light", "compress-bf16", "compress")
 _EXACT = ("keep", "compress-exact", "recompute")
 _REST = "(outside blocks)"
 
@@ -256,12 +260,14 @@ def _time(fn, repeats: int = 3) -> float:
 def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Seconds added per input byte by each compressed form, cached per device and dtype.
 
-    DropIT and the generic bf16 storage cost their compress + decompress. The 1-bit ReLU and
+    DropIT and the generic bf16 storage cost their compress + decompress; a Linear / Conv
+    input kept as bf16 costs its Linear's forward + backward less the dense one's. The 1-bit ReLU and
     BatchNorm's bf16 ``x_hat`` replace the dense op's own forward and backward (on CPU with
     fused kernels that read the compact form directly), so what they add is their op's
     forward + backward less the dense op's, measured the same way (at least 0): pricing them
     as a compress + decompress made compression look dearer than recomputing on ResNet-50.
     """
+    from . import dense_storage  # noqa: F401  (its ops)
     from .activation_memory import compress, decompress
     from .dropit import compress_threshold, decompress_threshold
 
@@ -283,12 +289,12 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         def recompute():  # the GELU an activation->Linear pair re-runs in backward
             F.gelu(x)
 
-        def net(rewritten, dense) -> float:
+        def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
             """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
             def step(fn) -> float:
                 xr = x.detach().requires_grad_()
                 t0 = time.perf_counter()
-                fn(xr).backward(grad)
+                fn(xr).backward(out_grad)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 return time.perf_counter() - t0
@@ -303,11 +309,19 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
         bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
         bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
+        # a Linear keeping a bf16 input: the casts, and a weight-gradient matmul that reads a
+        # freshly upcast copy (3-5 % of the layer's step in isolation, several times the
+        # casts' own time); a narrow output keeps the matmul from drowning the difference
+        proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
+        flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
+        dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
+                    lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
         batchnorm = net(
             lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
             lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
         _RATES[key] = {"dropit": _time(dropit) / nbytes, "bf16": _time(bf16) / nbytes,
                        "recompute": _time(recompute) / nbytes, "bitmask": bitmask / nbytes,
+                       "dense": dense / nbytes,
                        "batchnorm": batchnorm / nbytes}
     return _RATES[key]
 
@@ -375,6 +389,9 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
         # the norms / activations / attention only: no DropIT, whose selection is most of the
         # compress choice's time on a CNN
         return [ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
+    if choice == "compress-bf16":
+        # and the Linear / Conv inputs as bf16: every saved tensor halved, at two casts each
+        return [ActivationMemory(attention=config.attention, dense="bf16", filter_fn=filter_fn)]
     return [DropIT(keep=config.keep, filter_fn=filter_fn),
             ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
 
@@ -387,7 +404,7 @@ def _apply(gm: fx.GraphModule, plan: dict[str, str], units: dict[str, _Unit], co
             fresh = {b.name: b for b in sfx.find_blocks(gm, gaps=True)}[block.name]
             sfx.recompute_segment(gm, fresh)
     rewrites: list[Rewrite] = []
-    for choice in ("compress-exact", "compress-light", "compress"):
+    for choice in _COMPRESSED:
         chosen = {n for n, c in plan.items() if c == choice}
         if not chosen:
             continue
@@ -443,12 +460,14 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
 
 
 _OP_SECONDS = 2e-5
+_DENSE_OPS = ("linear", "matmul", "addmm", "conv1d", "conv2d", "conv3d")
 
 
 def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for r in rewrites:
         kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
+                else "dense" if r.op in _DENSE_OPS
                 else "recompute" if r.details.get("storage") == "recompute"
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
         unit = _unit_of(r.module, units, ctx)
@@ -493,7 +512,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
     keep_bytes, _, _, _ = _trial(gm, {}, units, config, ctx)
     for name in names:
         units[name].choices["keep"] = Choice("keep", keep_bytes[name], 0.0)
-    for choice in ("compress-exact", "compress-light", "compress"):
+    for choice in _COMPRESSED:
         if choice not in allowed:
             continue
         per_unit, _, rewrites, _ = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)

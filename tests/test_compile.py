@@ -53,7 +53,7 @@ SLICEOUT = sfx.SliceOut(p=0.5, skip_first_last=False, include=["c1", "c2"])
 PER_GRAPH = [
     sfx.BlockSparseActivations(block_size=8, density=0.5, include=["fc2"]),
     sfx.DropIT(keep=0.5, include=["fc1", "fc3", "head"]),
-    sfx.ActivationMemory(),
+    sfx.ActivationMemory(dense="bf16"),  # its bf16 conv input on c2 (c1 reads the graph input)
 ]
 
 
@@ -98,6 +98,9 @@ def test_every_pass_trains_through_inner_backend_like_eager(inner):
     assert {"fc2", "fc3"} <= rewritten
     passes = {r.pass_name for results in to_inner.results for res in results for r in res.rewrites}
     assert passes == {"bsr", "dropit", "actmem"}, passes
+    bf16_inputs = {r.op for results in to_inner.results for res in results for r in res.rewrites
+                   if r.pass_name == "actmem" and r.details.get("storage") == "bf16" and r.op.startswith("conv")}
+    assert bf16_inputs == {"conv2d"}, bf16_inputs
     # eval: a new graph (Dynamo guards on the mode) running the original dense ops
     model.eval()
     x = torch.randn(2, 3, 8, 8)

@@ -347,7 +347,7 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
 
     _RATES.clear()
     rates = calibrate("cpu")
-    assert set(rates) == {"dropit", "bf16", "recompute", "bitmask", "batchnorm"}
+    assert set(rates) == {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense"}
     assert all(0.0 <= r < 1e-6 for r in rates.values())  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
     from passes.memory_budget import _compress_seconds
@@ -419,6 +419,23 @@ def test_compress_light_is_activation_memory_alone():
     from passes.memory_budget import _compress_configs
     configs = _compress_configs("compress-light", MemoryBudget(), lambda name: True)
     assert [type(c).__name__ for c in configs] == ["ActivationMemory"]
+    assert configs[0].dense == "off"
+
+
+def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
+    """compress-bf16 adds the Linear / Conv inputs in bf16 to compress-light: a ResNet basic
+    block's held bytes fall to about half of keep (the ReLU masks go below), below light's."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    x = torch.randn(2, 3, 64, 64)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(x,))
+    block = sfx.explain(fast).memory_budget["units"]["layer1.1"]["options"]
+    assert block["compress-bf16"]["bytes"] < block["compress-light"]["bytes"]
+    assert block["compress-bf16"]["bytes"] <= 0.55 * block["keep"]["bytes"]
+    assert block["compress-bf16"]["seconds"] > block["compress-light"]["seconds"]
+    from passes.memory_budget import _compress_configs
+    (config,) = _compress_configs("compress-bf16", MemoryBudget(), lambda name: True)
+    assert config.dense == "bf16" and config.attention == "bf16"
 
 
 def _recomputed_vit(dropout: float):

@@ -1,0 +1,234 @@
+"""Linear / Conv / matmul-against-a-weight keep their input as bf16 for the weight gradient
+(``ActivationMemory(dense="bf16")``).
+
+A dense layer's backward reads its input only for ``grad_weight`` (``grad_input`` needs the
+weight, not the input). Keeping that input as bf16 halves it at the cost of two casts (one in
+forward, one in backward): on a CPU they run at memory bandwidth, where DropIT's selection
+(``passes/dropit.py``) costs a sample, a threshold pass, a compaction and an expand. The
+forward and ``grad_input`` are the dense op's, bit for bit; ``grad_bias`` is exact.
+``grad_weight`` sees the rounded input: with ``|x - bf16(x)| <= 2^-8 |x|``,
+``|dgrad_weight| <= 2^-8 * sum|grad_out| * |x|`` element-wise over the summed dimension.
+This is the storage mixed-precision training gives every layer; here the forward stays in the
+input's precision.
+
+Saved only when it frees something: a layer whose input is a graph input (the data batch,
+held by the caller) is left alone, and under autocast (where the dense op already saves its
+input in the autocast dtype) or for an input of 2 bytes or fewer per element the op module
+runs the original op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+from sparsify_fx import PassResult, Rewrite
+
+from .op_autograd import register_autograd
+
+__all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
+
+
+def _to_bf16(x: torch.Tensor) -> torch.Tensor:
+    # a plain cast: one pass. Unlike ActivationMemory's (which saturates, because GELU's
+    # backward at inf is NaN), it rounds |x| beyond bf16's maximum (within half a bf16 ulp of
+    # fp32's) to inf; the weight gradient of such an input is not finite in fp32 either
+    return x.detach().to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("sparsify_fx::bf16in_linear", mutates_args=())
+def _bf16in_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.linear(x, weight.t() if transposed else weight, bias), _to_bf16(x)
+
+
+@_bf16in_linear.register_fake
+def _(x, weight, bias, transposed):
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    return x.new_empty(*x.shape[:-1], out_features), torch.empty_like(x, dtype=torch.bfloat16)
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, transposed = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.x_dtype, ctx.transposed, ctx.has_bias = x.dtype, transposed, bias is not None
+
+
+def _linear_backward(ctx, grad_out, _grad_stored):
+    stored, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    w = weight.t() if ctx.transposed else weight  # [out, in]
+    grad_x = grad_out @ w if need_x else None
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_w = grad_b = None
+    if need_w:
+        x2 = stored.reshape(-1, stored.shape[-1]).to(ctx.x_dtype)
+        grad_w = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
+    if need_b and ctx.has_bias:
+        grad_b = g2.sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+register_autograd(_bf16in_linear, _linear_backward, _linear_setup)
+
+
+@torch.library.custom_op("sparsify_fx::bf16in_conv", mutates_args=())
+def _bf16in_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    zeros = [0] * len(stride)
+    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+    if out._is_view():  # a conv1d is a squeezed conv2d below autograd (see DropIT's conv)
+        out = out.clone()
+    return out, _to_bf16(x)
+
+
+@_bf16in_conv.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], *spatial), torch.empty_like(x, dtype=torch.bfloat16)
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.x_dtype = x.dtype
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.bias_sizes = [weight.shape[0]] if bias is not None else None
+
+
+def _conv_backward(ctx, grad_out, _grad_stored):
+    stored, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    stride, padding, dilation, groups = ctx.conv
+    # convolution_backward reads the input only for grad_weight; its shape is all grad_x needs
+    x = stored.to(ctx.x_dtype) if need_w else stored.new_zeros(stored.shape, dtype=ctx.x_dtype)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out.contiguous(), x, weight, ctx.bias_sizes, stride, padding, dilation, False,
+        [0] * len(stride), groups,
+        [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
+    )
+    return grad_x, grad_w, grad_b, None, None, None, None
+
+
+register_autograd(_bf16in_conv, _conv_backward, _conv_setup)
+
+
+# ---------------------------------------------------------------- op modules
+
+
+def _saves_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() and weight.requires_grad and x.is_floating_point()
+            and x.element_size() > 2 and not torch.is_autocast_enabled(x.device.type))
+
+
+class Bf16InputLinear(nn.Module):
+    """Parameter-free op module: ``forward(x, weight, bias)`` like the op it replaced.
+
+    ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"); eval mode, autocast and
+    half-precision inputs run exactly that op.
+    """
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+    storage = "bf16"
+
+    def __init__(self, kind: str = "linear"):
+        super().__init__()
+        self.kind = kind
+
+    def extra_repr(self) -> str:
+        return f"storage=bf16, kind={self.kind}"
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.training and _saves_bf16(x, weight):
+            return torch.ops.sparsify_fx.bf16in_linear(x, weight, bias, self.kind != "linear")[0]
+        return self._dense(x, weight, bias)
+
+    def _dense(self, x, weight, bias):
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "addmm":
+            return torch.addmm(bias, x, weight)
+        return torch.matmul(x, weight)
+
+
+class Bf16InputConv(nn.Module):
+    """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
+
+    keeps_dense_inputs = False
+    storage = "bf16"
+
+    def __init__(self, stride, padding, dilation, groups: int):
+        super().__init__()
+        self.stride, self.padding = list(stride), list(padding)
+        self.dilation, self.groups = list(dilation), int(groups)
+        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
+
+    def extra_repr(self) -> str:
+        return f"storage=bf16, stride={self.stride}, padding={self.padding}, groups={self.groups}"
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.training and _saves_bf16(x, weight):
+            return torch.ops.sparsify_fx.bf16in_conv(
+                x, weight, bias, self.stride, self.padding, self.dilation, self.groups)[0]
+        return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+# ---------------------------------------------------------------- the rewrite
+
+
+def rewrite_dense_inputs(gm: fx.GraphModule, config, ctx, result: PassResult) -> None:
+    """Replace every dense op ``ctx`` selects with its bf16-input op module (in place).
+
+    Dense ops an earlier pass already rewrote (DropIT, SliceOut...) are not candidates and are
+    not reported here: that pass's report names them.
+    """
+    ops, _ = sfx.find_dense_ops(gm)
+    for op in ops:
+        qualified = ctx.qualified(op.module_name)
+        weight = gm.get_parameter(op.weight_name)
+        x = op.input
+        reason = ctx.selection_reason(config, op, op.module_name, gm)
+        if reason is None and isinstance(x, fx.Node) and x.op == "placeholder":
+            reason = "its input is a graph input (held by the caller): a bf16 copy would add memory"
+        if reason is None and not weight.requires_grad:
+            reason = "weight does not require grad: no input is saved for it"
+        padding = None
+        if reason is None and op.kind == "conv":
+            padding = op.conv_padding_ints(weight.shape)
+            if padding is None:
+                reason = "padding='same' with an even kernel needs asymmetric padding (not supported)"
+        if reason is not None:
+            result.skips.append(ctx.skip(op, reason))
+            continue
+        if op.kind == "conv":
+            module: nn.Module = Bf16InputConv(op.stride, padding, op.dilation, op.groups)
+            op_name = f"conv{op.conv_ndim}d"
+        else:
+            kind = "addmm" if op.node.target is torch.addmm else op.kind
+            module, op_name = Bf16InputLinear(kind), kind
+        before = sfx.tensor_bytes(x)
+        meta = sfx.tensor_meta(x)
+        after = None
+        if before is not None and meta is not None:
+            itemsize = torch.empty((), dtype=meta[1]).element_size()
+            after = before // itemsize * 2 if itemsize > 2 else before
+        target = sfx.install_module(gm, f"bf16in_{op.module_name or op.node.name}", module)
+        with gm.graph.inserting_before(op.node):
+            new = gm.graph.call_module(target, (x, op.weight, op.bias))
+        origin = op.node.name
+        sfx.replace_node(op.node, new)
+        result.rewrites.append(Rewrite(
+            ctx.pass_name, origin, qualified, op_name, target,
+            saved_bytes_before=before, saved_bytes_after=after, details={"storage": "bf16"},
+        ))
+        result.modified = True
