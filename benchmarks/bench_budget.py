@@ -119,7 +119,7 @@ def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(name: str, repeats: int, fractions: list[float]) -> dict:
+def bench_model(name: str, repeats: int, fractions: list[float], measure_steps: int = 0) -> dict:
     """Measure dense, checkpointing and the budget plans on one model."""
     torch.manual_seed(0)
     factory, make_x, make_target, containers = MODELS[name]
@@ -135,11 +135,13 @@ def bench_model(name: str, repeats: int, fractions: list[float]) -> dict:
     budgets.append(("budget @ckpt exact", round(ckpt_fraction, 4), True))
     for label, fraction, exact in budgets:
         start = time.perf_counter()
-        fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=fraction, exact_only=exact), example_inputs=(x,))
+        config = sfx.MemoryBudget(fraction=fraction, exact_only=exact, measure_steps=measure_steps)
+        fast = sfx.sparsify(model, config, example_inputs=(x,))
         plan = sfx.explain(fast).memory_budget
         plans[label] = {
             "fraction": fraction, "exact_only": exact, "planning_s": time.perf_counter() - start,
             "planned_fraction": plan["achieved_fraction"], "reachable": plan["reachable"],
+            "estimated_added_s": plan["estimated_seconds"], "prices": plan["prices"],
             "choices": {u: d["choice"] for u, d in plan["units"].items()},
         }
         fast.train()
@@ -162,8 +164,10 @@ def bench_model(name: str, repeats: int, fractions: list[float]) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| model | config | budget | planned | held vs dense | step vs dense | choices |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    # the cost model's estimate of the added step time next to the measured one: where they
+    # part, the plan was chosen on wrong prices
+    lines = ["| model | config | budget | planned | held vs dense | step vs dense | added ms, est. / measured | choices |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         for k in r["saved_bytes"]:
             plan = r["plans"].get(k)
@@ -173,8 +177,12 @@ def _table(rows: list[dict]) -> str:
             choices = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
             budget = f"{plan['fraction']:.3f}" if plan else ""
             planned = f"{plan['planned_fraction']:.3f}" + ("" if plan["reachable"] else " (unreachable)") if plan else ""
+            added = ""
+            if plan and "estimated_added_s" in plan:
+                measured = (r["step_s"][k] - r["step_s"]["dense"]) * 1e3
+                added = f"{plan['estimated_added_s'] * 1e3:.0f} / {measured:.0f}"
             lines.append(f"| {r['model']} | {k} | {budget} | {planned} | {r['saved_ratio'][k]:.3f} | "
-                         f"{r['step_ratio'][k]:.2f} | {choices} |")
+                         f"{r['step_ratio'][k]:.2f} | {added} | {choices} |")
     return "\n".join(lines)
 
 
@@ -183,6 +191,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.25, 0.1])
+    parser.add_argument("--measure-steps", type=int, default=0,
+                        help="MemoryBudget.measure_steps: check the calibrated prices with whole-model steps")
     parser.add_argument("--out", default="results/bench_budget.json")
     args = parser.parse_args(argv)
     if any(not 0 < f <= 1 or math.isnan(f) for f in args.fractions):
@@ -190,13 +200,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, start = [], time.perf_counter()
     for name in args.models:
         print(f"{name}:", flush=True)
-        rows.append(bench_model(name, args.repeats, args.fractions))
+        rows.append(bench_model(name, args.repeats, args.fractions, args.measure_steps))
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "repeats": args.repeats, "wall_s": time.perf_counter() - start}
+            "repeats": args.repeats, "measure_steps": args.measure_steps, "wall_s": time.perf_counter() - start}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
     return rows

@@ -42,6 +42,7 @@ budget. ``solve_exact`` is the brute-force optimum the tests compare with; ``sol
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -79,6 +80,16 @@ class MemoryBudget(PassConfig):
         attention: how the ``compress`` choice stores unmasked attention's q, k, v
             (``ActivationMemory.attention``): ``"bf16"`` (default), ``"int8"`` or ``"off"``.
             On ViT-B/16 it is what takes a plan below 0.5 without recomputing blocks.
+        measure_steps: rounds of whole-model training steps (on random inputs of the
+            recorded shapes, interleaved with the dense model) that check the calibrated
+            prices: a choice applied to every unit that measures dearer than its estimate
+            (by more than the gap between the dense model's two best steps) has its
+            per-unit prices scaled up to match. ``0`` (default): calibrated prices only.
+            Opt-in because it costs
+            ``(choices + 1) x (measure_steps + 1)`` training steps (ViT-B/16 on a CPU: about
+            2.5 s each) and a few steps on a noisy host measure noise. Runs on copies with
+            their own buffers (BatchNorm's running statistics are not touched); gradients
+            and the RNG state are restored.
 
     Example:
         >>> import torch, torchvision, sparsify_fx as sfx
@@ -93,6 +104,7 @@ class MemoryBudget(PassConfig):
     exact_only: bool = False
     keep: float = 0.1
     attention: str = "bf16"
+    measure_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +118,8 @@ class MemoryBudget(PassConfig):
         if not isinstance(self.exact_only, bool):
             raise ConfigError(f"MemoryBudget.exact_only must be a bool, got {self.exact_only!r}")
         check_range(self, "keep", self.keep, 0.0, 1.0, low_open=True)
+        if isinstance(self.measure_steps, bool) or not isinstance(self.measure_steps, int) or self.measure_steps < 0:
+            raise ConfigError(f"MemoryBudget.measure_steps must be an int >= 0, got {self.measure_steps!r}")
         if self.attention not in ("bf16", "int8", "off"):
             raise ConfigError(f"MemoryBudget.attention must be 'bf16', 'int8' or 'off', got {self.attention!r}")
 
@@ -478,6 +492,83 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates) -> dict[str, f
     return seconds
 
 
+# ---------------------------------------------------------------- measured prices
+
+
+def _train_step(gm: fx.GraphModule, args: list) -> float:
+    for p in gm.parameters():
+        p.grad = None
+    t0 = time.perf_counter()
+    out = gm(*args)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
+    if leaves and leaves[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _measure_added_seconds(
+    gm: fx.GraphModule, variants: dict[str, fx.GraphModule], rounds: int,
+) -> tuple[dict[str, float], float]:
+    """Seconds each variant's training step adds over ``gm``'s (best of ``rounds`` each,
+    interleaved after a warm-up round), and the gap between ``gm``'s two best steps (the noise). Runs on copies that share the parameters but not the
+    buffers (a training step updates BatchNorm's running statistics, which the model shares
+    with the user's); restores the gradients and the RNG state."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def own_buffers(m: fx.GraphModule) -> fx.GraphModule:
+        return copy.deepcopy(m, {id(p): p for p in m.parameters()})
+
+    models = {key: own_buffers(m) for key, m in {"": gm, **variants}.items()}
+    grads = {name: p.grad for name, p in gm.named_parameters()}
+    times: dict[str, list[float]] = {key: [] for key in models}
+    try:
+        with torch.enable_grad():
+            for m in models.values():
+                m.train()
+            for round_ in range(rounds + 1):
+                for key, m in models.items():
+                    t = _train_step(m, args)
+                    if round_:  # round 0 warms up allocators and kernels
+                        times[key].append(t)
+    finally:
+        for name, p in gm.named_parameters():
+            p.grad = grads[name]
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    # the noise of a best-of-n: how far the second-best dense step is from the best
+    dense = sorted(times[""])
+    noise = dense[1] - dense[0] if len(dense) > 1 else dense[0]
+    return {key: min(times[key]) - dense[0] for key in variants}, noise
+
+
+def _check_prices(gm, units: dict[str, _Unit], trials: dict[str, fx.GraphModule], rounds: int) -> dict[str, Any]:
+    """Scale each choice's per-unit seconds up to what applying it to every unit measures.
+
+    The calibration times each compressed form alone, on one tensor in a warm cache; in a
+    model, every custom op's dispatch, the casts' cache misses and the allocator add to that
+    (on ResNet-50 DropIT measured twice its calibrated price). Prices only go up, and only
+    when the measured excess over the estimate is larger than the gap between the dense
+    model's two best steps: on a noisy host a few steps measure noise (negative added times are
+    common), and a price lowered by noise would let a budget above dense compress.
+    """
+    measured, noise = _measure_added_seconds(gm, trials, rounds)
+    scales: dict[str, float] = {}
+    for choice, added in measured.items():
+        estimated = sum(u.choices[choice].seconds for u in units.values() if choice in u.choices)
+        scale = added / estimated if estimated > 0 and added - estimated > noise else 1.0
+        scales[choice] = scale
+        for u in units.values():
+            if choice in u.choices:
+                c = u.choices[choice]
+                u.choices[choice] = Choice(c.name, c.bytes, c.seconds * scale)
+    return {"measured_added_seconds": measured, "noise_seconds": noise, "price_scale": scales}
+
+
 # ---------------------------------------------------------------- the pass
 
 
@@ -512,10 +603,11 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
     keep_bytes, _, _, _ = _trial(gm, {}, units, config, ctx)
     for name in names:
         units[name].choices["keep"] = Choice("keep", keep_bytes[name], 0.0)
+    trials: dict[str, fx.GraphModule] = {}  # each choice applied to every unit it can take
     for choice in _COMPRESSED:
         if choice not in allowed:
             continue
-        per_unit, _, rewrites, _ = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
+        per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
         seconds = _compress_seconds(rewrites, units, ctx, rates)
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
@@ -527,6 +619,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         recomputable = [n for n in names if "recompute" not in units[n].reasons]
         if recomputable:
             per_unit, _, _, trial = _trial(gm, dict.fromkeys(recomputable, "recompute"), units, config, ctx)
+            trials["recompute"] = trial
             # what backward re-runs: the block less the Linears whose value nothing reads
             skipped = {n.name for m in trial.modules() if isinstance(m, sfx.RecomputedSegment)
                        and m.replay is not None for n in m.replay.graph.nodes
@@ -534,6 +627,16 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
             for name in recomputable:
                 fwd = sum(node_seconds.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
                 units[name].choices["recompute"] = Choice("recompute", per_unit[name], fwd)
+
+    prices: dict[str, Any] = {"measured": False}
+    if config.measure_steps and trials:
+        try:
+            prices = {"measured": True, **_check_prices(gm, units, trials, config.measure_steps)}
+        except Exception as e:  # noqa: BLE001  (the calibrated prices still make a plan)
+            prices = {"measured": False, "why": f"{type(e).__name__}: {e}"}
+            result.skips.append(Skip(ctx.pass_name, "(prices)", ctx.prefix.rstrip("."), "plan",
+                                     f"whole-model training steps failed on random inputs ({prices['why']}); "
+                                     "planned with the calibrated prices alone (measure_steps=0 skips the check)"))
 
     # the estimate charges each tensor to one unit; the liveness analysis of the applied plan
     # is the truth, so re-solve under more pressure until the achieved bytes fit
@@ -559,6 +662,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         "reachable": achieved <= budget * 1.05,
         "exact_only": config.exact_only,
         "estimated_seconds": sum(units[n].choices[plan[n]].seconds for n in names),
+        "prices": prices,
         "units": {},
     }
     result.rewrites.append(Rewrite(

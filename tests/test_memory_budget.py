@@ -486,3 +486,58 @@ def test_recompute_under_autocast_re_runs_the_full_block():
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
+    """measure_steps times whole-model training steps of every choice: the model's buffers,
+    gradients and the RNG state are left as they were, prices are only scaled up, and the
+    plan records what was measured."""
+    import passes.memory_budget as mb
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    x = torch.randn(2, 3, 32, 32)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    # every choice measures 1 s dearer than dense: far beyond any estimate and the noise
+    real = mb._measure_added_seconds
+    calls = []
+
+    def slow(gm, variants, rounds):
+        rng = torch.get_rng_state()
+        measured, noise = real(gm, variants, rounds)
+        assert torch.equal(torch.get_rng_state(), rng)  # dropout / DropIT draws were restored
+        calls.append((set(variants), rounds, noise))
+        return {k: 1.0 for k in measured}, noise
+
+    monkeypatch.setattr(mb, "_measure_added_seconds", slow)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=2), example_inputs=(x,))
+    assert calls == [(set(mb.CHOICES) - {"keep"}, 2, calls[0][2])] and calls[0][2] >= 0
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, buffers[k], rtol=0, atol=0, msg=k)
+    assert all(p.grad is None for p in model.parameters())
+    plan = sfx.explain(fast).memory_budget
+    prices = plan["prices"]
+    assert prices["measured"] and set(prices["price_scale"]) >= {"compress", "recompute"}
+    for choice, scale in prices["price_scale"].items():
+        assert scale > 1.0, choice
+        total = sum(u["options"][choice]["seconds"] for u in plan["units"].values() if choice in u["options"])
+        assert total == pytest.approx(1.0, rel=1e-6), choice  # scaled to the measurement
+    assert plan["achieved_fraction"] <= 0.5
+
+
+def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
+    import passes.memory_budget as mb
+
+    def broken(gm, args):
+        raise RuntimeError("data-dependent input")
+
+    monkeypatch.setattr(mb, "_train_step", broken)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=1), example_inputs=(torch.randn(2, 3, 32, 32),))
+    report = sfx.explain(fast)
+    assert report.memory_budget["prices"] == {"measured": False, "why": "RuntimeError: data-dependent input"}
+    assert any("calibrated prices alone" in s.reason for s in report.skipped)
+    assert report.memory_budget["achieved_fraction"] <= 0.5
+    with pytest.raises(sfx.ConfigError, match="measure_steps"):
+        MemoryBudget(measure_steps=-1)
