@@ -259,7 +259,7 @@ def solve_exact(units: list[list[Choice]], budget: float) -> list[Choice] | None
 _RATES: dict[tuple[str, torch.dtype], dict[str, float]] = {}
 
 
-def _time(fn, repeats: int = 3) -> float:
+def _time(fn, repeats: int = 5) -> float:
     fn()
     best = math.inf
     for _ in range(repeats):
@@ -288,7 +288,9 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     device = torch.device(device)
     key = (device.type, dtype)
     if key not in _RATES:
-        x = torch.randn(16, 64, 32, 32, device=device, dtype=dtype)  # 1M elements, NCHW
+        # 8M elements (32 MB in fp32), NCHW: larger than a CPU's last-level cache, as a
+        # training step's activations are by the time backward reads them
+        x = torch.randn(16, 128, 64, 64, device=device, dtype=dtype)
         grad = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
         channels = x.shape[1]
@@ -363,20 +365,20 @@ def _example(node: fx.Node, device: torch.device) -> Any:
 
 
 def _node_seconds(gm: fx.GraphModule) -> dict[str, float]:
-    """Forward time of each node on random inputs of the recorded shapes (eval, no grad)."""
+    """Forward time of each node on random inputs of the recorded shapes, as the re-run in
+    backward runs it: training mode, grad enabled (BatchNorm's batch statistics, the
+    autograd graph and its saved tensors), on a copy with its own buffers."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    args = [_example(n, device) for n in placeholders]
-    timer = _NodeTimer(gm)
-    saved = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
+    rng = torch.get_rng_state()
+    args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+    copy_ = copy.deepcopy(gm, {id(p): p for p in gm.parameters()}).train()
+    timer = _NodeTimer(copy_)
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             for _ in range(2):
                 timer.run(*args)
     finally:
-        for name, m in gm.named_modules():
-            m.training = saved[name]
+        torch.set_rng_state(rng)
     return timer.seconds
 
 
@@ -477,7 +479,7 @@ _OP_SECONDS = 2e-5
 _DENSE_OPS = ("linear", "matmul", "addmm", "conv1d", "conv2d", "conv3d")
 
 
-def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates) -> dict[str, float]:
+def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: dict[str, float]) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for r in rewrites:
         kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
@@ -489,6 +491,8 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates) -> dict[str, f
         # 100-200 us over a built-in op's on a tiny tensor; it also makes every compressed
         # form strictly dearer than keeping, so a budget that fits dense keeps everything
         seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind] + _OP_SECONDS
+        if r.op == "attention":  # its backward re-runs the attention forward on the stored q, k, v
+            seconds[unit] += node_seconds.get(r.node, 0.0)
     return seconds
 
 
@@ -608,7 +612,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         if choice not in allowed:
             continue
         per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
-        seconds = _compress_seconds(rewrites, units, ctx, rates)
+        seconds = _compress_seconds(rewrites, units, ctx, rates, node_seconds)
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:

@@ -358,8 +358,13 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
         m.setattr("passes.memory_budget._unit_of", lambda *a: "u")
         fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0}
         from passes.memory_budget import _OP_SECONDS
-        assert _compress_seconds([rewrite], None, None, fake) == {"u": 1000.0 + _OP_SECONDS}
-        assert _compress_seconds([relu], None, None, fake) == {"u": 10000.0 + _OP_SECONDS}
+        assert _compress_seconds([rewrite], None, None, fake, {}) == {"u": 1000.0 + _OP_SECONDS}
+        assert _compress_seconds([relu], None, None, fake, {}) == {"u": 10000.0 + _OP_SECONDS}
+        # bf16 attention re-runs its forward in backward: priced with the node's own time
+        attention = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
+                                details={"storage": "bf16"})
+        fake["bf16"] = 1.0
+        assert _compress_seconds([attention], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.5 + _OP_SECONDS}
 
 
 class _Block(nn.Module):
