@@ -38,6 +38,7 @@ import torchvision
 
 import sparsify_fx as sfx
 from benchmarks.bench_memory import interleaved_times
+from benchmarks.device import timed_step
 from benchmarks.memory import saved_tensor_bytes
 
 __all__ = ["MODELS", "GPT", "checkpoint_blocks", "bench_model", "main"]
@@ -110,15 +111,6 @@ def checkpoint_blocks(model: nn.Module, containers: str) -> nn.Module:
     return copy
 
 
-def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
-    for p in model.parameters():
-        p.grad = None
-    start = time.perf_counter()
-    logits = model(x)
-    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target).backward()
-    return time.perf_counter() - start
-
-
 def bench_model(name: str, repeats: int, fractions: list[float], measure_steps: int = 0) -> dict:
     """Measure dense, checkpointing and the budget plans on one model."""
     torch.manual_seed(0)
@@ -149,7 +141,7 @@ def bench_model(name: str, repeats: int, fractions: list[float], measure_steps: 
         saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
         print(f"  {label}: planned {plan['achieved_fraction']:.3f}, measured {saved[label] / saved['dense']:.3f}, "
               f"planning {plans[label]['planning_s']:.1f} s", flush=True)
-    times = interleaved_times(variants, lambda m: _step(m, x, target), repeats)
+    times = interleaved_times(variants, lambda m: timed_step(m, x, target, "cpu", "off"), repeats)
     step = {k: statistics.median(ts) for k, ts in times.items()}
     return {
         "model": name,

@@ -51,7 +51,8 @@ def timed_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, device: 
     sync(device)
     start = time.perf_counter()
     with autocast(device, amp):
-        loss = F.cross_entropy(model(x), target)
+        logits = model(x)  # (batch, classes) or a language model's (batch, tokens, vocab)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target)
     loss.backward()
     sync(device)
     return time.perf_counter() - start

@@ -4,8 +4,8 @@ Each module imports only ``sparsify_fx``'s public API; the core imports this pac
 lazily (``sparsify_fx.registry.load_builtin_passes``) the first time a pass is needed.
 """
 
-from .activation_memory import ActivationMemory
 from . import dense_storage  # noqa: F401  (registers its ops: unpickling needs them)
+from .activation_memory import ActivationMemory
 from .block_sparse import BlockSparseActivations
 from .dropit import DropIT
 from .iso_flop import IsoFLOP
