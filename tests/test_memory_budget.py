@@ -546,3 +546,14 @@ def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
     assert report.memory_budget["achieved_fraction"] <= 0.5
     with pytest.raises(sfx.ConfigError, match="measure_steps"):
         MemoryBudget(measure_steps=-1)
+
+
+def test_plans_a_model_that_cannot_train_on_its_example_batch():
+    """Recompute is timed in training mode; a BatchNorm1d on a batch of one cannot run there,
+    so the timing falls back to eval mode instead of failing the pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4)).train()
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.5), example_inputs=(torch.randn(1, 8),))
+    plan = sfx.explain(fast).memory_budget
+    assert plan["reachable"] and plan["achieved_fraction"] <= 0.5
