@@ -414,7 +414,7 @@ at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& bits, double ne
 
 // BatchNorm's normalised input (x - mean[c]) * invstd[c] of an fp32 [N, C, ...] tensor, stored
 // as bf16 in one pass: finite values saturate at bf16's largest instead of rounding to inf,
-// inf / NaN are stored as NaN, rounding is to nearest even (activation_memory._to_bf16's
+// inf / NaN are stored as NaN, rounding is to nearest even (actmem_ops._to_bf16's
 // rules, bit for bit)
 at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd) {
   check_fp32(x, "normalize_bf16");
@@ -450,7 +450,7 @@ at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at:
 }
 // BatchNorm's backward straight from its bf16 normalised input x_hat (fp32 [N, C, ...] gradient):
 // native_batch_norm_backward's training formula with input x_hat, save_mean = x_hat's channel
-// mean and save_invstd 1 (activation_memory._bn_backward's PyTorch path), without the fp32
+// mean and save_invstd 1 (actmem_ops._bn_backward's PyTorch path), without the fp32
 // copy of x_hat: one pass for the channel sums, one for grad_x. Sums are fp32 within blocks of
 // 256 (16 lanes), fp64 across them, so the result agrees with the PyTorch path to fp32 rounding, not bits.
 std::vector<at::Tensor> bn_backward_bf16(const at::Tensor& grad, const at::Tensor& xhat, const at::Tensor& weight, bool need_x) {

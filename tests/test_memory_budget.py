@@ -512,7 +512,7 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
         measured, noise = real(gm, variants, rounds)
         assert torch.equal(torch.get_rng_state(), rng)  # dropout / DropIT draws were restored
         calls.append((set(variants), rounds, noise))
-        return {k: 1.0 for k in measured}, noise
+        return {k: 1.0 for k in measured}, 0.0  # the noise gate is tested on its own below
 
     monkeypatch.setattr(mb, "_measure_added_seconds", slow)
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=2), example_inputs=(x,))
@@ -557,3 +557,24 @@ def test_plans_a_model_that_cannot_train_on_its_example_batch():
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5), example_inputs=(torch.randn(1, 8),))
     plan = sfx.explain(fast).memory_budget
     assert plan["reachable"] and plan["achieved_fraction"] <= 0.5
+
+
+def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
+    import passes.memory_budget as mb
+    from passes.memory_budget import Choice, _Unit
+
+    def units():
+        return {"a": _Unit("a", None, {"keep": Choice("keep", 10, 0.0), "compress": Choice("compress", 2, 0.01)}),
+                "b": _Unit("b", None, {"keep": Choice("keep", 10, 0.0), "recompute": Choice("recompute", 0, 0.02)})}
+
+    # compress measures 0.05 s (0.04 over its estimate), recompute 0.01 s (below its estimate)
+    monkeypatch.setattr(mb, "_measure_added_seconds", lambda gm, v, r: ({"compress": 0.05, "recompute": 0.01}, 0.05))
+    u = units()
+    prices = mb._check_prices(None, u, {"compress": None, "recompute": None}, 3)
+    assert prices["price_scale"] == {"compress": 1.0, "recompute": 1.0}  # 0.04 s is within 0.05 s of noise
+    assert u["a"].choices["compress"].seconds == 0.01 and u["b"].choices["recompute"].seconds == 0.02
+    monkeypatch.setattr(mb, "_measure_added_seconds", lambda gm, v, r: ({"compress": 0.05, "recompute": 0.01}, 0.001))
+    u = units()
+    prices = mb._check_prices(None, u, {"compress": None, "recompute": None}, 3)
+    assert prices["price_scale"] == {"compress": pytest.approx(5.0), "recompute": 1.0}  # never lowered
+    assert u["a"].choices["compress"].seconds == pytest.approx(0.05)

@@ -1,0 +1,760 @@
+"""The custom ops and parameter-free op modules of ``ActivationMemory``.
+
+What each op saves, and the gradient error each storage gives, is documented with the pass
+(``passes/activation_memory.py``); this module is the implementation: the value compression
+(bf16 / int8 with per-block scales), one ``torch.library.custom_op`` per op with its fake
+kernel and autograd formula (``op_autograd.register_autograd``), and the op modules the pass
+installs, which run the exact original op in eval mode or without grad.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+from sparsify_fx import autocast_region
+
+from . import cpu_kernels, sync
+from .bitpack import pack_bits, unpack_bits_as
+from .op_autograd import register_autograd
+
+__all__ = [
+    "NONFINITE_CODE",
+    "compress",
+    "decompress",
+    "ActMemReLU",
+    "ActMemActivation",
+    "ActMemBatchNorm",
+    "ActMemLayerNorm",
+    "ActMemActLinear",
+    "ActMemLnLinear",
+    "ActMemScale",
+    "ActMemAttention",
+]
+
+# ---------------------------------------------------------------- value compression
+
+
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+#: int8 code of a non-finite element (codes -127..127 hold finite values); decompressed as NaN
+NONFINITE_CODE = -128
+
+
+def _to_bf16(x: torch.Tensor) -> torch.Tensor:
+    # float32 values within half a bf16 ulp of float32's maximum round up to inf, which would
+    # turn a finite gradient into NaN (gelu_backward(g, inf) is NaN): saturate them. Adding
+    # 0 * x adds 0 where x is finite and NaN where it is not, so +-inf is stored as NaN: every
+    # backward reading this (GELU / SiLU, whose derivative at +-inf is NaN; normalised
+    # tensors, NaN wherever an input is inf) gives the same result. Two passes instead of
+    # isinf + where's four (tests/test_numerics.py pins the behaviour). Those passes only
+    # matter when the plain cast gives a non-finite value, which one max over the (half-size)
+    # result detects: the common case costs a cast and a max instead of clamp, add and cast
+    # (the clamp alone was 2 % of a ResMLP-12 training step). Runs on real tensors only:
+    # the custom ops call it eagerly under torch.compile too.
+    if x.dtype == torch.float32 or x.dtype == torch.float64:
+        if sync.sync_free(x.device):  # the check reads a value back: always clamp there instead
+            return x.clamp(-_BF16_MAX, _BF16_MAX).add_(x, alpha=0).to(torch.bfloat16)
+        y = x.to(torch.bfloat16)
+        if y.numel() == 0 or bool(torch.isfinite(y.abs().amax())):
+            return y
+        x = x.clamp(-_BF16_MAX, _BF16_MAX).add_(x, alpha=0)
+    return x.to(torch.bfloat16)
+
+
+def compress(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(payload, scale)``: bf16 copy (empty scale), or int8 blocks with fp32 absmax scales.
+
+    Non-finite values propagate: bf16 stores NaN for inf / NaN (and saturates finite values
+    beyond its range instead of rounding them to inf); int8 scales each block by its largest *finite*
+    magnitude and stores inf / NaN elements as :data:`NONFINITE_CODE`, decompressed as NaN
+    (what the dense GELU / SiLU backward gives at +-inf). So one inf in a block neither turns
+    its neighbours into NaN nor is it lost.
+    """
+    x = x.detach()
+    if storage == "bf16":
+        return _to_bf16(x), x.new_empty(0, dtype=torch.float32)
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    rows = flat.view(-1, block).float()
+    scale = rows.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(1, keepdim=True) / 127.0
+    # an all-zero block has scale 0; dividing by the tiny clamp keeps it exactly zero
+    q = torch.round(rows / scale.clamp_min(1e-30))
+    q = q.nan_to_num_(nan=NONFINITE_CODE, posinf=NONFINITE_CODE, neginf=NONFINITE_CODE)
+    return q.clamp_(NONFINITE_CODE, 127).to(torch.int8), scale
+
+
+def decompress(
+    payload: torch.Tensor, scale: torch.Tensor, shape: list[int] | torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`compress` (approximate), as a tensor of ``shape`` and ``dtype``."""
+    if payload.dtype == torch.bfloat16:
+        return payload.to(dtype)
+    numel = math.prod(shape)
+    values = (payload.float() * scale).masked_fill_(payload == NONFINITE_CODE, float("nan"))
+    return values.view(-1)[:numel].view(shape).to(dtype)
+
+
+def _fake_payload(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if storage == "bf16":
+        return torch.empty_like(x, dtype=torch.bfloat16), x.new_empty(0, dtype=torch.float32)
+    n = math.ceil(x.numel() / block)
+    return x.new_empty(n, block, dtype=torch.int8), x.new_empty(n, 1, dtype=torch.float32)
+
+
+def _compressible(x: torch.Tensor, storage: str) -> bool:
+    # bf16 storage of a 2-byte input would save nothing and only add error
+    return x.is_floating_point() and x.element_size() > (2 if storage == "bf16" else 1)
+
+
+# ---------------------------------------------------------------- ReLU / LeakyReLU
+
+
+@torch.library.custom_op("sparsify_fx::actmem_relu", mutates_args=())
+def _actmem_relu(x: torch.Tensor, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # ReLU: where threshold_backward zeroes the gradient (out <= 0; NaN passes through).
+    # LeakyReLU: where its slope is 1 (x > 0)
+    kernels = cpu_kernels.for_tensors(x) if x.dtype == torch.float32 else None
+    if kernels is not None:  # one pass instead of the activation, a compare and the packing
+        out, bits = kernels.relu_bits(x, negative_slope)
+        return out, bits
+    if negative_slope == 0.0:
+        out = torch.relu(x)
+        return out, pack_bits(out <= 0)
+    out = F.leaky_relu(x, negative_slope)
+    return out, pack_bits(x > 0)
+
+
+@_actmem_relu.register_fake
+def _(x, negative_slope):
+    return torch.empty_like(x), x.new_empty(math.ceil(x.numel() / 8), dtype=torch.uint8)
+
+
+def _relu_setup(ctx, inputs, output) -> None:
+    x, negative_slope = inputs
+    ctx.save_for_backward(output[1])
+    ctx.shape = list(x.shape)
+    ctx.negative_slope = negative_slope
+
+
+def _relu_backward(ctx, grad_out, _grad_mask):
+    (packed,) = ctx.saved_tensors
+    kernels = cpu_kernels.for_tensors(grad_out, bits=packed) if grad_out.dtype == torch.float32 else None
+    if kernels is not None:  # straight from the bits (set: blocked for ReLU, slope 1 for leaky)
+        return kernels.masked_grad(grad_out, packed, ctx.negative_slope), None
+    # the dense backward kernels run on a 0/1 stand-in for the saved tensor: they only test
+    # it (> 0), so the gradient is bit-identical
+    if ctx.negative_slope == 0.0:
+        passes = unpack_bits_as(packed, ctx.shape, grad_out.dtype, invert=True)
+        return torch.ops.aten.threshold_backward(grad_out, passes, 0), None
+    passes = unpack_bits_as(packed, ctx.shape, grad_out.dtype)
+    return torch.ops.aten.leaky_relu_backward(grad_out, passes, ctx.negative_slope, False), None
+
+
+register_autograd(_actmem_relu, _relu_backward, _relu_setup)
+
+
+# ---------------------------------------------------------------- GELU / SiLU
+
+
+@torch.library.custom_op("sparsify_fx::actmem_gelu", mutates_args=())
+def _actmem_gelu(
+    x: torch.Tensor, approximate: str, storage: str, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    payload, scale = compress(x, storage, block)
+    return F.gelu(x, approximate=approximate), payload, scale
+
+
+@_actmem_gelu.register_fake
+def _(x, approximate, storage, block):
+    return (torch.empty_like(x), *_fake_payload(x, storage, block))
+
+
+@torch.library.custom_op("sparsify_fx::actmem_silu", mutates_args=())
+def _actmem_silu(x: torch.Tensor, storage: str, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    payload, scale = compress(x, storage, block)
+    return F.silu(x), payload, scale
+
+
+@_actmem_silu.register_fake
+def _(x, storage, block):
+    return (torch.empty_like(x), *_fake_payload(x, storage, block))
+
+
+def _pointwise_setup(ctx, inputs, output) -> None:
+    x = inputs[0]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+    ctx.approximate = inputs[1] if len(inputs) == 4 else None
+
+
+def _gelu_backward(ctx, grad_out, _g1, _g2):
+    payload, scale = ctx.saved_tensors
+    x = decompress(payload, scale, ctx.shape, ctx.dtype)
+    return torch.ops.aten.gelu_backward(grad_out, x, approximate=ctx.approximate), None, None, None
+
+
+def _silu_backward(ctx, grad_out, _g1, _g2):
+    payload, scale = ctx.saved_tensors
+    x = decompress(payload, scale, ctx.shape, ctx.dtype)
+    return torch.ops.aten.silu_backward(grad_out, x), None, None
+
+
+register_autograd(_actmem_gelu, _gelu_backward, _pointwise_setup)
+register_autograd(_actmem_silu, _silu_backward, _pointwise_setup)
+
+
+# ---------------------------------------------------------------- activation -> Linear, recomputed
+
+
+def _activation(h: torch.Tensor, kind: str, approximate: str) -> torch.Tensor:
+    return F.gelu(h, approximate=approximate) if kind == "gelu" else F.silu(h)
+
+
+@torch.library.custom_op("sparsify_fx::actmem_act_linear", mutates_args=())
+def _actmem_act_linear(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str
+) -> torch.Tensor:
+    # the activation runs in h's dtype and its output is cast to the Linear's, as autocast does
+    return F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias)
+
+
+@_actmem_act_linear.register_fake
+def _(h, weight, bias, kind, approximate):
+    return h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+
+
+def _act_linear_setup(ctx, inputs, output) -> None:
+    h, weight, bias, kind, approximate = inputs
+    ctx.save_for_backward(h, weight)
+    ctx.kind, ctx.approximate, ctx.has_bias = kind, approximate, bias is not None
+
+
+def _act_linear_backward(ctx, grad_y):
+    h, weight = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g = _activation(h, ctx.kind, ctx.approximate).to(weight.dtype)  # the recomputed activation
+    grad_h = grad_w = grad_b = None
+    if need_w:
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+    if need_b and ctx.has_bias:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    if need_h:
+        grad_g = (grad_y @ weight).to(h.dtype)
+        if ctx.kind == "gelu":
+            grad_h = torch.ops.aten.gelu_backward(grad_g, h, approximate=ctx.approximate)
+        else:
+            grad_h = torch.ops.aten.silu_backward(grad_g, h)
+    return grad_h, grad_w, grad_b, None, None
+
+
+register_autograd(_actmem_act_linear, _act_linear_backward, _act_linear_setup)
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+# Functional (an op that mutates its inputs cannot have an autograd formula): it updates
+# copies of the running stats with the kernel's own in-place update and returns them; the op
+# module copies them back, which leaves the buffers bit-identical to nn.BatchNorm's.
+@torch.library.custom_op("sparsify_fx::actmem_batch_norm", mutates_args=())
+def _actmem_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    storage: str,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    out, mean, invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, new_mean, new_var, True, momentum, eps
+    )
+    kernels = cpu_kernels.for_tensors(x) if storage == "bf16" and x.dtype == torch.float32 else None
+    if kernels is not None:  # normalise, saturate and round to bf16 in one pass
+        payload, scale = kernels.normalize_bf16(x.detach(), mean, invstd), x.new_empty(0)
+    else:
+        x_hat = (x.detach() - _channel_view(mean, x.dim())).mul_(_channel_view(invstd, x.dim()))
+        payload, scale = compress(x_hat, storage, block)
+    return out, payload, scale, mean, invstd, new_mean, new_var
+
+
+@_actmem_batch_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps, storage, block):
+    c = x.shape[1]
+    stats = x.new_empty(c, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    return (
+        torch.empty_like(x), *_fake_payload(x, storage, block), stats, torch.empty_like(stats),
+        torch.empty_like(running_mean), torch.empty_like(running_var),
+    )
+
+
+def _bn_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs[:3]
+    _, payload, scale, _mean, invstd = output[:5]
+    ctx.save_for_backward(payload, scale, invstd, weight)
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _bn_backward(ctx, grad_out, *_unused):
+    payload, scale, invstd, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    eff_weight = invstd * weight if weight is not None else invstd
+    kernels = None
+    if payload.dtype == torch.bfloat16 and ctx.dtype == grad_out.dtype == eff_weight.dtype == torch.float32:
+        kernels = cpu_kernels.for_tensors(grad_out, payload, eff_weight)
+    if kernels is not None:  # two passes over grad and the bf16 x_hat, no fp32 copy of it
+        grad_x, grad_w, grad_b = kernels.bn_backward_bf16(grad_out, payload, eff_weight, bool(need_x))
+        return (grad_x if need_x else None, grad_w if need_w and weight is not None else None,
+                grad_b if need_b and ctx.has_bias else None, None, None, None, None, None, None)
+    x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
+    # the fused kernel computes x_hat = (input - mean) * invstd and scales grad_x by
+    # weight * invstd; feeding it x_hat, mean 0, invstd 1, weight*invstd is the same formula
+    # re-centring on the stored x_hat's own channel mean (the kernel subtracts save_mean)
+    # keeps sum_c(grad_x) ~ 0 as in dense autograd: a conv bias before BN then gets ~0
+    # gradient instead of the bf16 rounding of sum(x_hat)
+    dims = [d for d in range(x_hat.dim()) if d != 1]
+    centre = x_hat.mean(dims, dtype=invstd.dtype)
+    grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x_hat, eff_weight.to(ctx.dtype), None, None,
+        centre, torch.ones_like(invstd), True, 0.0,
+        [bool(need_x), bool(need_w and weight is not None), bool(need_b and ctx.has_bias)],
+    )
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+register_autograd(_actmem_batch_norm, _bn_backward, _bn_setup)
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+
+@torch.library.custom_op("sparsify_fx::actmem_layer_norm", mutates_args=())
+def _actmem_layer_norm(
+    x: torch.Tensor,
+    normalized_shape: list[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    storage: str,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    x_hat = (x.detach() - mean).mul_(rstd)
+    payload, scale = compress(x_hat, storage, block)
+    return out, payload, scale, mean, rstd
+
+
+@_actmem_layer_norm.register_fake
+def _(x, normalized_shape, weight, bias, eps, storage, block):
+    k = len(normalized_shape)
+    stats_shape = list(x.shape[: x.dim() - k]) + [1] * k
+    stats = x.new_empty(stats_shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    return (torch.empty_like(x), *_fake_payload(x, storage, block), stats, torch.empty_like(stats))
+
+
+def _ln_setup(ctx, inputs, output) -> None:
+    x, normalized_shape, weight, bias = inputs[:4]
+    _, payload, scale, _mean, rstd = output
+    ctx.save_for_backward(payload, scale, rstd, weight, bias)
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+    ctx.normalized_shape = list(normalized_shape)
+
+
+def _ln_backward(ctx, grad_out, *_unused):
+    payload, scale, rstd, weight, bias = ctx.saved_tensors
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
+    # with mean 0 and rstd 1 the kernel's x_hat is the stored one; grad_x then lacks only the
+    # per-row rstd factor, applied after
+    grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+        grad_out, x_hat, ctx.normalized_shape, torch.zeros_like(rstd), torch.ones_like(rstd),
+        weight, bias,
+        [bool(need_x), bool(need_w and weight is not None), bool(need_b and bias is not None)],
+    )
+    if grad_x is not None:
+        grad_x = grad_x.mul_(rstd.to(grad_x.dtype))
+    return grad_x, None, grad_w, grad_b, None, None, None
+
+
+register_autograd(_actmem_layer_norm, _ln_backward, _ln_setup)
+
+
+# ---------------------------------------------------------------- LayerNorm -> Linear, recomputed
+
+
+@torch.library.custom_op("sparsify_fx::actmem_ln_linear", mutates_args=())
+def _actmem_ln_linear(
+    x: torch.Tensor, normalized_shape: list[int], ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+    eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, ln_weight, ln_bias, eps)
+    return F.linear(y.to(weight.dtype), weight, bias), mean, rstd
+
+
+@_actmem_ln_linear.register_fake
+def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias):
+    rows = list(x.shape[: x.dim() - len(normalized_shape)]) + [1] * len(normalized_shape)
+    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype),
+            x.new_empty(rows, dtype=stat_dtype), x.new_empty(rows, dtype=stat_dtype))
+
+
+def _ln_linear_setup(ctx, inputs, output) -> None:
+    x, normalized_shape, ln_weight, ln_bias, eps, weight, bias = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, ln_weight, ln_bias, weight)
+    ctx.normalized_shape, ctx.has_bias = list(normalized_shape), bias is not None
+
+
+def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
+    x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
+    need_x, _, need_lw, need_lb, _, need_w, need_b = ctx.needs_input_grad
+    # the normalised input the Linear saw, recomputed from x and the saved row statistics
+    y = (x - mean) * rstd
+    if ln_weight is not None:
+        y = y * ln_weight
+    if ln_bias is not None:
+        y = y + ln_bias
+    y = y.to(weight.dtype)
+    grad_w = grad_b = grad_x = grad_lw = grad_lb = None
+    if need_w:
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ y.reshape(-1, y.shape[-1])
+    if need_b and ctx.has_bias:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    if need_x or need_lw or need_lb:
+        grad_ln = (grad_y @ weight).to(x.dtype)
+        grad_x, grad_lw, grad_lb = torch.ops.aten.native_layer_norm_backward(
+            grad_ln, x, ctx.normalized_shape, mean, rstd, ln_weight, ln_bias,
+            [bool(need_x), bool(need_lw and ln_weight is not None), bool(need_lb and ln_bias is not None)],
+        )
+    return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b
+
+
+register_autograd(_actmem_ln_linear, _ln_linear_backward, _ln_linear_setup)
+
+
+# ---------------------------------------------------------------- scale by a parameter
+
+
+@torch.library.custom_op("sparsify_fx::actmem_scale", mutates_args=())
+def _actmem_scale(
+    x: torch.Tensor, scale: torch.Tensor, storage: str, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    payload, s = compress(x, storage, block)
+    return x * scale, payload, s
+
+
+@_actmem_scale.register_fake
+def _(x, scale, storage, block):
+    out = x.new_empty(torch.broadcast_shapes(x.shape, scale.shape), dtype=torch.result_type(x, scale))
+    return (out, *_fake_payload(x, storage, block))
+
+
+def _scale_setup(ctx, inputs, output) -> None:
+    x, scale = inputs[:2]
+    ctx.save_for_backward(output[1], output[2], scale)
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
+
+
+def _scale_backward(ctx, grad_out, _g1, _g2):
+    payload, s, scale = ctx.saved_tensors
+    need_x, need_scale = ctx.needs_input_grad[:2]
+    grad_x = grad_scale = None
+    if need_x:  # what mul's backward computes: exact
+        grad_x = (grad_out * scale).sum_to_size(ctx.shape).to(ctx.dtype)
+    if need_scale:
+        x = decompress(payload, s, ctx.shape, ctx.dtype)
+        grad_scale = (grad_out * x).sum_to_size(scale.shape).to(scale.dtype)
+    return grad_x, grad_scale, None, None
+
+
+register_autograd(_actmem_scale, _scale_backward, _scale_setup)
+
+
+# ---------------------------------------------------------------- scaled dot-product attention
+
+
+@torch.library.custom_op("sparsify_fx::actmem_sdpa", mutates_args=())
+def _actmem_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
+    storage: str, block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    return (out, *compress(q, storage, block), *compress(k, storage, block), *compress(v, storage, block))
+
+
+@_actmem_sdpa.register_fake
+def _(q, k, v, is_causal, scale, storage, block):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return (out, *_fake_payload(q, storage, block), *_fake_payload(k, storage, block),
+            *_fake_payload(v, storage, block))
+
+
+def _sdpa_setup(ctx, inputs, output) -> None:
+    q, k, v, is_causal, scale = inputs[:5]
+    # only the compressed q, k, v: neither the dense operands nor the output are kept
+    ctx.save_for_backward(*output[1:])
+    ctx.shapes = [list(q.shape), list(k.shape), list(v.shape)]
+    ctx.dtype, ctx.is_causal, ctx.scale = q.dtype, is_causal, scale
+
+
+def _sdpa_backward(ctx, grad_out, *_unused):
+    pq, sq, pk, sk, pv, sv = ctx.saved_tensors
+    q, k, v = (decompress(p, s, shape, ctx.dtype) for p, s, shape in zip((pq, pk, pv), (sq, sk, sv), ctx.shapes))
+    grad_out = grad_out.to(ctx.dtype)
+    if type(grad_out) is torch.Tensor and not torch.compiler.is_compiling():
+        # eager: re-run the attention on the stored q, k, v through the fused kernels and take
+        # their gradient (1.5x faster than the formulas below on ViT-B/16's shapes on CPU)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves, is_causal=ctx.is_causal, scale=ctx.scale)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        return (*grads, None, None, None, None)
+    # traced (torch.compile's backward sees fake / functional tensors and cannot nest autograd):
+    # the math backend's backward, written out, probabilities recomputed from the stored q, k
+    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if ctx.is_causal:
+        rows, cols = logits.shape[-2:]
+        causal = torch.ones(rows, cols, dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    grad_v = probs.transpose(-2, -1) @ grad_out
+    grad_probs = grad_out @ v.transpose(-2, -1)
+    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    grad_q = (grad_logits @ k) * scale
+    grad_k = (grad_logits.transpose(-2, -1) @ q) * scale
+    return grad_q, grad_k, grad_v, None, None, None, None
+
+
+register_autograd(_actmem_sdpa, _sdpa_backward, _sdpa_setup)
+
+
+# ---------------------------------------------------------------- op modules
+
+
+def _recording(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in params)
+    )
+
+
+class ActMemReLU(nn.Module):
+    """Parameter-free ReLU / LeakyReLU saving a 1-bit mask; eval runs the original op."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, negative_slope: float = 0.0, inplace: bool = False):
+        super().__init__()
+        self.negative_slope, self.inplace = float(negative_slope), bool(inplace)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}, inplace={self.inplace}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _recording(x) and x.is_floating_point():
+            return torch.ops.sparsify_fx.actmem_relu(x, self.negative_slope)[0]
+        if self.negative_slope == 0.0:
+            return F.relu(x, inplace=self.inplace)
+        return F.leaky_relu(x, self.negative_slope, inplace=self.inplace)
+
+
+class ActMemActivation(nn.Module):
+    """Parameter-free GELU / SiLU saving a compressed input; eval runs the original op."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, kind: str, storage: str, block: int, approximate: str = "none", inplace: bool = False):
+        super().__init__()
+        self.kind, self.storage, self.block = kind, storage, block
+        self.approximate, self.inplace = approximate, inplace
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, storage={self.storage}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _recording(x) and _compressible(x, self.storage):
+            if self.kind == "gelu":
+                return torch.ops.sparsify_fx.actmem_gelu(x, self.approximate, self.storage, self.block)[0]
+            return torch.ops.sparsify_fx.actmem_silu(x, self.storage, self.block)[0]
+        if self.kind == "gelu":
+            return F.gelu(x, approximate=self.approximate)
+        return F.silu(x, inplace=self.inplace)
+
+
+class ActMemActLinear(nn.Module):
+    """Parameter-free ``linear(act(h), weight, bias)`` whose backward keeps only ``h``.
+
+    The activation's output, which the Linear would keep, is recomputed in backward; eval,
+    ``no_grad`` and recording off run the two original ops.
+    """
+
+    #: keeps ``h`` itself, dense (read by sfx memory_plan)
+    keeps_dense_inputs = True
+
+    def __init__(self, kind: str, approximate: str = "none"):
+        super().__init__()
+        self.kind, self.approximate = kind, approximate
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} -> linear, activation recomputed in backward"
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and _recording(h, weight, bias):
+            with sfx.autocast_region(h.device.type) as cast:
+                return torch.ops.sparsify_fx.actmem_act_linear(h, cast(weight), cast(bias), self.kind,
+                                                               self.approximate)
+        return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
+
+
+class ActMemLnLinear(nn.Module):
+    """Parameter-free ``linear(layer_norm(x), weight, bias)`` whose backward keeps ``x`` and the
+    row statistics only: the normalised tensor the Linear would keep is recomputed."""
+
+    #: keeps ``x`` itself, dense (read by sfx memory_plan)
+    keeps_dense_inputs = True
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float):
+        super().__init__()
+        self.normalized_shape, self.eps = [int(n) for n in normalized_shape], eps
+
+    def extra_repr(self) -> str:
+        return f"layer_norm{tuple(self.normalized_shape)} -> linear, normalised input recomputed in backward"
+
+    def forward(self, x, ln_weight, ln_bias, weight, bias=None):
+        if self.training and _recording(x, ln_weight, ln_bias, weight, bias):
+            with sfx.autocast_region(x.device.type) as cast:
+                if ln_weight is not None and ln_weight.dtype != x.dtype:
+                    # under autocast x arrives in bf16/fp16 beside fp32 LayerNorm parameters,
+                    # and CUDA's layer-norm kernel takes no mixed dtypes: the parameters follow x
+                    ln_weight, ln_bias = ln_weight.to(x.dtype), None if ln_bias is None else ln_bias.to(x.dtype)
+                return torch.ops.sparsify_fx.actmem_ln_linear(
+                    x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias))[0]
+        return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
+
+
+class ActMemScale(nn.Module):
+    """Parameter-free ``x * scale`` (``scale`` a learned parameter) saving a compressed ``x``
+    for the parameter's gradient; eval, ``no_grad`` and a frozen scale run the plain product."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, storage: str, block: int):
+        super().__init__()
+        self.storage, self.block = storage, block
+
+    def extra_repr(self) -> str:
+        return f"storage={self.storage}"
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if (self.training and torch.is_grad_enabled() and scale.requires_grad
+                and _compressible(x, self.storage)
+                and torch.broadcast_shapes(x.shape, scale.shape) == x.shape):
+            return torch.ops.sparsify_fx.actmem_scale(x, scale, self.storage, self.block)[0]
+        return x * scale
+
+
+class ActMemAttention(nn.Module):
+    """Parameter-free ``scaled_dot_product_attention(q, k, v)`` (no mask, no dropout) keeping
+    bf16/int8 q, k, v for backward; eval and no-grad run the original op."""
+
+    #: the backward keeps only compressed copies (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, is_causal: bool, scale: float | None, storage: str, block: int):
+        super().__init__()
+        self.is_causal, self.scale, self.storage, self.block = is_causal, scale, storage, block
+
+    def extra_repr(self) -> str:
+        return f"is_causal={self.is_causal}, scale={self.scale}, storage={self.storage}"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.training and _recording(q, k, v) and q.dim() >= 2 \
+                and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+            with autocast_region(q.device.type) as cast:
+                q, k, v = cast(q), cast(k), cast(v)
+                if _compressible(q, self.storage) and q.dtype == k.dtype == v.dtype:
+                    return torch.ops.sparsify_fx.actmem_sdpa(
+                        q, k, v, self.is_causal, self.scale, self.storage, self.block)[0]
+        # (operands already in the autocast dtype run the same kernel autocast would pick)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
+
+
+class ActMemBatchNorm(nn.Module):
+    """Parameter-free BatchNorm: ``forward(x, weight, bias, running_mean, running_var,
+    num_batches_tracked)`` with the original module's tensors, updating its running stats
+    exactly as ``nn.BatchNorm`` does."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, momentum: float | None, eps: float, storage: str, block: int):
+        super().__init__()
+        self.momentum, self.eps, self.storage, self.block = momentum, eps, storage, block
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, eps={self.eps}, storage={self.storage}"
+
+    def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked):
+        if not self.training:
+            factor = 0.0 if self.momentum is None else self.momentum
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, factor, self.eps)
+        factor = self.momentum
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        factor = 0.0 if factor is None else factor
+        if _recording(x, weight, bias) and _compressible(x, self.storage):
+            if x.numel() // x.shape[1] == 1:
+                # F.batch_norm's own check; the raw aten kernel would return NaNs instead
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+                )
+            out, *_, new_mean, new_var = torch.ops.sparsify_fx.actmem_batch_norm(
+                x, weight, bias, running_mean, running_var, factor, self.eps, self.storage, self.block
+            )
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+            return out
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
+
+
+class ActMemLayerNorm(nn.Module):
+    """Parameter-free LayerNorm: ``forward(x, weight, bias)`` with the original's tensors."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, storage: str, block: int):
+        super().__init__()
+        self.normalized_shape = [int(n) for n in normalized_shape]
+        self.eps, self.storage, self.block = eps, storage, block
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}, storage={self.storage}"
+
+    def forward(self, x, weight=None, bias=None):
+        if self.training and _recording(x, weight, bias) and _compressible(x, self.storage):
+            return torch.ops.sparsify_fx.actmem_layer_norm(
+                x, self.normalized_shape, weight, bias, self.eps, self.storage, self.block
+            )[0]
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
