@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import PassResult, Rewrite
 
+from .dropit import saved_input_reason
 from .op_autograd import register_autograd
 
 __all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
@@ -200,13 +201,9 @@ def rewrite_dense_inputs(gm: fx.GraphModule, config, ctx, result: PassResult) ->
         reason = ctx.selection_reason(config, op, op.module_name, gm)
         if reason is None and isinstance(x, fx.Node) and x.op == "placeholder":
             reason = "its input is a graph input (held by the caller): a bf16 copy would add memory"
-        if reason is None and not weight.requires_grad:
-            reason = "weight does not require grad: no input is saved for it"
         padding = None
-        if reason is None and op.kind == "conv":
-            padding = op.conv_padding_ints(weight.shape)
-            if padding is None:
-                reason = "padding='same' with an even kernel needs asymmetric padding (not supported)"
+        if reason is None:
+            reason, padding = saved_input_reason(op, weight)
         if reason is not None:
             result.skips.append(ctx.skip(op, reason))
             continue

@@ -43,7 +43,7 @@ from .op_autograd import register_autograd
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
-    "decompress_threshold", "compressed_bytes", "DropITLinear", "DropITConv",
+    "decompress_threshold", "compressed_bytes", "DropITLinear", "DropITConv", "saved_input_reason",
 ]
 
 _MAX_CHUNK = 32768  # in-chunk indices 0..32767 fit in int16
@@ -483,6 +483,19 @@ class DropITConv(nn.Module):
 # ---------------------------------------------------------------- the pass
 
 
+def saved_input_reason(op: sfx.DenseOp, weight: torch.Tensor) -> tuple[str | None, list[int] | None]:
+    """``(why op's saved input cannot be replaced, None)`` or ``(None, its integer padding)``:
+    shared by every pass that swaps what a dense op saves (DropIT, bf16 inputs)."""
+    if not weight.requires_grad:
+        return "weight does not require grad: no input is saved for it", None
+    if op.kind != "conv":
+        return None, None
+    padding = op.conv_padding_ints(weight.shape)
+    if padding is None:
+        return "padding='same' with an even kernel needs asymmetric padding (not supported)", None
+    return None, padding
+
+
 @sfx.register_pass(DropIT, name="dropit")
 def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
     ops, unmatched = sfx.find_dense_ops(gm)
@@ -495,13 +508,9 @@ def _dropit_pass(gm, config: DropIT, ctx) -> PassResult:
         reason = ctx.selection_reason(config, op, op.module_name, gm)
         if reason is None and config.skip_first_last and qualified in ctx.first_last:
             reason = "first/last dense layer kept dense (skip_first_last=True)"
-        if reason is None and not weight.requires_grad:
-            reason = "weight does not require grad: no input is saved for it"
         padding = None
-        if reason is None and op.kind == "conv":
-            padding = op.conv_padding_ints(weight.shape)
-            if padding is None:
-                reason = "padding='same' with an even kernel needs asymmetric padding (not supported)"
+        if reason is None:
+            reason, padding = saved_input_reason(op, weight)
         if reason is not None:
             result.skips.append(ctx.skip(op, reason))
             continue

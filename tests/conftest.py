@@ -42,6 +42,17 @@ def _return_freed_memory():
         _MALLOC_TRIM(0)
 
 
+def grads_of(fn, *tensors, seed: int = 1):
+    """``(output, [t.grad for t in tensors], upstream gradient)`` of ``fn()`` backpropagated
+    with a seeded random upstream gradient (grads reset first)."""
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(g)
+    return out.detach(), [t.grad.clone() if t.grad is not None else None for t in tensors], g
+
+
 def mlp(width: int = 16, depth: int = 4, out: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(8, width), nn.ReLU()]
     for _ in range(depth - 2):

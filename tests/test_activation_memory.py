@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from conftest import grads_of as _grads
 
 import sparsify_fx as sfx
 from benchmarks.memory import saved_tensor_bytes
@@ -27,15 +28,6 @@ from passes.activation_memory import (
 )
 
 BF16_UNIT = 2.0**-9  # bf16 round-to-nearest relative error
-
-
-def _grads(fn, *tensors, seed: int = 1):
-    for t in tensors:
-        t.grad = None
-    out = fn()
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    out.backward(g)
-    return out.detach(), [t.grad.clone() if t.grad is not None else None for t in tensors], g
 
 
 # ---------------------------------------------------------------- bit masks and ReLU

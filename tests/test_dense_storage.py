@@ -12,21 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from conftest import grads_of as _grads
 
 import sparsify_fx as sfx
 from benchmarks.memory import saved_tensor_bytes
 from passes.dense_storage import Bf16InputConv, Bf16InputLinear
 
 BF16_UNIT = 2.0**-8  # bf16 relative rounding error bound (round to nearest: half of it)
-
-
-def _grads(fn, *tensors, seed: int = 1):
-    for t in tensors:
-        t.grad = None
-    out = fn()
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    out.backward(g)
-    return out.detach(), [t.grad.clone() if t.grad is not None else None for t in tensors], g
 
 
 LINEAR_CASES = {
