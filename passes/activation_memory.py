@@ -75,8 +75,8 @@ import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
 
 # the ops and op modules live in actmem_ops.py; the names tests and users import from here stay
-from . import actmem_ops
 from .actmem_ops import (
+    NONFINITE_CODE,
     ActMemActivation,
     ActMemActLinear,
     ActMemAttention,
@@ -85,10 +85,17 @@ from .actmem_ops import (
     ActMemLnLinear,
     ActMemReLU,
     ActMemScale,
+    compress,
+    decompress,
 )
 from .bitpack import pack_bits, unpack_bits
 
-__all__ = ["ActivationMemory", "GRAD_ERROR_BOUNDS", "pack_bits", "unpack_bits", *actmem_ops.__all__]
+# listed, not built from actmem_ops.__all__: tools (ruff's unused-import fix) only see a literal
+__all__ = [
+    "ActivationMemory", "GRAD_ERROR_BOUNDS", "pack_bits", "unpack_bits", "NONFINITE_CODE", "compress",
+    "decompress", "ActMemReLU", "ActMemActivation", "ActMemBatchNorm", "ActMemLayerNorm", "ActMemActLinear",
+    "ActMemLnLinear", "ActMemScale", "ActMemAttention",
+]
 
 _STORAGE = ("bf16", "int8", "off")
 
