@@ -15,6 +15,7 @@ from typing import Any
 from .amp import autocast_region
 from .analysis import ShapeRecorder, conv_output_spatial, dense_op_flops, tensor_bytes, tensor_meta
 from .backend import backend
+from .canonical import canonicalize
 from .capture import CAPTURE_METHODS, Capture, capture, structural_copy
 from .config import PassConfig, check_range
 from .errors import (
@@ -27,7 +28,6 @@ from .errors import (
 )
 from .graph import (
     DenseOp,
-    canonicalize,
     find_dense_ops,
     install_module,
     module_name_of,

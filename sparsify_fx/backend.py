@@ -34,8 +34,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .canonical import canonicalize
 from .errors import ConfigError
-from .graph import OPS_CONTAINER, canonicalize
+from .graph import OPS_CONTAINER
 from .pass_base import dense_layer_order, run_passes
 from .recipes import Recipe, resolve_recipe
 

@@ -27,13 +27,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .canonical import canonicalize
 from .captured_module import (
     SharedStateGraphModule,
     convert_buffers_in_place,
     make_graph_module,
 )
 from .errors import CaptureError, SparsifyError
-from .graph import DENSE_LAYER_TYPES, _has_hooks, canonicalize
+from .graph import DENSE_LAYER_TYPES, _has_hooks
 
 __all__ = ["Capture", "capture", "structural_copy", "CAPTURE_METHODS"]
 
