@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import PassResult, Rewrite
 
-from .dropit import saved_input_reason
+from .dropit import dense_call, saved_input_reason
 from .op_autograd import register_autograd
 
 __all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
@@ -152,14 +152,7 @@ class Bf16InputLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and _saves_bf16(x, weight):
             return torch.ops.sparsify_fx.bf16in_linear(x, weight, bias, self.kind != "linear")[0]
-        return self._dense(x, weight, bias)
-
-    def _dense(self, x, weight, bias):
-        if self.kind == "linear":
-            return F.linear(x, weight, bias)
-        if self.kind == "addmm":
-            return torch.addmm(bias, x, weight)
-        return torch.matmul(x, weight)
+        return dense_call(self.kind, x, weight, bias)
 
 
 class Bf16InputConv(nn.Module):

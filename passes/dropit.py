@@ -44,6 +44,7 @@ from .op_autograd import register_autograd
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
     "decompress_threshold", "compressed_bytes", "DropITLinear", "DropITConv", "saved_input_reason",
+    "dense_call",
 ]
 
 _MAX_CHUNK = 32768  # in-chunk indices 0..32767 fit in int16
@@ -444,11 +445,7 @@ class DropITLinear(nn.Module):
                     cast(x), cast(weight), cast(bias), self.keep, self.chunk, self.selection,
                     self.kind != "linear",
                 )[0]
-        if self.kind == "linear":
-            return F.linear(x, weight, bias)
-        if self.kind == "addmm":
-            return torch.addmm(bias, x, weight)
-        return torch.matmul(x, weight)
+        return dense_call(self.kind, x, weight, bias)
 
 
 class DropITConv(nn.Module):
@@ -481,6 +478,16 @@ class DropITConv(nn.Module):
 
 
 # ---------------------------------------------------------------- the pass
+
+
+def dense_call(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The dense op a Linear-like op module replaced, in its original spelling (``kind``:
+    "linear", "addmm" or "matmul"), so that eval outputs are bit-identical."""
+    if kind == "linear":
+        return F.linear(x, weight, bias)
+    if kind == "addmm":
+        return torch.addmm(bias, x, weight)
+    return torch.matmul(x, weight)
 
 
 def saved_input_reason(op: sfx.DenseOp, weight: torch.Tensor) -> tuple[str | None, list[int] | None]:
