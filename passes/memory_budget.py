@@ -325,9 +325,8 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
         weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
         bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
         bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
-        # a Linear keeping a bf16 input: the casts, and a weight-gradient matmul that reads a
-        # freshly upcast copy (3-5 % of the layer's step in isolation, several times the
-        # casts' own time); a narrow output keeps the matmul from drowning the difference
+        # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
+        # gradient; a narrow output keeps the matmuls from drowning that difference
         proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
         flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
         dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
@@ -364,27 +363,37 @@ def _example(node: fx.Node, device: torch.device) -> Any:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _with_own_buffers(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy sharing ``gm``'s parameters but not its buffers: a training forward updates
+    BatchNorm's running statistics, which ``gm`` shares with the user's model."""
+    return copy.deepcopy(gm, {id(p): p for p in gm.parameters()})
+
+
+def _rng_kept(device: torch.device):
+    """Restore the RNG state afterwards: random inputs, dropout and DropIT's draws must not
+    shift the user's random stream."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def _node_seconds(gm: fx.GraphModule) -> dict[str, float]:
     """Forward time of each node on random inputs of the recorded shapes, as the re-run in
     backward runs it: training mode, grad enabled (BatchNorm's batch statistics, the
     autograd graph and its saved tensors), on a copy with its own buffers."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    rng = torch.get_rng_state()
-    args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
-    copy_ = copy.deepcopy(gm, {id(p): p for p in gm.parameters()}).train()
-    timer = _NodeTimer(copy_)
-    try:
-        with torch.enable_grad():
-            for _ in range(2):
-                timer.run(*args)
-    except Exception:  # noqa: BLE001  e.g. BatchNorm1d on a batch of one in training mode
-        copy_.eval()
-        timer.seconds.clear()
-        with torch.no_grad():
-            for _ in range(2):
-                timer.run(*args)
-    finally:
-        torch.set_rng_state(rng)
+    with _rng_kept(device):
+        args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+        copy_ = _with_own_buffers(gm).train()
+        timer = _NodeTimer(copy_)
+        try:
+            with torch.enable_grad():
+                for _ in range(2):
+                    timer.run(*args)
+        except Exception:  # noqa: BLE001  e.g. BatchNorm1d on a batch of one in training mode
+            copy_.eval()
+            timer.seconds.clear()
+            with torch.no_grad():
+                for _ in range(2):
+                    timer.run(*args)
     return timer.seconds
 
 
@@ -493,9 +502,10 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
                 else "recompute" if r.details.get("storage") == "recompute"
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
         unit = _unit_of(r.module, units, ctx)
-        # plus a fixed cost per rewritten op: a custom op's forward + backward dispatch costs
-        # 100-200 us over a built-in op's on a tiny tensor; it also makes every compressed
-        # form strictly dearer than keeping, so a budget that fits dense keeps everything
+        # plus a fixed cost per rewritten op: a custom op's forward + backward on a tiny tensor
+        # took 75 us against a built-in op's 21 us (session 8; the net-cost rates already hold
+        # part of it, so 20 us is a floor); it also makes every compressed form strictly
+        # dearer than keeping, so a budget that fits dense keeps everything
         seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind] + _OP_SECONDS
         if r.op == "attention":  # its backward re-runs the attention forward on the stored q, k, v
             seconds[unit] += node_seconds.get(r.node, 0.0)
@@ -521,22 +531,15 @@ def _measure_added_seconds(
     gm: fx.GraphModule, variants: dict[str, fx.GraphModule], rounds: int,
 ) -> tuple[dict[str, float], float]:
     """Seconds each variant's training step adds over ``gm``'s (best of ``rounds`` each,
-    interleaved after a warm-up round), and the gap between ``gm``'s two best steps (the noise). Runs on copies that share the parameters but not the
-    buffers (a training step updates BatchNorm's running statistics, which the model shares
-    with the user's); restores the gradients and the RNG state."""
+    interleaved after a warm-up round), and the gap between ``gm``'s two best steps (the
+    noise). Runs on copies with their own buffers; restores the gradients and the RNG state."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
-
-    def own_buffers(m: fx.GraphModule) -> fx.GraphModule:
-        return copy.deepcopy(m, {id(p): p for p in m.parameters()})
-
-    models = {key: own_buffers(m) for key, m in {"": gm, **variants}.items()}
+    models = {key: _with_own_buffers(m) for key, m in {"": gm, **variants}.items()}
     grads = {name: p.grad for name, p in gm.named_parameters()}
     times: dict[str, list[float]] = {key: [] for key in models}
     try:
-        with torch.enable_grad():
+        with _rng_kept(device), torch.enable_grad():
+            args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
             for m in models.values():
                 m.train()
             for round_ in range(rounds + 1):
@@ -547,9 +550,6 @@ def _measure_added_seconds(
     finally:
         for name, p in gm.named_parameters():
             p.grad = grads[name]
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     # the noise of a best-of-n: how far the second-best dense step is from the best
     dense = sorted(times[""])
     noise = dense[1] - dense[0] if len(dense) > 1 else dense[0]
@@ -559,9 +559,9 @@ def _measure_added_seconds(
 def _check_prices(gm, units: dict[str, _Unit], trials: dict[str, fx.GraphModule], rounds: int) -> dict[str, Any]:
     """Scale each choice's per-unit seconds up to what applying it to every unit measures.
 
-    The calibration times each compressed form alone, on one tensor in a warm cache; in a
-    model, every custom op's dispatch, the casts' cache misses and the allocator add to that
-    (on ResNet-50 DropIT measured twice its calibrated price). Prices only go up, and only
+    The calibration times each compressed form alone, on one tensor; in a model, every custom
+    op's dispatch, cache misses and the allocator add to that (with a 1 MB calibration tensor,
+    ResNet-50's compress plan measured 3-5x its estimate). Prices only go up, and only
     when the measured excess over the estimate is larger than the gap between the dense
     model's two best steps: on a noisy host a few steps measure noise (negative added times are
     common), and a price lowered by noise would let a budget above dense compress.
