@@ -27,7 +27,14 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import PassResult, Rewrite
 
-from .dropit import dense_call, saved_input_reason
+from .dropit import (
+    ConvOpModule,
+    conv_forward,
+    conv_grads,
+    dense_call,
+    linear_grads,
+    saved_input_reason,
+)
 from .op_autograd import register_autograd
 
 __all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
@@ -64,17 +71,7 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad_out, _grad_stored):
     stored, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    w = weight.t() if ctx.transposed else weight  # [out, in]
-    grad_x = grad_out @ w if need_x else None
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_w = grad_b = None
-    if need_w:
-        x2 = stored.reshape(-1, stored.shape[-1]).to(ctx.x_dtype)
-        grad_w = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
-    if need_b and ctx.has_bias:
-        grad_b = g2.sum(0)
-    return grad_x, grad_w, grad_b, None
+    return (*linear_grads(ctx, grad_out, weight, lambda: stored.to(ctx.x_dtype)), None)
 
 
 register_autograd(_bf16in_linear, _linear_backward, _linear_setup)
@@ -85,11 +82,7 @@ def _bf16in_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    zeros = [0] * len(stride)
-    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    if out._is_view():  # a conv1d is a squeezed conv2d below autograd (see DropIT's conv)
-        out = out.clone()
-    return out, _to_bf16(x)
+    return conv_forward(x, weight, bias, stride, padding, dilation, groups), _to_bf16(x)
 
 
 @_bf16in_conv.register_fake
@@ -108,16 +101,9 @@ def _conv_setup(ctx, inputs, output) -> None:
 
 def _conv_backward(ctx, grad_out, _grad_stored):
     stored, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    stride, padding, dilation, groups = ctx.conv
     # convolution_backward reads the input only for grad_weight; its shape is all grad_x needs
-    x = stored.to(ctx.x_dtype) if need_w else stored.new_zeros(stored.shape, dtype=ctx.x_dtype)
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out.contiguous(), x, weight, ctx.bias_sizes, stride, padding, dilation, False,
-        [0] * len(stride), groups,
-        [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
-    )
-    return grad_x, grad_w, grad_b, None, None, None, None
+    x = stored.to(ctx.x_dtype) if ctx.needs_input_grad[1] else stored.new_zeros(stored.shape, dtype=ctx.x_dtype)
+    return (*conv_grads(ctx, grad_out, weight, x), None, None, None, None)
 
 
 register_autograd(_bf16in_conv, _conv_backward, _conv_setup)
@@ -155,17 +141,10 @@ class Bf16InputLinear(nn.Module):
         return dense_call(self.kind, x, weight, bias)
 
 
-class Bf16InputConv(nn.Module):
+class Bf16InputConv(ConvOpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
 
-    keeps_dense_inputs = False
     storage = "bf16"
-
-    def __init__(self, stride, padding, dilation, groups: int):
-        super().__init__()
-        self.stride, self.padding = list(stride), list(padding)
-        self.dilation, self.groups = list(dilation), int(groups)
-        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
 
     def extra_repr(self) -> str:
         return f"storage=bf16, stride={self.stride}, padding={self.padding}, groups={self.groups}"
@@ -174,7 +153,7 @@ class Bf16InputConv(nn.Module):
         if self.training and _saves_bf16(x, weight):
             return torch.ops.sparsify_fx.bf16in_conv(
                 x, weight, bias, self.stride, self.padding, self.dilation, self.groups)[0]
-        return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.dense(x, weight, bias)
 
 
 # ---------------------------------------------------------------- the rewrite

@@ -27,6 +27,7 @@ saved shape is static), so they work in eager, FX, ``torch.export`` and ``torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from .op_autograd import register_autograd
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
     "decompress_threshold", "compressed_bytes", "DropITLinear", "DropITConv", "saved_input_reason",
-    "dense_call",
+    "dense_call", "linear_grads", "conv_forward", "conv_grads", "ConvOpModule",
 ]
 
 _MAX_CHUNK = 32768  # in-chunk indices 0..32767 fit in int16
@@ -334,19 +335,52 @@ def _restore_input(ctx, values: torch.Tensor, indices: torch.Tensor) -> torch.Te
     return decompress(values, indices, ctx.x_shape, ctx.chunk, ctx.selection)
 
 
-def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
-    values, indices, weight = ctx.saved_tensors
+def linear_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, restore_x: Callable[[], torch.Tensor]):
+    """``(grad_x, grad_weight, grad_bias)`` of a Linear (``ctx.transposed``: ``x @ W[in, out]``)
+    whose saved input ``restore_x()`` rebuilds, called only when the weight needs a gradient:
+    shared by every op that keeps a Linear's input in another form (DropIT, bf16)."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     w = weight.t() if ctx.transposed else weight  # [out, in]
     grad_x = grad_out @ w if need_x else None
     grad_w = grad_b = None
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     if need_w:
-        x2 = _restore_input(ctx, values, indices).reshape(-1, ctx.x_shape[-1])
+        x = restore_x()
+        x2 = x.reshape(-1, x.shape[-1])
         grad_w = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
     if need_b and ctx.has_bias:
         grad_b = g2.sum(0)
-    return grad_x, grad_w, grad_b, None, None, None, None
+    return grad_x, grad_w, grad_b
+
+
+def conv_forward(x, weight, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The convolution a Conv op keeps its input for, as a custom op may return it."""
+    zeros = [0] * len(stride)
+    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+    if out._is_view():
+        # below autograd a conv1d is a squeezed conv2d: a view output of a multi-output op
+        # cannot be modified in place afterwards (an inplace ReLU would raise)
+        out = out.clone()
+    return out
+
+
+def conv_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor):
+    """``(grad_x, grad_weight, grad_bias)`` of a Conv whose input is ``x`` (read only for the
+    weight gradient; without it a tensor of its shape does); ``ctx.conv`` holds
+    ``(stride, padding, dilation, groups)`` and ``ctx.bias_sizes`` the bias shape or None."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    stride, padding, dilation, groups = ctx.conv
+    return torch.ops.aten.convolution_backward(
+        grad_out.contiguous(), x, weight, ctx.bias_sizes, stride, padding, dilation, False,
+        [0] * len(stride), groups,
+        [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
+    )
+
+
+def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
+    values, indices, weight = ctx.saved_tensors
+    grads = linear_grads(ctx, grad_out, weight, lambda: _restore_input(ctx, values, indices))
+    return (*grads, None, None, None, None)
 
 
 register_autograd(_dropit_linear, _linear_backward, _linear_setup)
@@ -365,12 +399,7 @@ def _dropit_conv(
     chunk: int,
     selection: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    zeros = [0] * len(stride)
-    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    if out._is_view():
-        # below autograd a conv1d is a squeezed conv2d: a view output of a multi-output op
-        # cannot be modified in place afterwards (an inplace ReLU would raise)
-        out = out.clone()
+    out = conv_forward(x, weight, bias, stride, padding, dilation, groups)
     values, index = compress(x, keep, chunk, selection)
     return out, values, index
 
@@ -395,24 +424,8 @@ def _conv_setup(ctx, inputs, output) -> None:
 
 def _conv_backward(ctx, grad_out, _grad_values, _grad_indices):
     values, indices, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    stride, padding, dilation, groups = ctx.conv
-    x = _restore_input(ctx, values, indices) if need_w else values.new_zeros(ctx.x_shape)
-    zeros = [0] * len(stride)
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out.contiguous(),
-        x,
-        weight,
-        ctx.bias_sizes,
-        stride,
-        padding,
-        dilation,
-        False,
-        zeros,
-        groups,
-        [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
-    )
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+    x = _restore_input(ctx, values, indices) if ctx.needs_input_grad[1] else values.new_zeros(ctx.x_shape)
+    return (*conv_grads(ctx, grad_out, weight, x), None, None, None, None, None, None, None)
 
 
 register_autograd(_dropit_conv, _conv_backward, _conv_setup)
@@ -448,21 +461,32 @@ class DropITLinear(nn.Module):
         return dense_call(self.kind, x, weight, bias)
 
 
-class DropITConv(nn.Module):
-    """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
+class ConvOpModule(nn.Module):
+    """Base of the parameter-free Conv1d/2d/3d op modules: the convolution's arguments, and
+    the dense convolution eval mode runs (``dense``)."""
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
     keeps_dense_inputs = False
+
+    def __init__(self, stride, padding, dilation, groups: int):
+        super().__init__()
+        self.stride, self.padding = list(stride), list(padding)
+        self.dilation, self.groups = list(dilation), int(groups)
+        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
+
+    def dense(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DropITConv(ConvOpModule):
+    """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
 
     def __init__(
         self, keep: float, chunk: int, stride, padding, dilation, groups: int,
         selection: str = "threshold",
     ):
-        super().__init__()
+        super().__init__(stride, padding, dilation, groups)
         self.keep, self.chunk, self.selection = keep, chunk, selection
-        self.stride, self.padding = list(stride), list(padding)
-        self.dilation, self.groups = list(dilation), int(groups)
-        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, selection={self.selection}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
@@ -474,7 +498,7 @@ class DropITConv(nn.Module):
                     cast(x), cast(weight), cast(bias), self.stride, self.padding, self.dilation,
                     self.groups, self.keep, self.chunk, self.selection,
                 )[0]
-        return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.dense(x, weight, bias)
 
 
 # ---------------------------------------------------------------- the pass
