@@ -26,6 +26,7 @@ from passes.activation_memory import (
     pack_bits,
     unpack_bits,
 )
+from passes.bitpack import unpack_bits_as
 
 BF16_UNIT = 2.0**-9  # bf16 round-to-nearest relative error
 
@@ -42,6 +43,29 @@ def test_pack_bits_exhaustive_roundtrip():
     odd = torch.rand(3, 5, 7) > 0.5  # numel not a multiple of 8
     assert pack_bits(odd).numel() == 14
     assert torch.equal(unpack_bits(pack_bits(odd), odd.shape), odd)
+
+
+def test_elementwise_unpack_matches_table():
+    """The GPU's shift-and-mask unpacking (run here on the CPU) gives the table's bits."""
+    from passes.bitpack import _bits_elementwise
+
+    packed = torch.arange(256).to(torch.uint8)
+    table = unpack_bits(packed, [256, 8])
+    assert torch.equal(_bits_elementwise(packed), table)
+    assert torch.equal(_bits_elementwise(packed, invert=True), ~table)
+    odd = torch.rand(3, 5, 7) > 0.5
+    flat = _bits_elementwise(pack_bits(odd)).view(-1)[: odd.numel()]
+    assert torch.equal(flat.view(odd.shape), odd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("invert", [False, True])
+def test_unpack_on_cuda_matches_cpu(invert):
+    mask = torch.rand(3, 5, 7) > 0.5
+    packed = pack_bits(mask)
+    assert torch.equal(unpack_bits(packed.cuda(), mask.shape).cpu(), mask)
+    want = unpack_bits_as(packed, mask.shape, torch.bfloat16, invert)
+    assert torch.equal(unpack_bits_as(packed.cuda(), mask.shape, torch.bfloat16, invert).cpu(), want)
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1])
