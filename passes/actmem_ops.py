@@ -20,7 +20,7 @@ from sparsify_fx import autocast_region
 
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits_as
-from .op_autograd import register_autograd
+from .op_autograd import in_backward, register_autograd
 
 __all__ = [
     "NONFINITE_CODE",
@@ -143,7 +143,7 @@ def _relu_setup(ctx, inputs, output) -> None:
 
 
 def _relu_backward(ctx, grad_out, _grad_mask):
-    (packed,) = ctx.saved_tensors
+    (packed,) = in_backward(grad_out, *ctx.saved_tensors)
     kernels = cpu_kernels.for_tensors(grad_out, bits=packed) if grad_out.dtype == torch.float32 else None
     if kernels is not None:  # straight from the bits (set: blocked for ReLU, slope 1 for leaky)
         return kernels.masked_grad(grad_out, packed, ctx.negative_slope), None
@@ -194,13 +194,13 @@ def _pointwise_setup(ctx, inputs, output) -> None:
 
 
 def _gelu_backward(ctx, grad_out, _g1, _g2):
-    payload, scale = ctx.saved_tensors
+    payload, scale = in_backward(grad_out, *ctx.saved_tensors)
     x = decompress(payload, scale, ctx.shape, ctx.dtype)
     return torch.ops.aten.gelu_backward(grad_out, x, approximate=ctx.approximate), None, None, None
 
 
 def _silu_backward(ctx, grad_out, _g1, _g2):
-    payload, scale = ctx.saved_tensors
+    payload, scale = in_backward(grad_out, *ctx.saved_tensors)
     x = decompress(payload, scale, ctx.shape, ctx.dtype)
     return torch.ops.aten.silu_backward(grad_out, x), None, None
 
@@ -237,6 +237,7 @@ def _act_linear_setup(ctx, inputs, output) -> None:
 
 def _act_linear_backward(ctx, grad_y):
     h, weight = ctx.saved_tensors
+    (h,) = in_backward(grad_y, h)  # the activation is recomputed here, not in forward
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     g = _activation(h, ctx.kind, ctx.approximate).to(weight.dtype)  # the recomputed activation
     grad_h = grad_w = grad_b = None
@@ -311,6 +312,7 @@ def _bn_setup(ctx, inputs, output) -> None:
 
 def _bn_backward(ctx, grad_out, *_unused):
     payload, scale, invstd, weight = ctx.saved_tensors
+    payload, scale = in_backward(grad_out, payload, scale)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     eff_weight = invstd * weight if weight is not None else invstd
     kernels = None
@@ -376,6 +378,7 @@ def _ln_setup(ctx, inputs, output) -> None:
 
 def _ln_backward(ctx, grad_out, *_unused):
     payload, scale, rstd, weight, bias = ctx.saved_tensors
+    payload, scale = in_backward(grad_out, payload, scale)
     need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
     x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
     # with mean 0 and rstd 1 the kernel's x_hat is the stored one; grad_x then lacks only the
@@ -422,6 +425,7 @@ def _ln_linear_setup(ctx, inputs, output) -> None:
 
 def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
     x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
+    x, mean, rstd = in_backward(grad_y, x, mean, rstd)  # the LayerNorm is recomputed here
     need_x, _, need_lw, need_lb, _, need_w, need_b = ctx.needs_input_grad
     # the normalised input the Linear saw, recomputed from x and the saved row statistics
     y = (x - mean) * rstd
@@ -472,6 +476,7 @@ def _scale_setup(ctx, inputs, output) -> None:
 
 def _scale_backward(ctx, grad_out, _g1, _g2):
     payload, s, scale = ctx.saved_tensors
+    payload, s = in_backward(grad_out, payload, s)
     need_x, need_scale = ctx.needs_input_grad[:2]
     grad_x = grad_scale = None
     if need_x:  # what mul's backward computes: exact
@@ -513,7 +518,7 @@ def _sdpa_setup(ctx, inputs, output) -> None:
 
 
 def _sdpa_backward(ctx, grad_out, *_unused):
-    pq, sq, pk, sk, pv, sv = ctx.saved_tensors
+    pq, sq, pk, sk, pv, sv = in_backward(grad_out, *ctx.saved_tensors)
     q, k, v = (decompress(p, s, shape, ctx.dtype) for p, s, shape in zip((pq, pk, pv), (sq, sk, sv), ctx.shapes))
     grad_out = grad_out.to(ctx.dtype)
     if type(grad_out) is torch.Tensor and not torch.compiler.is_compiling():

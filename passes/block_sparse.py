@@ -46,7 +46,7 @@ import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
 from .bsr_triton import bsc_weight_grad_triton, kernel_for
-from .op_autograd import register_autograd
+from .op_autograd import in_backward, register_autograd
 
 __all__ = [
     "BlockSparseActivations",
@@ -447,6 +447,7 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, *_grad_blocks):
     *parts, weight = ctx.saved_tensors
+    parts = in_backward(grad_out, *parts)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     kind = ctx.kind
     grad_x = grad_w = grad_b = None

@@ -35,7 +35,7 @@ from .dropit import (
     linear_grads,
     saved_input_reason,
 )
-from .op_autograd import register_autograd
+from .op_autograd import in_backward, register_autograd
 
 __all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
 
@@ -71,6 +71,7 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad_out, _grad_stored):
     stored, weight = ctx.saved_tensors
+    (stored,) = in_backward(grad_out, stored)
     return (*linear_grads(ctx, grad_out, weight, lambda: stored.to(ctx.x_dtype)), None)
 
 
@@ -101,6 +102,7 @@ def _conv_setup(ctx, inputs, output) -> None:
 
 def _conv_backward(ctx, grad_out, _grad_stored):
     stored, weight = ctx.saved_tensors
+    (stored,) = in_backward(grad_out, stored)
     # convolution_backward reads the input only for grad_weight; its shape is all grad_x needs
     x = stored.to(ctx.x_dtype) if ctx.needs_input_grad[1] else stored.new_zeros(stored.shape, dtype=ctx.x_dtype)
     return (*conv_grads(ctx, grad_out, weight, x), None, None, None, None)

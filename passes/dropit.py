@@ -40,7 +40,7 @@ from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_r
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits
 from .cache import cached
-from .op_autograd import register_autograd
+from .op_autograd import in_backward, register_autograd
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
@@ -379,6 +379,7 @@ def conv_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
 
 def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
     values, indices, weight = ctx.saved_tensors
+    values, indices = in_backward(grad_out, values, indices)
     grads = linear_grads(ctx, grad_out, weight, lambda: _restore_input(ctx, values, indices))
     return (*grads, None, None, None, None)
 
@@ -424,6 +425,7 @@ def _conv_setup(ctx, inputs, output) -> None:
 
 def _conv_backward(ctx, grad_out, _grad_values, _grad_indices):
     values, indices, weight = ctx.saved_tensors
+    values, indices = in_backward(grad_out, values, indices)
     x = _restore_input(ctx, values, indices) if ctx.needs_input_grad[1] else values.new_zeros(ctx.x_shape)
     return (*conv_grads(ctx, grad_out, weight, x), None, None, None, None, None, None, None)
 

@@ -8,13 +8,43 @@ on ResNet-50 a bf16 zero tensor the size of each BatchNorm's input and the fp32 
 1.5 ms of a 6.5 ms BatchNorm step at 8x256x28x28. Here the side outputs are marked
 non-differentiable and gradients are not materialised, so backward receives ``None`` for them
 and no tensor is built.
+
+Under ``torch.compile``, AOT autograd traces forward and backward into one graph and splits
+it. Its default split (``aot_eager``, the ``cudagraphs`` backend) puts every backward node that
+does not read the incoming gradient into the forward graph, and saves its result. A
+decompression (the bf16 copy cast back to fp32, BatchNorm's ``x_hat`` and its channel mean)
+then ran in forward and its dense result was kept: on an H100, ResNet-50 with bf16 storage
+held 513 MiB compiled against 387 MiB eager. :func:`in_backward` ties the compressed tensors
+to the gradient while tracing, so their decompression stays in backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["register_autograd"]
+import torch
+
+from .cache import eager
+
+__all__ = ["register_autograd", "in_backward"]
+
+
+@torch.library.custom_op("sparsify_fx::in_backward", mutates_args=())
+def _in_backward(saved: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return saved.clone()  # a custom op may not return its input; the copy is of the compact form
+
+
+@_in_backward.register_fake
+def _(saved, grad):
+    return torch.empty_like(saved)
+
+
+def in_backward(grad: torch.Tensor, *saved: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``saved`` as they are, in eager; while tracing, each made to depend on ``grad`` (an
+    opaque copy), so that what backward computes from them cannot be hoisted into forward."""
+    if eager(grad):
+        return saved
+    return tuple(t if t is None else torch.ops.sparsify_fx.in_backward(t, grad) for t in saved)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
