@@ -260,19 +260,21 @@ _RATES: dict[tuple[str, torch.dtype], dict[str, float]] = {}
 
 
 def _time(fn, repeats: int = 5) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     best = math.inf
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Seconds added per input byte by each compressed form, cached per device and dtype.
+    """Seconds added by each compressed form, cached per device and dtype: per input byte
+    (``"dropit"``, ``"bf16"``, ...) and per op (``"op:dropit"``, ``"op:bf16"``, ...).
 
     DropIT and the generic bf16 storage cost their compress + decompress; a Linear / Conv
     input kept as bf16 costs its Linear's forward + backward less the dense one's. The 1-bit ReLU and
@@ -280,75 +282,96 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     fused kernels that read the compact form directly), so what they add is their op's
     forward + backward less the dense op's, measured the same way (at least 0): pricing them
     as a compress + decompress made compression look dearer than recomputing on ResNet-50.
-    """
-    from . import dense_storage  # noqa: F401  (its ops)
-    from .activation_memory import compress, decompress
-    from .dropit import compress_threshold, decompress_threshold
 
+    Each form is timed on a large tensor and a tiny one: the tiny one's time is the fixed cost
+    per op (dispatch, the small ops around the kernels, on a GPU their launches), the
+    difference over the bytes between them the cost per byte. On an H100 the fixed cost is
+    what dominates: the eager bf16-storage ResNet-50 step took 4x the dense one while its
+    per-byte work was a few percent of it, and a flat per-op guess priced the GPU plans 2x low.
+    """
     device = torch.device(device)
     key = (device.type, dtype)
     if key not in _RATES:
         # 8M elements (32 MB in fp32), NCHW: larger than a CPU's last-level cache, as a
         # training step's activations are by the time backward reads them
-        x = torch.randn(16, 128, 64, 64, device=device, dtype=dtype)
-        grad = torch.randn_like(x)
-        nbytes = x.numel() * x.element_size()
-        channels = x.shape[1]
-
-        def dropit():
-            v, b = compress_threshold(x, 0.1)
-            decompress_threshold(v, b, x.shape)
-
-        def bf16():
-            decompress(*compress(x, "bf16", 256), x.shape, dtype)
-
-        def recompute():  # the GELU an activation->Linear pair re-runs in backward
-            F.gelu(x)
-
-        def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
-            """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
-            def step(fn) -> float:
-                xr = x.detach().requires_grad_()
-                t0 = time.perf_counter()
-                fn(xr).backward(out_grad)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - t0
-
-            step(rewritten), step(dense)  # warm-up
-            # a difference of two small times: interleaved, best of 9 each
-            pairs = [(step(rewritten), step(dense)) for _ in range(9)]
-            return max(0.0, min(a for a, _ in pairs) - min(b for _, b in pairs))
-
-        stats = (torch.zeros(channels, device=device, dtype=torch.float32),
-                 torch.ones(channels, device=device, dtype=torch.float32))
-        weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
-        bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
-        bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
-        # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
-        # gradient; a narrow output keeps the matmuls from drowning that difference
-        proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
-        flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
-        dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
-                    lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
-        batchnorm = net(
-            lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
-            lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
-        _RATES[key] = {"dropit": _time(dropit) / nbytes, "bf16": _time(bf16) / nbytes,
-                       "recompute": _time(recompute) / nbytes, "bitmask": bitmask / nbytes,
-                       "dense": dense / nbytes,
-                       "batchnorm": batchnorm / nbytes}
+        big = _calibration_seconds(torch.randn(16, 128, 64, 64, device=device, dtype=dtype))
+        small_x = torch.randn(2, 8, 8, 8, device=device, dtype=dtype)
+        small = _calibration_seconds(small_x)
+        span = (16 * 128 * 64 * 64 - small_x.numel()) * small_x.element_size()
+        rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
+        rates |= {f"op:{kind}": max(_OP_SECONDS, small[kind]) for kind in small}
+        _RATES[key] = rates
     return _RATES[key]
 
 
+def _calibration_seconds(x: torch.Tensor) -> dict[str, float]:
+    """Seconds each compressed form adds on ``x`` (see :func:`calibrate`)."""
+    from . import dense_storage  # noqa: F401  (its ops)
+    from .activation_memory import compress, decompress
+    from .dropit import compress_threshold, decompress_threshold
+
+    device, dtype = x.device, x.dtype
+    grad = torch.randn_like(x)
+    channels = x.shape[1]
+
+    def dropit():
+        v, b = compress_threshold(x, 0.1)
+        decompress_threshold(v, b, x.shape)
+
+    def bf16():
+        decompress(*compress(x, "bf16", 256), x.shape, dtype)
+
+    def recompute():  # the GELU an activation->Linear pair re-runs in backward
+        F.gelu(x)
+
+    def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
+        """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
+        def step(fn) -> float:
+            xr = x.detach().requires_grad_()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(xr).backward(out_grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        step(rewritten), step(dense)  # warm-up
+        # a difference of two small times: interleaved, best of 9 each
+        pairs = [(step(rewritten), step(dense)) for _ in range(9)]
+        return max(0.0, min(a for a, _ in pairs) - min(b for _, b in pairs))
+
+    stats = (torch.zeros(channels, device=device, dtype=torch.float32),
+             torch.ones(channels, device=device, dtype=torch.float32))
+    weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
+    bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
+    # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
+    # gradient; a narrow output keeps the matmuls from drowning that difference
+    proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
+    flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
+    dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
+                lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
+    batchnorm = net(
+        lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
+        lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
+    return {"dropit": _time(dropit), "bf16": _time(bf16), "recompute": _time(recompute),
+            "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm}
+
+
 class _NodeTimer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, device: torch.device):
         super().__init__(gm)
         self.seconds: dict[str, float] = {}
+        # CUDA runs kernels asynchronously: without a synchronisation on both sides a node's
+        # time would be its launch, and recomputing a GPU block would look nearly free
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run_node(self, n: fx.Node) -> Any:
+        self.sync()
         t0 = time.perf_counter()
         out = super().run_node(n)
+        self.sync()
         self.seconds[n.name] = min(self.seconds.get(n.name, math.inf), time.perf_counter() - t0)
         return out
 
@@ -383,7 +406,7 @@ def _node_seconds(gm: fx.GraphModule) -> dict[str, float]:
     with _rng_kept(device):
         args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
         copy_ = _with_own_buffers(gm).train()
-        timer = _NodeTimer(copy_)
+        timer = _NodeTimer(copy_, device)
         try:
             with torch.enable_grad():
                 for _ in range(2):
@@ -502,11 +525,11 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
                 else "recompute" if r.details.get("storage") == "recompute"
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
         unit = _unit_of(r.module, units, ctx)
-        # plus a fixed cost per rewritten op: a custom op's forward + backward on a tiny tensor
-        # took 75 us against a built-in op's 21 us (session 8; the net-cost rates already hold
-        # part of it, so 20 us is a floor); it also makes every compressed form strictly
-        # dearer than keeping, so a budget that fits dense keeps everything
-        seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind] + _OP_SECONDS
+        # plus the op's fixed cost, calibrated on a tiny tensor (at least _OP_SECONDS, which
+        # also makes every compressed form strictly dearer than keeping, so a budget that
+        # fits dense keeps everything)
+        fixed = rates.get(f"op:{kind}", _OP_SECONDS)
+        seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind] + fixed
         if r.op == "attention":  # its backward re-runs the attention forward on the stored q, k, v
             seconds[unit] += node_seconds.get(r.node, 0.0)
     return seconds
@@ -518,6 +541,8 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
 def _train_step(gm: fx.GraphModule, args: list) -> float:
     for p in gm.parameters():
         p.grad = None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = gm(*args)
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]

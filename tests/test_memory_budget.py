@@ -343,28 +343,30 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     """Every rewrite maps to a calibrated rate; the 1-bit ReLU and BatchNorm are priced as what
     their op adds over the dense op (their kernels replace its backward), not as a compress +
     decompress, which cost more than recomputing on ResNet-50."""
-    from passes.memory_budget import _RATES, calibrate
+    from passes.memory_budget import _OP_SECONDS, _RATES, calibrate
 
     _RATES.clear()
     rates = calibrate("cpu")
-    assert set(rates) == {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense"}
-    assert all(0.0 <= r < 1e-6 for r in rates.values())  # seconds per byte: finite, not absurd
+    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense"}
+    assert set(rates) == kinds | {f"op:{k}" for k in kinds}
+    assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
+    # seconds per op: at least the floor, and below a millisecond on a CPU
+    assert all(_OP_SECONDS <= rates[f"op:{k}"] < 1e-3 for k in kinds)
     from passes.memory_budget import _compress_seconds
     rewrite = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
                           details={"storage": "bf16"})
     relu = sfx.Rewrite("actmem", "relu", "relu", "relu", "x", saved_bytes_before=1000)
     with pytest.MonkeyPatch.context() as m:
         m.setattr("passes.memory_budget._unit_of", lambda *a: "u")
-        fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0}
-        from passes.memory_budget import _OP_SECONDS
-        assert _compress_seconds([rewrite], None, None, fake, {}) == {"u": 1000.0 + _OP_SECONDS}
-        assert _compress_seconds([relu], None, None, fake, {}) == {"u": 10000.0 + _OP_SECONDS}
+        fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0, "op:bitmask": 0.5}
+        assert _compress_seconds([rewrite], None, None, fake, {}) == {"u": 1000.0}  # its op: 0 here
+        assert _compress_seconds([relu], None, None, fake, {}) == {"u": 10000.0 + 0.5}
         # bf16 attention re-runs its forward in backward: priced with the node's own time
         attention = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
                                 details={"storage": "bf16"})
         fake["bf16"] = 1.0
-        assert _compress_seconds([attention], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.5 + _OP_SECONDS}
+        assert _compress_seconds([attention], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.5}
 
 
 class _Block(nn.Module):
