@@ -38,7 +38,13 @@ import torchvision
 
 import sparsify_fx as sfx
 from benchmarks.bench_memory import interleaved_times
-from benchmarks.device import timed_step
+from benchmarks.device import (
+    add_device_args,
+    check_device,
+    cuda_step_memory,
+    device_meta,
+    timed_step,
+)
 from benchmarks.memory import saved_tensor_bytes
 
 __all__ = ["MODELS", "GPT", "checkpoint_blocks", "bench_model", "main"]
@@ -79,14 +85,15 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-#: name -> (factory, input factory, target factory, the model's repeated blocks)
-MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], Callable[[], torch.Tensor], str]] = {
-    "vit_b_16": (lambda: torchvision.models.vit_b_16(), lambda: torch.randn(4, 3, 224, 224),
-                 lambda: torch.randint(0, 1000, (4,)), "encoder.layers"),
-    "resnet50": (lambda: torchvision.models.resnet50(), lambda: torch.randn(8, 3, 112, 112),
-                 lambda: torch.randint(0, 1000, (8,)), "layer1,layer2,layer3,layer4"),
-    "gpt2": (lambda: GPT(), lambda: torch.randint(0, 2048, (4, 256)),
-             lambda: torch.randint(0, 2048, (4 * 256,)), "blocks"),
+#: name -> (factory, input factory, target factory (each given the batch size), the model's
+#: repeated blocks, the default batch size: the CPU's)
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], Callable[[int], torch.Tensor], str, int]] = {
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(), lambda b: torch.randn(b, 3, 224, 224),
+                 lambda b: torch.randint(0, 1000, (b,)), "encoder.layers", 4),
+    "resnet50": (lambda: torchvision.models.resnet50(), lambda b: torch.randn(b, 3, 112, 112),
+                 lambda b: torch.randint(0, 1000, (b,)), "layer1,layer2,layer3,layer4", 8),
+    "gpt2": (lambda: GPT(), lambda b: torch.randint(0, 2048, (b, 256)),
+             lambda b: torch.randint(0, 2048, (b * 256,)), "blocks", 4),
 }
 
 
@@ -111,12 +118,16 @@ def checkpoint_blocks(model: nn.Module, containers: str) -> nn.Module:
     return copy
 
 
-def bench_model(name: str, repeats: int, fractions: list[float], measure_steps: int = 0) -> dict:
+def bench_model(
+    name: str, repeats: int, fractions: list[float], measure_steps: int = 0, *,
+    device: str = "cpu", amp: str = "off", batch: int | None = None,
+) -> dict:
     """Measure dense, checkpointing and the budget plans on one model."""
     torch.manual_seed(0)
-    factory, make_x, make_target, containers = MODELS[name]
-    model = factory()
-    x, target = make_x(), make_target()
+    factory, make_x, make_target, containers, default_batch = MODELS[name]
+    batch = batch or default_batch
+    model = factory().to(device)
+    x, target = make_x(batch).to(device), make_target(batch).to(device)
     model.train()
     variants: dict[str, nn.Module] = {"dense": model, "checkpoint": checkpoint_blocks(model, containers)}
     saved = {k: saved_tensor_bytes(m, (x,), count_inputs=False) for k, m in variants.items()}
@@ -141,11 +152,15 @@ def bench_model(name: str, repeats: int, fractions: list[float], measure_steps: 
         saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
         print(f"  {label}: planned {plan['achieved_fraction']:.3f}, measured {saved[label] / saved['dense']:.3f}, "
               f"planning {plans[label]['planning_s']:.1f} s", flush=True)
-    times = interleaved_times(variants, lambda m: timed_step(m, x, target, "cpu", "off"), repeats)
+    times = interleaved_times(variants, lambda m: timed_step(m, x, target, device, amp), repeats)
     step = {k: statistics.median(ts) for k, ts in times.items()}
+    # on CUDA, the allocator's view too: the bytes really held between forward and backward
+    # (whatever the saved-tensor count says) and the step's peak
+    allocator = {k: cuda_step_memory(m, x, target, amp) for k, m in variants.items()} if device == "cuda" else {}
     return {
         "model": name,
         "input_shape": list(x.shape),
+        "allocator": allocator,
         "saved_bytes": saved,
         "saved_ratio": {k: saved[k] / saved["dense"] for k in saved},
         "step_s": step,
@@ -173,7 +188,11 @@ def _table(rows: list[dict]) -> str:
             if plan and "estimated_added_s" in plan:
                 measured = (r["step_s"][k] - r["step_s"]["dense"]) * 1e3
                 added = f"{plan['estimated_added_s'] * 1e3:.0f} / {measured:.0f}"
-            lines.append(f"| {r['model']} | {k} | {budget} | {planned} | {r['saved_ratio'][k]:.3f} | "
+            held = f"{r['saved_ratio'][k]:.3f}"
+            if r.get("allocator"):  # CUDA: the saved-tensor count / the allocator's held bytes
+                alloc = r["allocator"]
+                held += f" / {alloc[k]['held_bytes'] / alloc['dense']['held_bytes']:.3f}"
+            lines.append(f"| {r['model']} | {k} | {budget} | {planned} | {held} | "
                          f"{r['step_ratio'][k]:.2f} | {added} | {choices} |")
     return "\n".join(lines)
 
@@ -185,19 +204,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.25, 0.1])
     parser.add_argument("--measure-steps", type=int, default=0,
                         help="MemoryBudget.measure_steps: check the calibrated prices with whole-model steps")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: each model's CPU size)")
     parser.add_argument("--out", default="results/bench_budget.json")
+    add_device_args(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     if any(not 0 < f <= 1 or math.isnan(f) for f in args.fractions):
         parser.error("--fractions must be in (0, 1]")
     rows, start = [], time.perf_counter()
     for name in args.models:
         print(f"{name}:", flush=True)
-        rows.append(bench_model(name, args.repeats, args.fractions, args.measure_steps))
+        rows.append(bench_model(name, args.repeats, args.fractions, args.measure_steps,
+                                device=args.device, amp=args.amp, batch=args.batch))
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    meta = {"torch": torch.__version__, "machine": platform.machine(), **device_meta(args.device, args.amp),
             "repeats": args.repeats, "measure_steps": args.measure_steps, "wall_s": time.perf_counter() - start}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")

@@ -66,6 +66,9 @@ CONFIGS: dict[str, list | None] = {
     "dropit+actmem": [sfx.DropIT(keep=0.1), sfx.ActivationMemory()],
     # + attention q, k, v in bf16 (opt-in: approximate; only models with SDPA are affected)
     "dropit+actmem+attn": [sfx.DropIT(keep=0.1), sfx.ActivationMemory(attention="bf16")],
+    # every saved tensor in bf16, Linear / Conv inputs included, no DropIT (MemoryBudget's
+    # compress-bf16 choice on every block)
+    "actmem+bf16": [sfx.ActivationMemory(attention="bf16", dense="bf16")],
     # the planner: compress (DropIT keep=0.1 + ActivationMemory) or recompute per block, 0.4x
     "budget:0.4": [sfx.MemoryBudget(fraction=0.4, keep=0.1)],
 }
@@ -87,7 +90,7 @@ def interleaved_times(
 
 def bench_model(
     name: str, repeats: int = 3, shape: tuple[int, ...] | None = None, *,
-    device: str = "cpu", amp: str = "off",
+    device: str = "cpu", amp: str = "off", compile_: str = "off", configs: list[str] | None = None,
 ) -> dict:
     """Measure every configuration on one model; returns a JSON-ready dict."""
     torch.manual_seed(0)
@@ -99,13 +102,25 @@ def bench_model(
     small = torch.randn(1, *shape[1:], device=device)
     variants: dict[str, nn.Module] = {}
     for config, recipe in CONFIGS.items():
+        if configs and config not in configs and config != "dense":
+            continue
         variants[config] = model if recipe is None else sfx.sparsify(model, recipe, example_inputs=(small,))
         variants[config].train()
     with autocast(device, amp):
         saved = {
             config: saved_tensor_bytes(m, (x,), count_inputs=False) for config, m in variants.items()
         }
-    times = interleaved_times(variants, lambda m: timed_step(m, x, target, device, amp), repeats)
+    timed = variants
+    if compile_ != "off":
+        # the step time of each variant under torch.compile (the memory figures stay eager's):
+        # "cudagraphs" replays the step as CUDA graphs and takes the host out of the loop,
+        # "reduce-overhead" is inductor plus CUDA graphs
+        kwargs = {"backend": compile_} if compile_ in ("cudagraphs", "aot_eager") else {"mode": compile_}
+        timed = {k: torch.compile(m, **kwargs) for k, m in variants.items()}
+        for m in timed.values():  # compile, then the CUDA graph trees' warm-up and recording
+            for _ in range(3):
+                timed_step(m, x, target, device, amp)
+    times = interleaved_times(timed, lambda m: timed_step(m, x, target, device, amp), repeats)
     step = {config: statistics.median(ts) for config, ts in times.items()}
     row = {
         "model": name,
@@ -113,9 +128,16 @@ def bench_model(
         "saved_bytes": saved,
         "step_s": step,
         "step_s_all": times,
+        "compile": compile_,
         "saved_ratio": {c: saved[c] / saved["dense"] for c in saved},
         "step_ratio": {c: step[c] / step["dense"] for c in step},
     }
+    if device == "cuda" and compile_ in ("aot_eager", "default"):
+        # what the compiled step holds: AOT autograd's partitioner picks the saved tensors anew
+        # (a CUDA graph's private pool would hide them, so not under cudagraphs)
+        compiled = {config: cuda_step_memory(m, x, target, amp) for config, m in timed.items()}
+        row["compiled_held_ratio"] = {c: compiled[c]["held_bytes"] / compiled["dense"]["held_bytes"] for c in compiled}
+        row["compiled_cuda"] = compiled
     if device == "cuda":
         cuda = {config: cuda_step_memory(m, x, target, amp) for config, m in variants.items()}
         row["cuda"] = cuda
@@ -131,6 +153,10 @@ def _table(rows: list[dict]) -> str:
     if cuda:
         head += " held MiB (allocator) | held vs dense | peak vs dense |"
         rule += "---:|---:|---:|"
+    compiled = any("compiled_held_ratio" in r for r in rows)
+    if compiled:
+        head += " held vs dense, compiled |"
+        rule += "---:|"
     lines = [head + " step ms | step vs dense |", rule + "---:|---:|"]
     for r in rows:
         for c in r["saved_bytes"]:
@@ -139,6 +165,8 @@ def _table(rows: list[dict]) -> str:
             if cuda:
                 line += (f" {r['cuda'][c]['held_bytes'] / 2**20:.1f} | {r['held_ratio'][c]:.3f} |"
                          f" {r['peak_ratio'][c]:.3f} |")
+            if compiled:
+                line += f" {r.get('compiled_held_ratio', {}).get(c, float('nan')):.3f} |"
             lines.append(line + f" {1e3 * r['step_s'][c]:.1f} | {r['step_ratio'][c]:.2f} |")
     return "\n".join(lines)
 
@@ -149,6 +177,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the issue's)")
     parser.add_argument("--out", default="results/bench_memory.json")
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                        help="configurations to measure (default: all; dense always)")
+    parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "cudagraphs", "aot_eager"],
+                        help="time each variant under torch.compile (memory is measured eagerly)")
     add_device_args(parser)
     args = parser.parse_args(argv)
     check_device(args.device)
@@ -158,7 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shape = MODELS[name][1]
         if args.batch:
             shape = (args.batch, *shape[1:])
-        rows.append(bench_model(name, args.repeats, shape, device=args.device, amp=args.amp))
+        rows.append(bench_model(name, args.repeats, shape, device=args.device, amp=args.amp,
+                                compile_=args.compile, configs=args.configs))
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(rows))
     out = Path(args.out)
@@ -168,6 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         **device_meta(args.device, args.amp),
         "machine": platform.machine(),
         "repeats": args.repeats,
+        "compile": args.compile,
         "wall_s": time.perf_counter() - start,
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -68,7 +68,9 @@ def cuda_step_memory(model: nn.Module, x: torch.Tensor, target: torch.Tensor, am
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with autocast("cuda", amp):
-        loss = F.cross_entropy(model(x), target)
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target)
+    del logits
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - base
     forward_peak = torch.cuda.max_memory_allocated() - base

@@ -6,6 +6,7 @@
 #   benchmarks/run_gpu.sh memory     # bench_memory on CUDA, fp32 and bf16 autocast
 #   benchmarks/run_gpu.sh profile    # where ResNet-50's DropIT step spends its GPU time
 #   benchmarks/run_gpu.sh bsr        # bench_block_sparse (ResMLP-12) on CUDA
+#   benchmarks/run_gpu.sh budget     # bench_budget: MemoryBudget vs checkpointing on CUDA
 set -uo pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"
@@ -29,6 +30,9 @@ for stage in "$@"; do
               --recipe "dropit:keep=0.1" "dropit:keep=0.1+actmem" 2>&1 | tee "$out/profile_resnet50.log" | grep -v "^USDT" | tail -90 ;;
     bsr)    python3 -m benchmarks.bench_block_sparse --config resmlp12 --device cuda --batch 64 --reps 10 \
               --out "$out/bench_block_sparse_cuda.json" 2>&1 | tee "$out/bsr.log" | tail -20 ;;
+    budget) python3 -m benchmarks.bench_budget --device cuda --batch "${BUDGET_BATCH:-32}" --repeats 10 \
+              --fractions ${BUDGET_FRACTIONS:-0.5 0.25} --models ${BUDGET_MODELS:-vit_b_16 resnet50 gpt2} \
+              --out "$out/bench_budget_cuda.json" 2>&1 | tee "$out/budget.log" | tail -40 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

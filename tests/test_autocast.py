@@ -34,12 +34,13 @@ class ConvNet(nn.Module):
 RECIPES = {
     "dropit": "dropit:keep=0.25",
     "actmem": "actmem",
+    "actmem-bf16": "actmem:dense=bf16",  # Linear / Conv inputs kept as bf16 too
     "bsr": "bsr:block_size=8,density=0.5",
     "sliceout": "sliceout:p=0.5",
     "isoflop": sfx.IsoFLOP(kind="wide", sparsity=0.5),
     "all": "dropit:keep=0.25+actmem",
 }
-EXACT_TRAIN_FORWARD = {"dropit", "actmem", "bsr", "all"}  # only the backward is approximated
+EXACT_TRAIN_FORWARD = {"dropit", "actmem", "actmem-bf16", "bsr", "all"}  # only the backward is approximated
 
 
 def _pair(name: str, device: str = "cpu"):
