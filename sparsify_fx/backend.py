@@ -17,7 +17,7 @@ How a graph is made ready for the passes and handed back:
 * Op modules that must run in Python on every training call (``sfx_host_side = True``:
   SliceOut's window draw) would be traced once by AOTAutograd and their first result baked
   into the compiled code, so a training graph holding one is refused for ``aot_eager`` /
-  ``inductor`` (``inner="eager"`` runs it; so does compiling ``sfx.sparsify``'s result, where
+  ``inductor`` / ``cudagraphs`` (``inner="eager"`` runs it; so does compiling ``sfx.sparsify``'s result, where
   Dynamo itself sees the draw). Eval graphs are fine: there the module is a constant ``None``.
 * Passes that add parameters (IsoFLOP) are rejected: parameters created inside a compiler
   backend would be invisible to the optimizer and re-created on every recompilation; use
@@ -47,7 +47,7 @@ __all__ = ["backend", "default_backend", "DEFAULT_RECIPE", "INNER_BACKENDS", "re
 DEFAULT_RECIPE = "dropit:keep=0.1"
 
 #: backends a rewritten graph can be handed to.
-INNER_BACKENDS = ("eager", "aot_eager", "inductor")
+INNER_BACKENDS = ("eager", "aot_eager", "inductor", "cudagraphs")
 
 # L['self']._modules['layer1']._modules['0']._parameters['weight'] -> layer1.0.weight
 _SOURCE_STEP = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_0-9]+)|\[(\d+)\]|\['([^']+)'\]")
@@ -208,7 +208,10 @@ def backend(recipe: Recipe = DEFAULT_RECIPE, inner: str = "inductor") -> Callabl
     Args:
         recipe: as for :func:`sparsify_fx.sparsify` (passes that add parameters, like
             ``IsoFLOP``, are refused: sparsify first, then compile).
-        inner: ``"eager"`` (run the rewritten graph as is), ``"aot_eager"`` or ``"inductor"``.
+        inner: ``"eager"`` (run the rewritten graph as is), ``"aot_eager"``, ``"inductor"``
+            or ``"cudagraphs"`` (AOTAutograd, then each forward and backward replayed as a
+            CUDA graph: on a GPU that takes the host out of the step, where the passes' ops
+            otherwise leave it host-bound; elsewhere it runs like ``aot_eager``).
 
     Returns:
         A function ``(gm, example_inputs) -> callable`` to pass as ``torch.compile(backend=...)``.
@@ -222,7 +225,7 @@ def backend(recipe: Recipe = DEFAULT_RECIPE, inner: str = "inductor") -> Callabl
     """
     configs = resolve_recipe(recipe)
     if inner not in INNER_BACKENDS:
-        raise ValueError(f"inner must be 'eager', 'aot_eager' or 'inductor', got {inner!r}")
+        raise ValueError(f"inner must be one of {', '.join(map(repr, INNER_BACKENDS))}, got {inner!r}")
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
         lifted = _lift_parameters(gm, example_inputs, {})
