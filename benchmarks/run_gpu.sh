@@ -7,6 +7,8 @@
 #   benchmarks/run_gpu.sh profile    # where ResNet-50's DropIT step spends its GPU time
 #   benchmarks/run_gpu.sh bsr        # bench_block_sparse (ResMLP-12) on CUDA
 #   benchmarks/run_gpu.sh budget     # bench_budget: MemoryBudget vs checkpointing on CUDA
+#   benchmarks/run_gpu.sh graphs     # bench_memory with every variant's step under CUDA graphs,
+#                                    # and the compiled step's own memory (aot_eager)
 set -uo pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"
@@ -33,6 +35,12 @@ for stage in "$@"; do
     budget) python3 -m benchmarks.bench_budget --device cuda --batch "${BUDGET_BATCH:-32}" --repeats 10 \
               --fractions ${BUDGET_FRACTIONS:-0.5 0.25} --models ${BUDGET_MODELS:-vit_b_16 resnet50 gpt2} \
               --out "$out/bench_budget_cuda.json" 2>&1 | tee "$out/budget.log" | tail -40 ;;
+    graphs) for mode in aot_eager cudagraphs; do
+              python3 -m benchmarks.bench_memory --device cuda --batch "${MEM_BATCH:-32}" --repeats 10 \
+                --models ${MEM_MODELS:-resnet50 vit_b_16 convnext_tiny} --compile $mode \
+                --configs actmem+bf16 dropit+actmem dropit+actmem+attn budget:0.4 \
+                --out "$out/bench_memory_cuda_$mode.json" 2>&1 | tee "$out/graphs_$mode.log" | grep "^|"
+            done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
