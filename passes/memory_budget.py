@@ -26,8 +26,10 @@ recompute        the block re-runs in backward (``sfx.recompute_segment``)     e
 Cost model. Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
 with one choice applied to every unit, each held tensor charged to the unit of its first
 holder. Time: a recompute costs the block's forward, timed node by node on the example
-shapes; a compression costs its compress + decompress work, ``bytes x seconds-per-byte`` from
-a calibration of each compressed form on this device (run once per device and dtype, cached).
+shapes (synchronised around each node on CUDA); a compression costs its compress +
+decompress work, ``fixed seconds per op + bytes x seconds-per-byte`` from a calibration of each
+compressed form on this device at two sizes (run once per device and dtype, cached). The
+fixed part is what dominates on a GPU in eager mode.
 
 Solver. Per unit, choices that are no smaller and no faster than another are dropped (a
 compressed form slower than recomputing for the same bytes is never chosen). Then a dynamic
