@@ -217,6 +217,25 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
+def _plan_functional_batch_norm(node: fx.Node, x, config, numel, before):
+    """``F.batch_norm`` as Dynamo writes an inlined BatchNorm: it updates the running statistics
+    in place, with the exponential-average factor already computed (``num_batches_tracked`` is
+    a separate op). The op module does the same given no counter."""
+    if config.batchnorm == "off":
+        return "batchnorm='off'"
+    mean, var = _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")
+    weight, bias = _arg(node, 3, "weight"), _arg(node, 4, "bias")
+    training, momentum, eps = _arg(node, 5, "training", False), _arg(node, 6, "momentum", 0.1), _arg(node, 7, "eps", 1e-5)
+    if training is not True:
+        return "functional batch_norm with training not the constant True (it saves nothing for backward)"
+    if not isinstance(mean, fx.Node) or not isinstance(var, fx.Node):
+        return "functional batch_norm without running statistics (track_running_stats=False) is not supported"
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not isinstance(eps, (int, float)):
+        return "momentum / eps are not constants (BatchNorm with momentum=None)"
+    op_module = ActMemBatchNorm(float(momentum), float(eps), config.batchnorm, config.block_size)
+    return op_module, (x, weight, bias, mean, var, None), before, _stored_bytes(numel, config.batchnorm, config.block_size)
+
+
 def _candidate(gm: fx.GraphModule, node: fx.Node):
     """``(op name, original module or None)`` for a node this pass may rewrite, else None."""
     if node.op == "call_function":
@@ -411,10 +430,7 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
     g = gm.graph
     prefix = str(node.target)
     if op == "batch_norm" and module is None:
-        # Dynamo / export graphs inline BatchNorm with its running-stat updates as separate ops
-        return ("functional batch_norm (a graph from torch.export or Dynamo inlines the module and its "
-                "running-stat updates) is not rewritten; capture with symbolic_trace or submodules to keep "
-                "BatchNorm a module call")
+        return _plan_functional_batch_norm(node, x, config, numel, before)
     if op == "layer_norm" and config.layernorm == "recompute":
         return _plan_ln_linear(gm, node, module, x)
     if op == "layer_norm" and module is None:

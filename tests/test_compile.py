@@ -257,7 +257,6 @@ def test_cuda_graphs_replay_the_rewritten_step_like_eager(how, _no_tf32):
         ref = _grads_after_step(fast, x)
         compiled = torch.compile(fast, backend="cudagraphs")
     else:  # against the same backend run eagerly: Dynamo's graph is not sfx.sparsify's
-        # (its BatchNorm is functional and stays dense), so the rewrites differ
         ref = _grads_after_step(torch.compile(model, backend=sfx.backend(recipe, inner="eager")), x)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=sfx.backend(recipe, inner="cudagraphs"))
@@ -265,3 +264,49 @@ def test_cuda_graphs_replay_the_rewritten_step_like_eager(how, _no_tf32):
         grads = _grads_after_step(compiled, x)
     assert grads.keys() == ref.keys()
     torch.testing.assert_close(grads, ref, rtol=1e-4, atol=1e-5)
+
+
+class BNNet(nn.Module):
+    def __init__(self, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=momentum)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        return self.head(torch.relu(self.bn2(self.c2(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_backend_rewrites_dynamo_functional_batch_norm_like_the_module(inner):
+    """Dynamo inlines BatchNorm as F.batch_norm (running statistics updated in place, the
+    average factor computed): the backend compresses it like sfx.sparsify does the module,
+    with the same gradients and running statistics, step after step."""
+    import copy
+
+    torch.manual_seed(0)
+    a = BNNet().train()
+    b = copy.deepcopy(a)
+    ref = sfx.sparsify(a, "actmem", example_inputs=(torch.randn(4, 3, 8, 8),)).train()
+    to_inner = sfx.backend("actmem", inner=inner)
+    compiled = torch.compile(b, backend=to_inner)
+    exact = inner == "eager"  # AOT traces the PyTorch path, not the CPU kernels: float order
+    for _ in range(3):
+        x = torch.randn(4, 3, 8, 8)
+        torch.testing.assert_close(_grads_after_step(compiled, x), _grads_after_step(ref, x),
+                                   rtol=0 if exact else 1e-3, atol=0 if exact else 1e-5)
+    torch.testing.assert_close(dict(b.named_buffers()), dict(a.named_buffers()), rtol=0, atol=0)
+    ops = [(r.module, r.op) for results in to_inner.results for res in results for r in res.rewrites]
+    assert ops.count(("bn", "batch_norm")) == ops.count(("bn2", "batch_norm")) == 1, ops
+
+
+def test_backend_reports_the_functional_batch_norm_it_keeps():
+    """Eval graphs hold F.batch_norm with training=False: nothing is saved for backward, so it
+    stays, with a reason."""
+    torch.manual_seed(0)
+    model = BNNet().eval()
+    to_inner = sfx.backend("actmem", inner="eager")
+    torch.compile(model, backend=to_inner)(torch.randn(2, 3, 8, 8))
+    skips = [s for results in to_inner.results for res in results for s in res.skips if s.op == "batch_norm"]
+    assert skips and all("training not the constant True" in s.reason for s in skips), skips
