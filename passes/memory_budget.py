@@ -23,7 +23,7 @@ compress         DropIT(keep) on Linear/Conv + ``ActivationMemory(attention=  ap
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
 ===============  ===========================================================  ==============
 
-Cost model. Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
+Cost model (times: ``passes/budget_costs.py``). Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
 with one choice applied to every unit, each held tensor charged to the unit of its first
 holder. Time: a recompute costs the block's forward, timed node by node on the example
 shapes (synchronised around each node on CUDA); a compression costs its compress +
@@ -31,7 +31,7 @@ decompress work, ``fixed seconds per op + bytes x seconds-per-byte`` from a cali
 compressed form on this device at two sizes (run once per device and dtype, cached). The
 fixed part is what dominates on a GPU in eager mode.
 
-Solver. Per unit, choices that are no smaller and no faster than another are dropped (a
+Solver (``passes/budget_solver.py``). Per unit, choices that are no smaller and no faster than another are dropped (a
 compressed form slower than recomputing for the same bytes is never chosen). Then a dynamic
 program over bytes (``solve_dp``, a multiple-choice knapsack in cells of budget/4096, each
 choice rounded up so the plan always fits) finds the least estimated time; ``solve`` takes
@@ -44,22 +44,28 @@ budget. ``solve_exact`` is the brute-force optimum the tests compare with; ``sol
 
 from __future__ import annotations
 
-import copy
-import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, Skip, check_range
 from sparsify_fx.registry import lookup
 
 from .activation_memory import ActivationMemory
+from .budget_costs import (
+    OP_SECONDS,
+    calibrate,
+    example_input,
+    node_seconds,
+    rng_kept,
+    synchronizer,
+    with_own_buffers,
+)
+from .budget_solver import Choice, solve, solve_dp, solve_exact, solve_greedy
 from .dropit import DropIT
 
 __all__ = ["MemoryBudget", "Choice", "solve", "solve_dp", "solve_greedy", "solve_exact", "calibrate", "CHOICES"]
@@ -124,302 +130,6 @@ class MemoryBudget(PassConfig):
             raise ConfigError(f"MemoryBudget.measure_steps must be an int >= 0, got {self.measure_steps!r}")
         if self.attention not in ("bf16", "int8", "off"):
             raise ConfigError(f"MemoryBudget.attention must be 'bf16', 'int8' or 'off', got {self.attention!r}")
-
-
-# ---------------------------------------------------------------- solver
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One way to treat a unit: its bytes held after forward and its added seconds."""
-
-    name: str
-    bytes: float
-    seconds: float
-
-
-def _pareto(choices: list[Choice]) -> list[Choice]:
-    kept = []
-    for c in sorted(choices, key=lambda c: (c.seconds, c.bytes)):
-        if not kept or c.bytes < kept[-1].bytes:
-            kept.append(c)
-    return kept  # increasing time, strictly decreasing bytes
-
-
-def solve_greedy(units: list[list[Choice]], budget: float) -> list[Choice]:
-    """Greedy multiple-choice knapsack: least added time with total bytes <= budget.
-
-    Returns the choice per unit (the smallest choices when the budget cannot be met).
-    """
-    fronts = [_pareto(u) for u in units]
-    picked = [0] * len(fronts)
-
-    def total() -> float:
-        return sum(f[i].bytes for f, i in zip(fronts, picked))
-
-    while total() > budget:
-        best, best_ratio = None, -1.0
-        for u, (front, i) in enumerate(zip(fronts, picked)):
-            for j in range(i + 1, len(front)):
-                saved = front[i].bytes - front[j].bytes
-                added = max(front[j].seconds - front[i].seconds, 1e-12)
-                # an upgrade that alone closes the gap is judged by the time it adds
-                ratio = saved / added if total() - saved > budget else 1e18 / added
-                if ratio > best_ratio:
-                    best, best_ratio = (u, j), ratio
-        if best is None:
-            break
-        picked[best[0]] = best[1]
-    # undo what is no longer needed, most expensive first
-    for u in sorted(range(len(fronts)), key=lambda u: -fronts[u][picked[u]].seconds):
-        while picked[u] > 0:
-            front = fronts[u]
-            if total() - front[picked[u]].bytes + front[picked[u] - 1].bytes <= budget:
-                picked[u] -= 1
-            else:
-                break
-    return [f[i] for f, i in zip(fronts, picked)]
-
-
-def solve_dp(units: list[list[Choice]], budget: float, resolution: int = 4096) -> list[Choice]:
-    """Multiple-choice knapsack by dynamic programming over bytes: least added time with total
-    bytes <= budget, what the planner uses.
-
-    Bytes are counted in cells of ``budget / resolution``, each choice's rounded *up*, so a
-    plan it returns always fits; it is optimal among plans that fit ``budget`` minus one cell
-    per unit (the tests check this against brute force). Greedy (:func:`solve_greedy`) can
-    stall in a poor plan where a cheap form that saves a little competes with one that saves
-    more: on ViT-B/16 at budget 0.5 it chose DropIT on 8 blocks and kept one whole, where 1-bit /
-    recompute-the-cheap-op forms on 9 blocks fit at less time. Returns the smallest choices
-    when nothing fits.
-    """
-    fronts = [_pareto(u) for u in units]
-    smallest = [f[-1] for f in fronts]
-    if sum(c.bytes for c in smallest) > budget or not fronts:
-        return smallest
-    cell = budget / resolution if budget > 0 else 1.0
-
-    def cells(c: Choice) -> int:  # rounded up, so a plan the DP returns always fits
-        if budget > 0:
-            return math.ceil(c.bytes / cell - 1e-9)
-        return 0 if c.bytes <= 0 else resolution + 1
-
-    inf = float("inf")
-    # best[c]: least time of the units so far in at most c cells; how[u][c]: the choice it took
-    best = torch.zeros(resolution + 1, dtype=torch.float64)
-    how: list[torch.Tensor] = []
-    for front in fronts:
-        nxt = torch.full((resolution + 1,), inf, dtype=torch.float64)
-        arg = torch.zeros(resolution + 1, dtype=torch.int64)
-        for j, c in enumerate(front):
-            w = cells(c)
-            if w > resolution:
-                continue
-            cand = torch.full((resolution + 1,), inf, dtype=torch.float64)
-            cand[w:] = best[: resolution + 1 - w] + c.seconds
-            better = cand < nxt
-            nxt = torch.where(better, cand, nxt)
-            arg = torch.where(better, torch.full_like(arg, j), arg)
-        best = nxt
-        how.append(arg)
-    if not math.isfinite(float(best[resolution])):
-        return smallest  # every fitting plan is lost to the rounding: the smallest one fits
-    picked: list[Choice] = []
-    c = resolution
-    for front, arg in zip(reversed(fronts), reversed(how)):
-        choice = front[int(arg[c])]
-        picked.append(choice)
-        c -= cells(choice)
-    return picked[::-1]
-
-
-def solve(units: list[list[Choice]], budget: float) -> list[Choice]:
-    """The planner's solver: :func:`solve_dp`'s plan, or :func:`solve_greedy`'s where that is
-    faster and fits (a plan within one rounding cell per unit of the budget, which the DP's
-    rounding can lose)."""
-    dp, greedy = solve_dp(units, budget), solve_greedy(units, budget)
-
-    def key(plan: list[Choice]) -> tuple[bool, float]:
-        return (sum(c.bytes for c in plan) > budget, sum(c.seconds for c in plan))
-
-    return min((dp, greedy), key=key)
-
-
-def solve_exact(units: list[list[Choice]], budget: float) -> list[Choice] | None:
-    """Brute-force optimum (small problems only); None when no assignment fits."""
-    best, best_time = None, math.inf
-    for combo in itertools.product(*[_pareto(u) for u in units]):
-        if sum(c.bytes for c in combo) <= budget:
-            t = sum(c.seconds for c in combo)
-            if t < best_time:
-                best, best_time = list(combo), t
-    return best
-
-
-# ---------------------------------------------------------------- calibration
-
-_RATES: dict[tuple[str, torch.dtype], dict[str, float]] = {}
-
-
-def _time(fn, repeats: int = 5) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Seconds added by each compressed form, cached per device and dtype: per input byte
-    (``"dropit"``, ``"bf16"``, ...) and per op (``"op:dropit"``, ``"op:bf16"``, ...).
-
-    DropIT and the generic bf16 storage cost their compress + decompress; a Linear / Conv
-    input kept as bf16 costs its Linear's forward + backward less the dense one's. The 1-bit ReLU and
-    BatchNorm's bf16 ``x_hat`` replace the dense op's own forward and backward (on CPU with
-    fused kernels that read the compact form directly), so what they add is their op's
-    forward + backward less the dense op's, measured the same way (at least 0): pricing them
-    as a compress + decompress made compression look dearer than recomputing on ResNet-50.
-
-    Each form is timed on a large tensor and a tiny one: the tiny one's time is the fixed cost
-    per op (dispatch, the small ops around the kernels, on a GPU their launches), the
-    difference over the bytes between them the cost per byte. On an H100 the fixed cost is
-    what dominates: the eager bf16-storage ResNet-50 step took 4x the dense one while its
-    per-byte work was a few percent of it, and a flat per-op guess priced the GPU plans 2x low.
-    """
-    device = torch.device(device)
-    key = (device.type, dtype)
-    if key not in _RATES:
-        # 8M elements (32 MB in fp32), NCHW: larger than a CPU's last-level cache, as a
-        # training step's activations are by the time backward reads them
-        big = _calibration_seconds(torch.randn(16, 128, 64, 64, device=device, dtype=dtype))
-        small_x = torch.randn(2, 8, 8, 8, device=device, dtype=dtype)
-        small = _calibration_seconds(small_x)
-        span = (16 * 128 * 64 * 64 - small_x.numel()) * small_x.element_size()
-        rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
-        rates |= {f"op:{kind}": max(_OP_SECONDS, small[kind]) for kind in small}
-        _RATES[key] = rates
-    return _RATES[key]
-
-
-def _calibration_seconds(x: torch.Tensor) -> dict[str, float]:
-    """Seconds each compressed form adds on ``x`` (see :func:`calibrate`)."""
-    from . import dense_storage  # noqa: F401  (its ops)
-    from .activation_memory import compress, decompress
-    from .dropit import compress_threshold, decompress_threshold
-
-    device, dtype = x.device, x.dtype
-    grad = torch.randn_like(x)
-    channels = x.shape[1]
-
-    def dropit():
-        v, b = compress_threshold(x, 0.1)
-        decompress_threshold(v, b, x.shape)
-
-    def bf16():
-        decompress(*compress(x, "bf16", 256), x.shape, dtype)
-
-    def recompute():  # the GELU an activation->Linear pair re-runs in backward
-        F.gelu(x)
-
-    def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
-        """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
-        def step(fn) -> float:
-            xr = x.detach().requires_grad_()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(xr).backward(out_grad)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
-        step(rewritten), step(dense)  # warm-up
-        # a difference of two small times: interleaved, best of 9 each
-        pairs = [(step(rewritten), step(dense)) for _ in range(9)]
-        return max(0.0, min(a for a, _ in pairs) - min(b for _, b in pairs))
-
-    stats = (torch.zeros(channels, device=device, dtype=torch.float32),
-             torch.ones(channels, device=device, dtype=torch.float32))
-    weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
-    bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
-    bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
-    # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
-    # gradient; a narrow output keeps the matmuls from drowning that difference
-    proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
-    flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
-    dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
-                lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
-    batchnorm = net(
-        lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
-        lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
-    return {"dropit": _time(dropit), "bf16": _time(bf16), "recompute": _time(recompute),
-            "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm}
-
-
-class _NodeTimer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, device: torch.device):
-        super().__init__(gm)
-        self.seconds: dict[str, float] = {}
-        # CUDA runs kernels asynchronously: without a synchronisation on both sides a node's
-        # time would be its launch, and recomputing a GPU block would look nearly free
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.sync()
-        t0 = time.perf_counter()
-        out = super().run_node(n)
-        self.sync()
-        self.seconds[n.name] = min(self.seconds.get(n.name, math.inf), time.perf_counter() - t0)
-        return out
-
-
-def _example(node: fx.Node, device: torch.device) -> Any:
-    meta = node.meta.get("sfx_shape")
-    if meta is None:
-        return None
-    shape, dtype = meta
-    if dtype.is_floating_point:
-        return torch.randn(shape, dtype=dtype, device=device)
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-def _with_own_buffers(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy sharing ``gm``'s parameters but not its buffers: a training forward updates
-    BatchNorm's running statistics, which ``gm`` shares with the user's model."""
-    return copy.deepcopy(gm, {id(p): p for p in gm.parameters()})
-
-
-def _rng_kept(device: torch.device):
-    """Restore the RNG state afterwards: random inputs, dropout and DropIT's draws must not
-    shift the user's random stream."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _node_seconds(gm: fx.GraphModule) -> dict[str, float]:
-    """Forward time of each node on random inputs of the recorded shapes, as the re-run in
-    backward runs it: training mode, grad enabled (BatchNorm's batch statistics, the
-    autograd graph and its saved tensors), on a copy with its own buffers."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    with _rng_kept(device):
-        args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
-        copy_ = _with_own_buffers(gm).train()
-        timer = _NodeTimer(copy_, device)
-        try:
-            with torch.enable_grad():
-                for _ in range(2):
-                    timer.run(*args)
-        except Exception:  # noqa: BLE001  e.g. BatchNorm1d on a batch of one in training mode
-            copy_.eval()
-            timer.seconds.clear()
-            with torch.no_grad():
-                for _ in range(2):
-                    timer.run(*args)
-    return timer.seconds
 
 
 # ---------------------------------------------------------------- trial rewrites
@@ -515,7 +225,6 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
     return per_unit, float(mplan.total_bytes), rewrites, trial
 
 
-_OP_SECONDS = 2e-5
 _DENSE_OPS = ("linear", "matmul", "addmm", "conv1d", "conv2d", "conv3d")
 
 
@@ -527,10 +236,10 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
                 else "recompute" if r.details.get("storage") == "recompute"
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
         unit = _unit_of(r.module, units, ctx)
-        # plus the op's fixed cost, calibrated on a tiny tensor (at least _OP_SECONDS, which
+        # plus the op's fixed cost, calibrated on a tiny tensor (at least OP_SECONDS, which
         # also makes every compressed form strictly dearer than keeping, so a budget that
         # fits dense keeps everything)
-        fixed = rates.get(f"op:{kind}", _OP_SECONDS)
+        fixed = rates.get(f"op:{kind}", OP_SECONDS)
         seconds[unit] = seconds.get(unit, 0.0) + (r.saved_bytes_before or 0) * rates[kind] + fixed
         if r.op == "attention":  # its backward re-runs the attention forward on the stored q, k, v
             seconds[unit] += node_seconds.get(r.node, 0.0)
@@ -543,14 +252,13 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
 def _train_step(gm: fx.GraphModule, args: list) -> float:
     for p in gm.parameters():
         p.grad = None
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync = synchronizer(next((p.device for p in gm.parameters()), torch.device("cpu")))
+    sync()
     t0 = time.perf_counter()
     out = gm(*args)
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
-    if leaves and leaves[0].device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -561,12 +269,12 @@ def _measure_added_seconds(
     interleaved after a warm-up round), and the gap between ``gm``'s two best steps (the
     noise). Runs on copies with their own buffers; restores the gradients and the RNG state."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    models = {key: _with_own_buffers(m) for key, m in {"": gm, **variants}.items()}
+    models = {key: with_own_buffers(m) for key, m in {"": gm, **variants}.items()}
     grads = {name: p.grad for name, p in gm.named_parameters()}
     times: dict[str, list[float]] = {key: [] for key in models}
     try:
-        with _rng_kept(device), torch.enable_grad():
-            args = [_example(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+        with rng_kept(device), torch.enable_grad():
+            args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
             for m in models.values():
                 m.train()
             for round_ in range(rounds + 1):
@@ -630,7 +338,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
             units[block.name].reasons["recompute"] = block.reason
     units[_REST].reasons["recompute"] = "nodes outside every block and gap"
 
-    node_seconds = _node_seconds(gm)
+    per_node = node_seconds(gm)
     param = next(gm.parameters(), None)
     rates = calibrate(param.device if param is not None else "cpu",
                       param.dtype if param is not None and param.is_floating_point() else torch.float32)
@@ -645,7 +353,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         if choice not in allowed:
             continue
         per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
-        seconds = _compress_seconds(rewrites, units, ctx, rates, node_seconds)
+        seconds = _compress_seconds(rewrites, units, ctx, rates, per_node)
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:
@@ -662,7 +370,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
                        and m.replay is not None for n in m.replay.graph.nodes
                        if n.target is sfx.segments.grad_only_linear}
             for name in recomputable:
-                fwd = sum(node_seconds.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
+                fwd = sum(per_node.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
                 units[name].choices["recompute"] = Choice("recompute", per_unit[name], fwd)
 
     prices: dict[str, Any] = {"measured": False}

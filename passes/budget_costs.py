@@ -1,0 +1,196 @@
+"""What the memory budget's choices cost in time, measured on this device: a calibration of
+each compressed form (fixed seconds per op + seconds per byte, cached per device and dtype)
+and the forward time of each node for recompute (``passes/memory_budget.py`` combines them
+with the bytes of trial rewrites).
+
+Shared with the measured-prices check: random inputs of the recorded shapes, copies with their
+own buffers, and the RNG state kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+__all__ = ["calibrate", "node_seconds", "example_input", "with_own_buffers", "rng_kept", "synchronizer",
+           "OP_SECONDS"]
+
+#: the least fixed cost of a rewritten op (also what makes every compressed form strictly
+#: dearer than keeping, so a budget that fits dense keeps everything)
+OP_SECONDS = 2e-5
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What to call on both sides of a timed region: CUDA runs kernels asynchronously, so a
+    host clock alone would time the launches."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+_RATES: dict[tuple[str, torch.dtype], dict[str, float]] = {}
+
+
+def _time(fn, device: torch.device, repeats: int = 5) -> float:
+    sync = synchronizer(device)
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Seconds added by each compressed form, cached per device and dtype: per input byte
+    (``"dropit"``, ``"bf16"``, ...) and per op (``"op:dropit"``, ``"op:bf16"``, ...).
+
+    DropIT and the generic bf16 storage cost their compress + decompress; a Linear / Conv
+    input kept as bf16 costs its Linear's forward + backward less the dense one's. The 1-bit ReLU and
+    BatchNorm's bf16 ``x_hat`` replace the dense op's own forward and backward (on CPU with
+    fused kernels that read the compact form directly), so what they add is their op's
+    forward + backward less the dense op's, measured the same way (at least 0): pricing them
+    as a compress + decompress made compression look dearer than recomputing on ResNet-50.
+
+    Each form is timed on a large tensor and a tiny one: the tiny one's time is the fixed cost
+    per op (dispatch, the small ops around the kernels, on a GPU their launches), the
+    difference over the bytes between them the cost per byte. On an H100 the fixed cost is
+    what dominates: the eager bf16-storage ResNet-50 step took 4x the dense one while its
+    per-byte work was a few percent of it, and a flat per-op guess priced the GPU plans 2x low.
+    """
+    device = torch.device(device)
+    key = (device.type, dtype)
+    if key not in _RATES:
+        # 8M elements (32 MB in fp32), NCHW: larger than a CPU's last-level cache, as a
+        # training step's activations are by the time backward reads them
+        big_x = torch.randn(16, 128, 64, 64, device=device, dtype=dtype)
+        small_x = torch.randn(2, 8, 8, 8, device=device, dtype=dtype)
+        big, small = _calibration_seconds(big_x), _calibration_seconds(small_x)
+        span = (big_x.numel() - small_x.numel()) * small_x.element_size()
+        rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
+        rates |= {f"op:{kind}": max(OP_SECONDS, small[kind]) for kind in small}
+        _RATES[key] = rates
+    return _RATES[key]
+
+
+def _calibration_seconds(x: torch.Tensor) -> dict[str, float]:
+    """Seconds each compressed form adds on ``x`` (see :func:`calibrate`)."""
+    from . import dense_storage  # noqa: F401  (its ops)
+    from .activation_memory import compress, decompress
+    from .dropit import compress_threshold, decompress_threshold
+
+    device, dtype = x.device, x.dtype
+    sync = synchronizer(device)
+    grad = torch.randn_like(x)
+    channels = x.shape[1]
+
+    def dropit():
+        v, b = compress_threshold(x, 0.1)
+        decompress_threshold(v, b, x.shape)
+
+    def bf16():
+        decompress(*compress(x, "bf16", 256), x.shape, dtype)
+
+    def recompute():  # the GELU an activation->Linear pair re-runs in backward
+        F.gelu(x)
+
+    def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
+        """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
+        def step(fn) -> float:
+            xr = x.detach().requires_grad_()
+            sync()
+            t0 = time.perf_counter()
+            fn(xr).backward(out_grad)
+            sync()
+            return time.perf_counter() - t0
+
+        step(rewritten), step(dense)  # warm-up
+        # a difference of two small times: interleaved, best of 9 each
+        pairs = [(step(rewritten), step(dense)) for _ in range(9)]
+        return max(0.0, min(a for a, _ in pairs) - min(b for _, b in pairs))
+
+    stats = (torch.zeros(channels, device=device, dtype=torch.float32),
+             torch.ones(channels, device=device, dtype=torch.float32))
+    weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
+    bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
+    # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
+    # gradient; a narrow output keeps the matmuls from drowning that difference
+    proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
+    flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
+    dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
+                lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
+    batchnorm = net(
+        lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
+        lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
+    return {"dropit": _time(dropit, device), "bf16": _time(bf16, device), "recompute": _time(recompute, device),
+            "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm}
+
+
+class _NodeTimer(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, device: torch.device):
+        super().__init__(gm)
+        self.seconds: dict[str, float] = {}
+        # CUDA runs kernels asynchronously: without a synchronisation on both sides a node's
+        # time would be its launch, and recomputing a GPU block would look nearly free
+        self.sync = synchronizer(device)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.sync()
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        self.sync()
+        self.seconds[n.name] = min(self.seconds.get(n.name, math.inf), time.perf_counter() - t0)
+        return out
+
+
+def example_input(node: fx.Node, device: torch.device) -> Any:
+    meta = node.meta.get("sfx_shape")
+    if meta is None:
+        return None
+    shape, dtype = meta
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def with_own_buffers(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy sharing ``gm``'s parameters but not its buffers: a training forward updates
+    BatchNorm's running statistics, which ``gm`` shares with the user's model."""
+    return copy.deepcopy(gm, {id(p): p for p in gm.parameters()})
+
+
+def rng_kept(device: torch.device):
+    """Restore the RNG state afterwards: random inputs, dropout and DropIT's draws must not
+    shift the user's random stream."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def node_seconds(gm: fx.GraphModule) -> dict[str, float]:
+    """Forward time of each node on random inputs of the recorded shapes, as the re-run in
+    backward runs it: training mode, grad enabled (BatchNorm's batch statistics, the
+    autograd graph and its saved tensors), on a copy with its own buffers."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    with rng_kept(device):
+        args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+        copy_ = with_own_buffers(gm).train()
+        timer = _NodeTimer(copy_, device)
+        try:
+            with torch.enable_grad():
+                for _ in range(2):
+                    timer.run(*args)
+        except Exception:  # noqa: BLE001  e.g. BatchNorm1d on a batch of one in training mode
+            copy_.eval()
+            timer.seconds.clear()
+            with torch.no_grad():
+                for _ in range(2):
+                    timer.run(*args)
+    return timer.seconds
