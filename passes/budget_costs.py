@@ -26,6 +26,12 @@ __all__ = ["calibrate", "node_seconds", "example_input", "with_own_buffers", "rn
 #: dearer than keeping, so a budget that fits dense keeps everything)
 OP_SECONDS = 2e-5
 
+#: the calibration sweeps this many 8 MB tensors per timed call: together larger than a CPU's
+#: last-level cache (as a training step's activations are by the time backward reads them),
+#: each small enough for glibc's malloc to serve from its heap after the warm-up
+_SWEEP = 6
+_SWEEP_BYTES = 8 * 2**20
+
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """What to call on both sides of a timed region: CUDA runs kernels asynchronously, so a
@@ -60,57 +66,68 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     forward + backward less the dense op's, measured the same way (at least 0): pricing them
     as a compress + decompress made compression look dearer than recomputing on ResNet-50.
 
-    Each form is timed on a large tensor and a tiny one: the tiny one's time is the fixed cost
+    Each form is timed on 8 MB tensors and a tiny one: the tiny one's time is the fixed cost
     per op (dispatch, the small ops around the kernels, on a GPU their launches), the
-    difference over the bytes between them the cost per byte. On an H100 the fixed cost is
-    what dominates: the eager bf16-storage ResNet-50 step took 4x the dense one while its
-    per-byte work was a few percent of it, and a flat per-op guess priced the GPU plans 2x low.
+    difference over the bytes between them the cost per byte. A timed call sweeps six 8 MB
+    tensors, so each is read from memory, not cache. One 32 MB tensor (until session 9) sat at
+    glibc's largest mmap threshold: in some processes every output was fresh pages that fault
+    on first touch, in others recycled heap, and the rates differed 2-5x between processes
+    (bf16 0.14-0.71 ns/B); swept 8 MB tensors agree within 1.3x (DropIT) and 1.5x (bf16).
+    On an H100 the fixed cost is what dominates: the eager bf16-storage ResNet-50 step took 4x
+    the dense one while its per-byte work was a few percent of it, and a flat per-op guess
+    priced the GPU plans 2x low.
     """
     device = torch.device(device)
     key = (device.type, dtype)
     if key not in _RATES:
-        # 8M elements (32 MB in fp32), NCHW: larger than a CPU's last-level cache, as a
-        # training step's activations are by the time backward reads them
-        big_x = torch.randn(16, 128, 64, 64, device=device, dtype=dtype)
-        small_x = torch.randn(2, 8, 8, 8, device=device, dtype=dtype)
-        big, small = _calibration_seconds(big_x), _calibration_seconds(small_x)
-        span = (big_x.numel() - small_x.numel()) * small_x.element_size()
+        batch = _SWEEP_BYTES // (128 * 64 * 64 * torch.empty((), dtype=dtype).element_size())
+        sweep = _SWEEP * (2 if device.type == "cuda" else 1)  # an H100's L2 holds 50 MB
+        big_xs = [torch.randn(batch, 128, 64, 64, device=device, dtype=dtype) for _ in range(sweep)]
+        small_x = [torch.randn(2, 8, 8, 8, device=device, dtype=dtype)]
+        big, small = _calibration_seconds(big_xs), _calibration_seconds(small_x)
+        span = (big_xs[0].numel() - small_x[0].numel()) * small_x[0].element_size()
         rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
         rates |= {f"op:{kind}": max(OP_SECONDS, small[kind]) for kind in small}
         _RATES[key] = rates
     return _RATES[key]
 
 
-def _calibration_seconds(x: torch.Tensor) -> dict[str, float]:
-    """Seconds each compressed form adds on ``x`` (see :func:`calibrate`)."""
+def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
+    """Seconds each compressed form adds on one tensor like ``xs[0]`` (see :func:`calibrate`):
+    each timed call sweeps all of ``xs`` and is divided by their number."""
     from . import dense_storage  # noqa: F401  (its ops)
     from .activation_memory import compress, decompress
     from .dropit import compress_threshold, decompress_threshold
 
-    device, dtype = x.device, x.dtype
+    x0 = xs[0]
+    device, dtype, n = x0.device, x0.dtype, len(xs)
     sync = synchronizer(device)
-    grad = torch.randn_like(x)
-    channels = x.shape[1]
+    grad = torch.randn_like(x0)
+    channels = x0.shape[1]
 
     def dropit():
-        v, b = compress_threshold(x, 0.1)
-        decompress_threshold(v, b, x.shape)
+        for x in xs:
+            v, b = compress_threshold(x, 0.1)
+            decompress_threshold(v, b, x.shape)
 
     def bf16():
-        decompress(*compress(x, "bf16", 256), x.shape, dtype)
+        for x in xs:
+            decompress(*compress(x, "bf16", 256), x.shape, dtype)
 
     def recompute():  # the GELU an activation->Linear pair re-runs in backward
-        F.gelu(x)
+        for x in xs:
+            F.gelu(x)
 
     def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
         """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
         def step(fn) -> float:
-            xr = x.detach().requires_grad_()
+            inputs = [x.detach().requires_grad_() for x in xs]
             sync()
             t0 = time.perf_counter()
-            fn(xr).backward(out_grad)
+            for xr in inputs:
+                fn(xr).backward(out_grad)
             sync()
-            return time.perf_counter() - t0
+            return (time.perf_counter() - t0) / n
 
         step(rewritten), step(dense)  # warm-up
         # a difference of two small times: interleaved, best of 9 each
@@ -124,15 +141,15 @@ def _calibration_seconds(x: torch.Tensor) -> dict[str, float]:
     bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
     # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
     # gradient; a narrow output keeps the matmuls from drowning that difference
-    proj = torch.randn(64, x.shape[-1] * x.shape[-2], device=device, dtype=dtype, requires_grad=True)
-    flat = (x.shape[0] * x.shape[1], x.shape[-1] * x.shape[-2])
+    proj = torch.randn(64, x0.shape[-1] * x0.shape[-2], device=device, dtype=dtype, requires_grad=True)
+    flat = (x0.shape[0] * x0.shape[1], x0.shape[-1] * x0.shape[-2])
     dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
                 lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
     batchnorm = net(
         lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
         lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
-    return {"dropit": _time(dropit, device), "bf16": _time(bf16, device), "recompute": _time(recompute, device),
-            "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm}
+    return {"dropit": _time(dropit, device) / n, "bf16": _time(bf16, device) / n,
+            "recompute": _time(recompute, device) / n, "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm}
 
 
 class _NodeTimer(fx.Interpreter):
