@@ -37,6 +37,11 @@ layers have to stop holding dense tensors as well. Per op (training mode, grad e
   ``|dgrad_x| <= 2^-7 * rstd * |x_hat| * mean_row|gw x_hat|``;
   ``|dgrad_weight| <= 2^-8 * sum|g x_hat|``; ``grad_bias`` exact.
 
+* **BatchNorm -> ReLU -> Conv, recomputed** (``batchnorm="recompute"``): the three become one
+  op keeping the BatchNorm's input and channel statistics; the ReLU output the Conv would keep
+  is rebuilt in backward (``passes/bn_relu_conv.py``). Exact gradients; forward and running
+  statistics bit-identical to the modules'.
+
 * **Scale by a parameter** (``alpha * x`` / ``x * gamma`` with a learned per-channel or scalar
   ``alpha``: LayerScale, ResMLP's Affine, ConvNeXt's ``layer_scale``): the dense backward keeps
   ``x`` only for ``alpha``'s gradient. The op saves ``x`` as ``bf16`` (or ``int8``); ``grad_x``
@@ -89,12 +94,13 @@ from .actmem_ops import (
     decompress,
 )
 from .bitpack import pack_bits, unpack_bits
+from .bn_relu_conv import ActMemBnReLUConv
 
 # listed, not built from actmem_ops.__all__: tools (ruff's unused-import fix) only see a literal
 __all__ = [
     "ActivationMemory", "GRAD_ERROR_BOUNDS", "pack_bits", "unpack_bits", "NONFINITE_CODE", "compress",
     "decompress", "ActMemReLU", "ActMemActivation", "ActMemBatchNorm", "ActMemLayerNorm", "ActMemActLinear",
-    "ActMemLnLinear", "ActMemScale", "ActMemAttention",
+    "ActMemLnLinear", "ActMemScale", "ActMemAttention", "ActMemBnReLUConv",
 ]
 
 _STORAGE = ("bf16", "int8", "off")
@@ -122,7 +128,11 @@ class ActivationMemory(PassConfig):
             would keep is recomputed in backward: exact gradients, one GELU per step extra).
         silu: the same for SiLU.
         batchnorm: how BatchNorm stores its normalised input ``x_hat``: ``"bf16"``,
-            ``"int8"`` or ``"off"``.
+            ``"int8"`` or ``"off"``; or ``"recompute"``: a BatchNorm module feeding only a
+            ReLU that feeds only a Conv (ResNet, DenseNet) is fused with both, and the three
+            keep only the BatchNorm's input and channel statistics (the ReLU output the Conv
+            would keep is rebuilt in backward: exact gradients; ``passes/bn_relu_conv.py``).
+            Other BatchNorms stay dense, with the reason.
         layernorm: the same for LayerNorm; ``"recompute"`` fuses a LayerNorm whose only
             consumer is a Linear with it and recomputes the normalised tensor in backward
             (exact; the pair keeps the LayerNorm's input and its row statistics).
@@ -164,7 +174,7 @@ class ActivationMemory(PassConfig):
             raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
         for name in ("gelu", "silu", "batchnorm", "layernorm", "scale", "attention"):
             value = getattr(self, name)
-            if value == "recompute" and name in ("gelu", "silu", "layernorm"):
+            if value == "recompute" and name in ("gelu", "silu", "layernorm", "batchnorm"):
                 continue
             if value not in _STORAGE:
                 raise ConfigError(
@@ -333,6 +343,59 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
     return ActMemLnLinear(tuple(shape), float(eps)), (x, ln_w, ln_b, weight, bias), sfx.tensor_bytes(node), 0, consumer
 
 
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _ints(value: object, n: int) -> list[int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * n
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return [int(v) for v in value] if len(value) == n else [int(value[0])] * n if len(value) == 1 else None
+    return None
+
+
+def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object):
+    what = "batchnorm='recompute'"
+    if module is None:
+        return (f"{what} fuses BatchNorm modules; a functional batch_norm (a torch.compile graph) "
+                "is kept dense")
+    if _has_hooks(module):
+        return "module has hooks; kept as a module call"
+    if not module.track_running_stats or module.running_mean is None:
+        return "track_running_stats=False (batch statistics in eval) is not supported"
+    if len(node.args) + len(node.kwargs) != 1 or not isinstance(x, fx.Node):
+        return "called with more than one argument"
+    if len(node.users) != 1:
+        return f"{what} needs one consumer (a ReLU); {node.name} has {len(node.users)}"
+    relu = next(iter(node.users))
+    if not (relu.op == "call_function" and relu.target is F.relu and relu.args and relu.args[0] is node):
+        return f"{what} needs BatchNorm -> ReLU -> Conv; the BatchNorm feeds {relu.format_node()}"
+    if len(relu.users) != 1:
+        return f"{what} needs the ReLU to feed one Conv; {relu.name} has {len(relu.users)} consumers"
+    conv = next(iter(relu.users))
+    n = _CONV_FUNCS.get(conv.target) if conv.op == "call_function" else None
+    if n is None or _arg(conv, 0, "input") is not relu:
+        return f"{what} needs BatchNorm -> ReLU -> Conv; the ReLU feeds {conv.format_node()}"
+    weight, bias = _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return f"the Conv's weight is not a parameter: {conv.format_node()}"
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return f"the Conv's bias is not a parameter: {conv.format_node()}"
+    stride, padding = _ints(_arg(conv, 3, "stride", 1), n), _ints(_arg(conv, 4, "padding", 0), n)
+    dilation, groups = _ints(_arg(conv, 5, "dilation", 1), n), _arg(conv, 6, "groups", 1)
+    if stride is None or padding is None or dilation is None or not isinstance(groups, int):
+        return f"the Conv's stride / padding / dilation / groups are not integer constants: {conv.format_node()}"
+    prefix = str(node.target)
+    with gm.graph.inserting_before(node):
+        attrs = [gm.graph.get_attr(f"{prefix}.{name}") if getattr(module, name) is not None else None
+                 for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    for a in attrs:
+        if a is not None:
+            a.meta["sfx_module"] = prefix
+    op_module = ActMemBnReLUConv(module.momentum, module.eps, stride, padding, dilation, groups)
+    return op_module, (x, *attrs, weight, bias), sfx.tensor_bytes(relu), 0, conv
+
+
 def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
     if config.scale == "off":
         return "scale='off'"
@@ -429,6 +492,8 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         return module, (x,), before, _stored_bytes(numel, storage, config.block_size)
     g = gm.graph
     prefix = str(node.target)
+    if op == "batch_norm" and config.batchnorm == "recompute":
+        return _plan_bn_relu_conv(gm, node, module, x)
     if op == "batch_norm" and module is None:
         return _plan_functional_batch_norm(node, x, config, numel, before)
     if op == "layer_norm" and config.layernorm == "recompute":
@@ -487,7 +552,10 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
 @sfx.register_pass(ActivationMemory, name="actmem")
 def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -> PassResult:
     result = PassResult(gm, modified=False)
+    erased: set[fx.Node] = set()  # the ops a fused rewrite absorbed (a BatchNorm's ReLU)
     for node in list(gm.graph.nodes):
+        if node in erased:
+            continue
         found = _candidate(gm, node)
         if found is None:
             continue
@@ -521,6 +589,7 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
             for n in reversed(chain):
                 if not n.users:
                     gm.graph.erase_node(n)
+                    erased.add(n)
         result.rewrites.append(
             Rewrite(
                 ctx.pass_name, origin, ctx.qualified(module_name), op, target,

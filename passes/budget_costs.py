@@ -60,7 +60,9 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     (``"dropit"``, ``"bf16"``, ...) and per op (``"op:dropit"``, ``"op:bf16"``, ...).
 
     DropIT and the generic bf16 storage cost their compress + decompress; a Linear / Conv
-    input kept as bf16 costs its Linear's forward + backward less the dense one's. The 1-bit ReLU and
+    input kept as bf16 costs its Linear's forward + backward less the dense one's, and a
+    BatchNorm -> ReLU -> Conv that rebuilds the ReLU output (``"bn_relu_conv"``) the three ops'
+    less the dense three's. The 1-bit ReLU and
     BatchNorm's bf16 ``x_hat`` replace the dense op's own forward and backward (on CPU with
     fused kernels that read the compact form directly), so what they add is their op's
     forward + backward less the dense op's, measured the same way (at least 0): pricing them
@@ -97,6 +99,7 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     each timed call sweeps all of ``xs`` and is divided by their number."""
     from . import dense_storage  # noqa: F401  (its ops)
     from .activation_memory import compress, decompress
+    from .bn_relu_conv import ActMemBnReLUConv
     from .dropit import compress_threshold, decompress_threshold
 
     x0 = xs[0]
@@ -148,8 +151,16 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     batchnorm = net(
         lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
         lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
+    # BatchNorm -> ReLU -> Conv with the ReLU output rebuilt in backward; a depthwise 1x1 conv
+    # keeps the convolution's own time from drowning the difference
+    conv_w = torch.ones(channels, 1, 1, 1, device=device, dtype=dtype, requires_grad=True)
+    fused = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [0, 0], [1, 1], channels).train()
+    bn_relu_conv = net(lambda t: fused(t, weight, bias, *stats, None, conv_w),
+                       lambda t: F.conv2d(F.relu(F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5)), conv_w,
+                                          groups=channels))
     return {"dropit": _time(dropit, device) / n, "bf16": _time(bf16, device) / n,
-            "recompute": _time(recompute, device) / n, "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm}
+            "recompute": _time(recompute, device) / n, "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm,
+            "bn_relu_conv": bn_relu_conv}
 
 
 class _NodeTimer(fx.Interpreter):

@@ -10,9 +10,10 @@ choice           what is rewritten                                            gr
 ===============  ===========================================================  ==============
 keep             nothing                                                      exact
 compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU/LayerNorm feeding a     exact
-                 Linear is fused with it and recomputed in backward
+                 Linear is fused with it and recomputed in backward, and so
+                 is a BatchNorm -> ReLU feeding a Conv
                  (``ActivationMemory(relu="bitmask", gelu=silu=layernorm=
-                 "recompute")``)
+                 batchnorm="recompute")``)
 compress-light   ``ActivationMemory(attention="bf16")`` alone: BatchNorm /       approximate
                  LayerNorm / GELU / SiLU / attention in bf16, ReLU 1-bit
 compress-bf16    ``ActivationMemory(attention="bf16", dense="bf16")``: the same  approximate
@@ -148,8 +149,9 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
         return in_units(name)
 
     if choice == "compress-exact":
-        # exact forms only: 1-bit ReLU masks, GELU/SiLU outputs recomputed for their Linear
-        return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="off",
+        # exact forms only: 1-bit ReLU masks, GELU/SiLU/LayerNorm outputs recomputed for their
+        # Linear, BatchNorm -> ReLU outputs recomputed for their Conv
+        return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="recompute",
                                  layernorm="recompute", filter_fn=filter_fn)]
     if choice == "compress-light":
         # the norms / activations / attention only: no DropIT, whose selection is most of the
@@ -233,6 +235,7 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
     for r in rewrites:
         kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
                 else "dense" if r.op in _DENSE_OPS
+                else "bn_relu_conv" if r.op == "batch_norm" and r.details.get("storage") == "recompute"
                 else "recompute" if r.details.get("storage") == "recompute"
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
         unit = _unit_of(r.module, units, ctx)

@@ -289,7 +289,8 @@ def test_transformer_block_gelu_layernorm_rewritten_and_trained():
         ({"relu": "bf16"}, "relu"),
         ({"gelu": "fp8"}, "gelu"),
         ({"silu": None}, "silu"),
-        ({"batchnorm": "recompute"}, "batchnorm"),
+        ({"batchnorm": "fp8"}, "batchnorm"),
+        ({"scale": "recompute"}, "scale"),
         ({"layernorm": 1}, "layernorm"),
         ({"block_size": 8}, "block_size"),
         ({"block_size": 64.0}, "block_size"),
@@ -387,10 +388,110 @@ def test_recompute_skips_non_linear_consumers_and_real_dropout():
     assert len(skip) == 1 and "needs a Linear consumer" in skip[0].reason and "drop" in skip[0].reason
 
 
-def test_recompute_is_only_for_activations():
-    with pytest.raises(sfx.ConfigError, match="batchnorm"):
-        sfx.ActivationMemory(batchnorm="recompute")
+def test_recompute_is_only_for_activations_and_norms():
+    for name in ("scale", "attention"):
+        with pytest.raises(sfx.ConfigError, match=name):
+            sfx.ActivationMemory(**{name: "recompute"})
     assert sfx.ActivationMemory(silu="recompute").silu == "recompute"
+    assert sfx.ActivationMemory(batchnorm="recompute").batchnorm == "recompute"
+
+
+# ---------------------------------------------------------------- BatchNorm -> ReLU -> Conv, recomputed
+
+
+class _PreActNet(nn.Module):
+    """DenseNet's ``norm -> relu -> conv`` twice (grouped, strided, biased convs; one BatchNorm
+    with momentum=None), a BatchNorm feeding an add, and a ReLU feeding a pool."""
+
+    def __init__(self, width: int = 8, momentum: float | None = None):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width, momentum=momentum)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, groups=2)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), nn.Conv2d(width, 2 * width, 3, stride=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.head = nn.Linear(2 * width, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.conv1(F.relu(self.bn1(x)))
+        y = self.conv2(torch.relu(self.bn2(x)))
+        y = F.relu(self.bn3(y) + y)
+        return self.head(F.max_pool2d(y, 2).mean((2, 3)))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["resnet18", "preact"])
+def test_bn_relu_conv_recompute_gives_dense_grads_and_buffers_and_frees_the_relu_output(case, autocast):
+    torch.manual_seed(0)
+    if case == "resnet18":
+        model, x = torchvision.models.resnet18(num_classes=5), torch.randn(2, 3, 32, 32)
+        fused = 8  # conv1 -> bn1 -> relu -> conv2 in each basic block
+    else:
+        model, x = _PreActNet(), torch.randn(4, 3, 12, 12)
+        fused = 2
+    ref = copy.deepcopy(model)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(relu="off", batchnorm="recompute"), example_inputs=(x,))
+    rewrites = sfx.explain(fast).rewrites
+    assert len(rewrites) == fused and {(r.op, r.details["storage"]) for r in rewrites} == {("batch_norm", "recompute")}
+    assert sorted(fast.state_dict()) == sorted(ref.state_dict())
+    # the ReLU output (the conv's input) is the tensor freed, and only it
+    freed = sum(r.saved_bytes_before for r in rewrites)
+    assert freed > 0
+    assert saved_tensor_bytes(ref.train(), (x,)) - saved_tensor_bytes(fast.train(), (x,)) == freed
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out_ref, g_ref, _ = _grads(lambda: ref(x).float(), *ref.parameters(), seed=step)
+            out, g, _ = _grads(lambda: fast(x).float(), *model.parameters(), seed=step)
+        # forward runs the dense ops: bit-identical; backward rebuilds the ReLU output
+        assert torch.equal(out, out_ref)
+        tol = dict(rtol=1e-5, atol=1e-6) if not autocast else dict(rtol=2e-2, atol=2e-3)
+        for (name, _), a, b in zip(ref.named_parameters(), g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, **tol, msg=name)
+        for (name, b), c in zip(ref.named_buffers(), model.buffers(), strict=True):
+            assert torch.equal(b, c), name  # running stats and num_batches_tracked, momentum=None too
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.equal(fast(x), ref(x))
+
+
+def test_bn_relu_conv_recompute_reports_every_batchnorm_it_keeps():
+    x = torch.randn(4, 3, 12, 12)
+    fast = sfx.sparsify(_PreActNet(), sfx.ActivationMemory(relu="off", batchnorm="recompute"), example_inputs=(x,))
+    skips = {s.node: s.reason for s in sfx.explain(fast).skipped if s.op == "batch_norm"}
+    assert list(skips) == ["bn3"] and "the BatchNorm feeds" in skips["bn3"] and "add" in skips["bn3"]
+    # a ReLU feeding a pool, and a ReLU with two consumers
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    fast = sfx.sparsify(stem, sfx.ActivationMemory(batchnorm="recompute"), example_inputs=(x,))
+    (skip,) = [s for s in sfx.explain(fast).skipped if s.op == "batch_norm"]
+    assert "the ReLU feeds" in skip.reason and "call_module[target=3]" in skip.reason  # the MaxPool2d
+
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            r = F.relu(self.bn(x))
+            return self.conv(r) + r
+
+    fast = sfx.sparsify(TwoUsers(), sfx.ActivationMemory(batchnorm="recompute"), example_inputs=(x,))
+    (skip,) = [s for s in sfx.explain(fast).skipped if s.op == "batch_norm"]
+    assert "2 consumers" in skip.reason
+
+
+def test_bn_relu_conv_recompute_compiled_matches_eager():
+    torch.manual_seed(0)
+    # (momentum=None reads num_batches_tracked as a Python float: nn.BatchNorm itself does not
+    # compile into one graph then)
+    model, x = _PreActNet(momentum=0.1), torch.randn(4, 3, 12, 12)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(relu="off", batchnorm="recompute"), example_inputs=(x,))
+    twin = copy.deepcopy(fast)
+    _, g_eager, _ = _grads(lambda: fast(x), *fast.parameters())
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    _, g_compiled, _ = _grads(lambda: compiled(x), *twin.parameters())
+    for a, b in zip(g_compiled, g_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])

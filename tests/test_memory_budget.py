@@ -347,7 +347,7 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
 
     _RATES.clear()
     rates = calibrate("cpu")
-    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense"}
+    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv"}
     assert set(rates) == kinds | {f"op:{k}" for k in kinds}
     assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
@@ -362,6 +362,11 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
         fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0, "op:bitmask": 0.5}
         assert _compress_seconds([rewrite], None, None, fake, {}) == {"u": 1000.0}  # its op: 0 here
         assert _compress_seconds([relu], None, None, fake, {}) == {"u": 10000.0 + 0.5}
+        # a BatchNorm -> ReLU -> Conv fused for recompute: its own net cost, not GELU's
+        fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
+                            details={"storage": "recompute"})
+        fake |= {"bn_relu_conv": 2.0, "op:bn_relu_conv": 0.25}
+        assert _compress_seconds([fused], None, None, fake, {}) == {"u": 2000.25}
         # bf16 attention re-runs its forward in backward: priced with the node's own time
         attention = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
                                 details={"storage": "bf16"})

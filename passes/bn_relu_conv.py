@@ -1,0 +1,169 @@
+"""BatchNorm -> ReLU -> Conv as one op whose backward keeps only the BatchNorm's input.
+
+In ``conv -> BN -> ReLU -> conv`` (ResNet's bottleneck and basic block, DenseNet's
+``norm -> relu -> conv``), autograd keeps two dense tensors per link: BatchNorm's input ``x``
+(for its backward) and the ReLU's output ``r`` (for the ReLU's backward and the next conv's
+weight gradient). ``r`` is a per-channel affine map of ``x`` followed by a ReLU, so it can be
+rebuilt from ``x`` and the batch statistics in one elementwise pass. This op keeps ``x``, the
+per-channel mean and inverse std, and rebuilds ``r`` in backward: the gradients are exact
+(the same formulas on the same values; the rebuilt ``r`` is within one rounding of the
+forward's, which runs the dense ``aten.native_batch_norm``). It is what
+``ActivationMemory(batchnorm="recompute")`` installs, and the 1-bit ReLU mask is not needed
+either: the sign of the rebuilt ``r`` is the mask.
+
+Forward is the three dense ops: BatchNorm updates the running statistics (and
+``num_batches_tracked``, ``momentum=None`` as a cumulative average) exactly as
+``nn.BatchNorm`` does, so the model's outputs and buffers are bit-identical to the original's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+
+from .dropit import conv_forward
+from .op_autograd import in_backward, register_autograd
+
+__all__ = ["ActMemBnReLUConv"]
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+@torch.library.custom_op("sparsify_fx::actmem_bn_relu_conv", mutates_args=())
+def _actmem_bn_relu_conv(
+    x: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # a custom op may not mutate an input it does not declare: the running statistics are
+    # updated on copies the op module copies back (as ActMemBatchNorm does)
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    y, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, new_mean, new_var, True, momentum, eps)
+    out = conv_forward(y.relu_().to(weight.dtype), weight, bias, stride, padding, dilation, groups)
+    return out, mean, invstd, new_mean, new_var
+
+
+@_actmem_bn_relu_conv.register_fake
+def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, bias, stride, padding, dilation,
+      groups):
+    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    stats = x.new_empty(x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    return (x.new_empty(x.shape[0], weight.shape[0], *spatial, dtype=weight.dtype), stats,
+            torch.empty_like(stats), torch.empty_like(running_mean), torch.empty_like(running_var))
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups = inputs
+    _, mean, invstd = output[:3]
+    ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, weight)
+    ctx.eps = eps
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.has_bias = bias is not None
+
+
+def _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias) -> torch.Tensor:
+    """The ReLU output the conv read: ``relu(x * alpha + beta)`` per channel, the affine form
+    the CPU BatchNorm kernel evaluates, in the statistics' precision (fp32 for a bf16 / fp16
+    ``x``, as the kernel computes) and rounded to ``x``'s dtype as its output was."""
+    alpha = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
+    beta = -mean * alpha if bn_bias is None else bn_bias.to(invstd.dtype) - mean * alpha
+    n = x.dim()
+    y = torch.addcmul(_channel_view(beta, n), x.to(alpha.dtype), _channel_view(alpha, n))
+    return y.to(x.dtype).relu_()
+
+
+def _backward(ctx, grad_out, *_unused):
+    x, mean, invstd, bn_weight, bn_bias, weight = ctx.saved_tensors
+    x, mean, invstd = in_backward(grad_out, x, mean, invstd)  # the ReLU output is rebuilt here
+    need = ctx.needs_input_grad
+    need_bn = need[0] or (need[1] and bn_weight is not None) or (need[2] and bn_bias is not None)
+    r = _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias)
+    stride, padding, dilation, groups = ctx.conv
+    grad_r, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out.contiguous(), r.to(weight.dtype), weight, [weight.shape[0]] if ctx.has_bias else None,
+        stride, padding, dilation, False, [0] * len(stride), groups,
+        [bool(need_bn), bool(need[7]), bool(need[8] and ctx.has_bias)],
+    )
+    grad_x = grad_bw = grad_bb = None
+    if need_bn:
+        # the ReLU's own backward kernel, on the rebuilt output
+        grad_y = torch.ops.aten.threshold_backward(grad_r.to(x.dtype), r, 0)
+        grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [bool(need[0]), bool(need[1] and bn_weight is not None), bool(need[2] and bn_bias is not None)],
+        )
+    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None)
+
+
+register_autograd(_actmem_bn_relu_conv, _backward, _setup)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ActMemBnReLUConv(nn.Module):
+    """Parameter-free ``convNd(relu(batch_norm(x)), weight, bias)`` with the original
+    modules' tensors: ``forward(x, bn_weight, bn_bias, running_mean, running_var,
+    num_batches_tracked, weight, bias)``. Training with grad keeps only ``x`` (and the channel
+    statistics) for backward; eval, ``no_grad`` and recording off run the three original ops."""
+
+    #: keeps ``x`` itself, dense (read by sfx memory_plan)
+    keeps_dense_inputs = True
+
+    def __init__(self, momentum: float | None, eps: float, stride, padding, dilation, groups: int):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.stride, self.padding, self.dilation = [int(s) for s in stride], [int(p) for p in padding], [
+            int(d) for d in dilation]
+        self.groups = int(groups)
+
+    def extra_repr(self) -> str:
+        return (f"batch_norm(momentum={self.momentum}, eps={self.eps}) -> relu -> conv{len(self.stride)}d, "
+                f"relu output recomputed in backward")
+
+    def _dense(self, y: torch.Tensor, weight, bias) -> torch.Tensor:
+        return _CONV[len(self.stride)](F.relu(y), weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias=None):
+        if not self.training:
+            factor = 0.0 if self.momentum is None else self.momentum
+            y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, False, factor, self.eps)
+            return self._dense(y, weight, bias)
+        factor = self.momentum
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        factor = 0.0 if factor is None else factor
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, bn_weight, bn_bias, weight, bias)):
+            if x.numel() // x.shape[1] == 1:
+                # F.batch_norm's own check; the raw aten kernel would return NaNs instead
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+                )
+            with sfx.autocast_region(x.device.type) as cast:
+                out, _, _, new_mean, new_var = torch.ops.sparsify_fx.actmem_bn_relu_conv(
+                    x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
+                    self.stride, self.padding, self.dilation, self.groups)
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+            return out
+        y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, True, factor, self.eps)
+        return self._dense(y, weight, bias)
