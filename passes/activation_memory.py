@@ -37,7 +37,7 @@ layers have to stop holding dense tensors as well. Per op (training mode, grad e
   ``|dgrad_x| <= 2^-7 * rstd * |x_hat| * mean_row|gw x_hat|``;
   ``|dgrad_weight| <= 2^-8 * sum|g x_hat|``; ``grad_bias`` exact.
 
-* **BatchNorm -> ReLU -> Conv, recomputed** (``batchnorm="recompute"``): the three become one
+* **BatchNorm -> ReLU / ReLU6 -> Conv, recomputed** (``batchnorm="recompute"``): the three become one
   op keeping the BatchNorm's input and channel statistics; the ReLU output the Conv would keep
   is rebuilt in backward (``passes/bn_relu_conv.py``). Exact gradients; forward and running
   statistics bit-identical to the modules'.
@@ -129,7 +129,8 @@ class ActivationMemory(PassConfig):
         silu: the same for SiLU.
         batchnorm: how BatchNorm stores its normalised input ``x_hat``: ``"bf16"``,
             ``"int8"`` or ``"off"``; or ``"recompute"``: a BatchNorm module feeding only a
-            ReLU that feeds only a Conv (ResNet, DenseNet) is fused with both, and the three
+            ReLU (or ReLU6, ``Hardtanh(0, upper)``) that feeds only a Conv (ResNet, DenseNet,
+            MobileNetV2) is fused with both, and the three
             keep only the BatchNorm's input and channel statistics (the ReLU output the Conv
             would keep is rebuilt in backward: exact gradients; ``passes/bn_relu_conv.py``).
             Other BatchNorms stay dense, with the reason.
@@ -354,6 +355,31 @@ def _ints(value: object, n: int) -> list[int] | None:
     return None
 
 
+def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | None, bool] | str:
+    """``(upper, keeps_input)`` for a ReLU of ``x`` (upper None) or a ``hardtanh(x, 0, upper)``
+    (ReLU6), where ``keeps_input``: its dense backward keeps its input besides its output (a
+    hardtanh does, in place too: autograd saves a clone of the input); else why not (appended
+    to the message, may be empty)."""
+    if act.op == "call_function" and act.args and act.args[0] is x:
+        if act.target is F.relu:
+            return None, False
+        if act.target is F.relu6:
+            return 6.0, True
+        if act.target is F.hardtanh:
+            low, high = _arg(act, 1, "min_val", -1.0), _arg(act, 2, "max_val", 1.0)
+            if low == 0 and isinstance(high, (int, float)) and high > 0:
+                return float(high), True
+            return f" (min_val={low!r}: only hardtanh(x, 0, upper) is a clipped ReLU)"
+    if act.op == "call_module" and len(act.args) == 1 and act.args[0] is x and not act.kwargs:
+        module = gm.get_submodule(str(act.target))
+        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            if _has_hooks(module):
+                return " (the activation module has hooks)"
+            if module.min_val == 0 and module.max_val > 0:
+                return float(module.max_val), True
+    return ""
+
+
 def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object):
     what = "batchnorm='recompute'"
     if module is None:
@@ -368,8 +394,10 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
     if len(node.users) != 1:
         return f"{what} needs one consumer (a ReLU); {node.name} has {len(node.users)}"
     relu = next(iter(node.users))
-    if not (relu.op == "call_function" and relu.target is F.relu and relu.args and relu.args[0] is node):
-        return f"{what} needs BatchNorm -> ReLU -> Conv; the BatchNorm feeds {relu.format_node()}"
+    upper = _relu_upper(gm, relu, node)
+    if isinstance(upper, str):
+        return f"{what} needs BatchNorm -> ReLU -> Conv; the BatchNorm feeds {relu.format_node()}{upper}"
+    upper, keeps_input = upper
     if len(relu.users) != 1:
         return f"{what} needs the ReLU to feed one Conv; {relu.name} has {len(relu.users)} consumers"
     conv = next(iter(relu.users))
@@ -392,8 +420,11 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
     for a in attrs:
         if a is not None:
             a.meta["sfx_module"] = prefix
-    op_module = ActMemBnReLUConv(module.momentum, module.eps, stride, padding, dilation, groups)
-    return op_module, (x, *attrs, weight, bias), sfx.tensor_bytes(relu), 0, conv
+    op_module = ActMemBnReLUConv(module.momentum, module.eps, stride, padding, dilation, groups, upper)
+    # freed: the activation's output (the conv's input) and, for a hardtanh, the BatchNorm
+    # output its backward kept
+    freed = (sfx.tensor_bytes(relu) or 0) + ((sfx.tensor_bytes(node) or 0) if keeps_input else 0)
+    return op_module, (x, *attrs, weight, bias), freed, 0, conv
 
 
 def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):

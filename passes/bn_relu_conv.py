@@ -1,7 +1,8 @@
-"""BatchNorm -> ReLU -> Conv as one op whose backward keeps only the BatchNorm's input.
+"""BatchNorm -> ReLU (or ReLU6) -> Conv as one op whose backward keeps only the BatchNorm's input.
 
 In ``conv -> BN -> ReLU -> conv`` (ResNet's bottleneck and basic block, DenseNet's
-``norm -> relu -> conv``), autograd keeps two dense tensors per link: BatchNorm's input ``x``
+``norm -> relu -> conv``, MobileNetV2's ``BN -> ReLU6 -> conv``), autograd keeps two dense
+tensors per link: BatchNorm's input ``x``
 (for its backward) and the ReLU's output ``r`` (for the ReLU's backward and the next conv's
 weight gradient). ``r`` is a per-channel affine map of ``x`` followed by a ReLU, so it can be
 rebuilt from ``x`` and the batch statistics in one elementwise pass. This op keeps ``x``, the
@@ -49,18 +50,20 @@ def _actmem_bn_relu_conv(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    upper: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op may not mutate an input it does not declare: the running statistics are
     # updated on copies the op module copies back (as ActMemBatchNorm does)
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, new_mean, new_var, True, momentum, eps)
-    out = conv_forward(y.relu_().to(weight.dtype), weight, bias, stride, padding, dilation, groups)
+    r = y.relu_() if upper is None else y.clamp_(0.0, upper)
+    out = conv_forward(r.to(weight.dtype), weight, bias, stride, padding, dilation, groups)
     return out, mean, invstd, new_mean, new_var
 
 
 @_actmem_bn_relu_conv.register_fake
 def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, bias, stride, padding, dilation,
-      groups):
+      groups, upper):
     spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     stats = x.new_empty(x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
     return (x.new_empty(x.shape[0], weight.shape[0], *spatial, dtype=weight.dtype), stats,
@@ -68,23 +71,25 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, b
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups = inputs
+    x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups, upper = inputs
     _, mean, invstd = output[:3]
     ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, weight)
     ctx.eps = eps
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.upper = bias is not None, upper
 
 
-def _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias) -> torch.Tensor:
-    """The ReLU output the conv read: ``relu(x * alpha + beta)`` per channel, the affine form
+def _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias, upper: float | None) -> torch.Tensor:
+    """The ReLU output the conv read: ``relu(x * alpha + beta)`` per channel (clamped to
+    ``[0, upper]`` for a ReLU6), the affine form
     the CPU BatchNorm kernel evaluates, in the statistics' precision (fp32 for a bf16 / fp16
     ``x``, as the kernel computes) and rounded to ``x``'s dtype as its output was."""
     alpha = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
     beta = -mean * alpha if bn_bias is None else bn_bias.to(invstd.dtype) - mean * alpha
     n = x.dim()
     y = torch.addcmul(_channel_view(beta, n), x.to(alpha.dtype), _channel_view(alpha, n))
-    return y.to(x.dtype).relu_()
+    y = y.to(x.dtype)
+    return y.relu_() if upper is None else y.clamp_(0.0, upper)
 
 
 def _backward(ctx, grad_out, *_unused):
@@ -92,7 +97,7 @@ def _backward(ctx, grad_out, *_unused):
     x, mean, invstd = in_backward(grad_out, x, mean, invstd)  # the ReLU output is rebuilt here
     need = ctx.needs_input_grad
     need_bn = need[0] or (need[1] and bn_weight is not None) or (need[2] and bn_bias is not None)
-    r = _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias)
+    r = _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias, ctx.upper)
     stride, padding, dilation, groups = ctx.conv
     grad_r, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out.contiguous(), r.to(weight.dtype), weight, [weight.shape[0]] if ctx.has_bias else None,
@@ -101,13 +106,16 @@ def _backward(ctx, grad_out, *_unused):
     )
     grad_x = grad_bw = grad_bb = None
     if need_bn:
-        # the ReLU's own backward kernel, on the rebuilt output
-        grad_y = torch.ops.aten.threshold_backward(grad_r.to(x.dtype), r, 0)
+        # the activation's own backward kernel, on the rebuilt output (0 < r < upper exactly
+        # where 0 < y < upper, so the clamp's mask reads the same from its output)
+        grad_r = grad_r.to(x.dtype)
+        grad_y = (torch.ops.aten.threshold_backward(grad_r, r, 0) if ctx.upper is None
+                  else torch.ops.aten.hardtanh_backward(grad_r, r, 0.0, ctx.upper))
         grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
             [bool(need[0]), bool(need[1] and bn_weight is not None), bool(need[2] and bn_bias is not None)],
         )
-    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None)
+    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None, None)
 
 
 register_autograd(_actmem_bn_relu_conv, _backward, _setup)
@@ -117,7 +125,8 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class ActMemBnReLUConv(nn.Module):
-    """Parameter-free ``convNd(relu(batch_norm(x)), weight, bias)`` with the original
+    """Parameter-free ``convNd(relu(batch_norm(x)), weight, bias)`` (``hardtanh(., 0, upper)``
+    for a ReLU6 when ``upper`` is set) with the original
     modules' tensors: ``forward(x, bn_weight, bn_bias, running_mean, running_var,
     num_batches_tracked, weight, bias)``. Training with grad keeps only ``x`` (and the channel
     statistics) for backward; eval, ``no_grad`` and recording off run the three original ops."""
@@ -125,19 +134,22 @@ class ActMemBnReLUConv(nn.Module):
     #: keeps ``x`` itself, dense (read by sfx memory_plan)
     keeps_dense_inputs = True
 
-    def __init__(self, momentum: float | None, eps: float, stride, padding, dilation, groups: int):
+    def __init__(self, momentum: float | None, eps: float, stride, padding, dilation, groups: int,
+                 upper: float | None = None):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.momentum, self.eps, self.upper = momentum, eps, upper
         self.stride, self.padding, self.dilation = [int(s) for s in stride], [int(p) for p in padding], [
             int(d) for d in dilation]
         self.groups = int(groups)
 
     def extra_repr(self) -> str:
-        return (f"batch_norm(momentum={self.momentum}, eps={self.eps}) -> relu -> conv{len(self.stride)}d, "
-                f"relu output recomputed in backward")
+        act = "relu" if self.upper is None else f"hardtanh(0, {self.upper})"
+        return (f"batch_norm(momentum={self.momentum}, eps={self.eps}) -> {act} -> conv{len(self.stride)}d, "
+                f"{act} output recomputed in backward")
 
     def _dense(self, y: torch.Tensor, weight, bias) -> torch.Tensor:
-        return _CONV[len(self.stride)](F.relu(y), weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        r = F.relu(y) if self.upper is None else F.hardtanh(y, 0.0, self.upper)
+        return _CONV[len(self.stride)](r, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias=None):
         if not self.training:
@@ -160,7 +172,7 @@ class ActMemBnReLUConv(nn.Module):
             with sfx.autocast_region(x.device.type) as cast:
                 out, _, _, new_mean, new_var = torch.ops.sparsify_fx.actmem_bn_relu_conv(
                     x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
-                    self.stride, self.padding, self.dilation, self.groups)
+                    self.stride, self.padding, self.dilation, self.groups, self.upper)
             with torch.no_grad():
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)

@@ -400,8 +400,9 @@ def test_recompute_is_only_for_activations_and_norms():
 
 
 class _PreActNet(nn.Module):
-    """DenseNet's ``norm -> relu -> conv`` twice (grouped, strided, biased convs; one BatchNorm
-    with momentum=None), a BatchNorm feeding an add, and a ReLU feeding a pool."""
+    """DenseNet's ``norm -> relu -> conv``, then ``norm -> hardtanh(0, 4) -> conv`` (grouped,
+    strided, biased convs; one BatchNorm with momentum=None), a BatchNorm feeding an add, and a
+    ReLU feeding a pool."""
 
     def __init__(self, width: int = 8, momentum: float | None = None):
         super().__init__()
@@ -409,24 +410,30 @@ class _PreActNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width, momentum=momentum)
         self.conv1 = nn.Conv2d(width, width, 3, padding=1, groups=2)
         self.bn2, self.conv2 = nn.BatchNorm2d(width), nn.Conv2d(width, 2 * width, 3, stride=2, bias=False)
+        self.clip = nn.Hardtanh(0.0, 4.0)  # a clipped ReLU, as ReLU6 is
         self.bn3 = nn.BatchNorm2d(2 * width)
         self.head = nn.Linear(2 * width, 3)
 
     def forward(self, x):
         x = self.stem(x)
         x = self.conv1(F.relu(self.bn1(x)))
-        y = self.conv2(torch.relu(self.bn2(x)))
+        y = self.conv2(self.clip(self.bn2(x)))
         y = F.relu(self.bn3(y) + y)
         return self.head(F.max_pool2d(y, 2).mean((2, 3)))
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["resnet18", "preact"])
+@pytest.mark.parametrize("case", ["resnet18", "mobilenet_v2", "preact"])
 def test_bn_relu_conv_recompute_gives_dense_grads_and_buffers_and_frees_the_relu_output(case, autocast):
     torch.manual_seed(0)
     if case == "resnet18":
         model, x = torchvision.models.resnet18(num_classes=5), torch.randn(2, 3, 32, 32)
         fused = 8  # conv1 -> bn1 -> relu -> conv2 in each basic block
+    elif case == "mobilenet_v2":
+        # BN -> ReLU6 (an nn.ReLU6 module, in place) -> conv: the stem, and expand and depthwise
+        # in each inverted residual (the first has no expansion)
+        model, x = torchvision.models.mobilenet_v2(num_classes=5, dropout=0.0), torch.randn(2, 3, 32, 32)
+        fused = 34
     else:
         model, x = _PreActNet(), torch.randn(4, 3, 12, 12)
         fused = 2
