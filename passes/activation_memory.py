@@ -293,12 +293,19 @@ def _linear_consumer(gm: fx.GraphModule, node: fx.Node, what: str):
     if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
             and consumer.args[0] is last):
         return f"{what} needs a Linear consumer; it feeds {consumer.format_node()}"
-    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
+    found = _parameter_operands(consumer, "consumer")
+    return found if isinstance(found, str) else (consumer, *found)
+
+
+def _parameter_operands(op: fx.Node, what: str) -> tuple[fx.Node, fx.Node | None] | str:
+    """``(weight, bias)`` of a Linear / Conv call when both are parameters (``get_attr``), else
+    why not."""
+    weight, bias = _arg(op, 1, "weight"), _arg(op, 2, "bias")
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return f"the consumer's weight is not a parameter: {consumer.format_node()}"
+        return f"the {what}'s weight is not a parameter: {op.format_node()}"
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-        return f"the consumer's bias is not a parameter: {consumer.format_node()}"
-    return consumer, weight, bias
+        return f"the {what}'s bias is not a parameter: {op.format_node()}"
+    return weight, bias
 
 
 def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: object, x: object):
@@ -404,11 +411,10 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
     n = _CONV_FUNCS.get(conv.target) if conv.op == "call_function" else None
     if n is None or _arg(conv, 0, "input") is not relu:
         return f"{what} needs BatchNorm -> ReLU -> Conv; the ReLU feeds {conv.format_node()}"
-    weight, bias = _arg(conv, 1, "weight"), _arg(conv, 2, "bias")
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return f"the Conv's weight is not a parameter: {conv.format_node()}"
-    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-        return f"the Conv's bias is not a parameter: {conv.format_node()}"
+    found = _parameter_operands(conv, "Conv")
+    if isinstance(found, str):
+        return found
+    weight, bias = found
     stride, padding = _ints(_arg(conv, 3, "stride", 1), n), _ints(_arg(conv, 4, "padding", 0), n)
     dilation, groups = _ints(_arg(conv, 5, "dilation", 1), n), _arg(conv, 6, "groups", 1)
     if stride is None or padding is None or dilation is None or not isinstance(groups, int):

@@ -25,14 +25,11 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 
+from .actmem_ops import _channel_view
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 
 __all__ = ["ActMemBnReLUConv"]
-
-
-def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return t.view(1, -1, *([1] * (ndim - 2)))
 
 
 @torch.library.custom_op("sparsify_fx::actmem_bn_relu_conv", mutates_args=())
