@@ -293,19 +293,12 @@ def _linear_consumer(gm: fx.GraphModule, node: fx.Node, what: str):
     if not (consumer.op == "call_function" and consumer.target is F.linear and consumer.args
             and consumer.args[0] is last):
         return f"{what} needs a Linear consumer; it feeds {consumer.format_node()}"
-    found = _parameter_operands(consumer, "consumer")
-    return found if isinstance(found, str) else (consumer, *found)
-
-
-def _parameter_operands(op: fx.Node, what: str) -> tuple[fx.Node, fx.Node | None] | str:
-    """``(weight, bias)`` of a Linear / Conv call when both are parameters (``get_attr``), else
-    why not."""
-    weight, bias = _arg(op, 1, "weight"), _arg(op, 2, "bias")
+    weight, bias = _arg(consumer, 1, "weight"), _arg(consumer, 2, "bias")
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return f"the {what}'s weight is not a parameter: {op.format_node()}"
+        return f"the consumer's weight is not a parameter: {consumer.format_node()}"
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-        return f"the {what}'s bias is not a parameter: {op.format_node()}"
-    return weight, bias
+        return f"the consumer's bias is not a parameter: {consumer.format_node()}"
+    return consumer, weight, bias
 
 
 def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: object, x: object):
@@ -349,17 +342,6 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
                 or not isinstance(eps, (int, float)):
             return "normalized_shape / eps are not constants"
     return ActMemLnLinear(tuple(shape), float(eps)), (x, ln_w, ln_b, weight, bias), sfx.tensor_bytes(node), 0, consumer
-
-
-_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-
-
-def _ints(value: object, n: int) -> list[int] | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value] * n
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-        return [int(v) for v in value] if len(value) == n else [int(value[0])] * n if len(value) == 1 else None
-    return None
 
 
 def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | None, bool] | str:
@@ -408,17 +390,14 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
     if len(relu.users) != 1:
         return f"{what} needs the ReLU to feed one Conv; {relu.name} has {len(relu.users)} consumers"
     conv = next(iter(relu.users))
-    n = _CONV_FUNCS.get(conv.target) if conv.op == "call_function" else None
-    if n is None or _arg(conv, 0, "input") is not relu:
-        return f"{what} needs BatchNorm -> ReLU -> Conv; the ReLU feeds {conv.format_node()}"
-    found = _parameter_operands(conv, "Conv")
-    if isinstance(found, str):
-        return found
-    weight, bias = found
-    stride, padding = _ints(_arg(conv, 3, "stride", 1), n), _ints(_arg(conv, 4, "padding", 0), n)
-    dilation, groups = _ints(_arg(conv, 5, "dilation", 1), n), _arg(conv, 6, "groups", 1)
-    if stride is None or padding is None or dilation is None or not isinstance(groups, int):
-        return f"the Conv's stride / padding / dilation / groups are not integer constants: {conv.format_node()}"
+    op = sfx.dense_op(gm, conv) if conv.op == "call_function" else None
+    if not isinstance(op, sfx.DenseOp) or op.kind != "conv" or op.input is not relu:
+        why = f" ({op})" if isinstance(op, str) else ""
+        return f"{what} needs BatchNorm -> ReLU -> Conv; the ReLU feeds {conv.format_node()}{why}"
+    if isinstance(op.padding, str):
+        return f"{what}: the Conv's padding={op.padding!r} is not explicit: {conv.format_node()}"
+    weight, bias = op.weight, op.bias
+    stride, padding, dilation, groups = op.stride, op.padding, op.dilation, op.groups
     prefix = str(node.target)
     with gm.graph.inserting_before(node):
         attrs = [gm.graph.get_attr(f"{prefix}.{name}") if getattr(module, name) is not None else None

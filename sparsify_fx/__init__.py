@@ -28,6 +28,7 @@ from .errors import (
 )
 from .graph import (
     DenseOp,
+    dense_op,
     find_dense_ops,
     install_module,
     module_name_of,
@@ -59,7 +60,7 @@ __all__ = [
     "Capture", "CAPTURE_METHODS", "VerifyReport", "ExplainReport", "SparsifyRecord",
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
     "parse_recipe", "resolve_recipe", "check_range",
-    "DenseOp", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
+    "DenseOp", "dense_op", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
     "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
     "memory_plan", "MemoryPlan", "TensorLiveness",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DenseOp",
+    "dense_op",
     "find_dense_ops",
     "install_module",
     "module_name_of",
@@ -172,6 +173,49 @@ def _param_name(gm: fx.GraphModule, node: Any) -> str | None:
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 
+def dense_op(gm: fx.GraphModule, node: fx.Node) -> DenseOp | str | None:
+    """The :class:`DenseOp` of one ``call_function`` node of a canonical graph; a string saying
+    why a matmul-like node is not one (an operand that is not a parameter); None for any other
+    node."""
+    target = node.target
+    if target is F.linear or target in _CONV_FUNCS:
+        x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        wname = _param_name(gm, w)
+        if wname is None:
+            return "weight is not a parameter of the model"
+        if b is not None and _param_name(gm, b) is None:
+            return "bias is not a parameter of the model"
+        module = module_name_of(node) or wname.rpartition(".")[0]
+        op = DenseOp(node, "linear", x, w, b, wname, module, _module_type_of(gm, module))
+        if target in _CONV_FUNCS:
+            n = _CONV_FUNCS[target]
+            op.kind = "conv"
+            op.conv_ndim = n
+            op.stride = _tuple(_arg(node, 3, "stride", 1), n)
+            padding = _arg(node, 4, "padding", 0)
+            op.padding = padding if isinstance(padding, str) else _tuple(padding, n)
+            op.dilation = _tuple(_arg(node, 5, "dilation", 1), n)
+            op.groups = int(_arg(node, 6, "groups", 1))
+        return op
+    if target is torch.matmul or target is torch.addmm:
+        if target is torch.matmul:
+            x, w, b = node.args[0], node.args[1], None
+        else:
+            b, x, w = node.args[0], node.args[1], node.args[2]
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                return "addmm with alpha/beta != 1"
+        wname = _param_name(gm, w)
+        if wname is None:
+            return "no operand is a parameter (activation x activation)"
+        if gm.get_parameter(wname).dim() != 2:
+            return "parameter operand is not 2-D"
+        if b is not None and _param_name(gm, b) is None:
+            return "bias is not a parameter of the model"
+        module = module_name_of(node) or wname.rpartition(".")[0]
+        return DenseOp(node, "matmul", x, w, b, wname, module, _module_type_of(gm, module))
+    return None
+
+
 def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Node, str]]]:
     """Every Linear / Conv / matmul-against-a-parameter in a canonical graph.
 
@@ -193,48 +237,11 @@ def find_dense_ops(gm: fx.GraphModule) -> tuple[list[DenseOp], list[tuple[fx.Nod
             continue
         if node.op != "call_function":
             continue
-        target = node.target
-        if target is F.linear or target in _CONV_FUNCS:
-            x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
-            wname = _param_name(gm, w)
-            if wname is None:
-                unmatched.append((node, "weight is not a parameter of the model"))
-                continue
-            if b is not None and _param_name(gm, b) is None:
-                unmatched.append((node, "bias is not a parameter of the model"))
-                continue
-            module = module_name_of(node) or wname.rpartition(".")[0]
-            op = DenseOp(node, "linear", x, w, b, wname, module, _module_type_of(gm, module))
-            if target in _CONV_FUNCS:
-                n = _CONV_FUNCS[target]
-                op.kind = "conv"
-                op.conv_ndim = n
-                op.stride = _tuple(_arg(node, 3, "stride", 1), n)
-                padding = _arg(node, 4, "padding", 0)
-                op.padding = padding if isinstance(padding, str) else _tuple(padding, n)
-                op.dilation = _tuple(_arg(node, 5, "dilation", 1), n)
-                op.groups = int(_arg(node, 6, "groups", 1))
-            ops.append(op)
-        elif target is torch.matmul or target is torch.addmm:
-            if target is torch.matmul:
-                x, w, b = node.args[0], node.args[1], None
-            else:
-                b, x, w = node.args[0], node.args[1], node.args[2]
-                if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                    unmatched.append((node, "addmm with alpha/beta != 1"))
-                    continue
-            wname = _param_name(gm, w)
-            if wname is None:
-                unmatched.append((node, "no operand is a parameter (activation x activation)"))
-                continue
-            if gm.get_parameter(wname).dim() != 2:
-                unmatched.append((node, "parameter operand is not 2-D"))
-                continue
-            if b is not None and _param_name(gm, b) is None:
-                unmatched.append((node, "bias is not a parameter of the model"))
-                continue
-            module = module_name_of(node) or wname.rpartition(".")[0]
-            ops.append(DenseOp(node, "matmul", x, w, b, wname, module, _module_type_of(gm, module)))
+        found = dense_op(gm, node)
+        if isinstance(found, DenseOp):
+            ops.append(found)
+        elif found is not None:
+            unmatched.append((node, found))
     return ops, unmatched
 
 
