@@ -718,29 +718,47 @@ class ActMemBatchNorm(nn.Module):
         return f"momentum={self.momentum}, eps={self.eps}, storage={self.storage}"
 
     def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked):
+        factor = _bn_factor(self, num_batches_tracked)
         if not self.training:
-            factor = 0.0 if self.momentum is None else self.momentum
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, factor, self.eps)
-        factor = self.momentum
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(num_batches_tracked)
-        factor = 0.0 if factor is None else factor
         if _recording(x, weight, bias) and _compressible(x, self.storage):
-            if x.numel() // x.shape[1] == 1:
-                # F.batch_norm's own check; the raw aten kernel would return NaNs instead
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
-                )
+            _check_batch(x)
             out, *_, new_mean, new_var = torch.ops.sparsify_fx.actmem_batch_norm(
                 x, weight, bias, running_mean, running_var, factor, self.eps, self.storage, self.block
             )
-            with torch.no_grad():
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
+            _copy_stats(running_mean, running_var, new_mean, new_var)
             return out
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
+
+
+# shared with the BatchNorm -> ReLU -> Conv op module (passes/bn_relu_conv.py): what
+# nn.BatchNorm does around its kernel
+
+
+def _bn_factor(op: nn.Module, num_batches_tracked: torch.Tensor | None) -> float:
+    """The running-average factor ``nn.BatchNorm`` passes to ``F.batch_norm`` (``op.momentum``;
+    ``None``: a cumulative average), counting the batch in ``num_batches_tracked`` in training."""
+    if not op.training:
+        return 0.0 if op.momentum is None else op.momentum
+    factor = op.momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if op.momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    return 0.0 if factor is None else factor
+
+
+def _check_batch(x: torch.Tensor) -> None:
+    if x.numel() // x.shape[1] == 1:
+        # F.batch_norm's own check; the raw aten kernel would return NaNs instead
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+
+
+def _copy_stats(running_mean, running_var, new_mean, new_var) -> None:
+    """Write back the running statistics a functional op updated on copies."""
+    with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
 
 
 class ActMemLayerNorm(nn.Module):

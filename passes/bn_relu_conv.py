@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 
-from .actmem_ops import _channel_view
+from .actmem_ops import _bn_factor, _channel_view, _check_batch, _copy_stats, _recording
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 
@@ -149,30 +149,14 @@ class ActMemBnReLUConv(nn.Module):
         return _CONV[len(self.stride)](r, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias=None):
-        if not self.training:
-            factor = 0.0 if self.momentum is None else self.momentum
-            y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, False, factor, self.eps)
-            return self._dense(y, weight, bias)
-        factor = self.momentum
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(num_batches_tracked)
-        factor = 0.0 if factor is None else factor
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, bn_weight, bn_bias, weight, bias)):
-            if x.numel() // x.shape[1] == 1:
-                # F.batch_norm's own check; the raw aten kernel would return NaNs instead
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
-                )
+        factor = _bn_factor(self, num_batches_tracked)
+        if self.training and _recording(x, bn_weight, bn_bias, weight, bias):
+            _check_batch(x)
             with sfx.autocast_region(x.device.type) as cast:
                 out, _, _, new_mean, new_var = torch.ops.sparsify_fx.actmem_bn_relu_conv(
                     x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
                     self.stride, self.padding, self.dilation, self.groups, self.upper)
-            with torch.no_grad():
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
+            _copy_stats(running_mean, running_var, new_mean, new_var)
             return out
-        y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, True, factor, self.eps)
+        y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, self.training, factor, self.eps)
         return self._dense(y, weight, bias)
