@@ -66,9 +66,23 @@ CONFIGS: dict[str, list | None] = {
     "dropit+actmem": [sfx.DropIT(keep=0.1), sfx.ActivationMemory()],
     # + attention q, k, v in bf16 (opt-in: approximate; only models with SDPA are affected)
     "dropit+actmem+attn": [sfx.DropIT(keep=0.1), sfx.ActivationMemory(attention="bf16")],
+    # the norms / activations / attention in bf16, 1-bit ReLU: MemoryBudget's compress-light
+    "actmem+attn": [sfx.ActivationMemory(attention="bf16")],
     # every saved tensor in bf16, Linear / Conv inputs included, no DropIT (MemoryBudget's
     # compress-bf16 choice on every block)
     "actmem+bf16": [sfx.ActivationMemory(attention="bf16", dense="bf16")],
+    # the exact fusions (BatchNorm -> ReLU -> Conv, GELU / LayerNorm -> Linear recomputed) and
+    # 1-bit ReLU: MemoryBudget's compress-exact choice on every block
+    "actmem:fused": [sfx.ActivationMemory(gelu="recompute", silu="recompute", layernorm="recompute",
+                                          batchnorm="recompute")],
+    # the same fusions keeping bf16 inputs, the rest bf16, attention bf16: compress-light
+    "actmem:fused-bf16": [sfx.ActivationMemory(gelu="recompute-bf16", silu="recompute-bf16",
+                                               layernorm="recompute-bf16", batchnorm="recompute-bf16",
+                                               attention="bf16")],
+    # and the Linear / Conv inputs the fusions leave bf16 too: compress-bf16
+    "actmem:fused-bf16+dense": [sfx.ActivationMemory(gelu="recompute-bf16", silu="recompute-bf16",
+                                                     layernorm="recompute-bf16", batchnorm="recompute-bf16",
+                                                     attention="bf16", dense="bf16")],
     # the planner: compress (DropIT keep=0.1 + ActivationMemory) or recompute per block, 0.4x
     "budget:0.4": [sfx.MemoryBudget(fraction=0.4, keep=0.1)],
 }

@@ -41,6 +41,12 @@ layers have to stop holding dense tensors as well. Per op (training mode, grad e
   op keeping the BatchNorm's input and channel statistics; the ReLU output the Conv would keep
   is rebuilt in backward (``passes/bn_relu_conv.py``). Exact gradients; forward and running
   statistics bit-identical to the modules'.
+* **Fused and bf16** (``"recompute-bf16"`` for ``gelu`` / ``silu`` / ``layernorm`` /
+  ``batchnorm``): the same fusions, but the fused op keeps a bf16 copy of its input (of the
+  normalised ``x_hat`` for the norms) instead of the input itself, and the ops that do not fuse
+  store bf16 as with ``"bf16"``. Approximate, with the bf16 bounds above: of all forms it keeps
+  the least per link without DropIT (a ResNet ``BN -> ReLU -> Conv`` link keeps 2 bytes per
+  element instead of the exact fusion's 4 or ``"bf16"``'s 2 + 4).
 
 * **Scale by a parameter** (``alpha * x`` / ``x * gamma`` with a learned per-channel or scalar
   ``alpha``: LayerScale, ResMLP's Affine, ConvNeXt's ``layer_scale``): the dense backward keeps
@@ -104,6 +110,8 @@ __all__ = [
 ]
 
 _STORAGE = ("bf16", "int8", "off")
+#: fused with the consumer and recomputed in backward, keeping the input exactly or as bf16
+_FUSED = ("recompute", "recompute-bf16")
 
 #: documented gradient-error constants (see the module docstring): for bf16 storage
 #: ``|dgrad| <= bound * |grad_out|``; for int8 ``|dgrad| <= bound * absmax_block * |grad_out|``.
@@ -134,6 +142,9 @@ class ActivationMemory(PassConfig):
             keep only the BatchNorm's input and channel statistics (the ReLU output the Conv
             would keep is rebuilt in backward: exact gradients; ``passes/bn_relu_conv.py``).
             Other BatchNorms stay dense, with the reason.
+            ``"recompute-bf16"`` (this and ``gelu`` / ``silu`` / ``layernorm``): the same fusion
+            keeping a bf16 copy of the input (of ``x_hat`` for a norm) instead of the input,
+            approximate; the ops that do not fuse store ``"bf16"``.
         layernorm: the same for LayerNorm; ``"recompute"`` fuses a LayerNorm whose only
             consumer is a Linear with it and recomputes the normalised tensor in backward
             (exact; the pair keeps the LayerNorm's input and its row statistics).
@@ -175,7 +186,7 @@ class ActivationMemory(PassConfig):
             raise ConfigError(f"ActivationMemory.relu must be 'bitmask' or 'off', got {self.relu!r}")
         for name in ("gelu", "silu", "batchnorm", "layernorm", "scale", "attention"):
             value = getattr(self, name)
-            if value == "recompute" and name in ("gelu", "silu", "layernorm", "batchnorm"):
+            if value in _FUSED and name in ("gelu", "silu", "layernorm", "batchnorm"):
                 continue
             if value not in _STORAGE:
                 raise ConfigError(
@@ -232,7 +243,8 @@ def _plan_functional_batch_norm(node: fx.Node, x, config, numel, before):
     """``F.batch_norm`` as Dynamo writes an inlined BatchNorm: it updates the running statistics
     in place, with the exponential-average factor already computed (``num_batches_tracked`` is
     a separate op). The op module does the same given no counter."""
-    if config.batchnorm == "off":
+    storage = _unfused(config.batchnorm)
+    if storage == "off":
         return "batchnorm='off'"
     mean, var = _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")
     weight, bias = _arg(node, 3, "weight"), _arg(node, 4, "bias")
@@ -243,8 +255,8 @@ def _plan_functional_batch_norm(node: fx.Node, x, config, numel, before):
         return "functional batch_norm without running statistics (track_running_stats=False) is not supported"
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not isinstance(eps, (int, float)):
         return "momentum / eps are not constants (BatchNorm with momentum=None)"
-    op_module = ActMemBatchNorm(float(momentum), float(eps), config.batchnorm, config.block_size)
-    return op_module, (x, weight, bias, mean, var, None), before, _stored_bytes(numel, config.batchnorm, config.block_size)
+    op_module = ActMemBatchNorm(float(momentum), float(eps), storage, config.block_size)
+    return op_module, (x, weight, bias, mean, var, None), before, _stored_bytes(numel, storage, config.block_size)
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node):
@@ -301,7 +313,28 @@ def _linear_consumer(gm: fx.GraphModule, node: fx.Node, what: str):
     return consumer, weight, bias
 
 
-def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: object, x: object):
+def _store(storage: str) -> str:
+    """The fused op's ``store`` for a ``_FUSED`` setting."""
+    return "bf16" if storage == "recompute-bf16" else "exact"
+
+
+def _unfused(storage: str) -> str:
+    """How an op stores what it keeps when it does not fuse: ``"recompute-bf16"`` falls back to
+    ``"bf16"``."""
+    return "bf16" if storage == "recompute-bf16" else storage
+
+
+def _fused_bytes(x: fx.Node, store: str, freed: int | None):
+    """``(before, after)`` of a fused op: ``freed`` (what the consumer kept) alone when it keeps
+    ``x`` itself, else also ``x``'s hold, against the bf16 copy it keeps instead."""
+    if store == "exact":
+        return freed, 0
+    numel = _numel_of(x)
+    return (freed or 0) + (sfx.tensor_bytes(x) or 0), None if numel is None else 2 * numel
+
+
+def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: object, x: object,
+                     store: str = "exact"):
     if not isinstance(approximate, str):
         return "approximate is not a constant"
     if not isinstance(x, fx.Node):
@@ -312,10 +345,12 @@ def _plan_act_linear(gm: fx.GraphModule, node: fx.Node, op: str, approximate: ob
     if isinstance(found, str):
         return found
     consumer, weight, bias = found
-    return ActMemActLinear(op, approximate), (x, weight, bias), sfx.tensor_bytes(node), 0, consumer
+    before, after = _fused_bytes(x, store, sfx.tensor_bytes(node))
+    return ActMemActLinear(op, approximate, store), (x, weight, bias), before, after, consumer
 
 
-def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object):
+def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object,
+                    store: str = "exact"):
     if not isinstance(x, fx.Node):
         return "input is not a graph value"
     found = _linear_consumer(gm, node, "layernorm='recompute'")
@@ -341,7 +376,8 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
         if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) for d in shape) \
                 or not isinstance(eps, (int, float)):
             return "normalized_shape / eps are not constants"
-    return ActMemLnLinear(tuple(shape), float(eps)), (x, ln_w, ln_b, weight, bias), sfx.tensor_bytes(node), 0, consumer
+    before, after = _fused_bytes(x, store, sfx.tensor_bytes(node))
+    return ActMemLnLinear(tuple(shape), float(eps), store), (x, ln_w, ln_b, weight, bias), before, after, consumer
 
 
 def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | None, bool] | str:
@@ -369,7 +405,8 @@ def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | N
     return ""
 
 
-def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object):
+def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object,
+                       store: str = "exact"):
     what = "batchnorm='recompute'"
     if module is None:
         return (f"{what} fuses BatchNorm modules; a functional batch_norm (a torch.compile graph) "
@@ -405,11 +442,11 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
     for a in attrs:
         if a is not None:
             a.meta["sfx_module"] = prefix
-    op_module = ActMemBnReLUConv(module.momentum, module.eps, stride, padding, dilation, groups, upper)
+    op_module = ActMemBnReLUConv(module.momentum, module.eps, stride, padding, dilation, groups, upper, store)
     # freed: the activation's output (the conv's input) and, for a hardtanh, the BatchNorm
     # output its backward kept
     freed = (sfx.tensor_bytes(relu) or 0) + ((sfx.tensor_bytes(node) or 0) if keeps_input else 0)
-    return op_module, (x, *attrs, weight, bias), freed, 0, conv
+    return (op_module, (x, *attrs, weight, bias), *_fused_bytes(x, store, freed), conv)
 
 
 def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
@@ -497,8 +534,11 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         if storage == "off":
             return f"{op}='off'"
         approximate = _arg(node, 1, "approximate", "none") if op == "gelu" else "none"
-        if storage == "recompute":
-            return _plan_act_linear(gm, node, op, approximate, x)
+        if storage in _FUSED:
+            fused = _plan_act_linear(gm, node, op, approximate, x, _store(storage))
+            if storage == "recompute" or not isinstance(fused, str):
+                return fused
+            storage = "bf16"  # "recompute-bf16" where the pair does not fuse
         inplace = _arg(node, 1, "inplace", False) if op == "silu" else False
         if not isinstance(approximate, str) or not isinstance(inplace, bool):
             return "approximate / inplace are not constants"
@@ -508,14 +548,19 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         return module, (x,), before, _stored_bytes(numel, storage, config.block_size)
     g = gm.graph
     prefix = str(node.target)
-    if op == "batch_norm" and config.batchnorm == "recompute":
-        return _plan_bn_relu_conv(gm, node, module, x)
+    if op == "batch_norm" and config.batchnorm in _FUSED:
+        fused = _plan_bn_relu_conv(gm, node, module, x, _store(config.batchnorm))
+        if config.batchnorm == "recompute" or not isinstance(fused, str):
+            return fused
     if op == "batch_norm" and module is None:
         return _plan_functional_batch_norm(node, x, config, numel, before)
-    if op == "layer_norm" and config.layernorm == "recompute":
-        return _plan_ln_linear(gm, node, module, x)
+    if op == "layer_norm" and config.layernorm in _FUSED:
+        fused = _plan_ln_linear(gm, node, module, x, _store(config.layernorm))
+        if config.layernorm == "recompute" or not isinstance(fused, str):
+            return fused
+    layernorm, batchnorm = _unfused(config.layernorm), _unfused(config.batchnorm)
     if op == "layer_norm" and module is None:
-        if config.layernorm == "off":
+        if layernorm == "off":
             return "layernorm='off'"
         shape = _arg(node, 1, "normalized_shape")
         weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
@@ -525,10 +570,10 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
             return "normalized_shape is not a constant"
         if not isinstance(eps, (int, float)):
             return "eps is not a constant"
-        op_module = ActMemLayerNorm(tuple(shape), float(eps), config.layernorm, config.block_size)
-        return op_module, (x, weight, bias), before, _stored_bytes(numel, config.layernorm, config.block_size)
+        op_module = ActMemLayerNorm(tuple(shape), float(eps), layernorm, config.block_size)
+        return op_module, (x, weight, bias), before, _stored_bytes(numel, layernorm, config.block_size)
     if op == "batch_norm":
-        if config.batchnorm == "off":
+        if batchnorm == "off":
             return "batchnorm='off'"
         if _has_hooks(module):
             return "module has hooks; kept as a module call"
@@ -544,10 +589,10 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         for a in attrs:
             if a is not None:
                 a.meta["sfx_module"] = prefix
-        op_module = ActMemBatchNorm(module.momentum, module.eps, config.batchnorm, config.block_size)
-        return op_module, (x, *attrs), before, _stored_bytes(numel, config.batchnorm, config.block_size)
+        op_module = ActMemBatchNorm(module.momentum, module.eps, batchnorm, config.block_size)
+        return op_module, (x, *attrs), before, _stored_bytes(numel, batchnorm, config.block_size)
     # layer_norm
-    if config.layernorm == "off":
+    if layernorm == "off":
         return "layernorm='off'"
     if _has_hooks(module):
         return "module has hooks; kept as a module call"
@@ -561,8 +606,12 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
     for a in attrs:
         if a is not None:
             a.meta["sfx_module"] = prefix
-    op_module = ActMemLayerNorm(module.normalized_shape, module.eps, config.layernorm, config.block_size)
-    return op_module, (x, *attrs), before, _stored_bytes(numel, config.layernorm, config.block_size)
+    op_module = ActMemLayerNorm(module.normalized_shape, module.eps, layernorm, config.block_size)
+    return op_module, (x, *attrs), before, _stored_bytes(numel, layernorm, config.block_size)
+
+
+def _fused_storage(op_module: nn.Module) -> str:
+    return "recompute" if getattr(op_module, "store", "exact") == "exact" else "recompute-bf16"
 
 
 @sfx.register_pass(ActivationMemory, name="actmem")
@@ -610,7 +659,7 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
             Rewrite(
                 ctx.pass_name, origin, ctx.qualified(module_name), op, target,
                 saved_bytes_before=before, saved_bytes_after=after,
-                details={"storage": getattr(op_module, "storage", "recompute" if fused else "bitmask"),
+                details={"storage": getattr(op_module, "storage", _fused_storage(op_module) if fused else "bitmask"),
                          **({"fused_linear": ctx.qualified(linear)} if fused else {})},
             )
         )

@@ -26,6 +26,10 @@ __all__ = [
     "NONFINITE_CODE",
     "compress",
     "decompress",
+    "bn_payload",
+    "bn_backward_from_payload",
+    "ln_payload",
+    "ln_backward_from_payload",
     "ActMemReLU",
     "ActMemActivation",
     "ActMemBatchNorm",
@@ -218,26 +222,35 @@ def _activation(h: torch.Tensor, kind: str, approximate: str) -> torch.Tensor:
 
 @torch.library.custom_op("sparsify_fx::actmem_act_linear", mutates_args=())
 def _actmem_act_linear(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str
-) -> torch.Tensor:
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str, store: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     # the activation runs in h's dtype and its output is cast to the Linear's, as autocast does
-    return F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias)
+    out = F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias)
+    # store "bf16": backward reads a bf16 copy of h (exact, or h already 2-byte: a placeholder)
+    payload = _to_bf16(h.detach()) if _bf16_copy(h, store) else h.new_empty(0)
+    return out, payload
+
+
+def _bf16_copy(x: torch.Tensor, store: str) -> bool:
+    return store == "bf16" and _compressible(x, "bf16")
 
 
 @_actmem_act_linear.register_fake
-def _(h, weight, bias, kind, approximate):
-    return h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+def _(h, weight, bias, kind, approximate, store):
+    payload = torch.empty_like(h, dtype=torch.bfloat16) if _bf16_copy(h, store) else h.new_empty(0)
+    return h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=weight.dtype), payload
 
 
 def _act_linear_setup(ctx, inputs, output) -> None:
-    h, weight, bias, kind, approximate = inputs
-    ctx.save_for_backward(h, weight)
-    ctx.kind, ctx.approximate, ctx.has_bias = kind, approximate, bias is not None
+    h, weight, bias, kind, approximate, store = inputs
+    ctx.save_for_backward(output[1] if _bf16_copy(h, store) else h, weight)
+    ctx.kind, ctx.approximate, ctx.has_bias, ctx.dtype = kind, approximate, bias is not None, h.dtype
 
 
-def _act_linear_backward(ctx, grad_y):
+def _act_linear_backward(ctx, grad_y, *_unused):
     h, weight = ctx.saved_tensors
     (h,) = in_backward(grad_y, h)  # the activation is recomputed here, not in forward
+    h = h.to(ctx.dtype)  # a bf16 copy (store "bf16") back to the input's dtype
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     g = _activation(h, ctx.kind, ctx.approximate).to(weight.dtype)  # the recomputed activation
     grad_h = grad_w = grad_b = None
@@ -251,7 +264,7 @@ def _act_linear_backward(ctx, grad_y):
             grad_h = torch.ops.aten.gelu_backward(grad_g, h, approximate=ctx.approximate)
         else:
             grad_h = torch.ops.aten.silu_backward(grad_g, h)
-    return grad_h, grad_w, grad_b, None, None
+    return grad_h, grad_w, grad_b, None, None, None
 
 
 register_autograd(_actmem_act_linear, _act_linear_backward, _act_linear_setup)
@@ -283,13 +296,18 @@ def _actmem_batch_norm(
     out, mean, invstd = torch.ops.aten.native_batch_norm(
         x, weight, bias, new_mean, new_var, True, momentum, eps
     )
+    payload, scale = bn_payload(x, mean, invstd, storage, block)
+    return out, payload, scale, mean, invstd, new_mean, new_var
+
+
+def bn_payload(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, storage: str,
+               block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's normalised input ``x_hat`` compressed (:func:`compress`'s ``(payload, scale)``)."""
     kernels = cpu_kernels.for_tensors(x) if storage == "bf16" and x.dtype == torch.float32 else None
     if kernels is not None:  # normalise, saturate and round to bf16 in one pass
-        payload, scale = kernels.normalize_bf16(x.detach(), mean, invstd), x.new_empty(0)
-    else:
-        x_hat = (x.detach() - _channel_view(mean, x.dim())).mul_(_channel_view(invstd, x.dim()))
-        payload, scale = compress(x_hat, storage, block)
-    return out, payload, scale, mean, invstd, new_mean, new_var
+        return kernels.normalize_bf16(x.detach(), mean, invstd), x.new_empty(0)
+    x_hat = (x.detach() - _channel_view(mean, x.dim())).mul_(_channel_view(invstd, x.dim()))
+    return compress(x_hat, storage, block)
 
 
 @_actmem_batch_norm.register_fake
@@ -314,15 +332,23 @@ def _bn_backward(ctx, grad_out, *_unused):
     payload, scale, invstd, weight = ctx.saved_tensors
     payload, scale = in_backward(grad_out, payload, scale)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grads = bn_backward_from_payload(grad_out, payload, scale, invstd, weight, ctx.shape, ctx.dtype,
+                                     (bool(need_x), bool(need_w and weight is not None),
+                                      bool(need_b and ctx.has_bias)))
+    return (*grads, None, None, None, None, None, None)
+
+
+def bn_backward_from_payload(grad_out, payload, scale, invstd, weight, shape, dtype, need):
+    """BatchNorm's ``(grad_x, grad_weight, grad_bias)`` (``None`` where ``need`` is False) read
+    from a compressed ``x_hat`` (:func:`bn_payload`) and the channel ``invstd``."""
     eff_weight = invstd * weight if weight is not None else invstd
     kernels = None
-    if payload.dtype == torch.bfloat16 and ctx.dtype == grad_out.dtype == eff_weight.dtype == torch.float32:
+    if payload.dtype == torch.bfloat16 and dtype == grad_out.dtype == eff_weight.dtype == torch.float32:
         kernels = cpu_kernels.for_tensors(grad_out, payload, eff_weight)
     if kernels is not None:  # two passes over grad and the bf16 x_hat, no fp32 copy of it
-        grad_x, grad_w, grad_b = kernels.bn_backward_bf16(grad_out, payload, eff_weight, bool(need_x))
-        return (grad_x if need_x else None, grad_w if need_w and weight is not None else None,
-                grad_b if need_b and ctx.has_bias else None, None, None, None, None, None, None)
-    x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
+        grad_x, grad_w, grad_b = kernels.bn_backward_bf16(grad_out, payload, eff_weight, need[0])
+        return tuple(g if n else None for g, n in zip((grad_x, grad_w, grad_b), need))
+    x_hat = decompress(payload, scale, shape, dtype)
     # the fused kernel computes x_hat = (input - mean) * invstd and scales grad_x by
     # weight * invstd; feeding it x_hat, mean 0, invstd 1, weight*invstd is the same formula
     # re-centring on the stored x_hat's own channel mean (the kernel subtracts save_mean)
@@ -330,12 +356,9 @@ def _bn_backward(ctx, grad_out, *_unused):
     # gradient instead of the bf16 rounding of sum(x_hat)
     dims = [d for d in range(x_hat.dim()) if d != 1]
     centre = x_hat.mean(dims, dtype=invstd.dtype)
-    grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-        grad_out, x_hat, eff_weight.to(ctx.dtype), None, None,
-        centre, torch.ones_like(invstd), True, 0.0,
-        [bool(need_x), bool(need_w and weight is not None), bool(need_b and ctx.has_bias)],
-    )
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    return tuple(torch.ops.aten.native_batch_norm_backward(
+        grad_out, x_hat, eff_weight.to(dtype), None, None, centre, torch.ones_like(invstd), True, 0.0, list(need),
+    ))
 
 
 register_autograd(_actmem_batch_norm, _bn_backward, _bn_setup)
@@ -355,9 +378,14 @@ def _actmem_layer_norm(
     block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
-    x_hat = (x.detach() - mean).mul_(rstd)
-    payload, scale = compress(x_hat, storage, block)
+    payload, scale = ln_payload(x, mean, rstd, storage, block)
     return out, payload, scale, mean, rstd
+
+
+def ln_payload(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, storage: str,
+               block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm's normalised input ``x_hat`` compressed (:func:`compress`'s ``(payload, scale)``)."""
+    return compress((x.detach() - mean).mul_(rstd), storage, block)
 
 
 @_actmem_layer_norm.register_fake
@@ -380,17 +408,25 @@ def _ln_backward(ctx, grad_out, *_unused):
     payload, scale, rstd, weight, bias = ctx.saved_tensors
     payload, scale = in_backward(grad_out, payload, scale)
     need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-    x_hat = decompress(payload, scale, ctx.shape, ctx.dtype)
+    grad_x, grad_w, grad_b = ln_backward_from_payload(
+        grad_out, payload, scale, rstd, weight, bias, ctx.normalized_shape, ctx.shape, ctx.dtype,
+        (bool(need_x), bool(need_w and weight is not None), bool(need_b and bias is not None)))
+    return grad_x, None, grad_w, grad_b, None, None, None
+
+
+def ln_backward_from_payload(grad_out, payload, scale, rstd, weight, bias, normalized_shape, shape, dtype, need):
+    """LayerNorm's ``(grad_x, grad_weight, grad_bias)`` read from a compressed ``x_hat``
+    (:func:`ln_payload`) and the row ``rstd``."""
+    x_hat = decompress(payload, scale, shape, dtype)
     # with mean 0 and rstd 1 the kernel's x_hat is the stored one; grad_x then lacks only the
     # per-row rstd factor, applied after
     grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-        grad_out, x_hat, ctx.normalized_shape, torch.zeros_like(rstd), torch.ones_like(rstd),
-        weight, bias,
-        [bool(need_x), bool(need_w and weight is not None), bool(need_b and bias is not None)],
+        grad_out, x_hat, list(normalized_shape), torch.zeros_like(rstd), torch.ones_like(rstd), weight, bias,
+        list(need),
     )
     if grad_x is not None:
         grad_x = grad_x.mul_(rstd.to(grad_x.dtype))
-    return grad_x, None, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b
 
 
 register_autograd(_actmem_layer_norm, _ln_backward, _ln_setup)
@@ -402,33 +438,40 @@ register_autograd(_actmem_layer_norm, _ln_backward, _ln_setup)
 @torch.library.custom_op("sparsify_fx::actmem_ln_linear", mutates_args=())
 def _actmem_ln_linear(
     x: torch.Tensor, normalized_shape: list[int], ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
-    eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    eps: float, weight: torch.Tensor, bias: torch.Tensor | None, store: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, ln_weight, ln_bias, eps)
-    return F.linear(y.to(weight.dtype), weight, bias), mean, rstd
+    # store "bf16": backward reads a bf16 x_hat instead of x (exact, or x already 2-byte: a placeholder)
+    payload = ln_payload(x, mean, rstd, "bf16", 0)[0] if _bf16_copy(x, store) else x.new_empty(0)
+    return F.linear(y.to(weight.dtype), weight, bias), mean, rstd, payload
 
 
 @_actmem_ln_linear.register_fake
-def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias):
+def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store):
     rows = list(x.shape[: x.dim() - len(normalized_shape)]) + [1] * len(normalized_shape)
     stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    payload = torch.empty_like(x, dtype=torch.bfloat16) if _bf16_copy(x, store) else x.new_empty(0)
     return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype),
-            x.new_empty(rows, dtype=stat_dtype), x.new_empty(rows, dtype=stat_dtype))
+            x.new_empty(rows, dtype=stat_dtype), x.new_empty(rows, dtype=stat_dtype), payload)
 
 
 def _ln_linear_setup(ctx, inputs, output) -> None:
-    x, normalized_shape, ln_weight, ln_bias, eps, weight, bias = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, ln_weight, ln_bias, weight)
+    x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store = inputs
+    _, mean, rstd, payload = output
+    ctx.bf16 = _bf16_copy(x, store)
+    # (from x_hat, backward needs no mean)
+    ctx.save_for_backward(payload if ctx.bf16 else x, None if ctx.bf16 else mean, rstd, ln_weight, ln_bias, weight)
     ctx.normalized_shape, ctx.has_bias = list(normalized_shape), bias is not None
+    ctx.shape, ctx.dtype = list(x.shape), x.dtype
 
 
-def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
+def _ln_linear_backward(ctx, grad_y, *_unused):
     x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
     x, mean, rstd = in_backward(grad_y, x, mean, rstd)  # the LayerNorm is recomputed here
-    need_x, _, need_lw, need_lb, _, need_w, need_b = ctx.needs_input_grad
+    need_x, _, need_lw, need_lb, _, need_w, need_b = ctx.needs_input_grad[:7]
     # the normalised input the Linear saw, recomputed from x and the saved row statistics
-    y = (x - mean) * rstd
+    # (store "bf16": x is the stored x_hat)
+    y = x.to(ctx.dtype) if ctx.bf16 else (x - mean) * rstd
     if ln_weight is not None:
         y = y * ln_weight
     if ln_bias is not None:
@@ -440,12 +483,16 @@ def _ln_linear_backward(ctx, grad_y, _g_mean, _g_rstd):
     if need_b and ctx.has_bias:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     if need_x or need_lw or need_lb:
-        grad_ln = (grad_y @ weight).to(x.dtype)
-        grad_x, grad_lw, grad_lb = torch.ops.aten.native_layer_norm_backward(
-            grad_ln, x, ctx.normalized_shape, mean, rstd, ln_weight, ln_bias,
-            [bool(need_x), bool(need_lw and ln_weight is not None), bool(need_lb and ln_bias is not None)],
-        )
-    return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b
+        grad_ln = (grad_y @ weight).to(ctx.dtype)
+        need = (bool(need_x), bool(need_lw and ln_weight is not None), bool(need_lb and ln_bias is not None))
+        if ctx.bf16:
+            grad_x, grad_lw, grad_lb = ln_backward_from_payload(
+                grad_ln, x, x.new_empty(0, dtype=torch.float32), rstd, ln_weight, ln_bias, ctx.normalized_shape,
+                ctx.shape, ctx.dtype, need)
+        else:
+            grad_x, grad_lw, grad_lb = torch.ops.aten.native_layer_norm_backward(
+                grad_ln, x, ctx.normalized_shape, mean, rstd, ln_weight, ln_bias, list(need))
+    return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b, None
 
 
 register_autograd(_actmem_ln_linear, _ln_linear_backward, _ln_linear_setup)
@@ -610,21 +657,23 @@ class ActMemActLinear(nn.Module):
     ``no_grad`` and recording off run the two original ops.
     """
 
-    #: keeps ``h`` itself, dense (read by sfx memory_plan)
-    keeps_dense_inputs = True
-
-    def __init__(self, kind: str, approximate: str = "none"):
+    def __init__(self, kind: str, approximate: str = "none", store: str = "exact"):
         super().__init__()
-        self.kind, self.approximate = kind, approximate
+        if store not in ("exact", "bf16"):
+            raise ValueError(f"ActMemActLinear: store must be 'exact' or 'bf16', got {store!r}")
+        self.kind, self.approximate, self.store = kind, approximate, store
+        #: keeps ``h`` itself, dense, unless it stores a bf16 copy (read by sfx memory_plan)
+        self.keeps_dense_inputs = store == "exact"
 
     def extra_repr(self) -> str:
-        return f"{self.kind} -> linear, activation recomputed in backward"
+        kept = "" if self.store == "exact" else " from a bf16 copy of its input"
+        return f"{self.kind} -> linear, activation recomputed in backward{kept}"
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.training and _recording(h, weight, bias):
             with sfx.autocast_region(h.device.type) as cast:
                 return torch.ops.sparsify_fx.actmem_act_linear(h, cast(weight), cast(bias), self.kind,
-                                                               self.approximate)
+                                                               self.approximate, self.store)[0]
         return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
 
 
@@ -632,15 +681,17 @@ class ActMemLnLinear(nn.Module):
     """Parameter-free ``linear(layer_norm(x), weight, bias)`` whose backward keeps ``x`` and the
     row statistics only: the normalised tensor the Linear would keep is recomputed."""
 
-    #: keeps ``x`` itself, dense (read by sfx memory_plan)
-    keeps_dense_inputs = True
-
-    def __init__(self, normalized_shape: tuple[int, ...], eps: float):
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, store: str = "exact"):
         super().__init__()
-        self.normalized_shape, self.eps = [int(n) for n in normalized_shape], eps
+        if store not in ("exact", "bf16"):
+            raise ValueError(f"ActMemLnLinear: store must be 'exact' or 'bf16', got {store!r}")
+        self.normalized_shape, self.eps, self.store = [int(n) for n in normalized_shape], eps, store
+        #: keeps ``x`` itself, dense, unless it stores a bf16 ``x_hat`` (read by sfx memory_plan)
+        self.keeps_dense_inputs = store == "exact"
 
     def extra_repr(self) -> str:
-        return f"layer_norm{tuple(self.normalized_shape)} -> linear, normalised input recomputed in backward"
+        kept = "" if self.store == "exact" else " from a bf16 x_hat"
+        return f"layer_norm{tuple(self.normalized_shape)} -> linear, normalised input recomputed in backward{kept}"
 
     def forward(self, x, ln_weight, ln_bias, weight, bias=None):
         if self.training and _recording(x, ln_weight, ln_bias, weight, bias):
@@ -650,7 +701,7 @@ class ActMemLnLinear(nn.Module):
                     # and CUDA's layer-norm kernel takes no mixed dtypes: the parameters follow x
                     ln_weight, ln_bias = ln_weight.to(x.dtype), None if ln_bias is None else ln_bias.to(x.dtype)
                 return torch.ops.sparsify_fx.actmem_ln_linear(
-                    x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias))[0]
+                    x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias), self.store)[0]
         return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
 
 

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 
-from .actmem_ops import _bn_factor, _channel_view, _check_batch, _copy_stats, _recording
+from .actmem_ops import (
+    _bn_factor,
+    _channel_view,
+    _check_batch,
+    _compressible,
+    _copy_stats,
+    _recording,
+    bn_backward_from_payload,
+    bn_payload,
+)
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 
@@ -48,30 +57,36 @@ def _actmem_bn_relu_conv(
     dilation: list[int],
     groups: int,
     upper: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    store: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op may not mutate an input it does not declare: the running statistics are
     # updated on copies the op module copies back (as ActMemBatchNorm does)
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, new_mean, new_var, True, momentum, eps)
+    # store "bf16": backward reads a bf16 x_hat instead of x (exact: an empty placeholder)
+    payload = bn_payload(x, mean, invstd, "bf16", 0)[0] if store == "bf16" else x.new_empty(0)
     r = y.relu_() if upper is None else y.clamp_(0.0, upper)
     out = conv_forward(r.to(weight.dtype), weight, bias, stride, padding, dilation, groups)
-    return out, mean, invstd, new_mean, new_var
+    return out, mean, invstd, new_mean, new_var, payload
 
 
 @_actmem_bn_relu_conv.register_fake
 def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, bias, stride, padding, dilation,
-      groups, upper):
+      groups, upper, store):
     spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     stats = x.new_empty(x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    payload = torch.empty_like(x, dtype=torch.bfloat16) if store == "bf16" else x.new_empty(0)
     return (x.new_empty(x.shape[0], weight.shape[0], *spatial, dtype=weight.dtype), stats,
-            torch.empty_like(stats), torch.empty_like(running_mean), torch.empty_like(running_var))
+            torch.empty_like(stats), torch.empty_like(running_mean), torch.empty_like(running_var), payload)
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups, upper = inputs
+    x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups, upper, store = inputs
     _, mean, invstd = output[:3]
-    ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, weight)
-    ctx.eps = eps
+    ctx.bf16 = store == "bf16"
+    # (from x_hat, backward needs no mean)
+    ctx.save_for_backward(output[5] if ctx.bf16 else x, None if ctx.bf16 else mean, invstd, bn_weight, bn_bias, weight)
+    ctx.eps, ctx.shape, ctx.dtype = eps, list(x.shape), x.dtype
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.has_bias, ctx.upper = bias is not None, upper
 
@@ -89,12 +104,27 @@ def _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias, upper: float | None) -> t
     return y.relu_() if upper is None else y.clamp_(0.0, upper)
 
 
+def _rebuilt_from_xhat(x_hat, bn_weight, bn_bias, dtype, upper: float | None) -> torch.Tensor:
+    """The same from a stored ``x_hat`` (store ``"bf16"``): ``relu(x_hat * weight + bias)``."""
+    y = x_hat.to(torch.float32 if dtype != torch.float64 else dtype)
+    n = y.dim()
+    if bn_weight is not None:
+        y = y.mul_(_channel_view(bn_weight.to(y.dtype), n))
+    if bn_bias is not None:
+        y = y.add_(_channel_view(bn_bias.to(y.dtype), n))
+    y = y.to(dtype)
+    return y.relu_() if upper is None else y.clamp_(0.0, upper)
+
+
 def _backward(ctx, grad_out, *_unused):
-    x, mean, invstd, bn_weight, bn_bias, weight = ctx.saved_tensors
-    x, mean, invstd = in_backward(grad_out, x, mean, invstd)  # the ReLU output is rebuilt here
+    saved, mean, invstd, bn_weight, bn_bias, weight = ctx.saved_tensors
+    saved, mean, invstd = in_backward(grad_out, saved, mean, invstd)  # the ReLU output is rebuilt here
     need = ctx.needs_input_grad
     need_bn = need[0] or (need[1] and bn_weight is not None) or (need[2] and bn_bias is not None)
-    r = _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias, ctx.upper)
+    if ctx.bf16:
+        r = _rebuilt_from_xhat(saved, bn_weight, bn_bias, ctx.dtype, ctx.upper)
+    else:
+        r = _rebuilt_relu(saved, mean, invstd, bn_weight, bn_bias, ctx.upper)
     stride, padding, dilation, groups = ctx.conv
     grad_r, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out.contiguous(), r.to(weight.dtype), weight, [weight.shape[0]] if ctx.has_bias else None,
@@ -105,14 +135,18 @@ def _backward(ctx, grad_out, *_unused):
     if need_bn:
         # the activation's own backward kernel, on the rebuilt output (0 < r < upper exactly
         # where 0 < y < upper, so the clamp's mask reads the same from its output)
-        grad_r = grad_r.to(x.dtype)
+        grad_r = grad_r.to(ctx.dtype)
         grad_y = (torch.ops.aten.threshold_backward(grad_r, r, 0) if ctx.upper is None
                   else torch.ops.aten.hardtanh_backward(grad_r, r, 0.0, ctx.upper))
-        grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
-            [bool(need[0]), bool(need[1] and bn_weight is not None), bool(need[2] and bn_bias is not None)],
-        )
-    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None, None)
+        need_bn3 = (bool(need[0]), bool(need[1] and bn_weight is not None), bool(need[2] and bn_bias is not None))
+        if ctx.bf16:
+            grad_x, grad_bw, grad_bb = bn_backward_from_payload(
+                grad_y, saved, saved.new_empty(0, dtype=torch.float32), invstd, bn_weight, ctx.shape, ctx.dtype,
+                need_bn3)
+        else:
+            grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
+                grad_y, saved, bn_weight, None, None, mean, invstd, True, ctx.eps, list(need_bn3))
+    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None)
 
 
 register_autograd(_actmem_bn_relu_conv, _backward, _setup)
@@ -126,23 +160,27 @@ class ActMemBnReLUConv(nn.Module):
     for a ReLU6 when ``upper`` is set) with the original
     modules' tensors: ``forward(x, bn_weight, bn_bias, running_mean, running_var,
     num_batches_tracked, weight, bias)``. Training with grad keeps only ``x`` (and the channel
-    statistics) for backward; eval, ``no_grad`` and recording off run the three original ops."""
-
-    #: keeps ``x`` itself, dense (read by sfx memory_plan)
-    keeps_dense_inputs = True
+    statistics) for backward, or with ``store="bf16"`` only a bf16 copy of the normalised
+    ``x_hat`` (approximate gradients, as ``ActMemBatchNorm``'s bf16 storage); eval, ``no_grad``
+    and recording off run the three original ops."""
 
     def __init__(self, momentum: float | None, eps: float, stride, padding, dilation, groups: int,
-                 upper: float | None = None):
+                 upper: float | None = None, store: str = "exact"):
         super().__init__()
-        self.momentum, self.eps, self.upper = momentum, eps, upper
+        if store not in ("exact", "bf16"):
+            raise ValueError(f"ActMemBnReLUConv: store must be 'exact' or 'bf16', got {store!r}")
+        self.momentum, self.eps, self.upper, self.store = momentum, eps, upper, store
+        #: keeps ``x`` itself, dense, unless it stores a bf16 ``x_hat`` (read by sfx memory_plan)
+        self.keeps_dense_inputs = store == "exact"
         self.stride, self.padding, self.dilation = [int(s) for s in stride], [int(p) for p in padding], [
             int(d) for d in dilation]
         self.groups = int(groups)
 
     def extra_repr(self) -> str:
         act = "relu" if self.upper is None else f"hardtanh(0, {self.upper})"
+        kept = "" if self.store == "exact" else " from a bf16 x_hat"
         return (f"batch_norm(momentum={self.momentum}, eps={self.eps}) -> {act} -> conv{len(self.stride)}d, "
-                f"{act} output recomputed in backward")
+                f"{act} output recomputed in backward{kept}")
 
     def _dense(self, y: torch.Tensor, weight, bias) -> torch.Tensor:
         r = F.relu(y) if self.upper is None else F.hardtanh(y, 0.0, self.upper)
@@ -153,9 +191,10 @@ class ActMemBnReLUConv(nn.Module):
         if self.training and _recording(x, bn_weight, bn_bias, weight, bias):
             _check_batch(x)
             with sfx.autocast_region(x.device.type) as cast:
-                out, _, _, new_mean, new_var = torch.ops.sparsify_fx.actmem_bn_relu_conv(
+                out, _, _, new_mean, new_var, _ = torch.ops.sparsify_fx.actmem_bn_relu_conv(
                     x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
-                    self.stride, self.padding, self.dilation, self.groups, self.upper)
+                    self.stride, self.padding, self.dilation, self.groups, self.upper,
+                    self.store if _compressible(x, "bf16") else "exact")  # (a bf16 x under autocast: itself)
             _copy_stats(running_mean, running_var, new_mean, new_var)
             return out
         y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, self.training, factor, self.eps)

@@ -61,8 +61,8 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 
     DropIT and the generic bf16 storage cost their compress + decompress; a Linear / Conv
     input kept as bf16 costs its Linear's forward + backward less the dense one's, and a
-    BatchNorm -> ReLU -> Conv that rebuilds the ReLU output (``"bn_relu_conv"``) the three ops'
-    less the dense three's. The 1-bit ReLU and
+    BatchNorm -> ReLU -> Conv that rebuilds the ReLU output (``"bn_relu_conv"``; from a bf16
+    ``x_hat``: ``"bn_relu_conv_bf16"``) the three ops' less the dense three's. The 1-bit ReLU and
     BatchNorm's bf16 ``x_hat`` replace the dense op's own forward and backward (on CPU with
     fused kernels that read the compact form directly), so what they add is their op's
     forward + backward less the dense op's, measured the same way (at least 0): pricing them
@@ -158,9 +158,14 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     bn_relu_conv = net(lambda t: fused(t, weight, bias, *stats, None, conv_w),
                        lambda t: F.conv2d(F.relu(F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5)), conv_w,
                                           groups=channels))
+    # the same keeping a bf16 x_hat
+    fused_bf16 = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [0, 0], [1, 1], channels, store="bf16").train()
+    bn_relu_conv_bf16 = net(lambda t: fused_bf16(t, weight, bias, *stats, None, conv_w),
+                            lambda t: F.conv2d(F.relu(F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5)),
+                                               conv_w, groups=channels))
     return {"dropit": _time(dropit, device) / n, "bf16": _time(bf16, device) / n,
             "recompute": _time(recompute, device) / n, "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm,
-            "bn_relu_conv": bn_relu_conv}
+            "bn_relu_conv": bn_relu_conv, "bn_relu_conv_bf16": bn_relu_conv_bf16}
 
 
 class _NodeTimer(fx.Interpreter):

@@ -297,7 +297,7 @@ def _flops_change(before: int, after: int) -> str:
 
 
 #: background of each MemoryBudget choice (the same order of "cost" as the terminal table)
-_BUDGET_COLOURS = {"keep": "#ffffff", "compress-exact": "#d8f1f5", "compress-light": "#dcf5dc", "compress-bf16": "#c4ecc4", "compress": "#fff3c4", "recompute": "#f3dcf5"}
+_BUDGET_COLOURS = {"keep": "#ffffff", "compress-exact": "#d8f1f5", "compress-light": "#dcf5dc", "compress-fused": "#d0f0d0", "compress-bf16": "#c4ecc4", "compress": "#fff3c4", "recompute": "#f3dcf5"}
 
 
 def _budget_section(report: ExplainReport) -> list[str]:

@@ -303,7 +303,7 @@ class ExplainReport:
             units = Table(title="memory budget plan (per block)")
             for col in ("block", "choice", "bytes", "est. time", "other options"):
                 units.add_column(col, overflow="fold")
-            colours = {"keep": "white", "compress-exact": "cyan", "compress-light": "green", "compress-bf16": "bright_green", "compress": "yellow", "recompute": "magenta"}
+            colours = {"keep": "white", "compress-exact": "cyan", "compress-light": "green", "compress-fused": "green4", "compress-bf16": "bright_green", "compress": "yellow", "recompute": "magenta"}
             for name, u in budget["units"].items():
                 other = "; ".join(f"{k} {_fmt_bytes(v['bytes'])} +{v['seconds'] * 1e3:.1f} ms"
                                   for k, v in u["options"].items() if k != u["choice"])

@@ -527,6 +527,108 @@ def test_recomputed_layernorm_linear_gives_dense_gradients_on_transformers(autoc
             torch.testing.assert_close(a, b, **tol, msg=name)
 
 
+# ---------------------------------------------------------------- the fusions keeping bf16 inputs
+
+
+def _fused_bf16_case(case: str):
+    torch.manual_seed(0)
+    if case == "resnet18":
+        return torchvision.models.resnet18(num_classes=5), torch.randn(2, 3, 32, 32)
+    if case == "preact":
+        return _PreActNet(), torch.randn(4, 3, 12, 12)
+    if case == "vit":
+        model = torchvision.models.VisionTransformer(16, 4, 2, 2, 32, 64, num_classes=5)
+        nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialised: no gradient upstream of it
+        return model, torch.randn(2, 3, 16, 16)
+    from benchmarks.bench_budget import GPT
+
+    return GPT(vocab=64, d=32, layers=2, heads=2, ctx=16), torch.randint(0, 64, (2, 16))
+
+
+_FUSED_BF16 = sfx.ActivationMemory(relu="off", gelu="recompute-bf16", silu="recompute-bf16",
+                                   layernorm="recompute-bf16", batchnorm="recompute-bf16")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["resnet18", "preact", "vit", "gpt"])
+def test_fused_bf16_keeps_bf16_inputs_and_gives_near_dense_gradients(case, autocast):
+    model, x = _fused_bf16_case(case)
+    ref = copy.deepcopy(model)
+    fast = sfx.sparsify(model, _FUSED_BF16, example_inputs=(x,))
+    rewrites = sfx.explain(fast).rewrites
+    fused = [r for r in rewrites if r.details["storage"] == "recompute-bf16"]
+    # ViT / GPT: 2 LayerNorms + GELU per block, and GPT's final LayerNorm before its LM head
+    expected = {"resnet18": 8, "preact": 2, "vit": 6, "gpt": 7}[case]
+    assert len(fused) == expected
+    # the ops that do not fuse store bf16 (ResNet's bn2 / downsample BatchNorms, preact's bn3)
+    assert {r.details["storage"] for r in rewrites} <= {"recompute-bf16", "bf16"}
+    assert sorted(fast.state_dict()) == sorted(ref.state_dict())
+    # each rewrite stops keeping its dense tensors and keeps a bf16 copy of one instead: the
+    # autograd graph holds that much less, and every norm (all are rewritten here) keeps a bf16
+    # x_hat without its mean (fp32: 4 bytes per BatchNorm channel / LayerNorm row)
+    change = sum(r.saved_bytes_before - r.saved_bytes_after for r in rewrites)
+    rows = []
+    hooks = [m.register_forward_hook(lambda m, i, o: rows.append(i[0].numel() // m.normalized_shape[-1]))
+             for m in ref.modules() if isinstance(m, nn.LayerNorm)]
+    with torch.no_grad():
+        ref.eval()(x)
+    for h in hooks:
+        h.remove()
+    means = 4 * (sum(m.num_features for m in ref.modules() if isinstance(m, nn.BatchNorm2d)) + sum(rows))
+    assert change > 0
+    assert saved_tensor_bytes(ref.train(), (x,)) - saved_tensor_bytes(fast.train(), (x,)) == change + means
+    differs = False
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out_ref, g_ref, _ = _grads(lambda: ref(x).float(), *ref.parameters(), seed=step)
+            out, g, _ = _grads(lambda: fast(x).float(), *model.parameters(), seed=step)
+        if not autocast:
+            assert torch.equal(out, out_ref)  # forward runs the dense ops
+        for (name, _), a, b in zip(ref.named_parameters(), g, g_ref, strict=True):
+            if b is None:
+                assert a is None, name
+                continue
+            # bf16 copies of the normalised inputs: each gradient within a few bf16 ulps of
+            # its magnitude (a bias just before a BatchNorm has a gradient of pure rounding)
+            assert (a - b).norm() <= 0.03 * b.norm() + 1e-5, name
+            differs |= not torch.equal(a, b)
+        for (name, b), c in zip(ref.named_buffers(), model.buffers(), strict=True):
+            assert torch.equal(b, c), name
+    if not autocast:
+        assert differs  # the bf16 copies are really what backward read
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        if case == "vit":  # the eval module takes MultiheadAttention's fused fast path, the graph does not
+            torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(fast(x), ref(x))
+
+
+def test_fused_bf16_stores_bf16_where_it_cannot_fuse():
+    x = torch.randn(4, 3, 12, 12)
+    fast = sfx.sparsify(_PreActNet(), _FUSED_BF16, example_inputs=(x,))
+    by_node = {r.node: r.details["storage"] for r in sfx.explain(fast).rewrites if r.op == "batch_norm"}
+    assert by_node == {"bn1": "recompute-bf16", "bn2": "recompute-bf16", "bn3": "bf16"}
+    assert not [s for s in sfx.explain(fast).skipped if s.op == "batch_norm"]
+    assert sfx.ActivationMemory(layernorm="recompute-bf16").layernorm == "recompute-bf16"
+    with pytest.raises(sfx.ConfigError, match="scale"):
+        sfx.ActivationMemory(scale="recompute-bf16")
+
+
+@pytest.mark.parametrize("case", ["preact", "gpt"])
+def test_fused_bf16_compiled_matches_eager(case):
+    model, x = _fused_bf16_case(case)
+    if case == "preact":
+        model = _PreActNet(momentum=0.1)  # (momentum=None does not compile into one graph)
+    fast = sfx.sparsify(model, _FUSED_BF16, example_inputs=(x,))
+    twin = copy.deepcopy(fast)
+    _, g_eager, _ = _grads(lambda: fast(x), *fast.parameters())
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    _, g_compiled, _ = _grads(lambda: compiled(x), *twin.parameters())
+    for a, b in zip(g_compiled, g_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- scale by a parameter
 
 

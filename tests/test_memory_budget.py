@@ -347,7 +347,7 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
 
     _RATES.clear()
     rates = calibrate("cpu")
-    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv"}
+    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16"}
     assert set(rates) == kinds | {f"op:{k}" for k in kinds}
     assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
@@ -448,6 +448,28 @@ def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
     from passes.memory_budget import _compress_configs
     (config,) = _compress_configs("compress-bf16", MemoryBudget(), lambda name: True)
     assert config.dense == "bf16" and config.attention == "bf16"
+
+
+def test_compress_fused_keeps_bf16_inputs_of_the_exact_fusions():
+    """compress-fused is compress-exact's fusions keeping bf16 inputs: a ResNet basic block's
+    conv1 -> bn1 -> relu -> conv2 link keeps a 2-byte x_hat instead of bn1's input and the ReLU
+    output, so the block holds less than with compress-light or compress-exact, and its
+    rewrites say so."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    x = torch.randn(2, 3, 64, 64)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(x,))
+    block = sfx.explain(fast).memory_budget["units"]["layer1.1"]["options"]
+    assert block["compress-fused"]["bytes"] < block["compress-light"]["bytes"]
+    assert block["compress-fused"]["bytes"] < block["compress-exact"]["bytes"]
+    assert block["compress-bf16"]["bytes"] <= block["compress-fused"]["bytes"]
+    from passes.memory_budget import _compress_configs
+    (config,) = _compress_configs("compress-fused", MemoryBudget(), lambda name: True)
+    assert (config.batchnorm, config.layernorm, config.gelu, config.dense) == (
+        "recompute-bf16", "recompute-bf16", "recompute-bf16", "off")
+    fused = sfx.sparsify(model, config, example_inputs=(x,))
+    storages = [r.details.get("storage") for r in sfx.explain(fused).rewrites if r.op == "batch_norm"]
+    assert storages.count("recompute-bf16") == 8 and storages.count("bf16") == 12
 
 
 def _recomputed_vit(dropout: float):
