@@ -217,7 +217,7 @@ def _unit_of(qualified: str, units: dict[str, _Unit], ctx) -> str:
 def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[Rewrite], fx.GraphModule]:
     trial = sfx.structural_copy(gm)
     rewrites = _apply(trial, plan, units, config, ctx)
-    compressed = {r.node: r.saved_bytes_after or 0 for r in rewrites}
+    compressed = sfx.compressed_bytes_of(rewrites)
     mplan = sfx.memory_plan(trial, compressed)
     per_unit = {name: 0.0 for name in units}
     nodes = {n.name: n for n in trial.graph.nodes}

@@ -34,7 +34,7 @@ from .graph import (
     module_name_of,
     replace_node,
 )
-from .memory_plan import MemoryPlan, TensorLiveness, memory_plan
+from .memory_plan import MemoryPlan, TensorLiveness, compressed_bytes_of, memory_plan
 from .optim import extend_optimizer, new_parameters
 from .pass_base import PassContext, PassResult, Rewrite, Skip
 from .recipes import parse_recipe, resolve_recipe
@@ -63,7 +63,7 @@ __all__ = [
     "DenseOp", "dense_op", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
     "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
-    "memory_plan", "MemoryPlan", "TensorLiveness",
+    "memory_plan", "compressed_bytes_of", "MemoryPlan", "TensorLiveness",
     "find_blocks", "Block", "recompute_segment", "RecomputedSegment",
     "DropIT",
     "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",

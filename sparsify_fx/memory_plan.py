@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .analysis import tensor_bytes, tensor_meta
 from .graph import OPS_CONTAINER
 
-__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "SAVES"]
+__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "SAVES"]
 
 _INPUT, _OUTPUT, _OPERANDS = "input", "output", "operands"
 
@@ -242,14 +242,25 @@ def _is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
+def compressed_bytes_of(rewrites) -> dict[str, int]:
+    """``memory_plan``'s ``compressed_bytes`` from rewrite records (``sfx.Rewrite``): the bytes
+    each keeps, under its node's name and its op module's."""
+    found: dict[str, int] = {}
+    for r in rewrites:
+        found[r.node] = r.saved_bytes_after or 0
+        if r.replacement:
+            found.setdefault(str(r.replacement), r.saved_bytes_after or 0)
+    return found
+
+
 def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = None) -> MemoryPlan:
     """Liveness of every tensor of a canonical graph with recorded shapes.
 
     Args:
         gm: a canonical GraphModule (from ``sfx.capture`` / ``sfx.sparsify``) whose nodes carry
             ``meta["sfx_shape"]`` (recorded when example inputs were given).
-        compressed_bytes: bytes each compressing op node keeps (node name -> bytes); the
-            rewrite records of ``sfx.explain`` provide them.
+        compressed_bytes: bytes each compressing op node keeps (node name, or its op module's
+            target -> bytes); :func:`compressed_bytes_of` reads them from rewrite records.
 
     Example:
         >>> import torch, sparsify_fx as sfx
@@ -289,7 +300,12 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
                     info[t.name].compressed_by.append(n.name)
                     graph.add_edge(t.name, n.name, form="compressed")
             origin = n.meta.get("sfx_origin", n.name)
-            compressed_total += compressed_bytes.get(n.name, compressed_bytes.get(origin, 0))
+            # a fused op replaced its consumer (its origin is the Linear / Conv it now is): its
+            # module's name is what its rewrite record names
+            found = compressed_bytes.get(n.name, compressed_bytes.get(origin))
+            if found is None and n.op == "call_module":
+                found = compressed_bytes.get(str(n.target))
+            compressed_total += found or 0
         if side := _side_bytes(n, gm):
             side_bytes[n.name] = side
             extra += side

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .analysis import tensor_bytes
 from .graph import OPS_CONTAINER
-from .memory_plan import MemoryPlan, memory_plan
+from .memory_plan import MemoryPlan, compressed_bytes_of, memory_plan
 from .pass_base import Rewrite, Skip
 from .sparsify import SparsifyRecord, record_of
 
@@ -172,7 +172,7 @@ class ExplainReport:
 
     def memory_plans(self) -> dict[str, MemoryPlan]:
         """Saved-tensor liveness of each graph with recorded shapes (see ``memory_plan``)."""
-        compressed = {r.node: r.saved_bytes_after or 0 for r in self.rewrites}
+        compressed = compressed_bytes_of(self.rewrites)
         return {
             prefix: memory_plan(gm, compressed)
             for prefix, gm in self.graph_modules.items()
