@@ -19,6 +19,8 @@ Forward is the three dense ops: BatchNorm updates the running statistics (and
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ from .actmem_ops import (
     bn_backward_from_payload,
     bn_payload,
 )
+from . import cpu_kernels
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 
@@ -98,6 +101,8 @@ def _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias, upper: float | None) -> t
     ``x``, as the kernel computes) and rounded to ``x``'s dtype as its output was."""
     alpha = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
     beta = -mean * alpha if bn_bias is None else bn_bias.to(invstd.dtype) - mean * alpha
+    if x.dtype == torch.float32 and (kernels := cpu_kernels.for_tensors(x, alpha, beta)) is not None:
+        return kernels.affine_clamp(x, alpha, beta, math.inf if upper is None else upper)  # one pass
     n = x.dim()
     y = torch.addcmul(_channel_view(beta, n), x.to(alpha.dtype), _channel_view(alpha, n))
     y = y.to(x.dtype)
@@ -106,6 +111,12 @@ def _rebuilt_relu(x, mean, invstd, bn_weight, bn_bias, upper: float | None) -> t
 
 def _rebuilt_from_xhat(x_hat, bn_weight, bn_bias, dtype, upper: float | None) -> torch.Tensor:
     """The same from a stored ``x_hat`` (store ``"bf16"``): ``relu(x_hat * weight + bias)``."""
+    if dtype == torch.float32:
+        c = x_hat.shape[1]
+        alpha = x_hat.new_ones(c, dtype=dtype) if bn_weight is None else bn_weight.to(dtype)
+        beta = x_hat.new_zeros(c, dtype=dtype) if bn_bias is None else bn_bias.to(dtype)
+        if (kernels := cpu_kernels.for_tensors(x_hat, alpha, beta)) is not None:
+            return kernels.affine_clamp(x_hat, alpha.detach(), beta.detach(), math.inf if upper is None else upper)
     y = x_hat.to(torch.float32 if dtype != torch.float64 else dtype)
     n = y.dim()
     if bn_weight is not None:

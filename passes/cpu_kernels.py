@@ -18,7 +18,9 @@ ActivationMemory's: ``relu_bits`` (the activation and its 1-bit mask in one pass
 ``masked_grad`` (its backward straight from the bits), ``normalize_bf16`` (BatchNorm's
 normalised input, saturated to bf16, in one pass instead of five) and ``bn_backward_bf16``
 (BatchNorm's backward read straight from that bf16 copy: two passes instead of an fp32 upcast,
-a mean and the dense backward's three).
+a mean and the dense backward's three); ``affine_clamp`` (the ReLU output a fused
+BatchNorm -> ReLU -> Conv rebuilds from its fp32 input or bf16 ``x_hat``: one pass instead of
+two to four).
 
 Chunks run in parallel through ``at::parallel_for``; each chunk's write offset is the prefix
 sum of the counts before it. The bitmap layout is :func:`passes.bitpack.pack_bits`'s, so either
@@ -448,6 +450,48 @@ at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at:
   });
   return out;
 }
+// The activation a fused BatchNorm -> ReLU -> Conv rebuilds in backward, in one pass:
+// min(max(x * alpha[c] + beta[c], 0), upper) over an [N, C, ...] fp32 input x (the BatchNorm's
+// input, alpha / beta its folded statistics) or bf16 one (its stored x_hat, alpha / beta its
+// weight and bias), as fp32 (the PyTorch path: an upcast, a multiply, an add and a clamp). NaN
+// stays NaN (max / min return their first operand when a comparison is false).
+at::Tensor affine_clamp(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& beta, double upper) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2, "affine_clamp: a contiguous [N, C, ...] CPU tensor");
+  const bool half = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(half || x.scalar_type() == at::kFloat, "affine_clamp: fp32 or bf16 input");
+  TORCH_CHECK(alpha.scalar_type() == at::kFloat && beta.scalar_type() == at::kFloat, "affine_clamp: fp32 alpha / beta");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t inner = channels ? x.numel() / (batch * channels) : 0;
+  auto a = alpha.contiguous(), b = beta.contiguous();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const float* ap = a.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float hi = static_cast<float>(upper);
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % channels;
+      const float ac = ap[c], bc = bp[c];
+      float* __restrict__ op = o + plane * inner;
+      if (half) {
+        const uint16_t* __restrict__ xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()) + plane * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          const float v = float_of(static_cast<uint32_t>(xp[i]) << 16) * ac + bc;
+          op[i] = std::min(std::max(v, 0.0f), hi);
+        }
+      } else {
+        const float* __restrict__ xp = x.const_data_ptr<float>() + plane * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          const float v = xp[i] * ac + bc;
+          op[i] = std::min(std::max(v, 0.0f), hi);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // BatchNorm's backward straight from its bf16 normalised input x_hat (fp32 [N, C, ...] gradient):
 // native_batch_norm_backward's training formula with input x_hat, save_mean = x_hat's channel
 // mean and save_invstd 1 (actmem_ops._bn_backward's PyTorch path), without the fp32
@@ -534,7 +578,8 @@ std::vector<at::Tensor> bn_backward_bf16(const at::Tensor& grad, const at::Tenso
 
 """
 
-_FUNCTIONS = ["sample_cutoff", "threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16", "bn_backward_bf16"]
+_FUNCTIONS = ["sample_cutoff", "threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16", "bn_backward_bf16",
+              "affine_clamp"]
 
 
 def _ninja_on_path() -> None:

@@ -908,6 +908,35 @@ def test_fused_batchnorm_storage_equals_the_torch_path(monkeypatch):
     assert torch.isfinite(got[..., :3]).all() and torch.isnan(got[..., 3]).all()
 
 
+@needs_kernels
+@pytest.mark.parametrize("store", ["exact", "bf16"])
+@pytest.mark.parametrize("upper", [None, 6.0])
+def test_fused_bn_relu_conv_rebuild_agrees_with_the_torch_path(store, upper, monkeypatch):
+    """The one-pass rebuild of the ReLU output (``affine_clamp``) gives the gradients of the
+    PyTorch path's upcast, multiply, add and clamp to fp32 rounding (it may contract to FMA),
+    with chunk tails, a bias-free BatchNorm and NaN passed through."""
+    from passes.bn_relu_conv import ActMemBnReLUConv
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 33, 37) * 3
+    x[1, 2, 3, 4] = float("nan")
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    conv = torch.randn(4, 5, 3, 3)
+
+    def grads(kernels_on: bool):
+        with monkeypatch.context() as m:
+            if not kernels_on:
+                m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
+            op = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [1, 1], [1, 1], 1, upper, store).train()
+            xs, ws, cs = x.clone().requires_grad_(), w.clone().requires_grad_(), conv.clone().requires_grad_()
+            out = op(xs, ws, None, torch.zeros(5), torch.ones(5), None, cs)
+            out.backward(torch.ones_like(out))
+            return out.detach(), xs.grad, ws.grad, cs.grad
+
+    for a, b_ in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def _bn_grads(x, affine: bool, kernels_on: bool, monkeypatch, need_x=True):
     with monkeypatch.context() as m:
         if not kernels_on:
