@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 
 import pytest
@@ -418,15 +419,19 @@ def test_compress_choice_stores_attention_as_configured():
         assert held < compress["off"][unit], (unit, held, compress["off"][unit])
 
 
+@functools.cache
+def _resnet18_block_options() -> dict:
+    """Every choice's bytes and seconds for resnet18's ``layer1.1`` (planned once: shared)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().train()
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(torch.randn(2, 3, 64, 64),))
+    return sfx.explain(fast).memory_budget["units"]["layer1.1"]["options"]
+
+
 def test_compress_light_is_activation_memory_alone():
     """The light choice compresses norms / activations / attention without DropIT: on a CNN its
     unit holds more than ``compress`` and less than ``keep``, and no rewrite of its is DropIT."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().train()
-    x = torch.randn(2, 3, 64, 64)
-    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(x,))
-    units = sfx.explain(fast).memory_budget["units"]
-    block = units["layer1.1"]["options"]
+    block = _resnet18_block_options()
     assert block["compress"]["bytes"] < block["compress-light"]["bytes"] < block["keep"]["bytes"]
     from passes.memory_budget import _compress_configs
     configs = _compress_configs("compress-light", MemoryBudget(), lambda name: True)
@@ -435,13 +440,10 @@ def test_compress_light_is_activation_memory_alone():
 
 
 def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
-    """compress-bf16 adds the Linear / Conv inputs in bf16 to compress-light: a ResNet basic
-    block's held bytes fall to about half of keep (the ReLU masks go below), below light's."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().train()
-    x = torch.randn(2, 3, 64, 64)
-    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(x,))
-    block = sfx.explain(fast).memory_budget["units"]["layer1.1"]["options"]
+    """compress-bf16 adds the Linear / Conv inputs no fusion took in bf16 to compress-fused: a
+    ResNet basic block's held bytes fall to about half of keep (the ReLU masks go below), below
+    light's, at more time."""
+    block = _resnet18_block_options()
     assert block["compress-bf16"]["bytes"] < block["compress-light"]["bytes"]
     assert block["compress-bf16"]["bytes"] <= 0.55 * block["keep"]["bytes"]
     assert block["compress-bf16"]["seconds"] > block["compress-light"]["seconds"]
@@ -455,11 +457,7 @@ def test_compress_fused_keeps_bf16_inputs_of_the_exact_fusions():
     conv1 -> bn1 -> relu -> conv2 link keeps a 2-byte x_hat instead of bn1's input and the ReLU
     output, so the block holds less than with compress-light or compress-exact, and its
     rewrites say so."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().train()
-    x = torch.randn(2, 3, 64, 64)
-    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9), example_inputs=(x,))
-    block = sfx.explain(fast).memory_budget["units"]["layer1.1"]["options"]
+    block = _resnet18_block_options()
     assert block["compress-fused"]["bytes"] < block["compress-light"]["bytes"]
     assert block["compress-fused"]["bytes"] < block["compress-exact"]["bytes"]
     assert block["compress-bf16"]["bytes"] <= block["compress-fused"]["bytes"]
@@ -467,7 +465,7 @@ def test_compress_fused_keeps_bf16_inputs_of_the_exact_fusions():
     (config,) = _compress_configs("compress-fused", MemoryBudget(), lambda name: True)
     assert (config.batchnorm, config.layernorm, config.gelu, config.dense) == (
         "recompute-bf16", "recompute-bf16", "recompute-bf16", "off")
-    fused = sfx.sparsify(model, config, example_inputs=(x,))
+    fused = sfx.sparsify(torchvision.models.resnet18(), config, example_inputs=(torch.randn(2, 3, 64, 64),))
     storages = [r.details.get("storage") for r in sfx.explain(fused).rewrites if r.op == "batch_norm"]
     assert storages.count("recompute-bf16") == 8 and storages.count("bf16") == 12
 
