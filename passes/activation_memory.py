@@ -246,6 +246,17 @@ def _plan_functional_batch_norm(node: fx.Node, x, config, numel, before):
     storage = _unfused(config.batchnorm)
     if storage == "off":
         return "batchnorm='off'"
+    found = _functional_batch_norm_args(node)
+    if isinstance(found, str):
+        return found
+    weight, bias, mean, var, momentum, eps = found
+    op_module = ActMemBatchNorm(momentum, eps, storage, config.block_size)
+    return op_module, (x, weight, bias, mean, var, None), before, _stored_bytes(numel, storage, config.block_size)
+
+
+def _functional_batch_norm_args(node: fx.Node):
+    """``(weight, bias, running_mean, running_var, momentum, eps)`` of a training-mode
+    ``F.batch_norm`` node with running statistics and constant factors, else why not."""
     mean, var = _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")
     weight, bias = _arg(node, 3, "weight"), _arg(node, 4, "bias")
     training, momentum, eps = _arg(node, 5, "training", False), _arg(node, 6, "momentum", 0.1), _arg(node, 7, "eps", 1e-5)
@@ -255,8 +266,7 @@ def _plan_functional_batch_norm(node: fx.Node, x, config, numel, before):
         return "functional batch_norm without running statistics (track_running_stats=False) is not supported"
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not isinstance(eps, (int, float)):
         return "momentum / eps are not constants (BatchNorm with momentum=None)"
-    op_module = ActMemBatchNorm(float(momentum), float(eps), storage, config.block_size)
-    return op_module, (x, weight, bias, mean, var, None), before, _stored_bytes(numel, storage, config.block_size)
+    return weight, bias, mean, var, float(momentum), float(eps)
 
 
 def _candidate(gm: fx.GraphModule, node: fx.Node):
@@ -407,16 +417,22 @@ def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | N
 
 def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, x: object,
                        store: str = "exact"):
-    what = "batchnorm='recompute'"
+    what = f"batchnorm={'recompute' if store == 'exact' else 'recompute-bf16'!r}"
     if module is None:
-        return (f"{what} fuses BatchNorm modules; a functional batch_norm (a torch.compile graph) "
-                "is kept dense")
-    if _has_hooks(module):
-        return "module has hooks; kept as a module call"
-    if not module.track_running_stats or module.running_mean is None:
-        return "track_running_stats=False (batch statistics in eval) is not supported"
-    if len(node.args) + len(node.kwargs) != 1 or not isinstance(x, fx.Node):
-        return "called with more than one argument"
+        # F.batch_norm as Dynamo inlines a BatchNorm (a torch.compile graph, sfx.backend): the
+        # average factor already computed, num_batches_tracked counted by a separate op
+        functional = _functional_batch_norm_args(node)
+        if isinstance(functional, str):
+            return functional
+        if not isinstance(x, fx.Node):
+            return "input is not a graph value"
+    else:
+        if _has_hooks(module):
+            return "module has hooks; kept as a module call"
+        if not module.track_running_stats or module.running_mean is None:
+            return "track_running_stats=False (batch statistics in eval) is not supported"
+        if len(node.args) + len(node.kwargs) != 1 or not isinstance(x, fx.Node):
+            return "called with more than one argument"
     if len(node.users) != 1:
         return f"{what} needs one consumer (a ReLU); {node.name} has {len(node.users)}"
     relu = next(iter(node.users))
@@ -435,14 +451,18 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
         return f"{what}: the Conv's padding={op.padding!r} is not explicit: {conv.format_node()}"
     weight, bias = op.weight, op.bias
     stride, padding, dilation, groups = op.stride, op.padding, op.dilation, op.groups
-    prefix = str(node.target)
-    with gm.graph.inserting_before(node):
-        attrs = [gm.graph.get_attr(f"{prefix}.{name}") if getattr(module, name) is not None else None
-                 for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-    for a in attrs:
-        if a is not None:
-            a.meta["sfx_module"] = prefix
-    op_module = ActMemBnReLUConv(module.momentum, module.eps, stride, padding, dilation, groups, upper, store)
+    if module is None:
+        bn_weight, bn_bias, mean, var, momentum, eps = functional
+        attrs = [bn_weight, bn_bias, mean, var, None]
+    else:
+        prefix, momentum, eps = str(node.target), module.momentum, module.eps
+        with gm.graph.inserting_before(node):
+            attrs = [gm.graph.get_attr(f"{prefix}.{name}") if getattr(module, name) is not None else None
+                     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+        for a in attrs:
+            if a is not None:
+                a.meta["sfx_module"] = prefix
+    op_module = ActMemBnReLUConv(momentum, eps, stride, padding, dilation, groups, upper, store)
     # freed: the activation's output (the conv's input) and, for a hardtanh, the BatchNorm
     # output its backward kept
     freed = (sfx.tensor_bytes(relu) or 0) + ((sfx.tensor_bytes(node) or 0) if keeps_input else 0)

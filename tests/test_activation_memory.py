@@ -533,6 +533,34 @@ def test_recomputed_layernorm_linear_gives_dense_gradients_on_transformers(autoc
             torch.testing.assert_close(a, b, **tol, msg=name)
 
 
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("storage", ["recompute", "recompute-bf16"])
+def test_bn_relu_conv_fuses_dynamo_functional_batch_norm_like_the_module(storage, inner):
+    """Under ``torch.compile`` Dynamo inlines BatchNorm as ``F.batch_norm`` (the average factor
+    computed, ``num_batches_tracked`` counted by its own op): ``sfx.backend`` fuses it with its
+    ReLU and Conv as ``sfx.sparsify`` does the modules, with the same gradients and running
+    statistics, step after step."""
+    torch.manual_seed(0)
+    model = _PreActNet(momentum=0.1)  # (momentum=None does not compile into one graph)
+    twin = copy.deepcopy(model)
+    recipe = sfx.ActivationMemory(relu="off", batchnorm=storage)
+    x = torch.randn(4, 3, 12, 12)
+    ref = sfx.sparsify(model, recipe, example_inputs=(x,)).train()
+    to_inner = sfx.backend(recipe, inner=inner)
+    compiled = torch.compile(twin, backend=to_inner)
+    for step in range(3):
+        _, g_ref, _ = _grads(lambda: ref(x), *model.parameters(), seed=step)
+        _, g, _ = _grads(lambda: compiled(x), *twin.parameters(), seed=step)
+        for (name, _), a, b in zip(model.named_parameters(), g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0, msg=name)
+    rewrites = [r for results in to_inner.results for res in results for r in res.rewrites if r.op == "batch_norm"]
+    by_storage = sorted(r.details["storage"] for r in rewrites)
+    # bn1 and bn2 fuse; bn3 feeds an add: dense when exact, bf16 otherwise
+    assert by_storage == ([storage] * 2 if storage == "recompute" else ["bf16", storage, storage]), by_storage
+
+
 # ---------------------------------------------------------------- the fusions keeping bf16 inputs
 
 
