@@ -27,17 +27,17 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 
+from . import cpu_kernels
 from .actmem_ops import (
+    _bf16_copy,
     _bn_factor,
     _channel_view,
     _check_batch,
-    _compressible,
     _copy_stats,
     _recording,
     bn_backward_from_payload,
     bn_payload,
 )
-from . import cpu_kernels
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 
@@ -66,8 +66,8 @@ def _actmem_bn_relu_conv(
     # updated on copies the op module copies back (as ActMemBatchNorm does)
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, new_mean, new_var, True, momentum, eps)
-    # store "bf16": backward reads a bf16 x_hat instead of x (exact: an empty placeholder)
-    payload = bn_payload(x, mean, invstd, "bf16", 0)[0] if store == "bf16" else x.new_empty(0)
+    # store "bf16": backward reads a bf16 x_hat instead of x (exact, or x already 2-byte: a placeholder)
+    payload = bn_payload(x, mean, invstd, "bf16", 0)[0] if _bf16_copy(x, store) else x.new_empty(0)
     r = y.relu_() if upper is None else y.clamp_(0.0, upper)
     out = conv_forward(r.to(weight.dtype), weight, bias, stride, padding, dilation, groups)
     return out, mean, invstd, new_mean, new_var, payload
@@ -78,7 +78,7 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, b
       groups, upper, store):
     spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     stats = x.new_empty(x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
-    payload = torch.empty_like(x, dtype=torch.bfloat16) if store == "bf16" else x.new_empty(0)
+    payload = torch.empty_like(x, dtype=torch.bfloat16) if _bf16_copy(x, store) else x.new_empty(0)
     return (x.new_empty(x.shape[0], weight.shape[0], *spatial, dtype=weight.dtype), stats,
             torch.empty_like(stats), torch.empty_like(running_mean), torch.empty_like(running_var), payload)
 
@@ -86,7 +86,7 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, b
 def _setup(ctx, inputs, output) -> None:
     x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups, upper, store = inputs
     _, mean, invstd = output[:3]
-    ctx.bf16 = store == "bf16"
+    ctx.bf16 = _bf16_copy(x, store)
     # (from x_hat, backward needs no mean)
     ctx.save_for_backward(output[5] if ctx.bf16 else x, None if ctx.bf16 else mean, invstd, bn_weight, bn_bias, weight)
     ctx.eps, ctx.shape, ctx.dtype = eps, list(x.shape), x.dtype
@@ -204,8 +204,7 @@ class ActMemBnReLUConv(nn.Module):
             with sfx.autocast_region(x.device.type) as cast:
                 out, _, _, new_mean, new_var, _ = torch.ops.sparsify_fx.actmem_bn_relu_conv(
                     x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
-                    self.stride, self.padding, self.dilation, self.groups, self.upper,
-                    self.store if _compressible(x, "bf16") else "exact")  # (a bf16 x under autocast: itself)
+                    self.stride, self.padding, self.dilation, self.groups, self.upper, self.store)
             _copy_stats(running_mean, running_var, new_mean, new_var)
             return out
         y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, self.training, factor, self.eps)
