@@ -20,7 +20,7 @@ from sparsify_fx import autocast_region
 
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits_as
-from .op_autograd import in_backward, register_autograd
+from .op_autograd import in_backward, owned, register_autograd
 
 __all__ = [
     "NONFINITE_CODE",
@@ -225,7 +225,7 @@ def _actmem_act_linear(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str, store: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # the activation runs in h's dtype and its output is cast to the Linear's, as autocast does
-    out = F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias)
+    out = owned(F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias))
     # store "bf16": backward reads a bf16 copy of h (exact, or h already 2-byte: a placeholder)
     payload = _to_bf16(h.detach()) if _bf16_copy(h, store) else h.new_empty(0)
     return out, payload
@@ -443,7 +443,7 @@ def _actmem_ln_linear(
     y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, ln_weight, ln_bias, eps)
     # store "bf16": backward reads a bf16 x_hat instead of x (exact, or x already 2-byte: a placeholder)
     payload = ln_payload(x, mean, rstd, "bf16", 0)[0] if _bf16_copy(x, store) else x.new_empty(0)
-    return F.linear(y.to(weight.dtype), weight, bias), mean, rstd, payload
+    return owned(F.linear(y.to(weight.dtype), weight, bias)), mean, rstd, payload
 
 
 @_actmem_ln_linear.register_fake
@@ -545,7 +545,7 @@ def _actmem_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
     storage: str, block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    out = owned(F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale))
     return (out, *compress(q, storage, block), *compress(k, storage, block), *compress(v, storage, block))
 
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .cache import cached
+from .cache import cached, eager
 
 __all__ = ["pack_bits", "unpack_bits", "unpack_bits_as"]
 
@@ -59,7 +59,9 @@ def _bits_elementwise(packed: torch.Tensor, invert: bool = False) -> torch.Tenso
 def unpack_bits(packed: torch.Tensor, shape: list[int] | torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
     numel = math.prod(shape)
-    if packed.device.type == "cpu":
+    # traced graphs take the broadcast form: Inductor before torch 2.13 cannot lower the
+    # table's int64 -> bool view (and fuses the broadcast anyway)
+    if packed.device.type == "cpu" and eager(packed):
         flat = _unpack_table(packed)[packed.long()].view(torch.bool)
     else:
         flat = _bits_elementwise(packed).view(-1)

@@ -46,7 +46,7 @@ import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
 from .bsr_triton import bsc_weight_grad_triton, kernel_for
-from .op_autograd import in_backward, register_autograd
+from .op_autograd import in_backward, owned, register_autograd
 
 __all__ = [
     "BlockSparseActivations",
@@ -399,11 +399,7 @@ def _block_sparse_dense(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 ]:
-    out = _dense(x, weight, bias, kind, dilation)
-    if out._is_view():
-        # below autograd a conv1d is a squeezed conv2d: a view output of a multi-output op
-        # cannot be modified in place afterwards (an inplace ReLU would raise)
-        out = out.clone()
+    out = owned(_dense(x, weight, bias, kind, dilation))
     return (out, *compress_blocks(_rows_view(x, kind), block, density, norm))
 
 

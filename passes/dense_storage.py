@@ -35,7 +35,7 @@ from .dropit import (
     linear_grads,
     saved_input_reason,
 )
-from .op_autograd import in_backward, register_autograd
+from .op_autograd import in_backward, owned, register_autograd
 
 __all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
 
@@ -54,7 +54,7 @@ def _to_bf16(x: torch.Tensor) -> torch.Tensor:
 def _bf16in_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.linear(x, weight.t() if transposed else weight, bias), _to_bf16(x)
+    return owned(F.linear(x, weight.t() if transposed else weight, bias)), _to_bf16(x)
 
 
 @_bf16in_linear.register_fake

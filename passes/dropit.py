@@ -40,7 +40,7 @@ from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_r
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits
 from .cache import cached
-from .op_autograd import in_backward, register_autograd
+from .op_autograd import in_backward, owned, register_autograd
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
@@ -308,7 +308,7 @@ def _dropit_linear(
     selection: str,
     transposed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = F.linear(x, weight.t() if transposed else weight, bias)
+    out = owned(F.linear(x, weight.t() if transposed else weight, bias))
     values, index = compress(x, keep, chunk, selection)
     return out, values, index
 
@@ -356,12 +356,7 @@ def linear_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, restore_x: C
 def conv_forward(x, weight, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
     """The convolution a Conv op keeps its input for, as a custom op may return it."""
     zeros = [0] * len(stride)
-    out = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
-    if out._is_view():
-        # below autograd a conv1d is a squeezed conv2d: a view output of a multi-output op
-        # cannot be modified in place afterwards (an inplace ReLU would raise)
-        out = out.clone()
-    return out
+    return owned(torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups))
 
 
 def conv_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor):

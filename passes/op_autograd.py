@@ -26,7 +26,7 @@ import torch
 
 from .cache import eager
 
-__all__ = ["register_autograd", "in_backward"]
+__all__ = ["register_autograd", "in_backward", "owned"]
 
 
 @torch.library.custom_op("sparsify_fx::in_backward", mutates_args=())
@@ -37,6 +37,15 @@ def _in_backward(saved: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 @_in_backward.register_fake
 def _(saved, grad):
     return torch.empty_like(saved)
+
+
+def owned(result: torch.Tensor) -> torch.Tensor:
+    """An op's result as a tensor of its own, for autograd: a view (before torch 2.13 a 3-D
+    ``F.linear`` with a bias returns a view of its 2-D ``addmm``; below autograd a conv1d is a
+    squeezed conv2d) would make an in-place op after it (``ReLU(inplace=True)``) raise, since
+    autograd forbids modifying in place a view made inside a custom function. Same storage,
+    no copy."""
+    return torch.ops.aten._unsafe_view(result, result.shape) if result._is_view() else result
 
 
 def in_backward(grad: torch.Tensor, *saved: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
 
-from .op_autograd import register_autograd
+from .op_autograd import owned, register_autograd
 
 __all__ = ["SliceOut", "SliceWindow", "SliceOutDense", "SliceOutBatchNorm", "window_width"]
 
@@ -155,7 +155,7 @@ def _sliceout_linear(
     rows: list[int], cols: list[int], scale: float,
 ) -> torch.Tensor:
     b = _take(bias, 0, rows) if bias is not None else None
-    return F.linear(x, _weight_window(weight, rows, cols, scale), b)
+    return owned(F.linear(x, _weight_window(weight, rows, cols, scale), b))
 
 
 @_sliceout_linear.register_fake
@@ -203,7 +203,7 @@ def _sliceout_conv(
     b = _take(bias, 0, rows) if bias is not None else None
     w = _weight_window(weight, rows, cols, scale)
     zeros = [0] * len(stride)
-    return torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, zeros, 1)
+    return owned(torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, zeros, 1))
 
 
 @_sliceout_conv.register_fake

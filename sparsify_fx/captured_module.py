@@ -10,6 +10,7 @@ not silently end the sharing or drop what ``fx.GraphModule`` would drop.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -80,11 +81,26 @@ def _rebuild_captured(body: dict[str, Any], import_block: str) -> fx.GraphModule
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
+    if not _constructible_without_arguments(body.get("_tracer_cls")):
+        # torch.export's graphs name a tracer that takes arguments (torch < 2.13's
+        # _ModuleStackTracer); fx re-traces the saved code with it, and the plain Tracer
+        # re-traces that code the same
+        body = {**body, "_tracer_cls": None}
     gm = _deserialize_graph_module(forward, body, graph_module_cls=SharedStateGraphModule)
     for key in _HOOK_DICTS:
         if body.get(key):
             gm.__dict__[key] = body[key]
     return gm
+
+
+def _constructible_without_arguments(cls: type | None) -> bool:
+    if cls is None:
+        return True
+    try:
+        inspect.signature(cls).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 _HOOK_DICTS = (

@@ -120,7 +120,11 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         x0 = torch.randn(4, 3, 8, 8)
         fast = sfx.sparsify(model, FSDP_RECIPE, example_inputs=(x0,))
         reference = sfx.sparsify(_model(bn=False), FSDP_RECIPE, example_inputs=(x0,))  # unsharded
-        fully_shard(fast)  # parameters become DTensor shards (FSDP2)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # a CPU mesh named: without one FSDP2 takes the GPU where there is one (on an H100 the
+        # worker died with SIGSEGV: gloo with both ranks' shards on one device)
+        fully_shard(fast, mesh=init_device_mesh("cpu", (world,)))  # parameters become DTensor shards (FSDP2)
         opt = torch.optim.SGD(fast.parameters(), lr=0.05)
         ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(7)  # the same global batch on every rank

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 import passes  # noqa: F401  (registers the sparsify_fx ops)
-from passes.op_autograd import register_autograd
+import pytest
+
+import sparsify_fx as sfx
+from passes.op_autograd import owned, register_autograd
 
 seen: list[tuple] = []
 
@@ -32,6 +35,21 @@ def _backward(ctx, grad, side_grad):
 register_autograd(_scaled, _backward, _setup)
 
 
+@torch.library.custom_op("sfx_test::flat_double", mutates_args=())
+def _flat_double(x: torch.Tensor, own: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out = (x * 2).view(-1)  # a view of a tensor made inside the op, as a 3-D F.linear gave before torch 2.13
+    return owned(out) if own else out, x.new_empty(0)
+
+
+@_flat_double.register_fake
+def _(x, own):
+    return x.new_empty(x.numel()), x.new_empty(0)
+
+
+register_autograd(_flat_double, lambda ctx, grad, side: (grad.view(ctx.shape) * 2, None),
+                  lambda ctx, inputs, output: setattr(ctx, "shape", inputs[0].shape))
+
+
 def test_side_outputs_get_no_gradient_and_none_is_materialised():
     seen.clear()
     x = torch.randn(5, requires_grad=True)
@@ -50,3 +68,44 @@ def test_the_passes_ops_mark_their_payloads_non_differentiable():
     assert out[0].requires_grad and not any(t.requires_grad for t in out[1:])
     relu_out, bits = torch.ops.sparsify_fx.actmem_relu(x, 0.0)
     assert relu_out.requires_grad and not bits.requires_grad
+
+
+def test_an_owned_result_can_be_modified_in_place():
+    x = torch.randn(3, 4, requires_grad=True)
+    view, _ = torch.ops.sfx_test.flat_double(x, False)
+    assert view._is_view()
+    with pytest.raises(RuntimeError, match="view and is being modified inplace"):
+        view.relu_()
+    out, _ = torch.ops.sfx_test.flat_double(x, True)
+    assert not out._is_view()
+    out.relu_().sum().backward()
+    torch.testing.assert_close(x.grad, (x > 0).float() * 2, rtol=0, atol=0)
+
+
+def test_owned_shares_storage():
+    base = torch.randn(2, 3)
+    assert owned(base) is base
+    flat = owned(base.view(-1))
+    assert not flat._is_view() and flat.data_ptr() == base.data_ptr()
+
+
+@pytest.mark.parametrize("recipe", [
+    "actmem:layernorm='recompute',gelu='recompute'", "actmem:layernorm='recompute-bf16',gelu='recompute-bf16'",
+    "dropit:keep=0.5,skip_first_last=False", "sliceout:p=0.5,skip_first_last=False", "actmem:dense='bf16'",
+    "bsr:block_size=4,density=0.5,skip_first_last=False",
+])
+def test_a_rewritten_linears_result_on_3d_input_takes_an_inplace_relu(recipe):
+    """Each Linear op's result on a (batch, tokens, features) input, followed by
+    ``ReLU(inplace=True)``: torch 2.11's F.linear returned a view there (fuzz, on the H100)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 8), torch.nn.GELU(),
+                                torch.nn.Linear(8, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2))
+    if recipe.startswith("sliceout"):  # whole blocks of 8 units, not read by a LayerNorm
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(inplace=True), torch.nn.Linear(16, 16),
+                                    torch.nn.ReLU(inplace=True), torch.nn.Linear(16, 2))
+    x = torch.randn(2, 5, 8)
+    fast = sfx.sparsify(model, recipe, (x,))
+    assert sfx.explain(fast).rewrites, recipe
+    fast(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
