@@ -2,6 +2,7 @@
 # The GPU checks and benchmarks of one lent-GPU session, by stage (a machine starts bare: the
 # package is installed first). Logs and results go to $OUT (or results/gpu/).
 #   benchmarks/run_gpu.sh tests      # the CUDA-only tests (they skip in CI)
+#   benchmarks/run_gpu.sh probe      # whether a C++ extension's exception reaches Python there
 #   benchmarks/run_gpu.sh suite      # the whole test suite on that machine's torch, in parallel
 #                                    # (pytest-xdist), the CUDA-only tests included
 #   benchmarks/run_gpu.sh kernel     # BSR weight-gradient kernel: Triton vs torch vs dense
@@ -26,6 +27,7 @@ for stage in "$@"; do
               tests/test_activation_memory.py::test_unpack_on_cuda_matches_cpu \
               tests/test_compile.py::test_cuda_graphs_replay_the_rewritten_step_like_eager \
               2>&1 | tee "$out/tests.log" | tail -25 ;;
+    probe)  python3 -m benchmarks.probe_extension_errors 2>&1 | tee "$out/probe.log" ;;
     suite)  OMP_NUM_THREADS=1 python3 -m pytest -q -rfEs -p no:cacheprovider -n "${SUITE_WORKERS:-14}" tests \
               2>&1 | tee "$out/suite.log" | tail -60 ;;
     kernel) python3 -m benchmarks.bench_bsr_kernel --out "$out/bench_bsr_kernel.json" 2>&1 | tee "$out/kernel.log" | tail -40 ;;

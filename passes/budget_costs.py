@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["calibrate", "node_seconds", "example_input", "with_own_buffers", "rng_kept", "synchronizer",
+__all__ = ["calibrate", "host_share", "node_seconds", "example_input", "with_own_buffers", "rng_kept", "synchronizer",
            "OP_SECONDS"]
 
 #: the least fixed cost of a rewritten op (also what makes every compressed form strictly
@@ -102,6 +103,7 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     each timed call sweeps all of ``xs`` and is divided by their number."""
     from . import dense_storage  # noqa: F401  (its ops)
     from .activation_memory import compress, decompress
+    from .actmem_ops import ActMemActLinear, ActMemLnLinear
     from .bn_relu_conv import ActMemBnReLUConv
     from .dropit import compress_threshold, decompress_threshold
 
@@ -124,7 +126,7 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
         for x in xs:
             F.gelu(x)
 
-    def net(rewritten, dense, out_grad: torch.Tensor = grad) -> float:
+    def net(rewritten, dense, out_grad: torch.Tensor = grad, pairs: int = 9) -> float:
         """Added seconds of ``rewritten(x)``'s forward + backward over ``dense(x)``'s."""
         def step(fn) -> float:
             inputs = [x.detach().requires_grad_() for x in xs]
@@ -136,9 +138,9 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
             return (time.perf_counter() - t0) / n
 
         step(rewritten), step(dense)  # warm-up
-        # a difference of two small times: interleaved, best of 9 each
-        pairs = [(step(rewritten), step(dense)) for _ in range(9)]
-        return max(0.0, min(a for a, _ in pairs) - min(b for _, b in pairs))
+        # a difference of two small times: interleaved, best of ``pairs`` each
+        timed = [(step(rewritten), step(dense)) for _ in range(pairs)]
+        return max(0.0, min(a for a, _ in timed) - min(b for _, b in timed))
 
     stats = (torch.zeros(channels, device=device, dtype=torch.float32),
              torch.ones(channels, device=device, dtype=torch.float32))
@@ -166,6 +168,29 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     bn_relu_conv_bf16 = net(lambda t: fused_bf16(t, weight, bias, *stats, None, conv_w),
                             lambda t: F.conv2d(F.relu(F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5)),
                                                conv_w, groups=channels))
+    # an activation / LayerNorm fused with its Linear (the output recomputed in backward,
+    # exact or from a bf16 copy): the fused op's forward + backward less the dense pair's, per
+    # byte of what the pair keeps (its input and the Linear's, twice the tensor's: hence / 2).
+    # Priced as GELU's re-run alone until session 12, and on an H100 a GPT-2 plan at 0.5 that
+    # fused LN / GELU -> Linear with bf16 attention measured 7 ms added against 1 ms estimated
+    rows = x0.numel() // x0.shape[-1]
+    linear_w = torch.randn(16, x0.shape[-1], device=device, dtype=dtype, requires_grad=True)
+    linear_grad = torch.randn(rows, 16, device=device, dtype=dtype)
+    features = [x0.shape[-1]]
+    ln_w = torch.ones(features, device=device, dtype=dtype, requires_grad=True)
+    ln_b = torch.zeros(features, device=device, dtype=dtype, requires_grad=True)
+
+    def act_linear(store: str) -> float:
+        op = ActMemActLinear("gelu", store=store).train()
+        return net(lambda t: op(t.view(rows, -1), linear_w), lambda t: F.linear(F.gelu(t.view(rows, -1)), linear_w),
+                   linear_grad, pairs=5) / 2
+
+    def ln_linear(store: str) -> float:
+        op = ActMemLnLinear(tuple(features), 1e-5, store=store).train()
+        return net(lambda t: op(t.view(rows, -1), ln_w, ln_b, linear_w),
+                   lambda t: F.linear(F.layer_norm(t.view(rows, -1), features, ln_w, ln_b), linear_w),
+                   linear_grad, pairs=5) / 2
+
     # DropIT's conv forward + backward less the dense conv's, as for the forms above: its
     # compress + decompress alone priced it 1.3-2.8x low against the op on ResNet-50's shapes
     # (the weight gradient reads the expanded input, the kept values are gathered and scattered)
@@ -177,7 +202,9 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
         lambda t: F.conv2d(t, proj_conv), conv_grad)
     return {"dropit": max(dropit_net, _time(dropit, device) / n), "bf16": _time(bf16, device) / n,
             "recompute": _time(recompute, device) / n, "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm,
-            "bn_relu_conv": bn_relu_conv, "bn_relu_conv_bf16": bn_relu_conv_bf16}
+            "bn_relu_conv": bn_relu_conv, "bn_relu_conv_bf16": bn_relu_conv_bf16,
+            "act_linear": act_linear("exact"), "act_linear_bf16": act_linear("bf16"),
+            "ln_linear": ln_linear("exact"), "ln_linear_bf16": ln_linear("bf16")}
 
 
 class _NodeTimer(fx.Interpreter):
@@ -217,6 +244,45 @@ def rng_kept(device: torch.device):
     """Restore the RNG state afterwards: random inputs, dropout and DropIT's draws must not
     shift the user's random stream."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def host_share(gm: fx.GraphModule, rounds: int = 3) -> float:
+    """The share of a dense training step during which the host is busy issuing it: 1.0 on a
+    CPU; on a GPU the time until forward and backward have been launched over the time until
+    the device is done (median of ``rounds`` steps after a warm-up, on a copy with its own
+    buffers, gradients restored).
+
+    The calibrated fixed cost of an op is host time (dispatch, the small ops around the
+    kernels, launches). Where the GPU is the bottleneck that time runs while the device works
+    and adds little: on an H100 at batch 32, ViT-B/16's fused LayerNorm / GELU -> Linear ops,
+    priced 0.2-0.4 ms each, measured no slower than dense, while a host-bound GPT-2's measured
+    about their price. So the planner charges ``share`` of each fixed cost."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    if device.type != "cuda":
+        return 1.0
+    grads = {name: p.grad for name, p in gm.named_parameters()}
+    shares: list[float] = []
+    try:
+        with rng_kept(device), torch.enable_grad():
+            args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+            model = with_own_buffers(gm).train()
+            for round_ in range(rounds + 1):
+                for p in gm.parameters():  # backward would accumulate into the user's gradients
+                    p.grad = None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = model(*args)
+                leaves = [t for t in torch.utils._pytree.tree_leaves(out)
+                          if isinstance(t, torch.Tensor) and t.requires_grad]
+                torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
+                issued = time.perf_counter() - t0
+                torch.cuda.synchronize()
+                if round_:  # round 0 warms up the allocator and the kernels
+                    shares.append(issued / max(time.perf_counter() - t0, 1e-9))
+    finally:
+        for name, p in gm.named_parameters():
+            p.grad = grads[name]
+    return min(1.0, statistics.median(shares))
 
 
 def node_seconds(gm: fx.GraphModule) -> dict[str, float]:

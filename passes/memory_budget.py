@@ -65,6 +65,7 @@ from .budget_costs import (
     OP_SECONDS,
     calibrate,
     example_input,
+    host_share,
     node_seconds,
     rng_kept,
     synchronizer,
@@ -238,22 +239,30 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
 _DENSE_OPS = ("linear", "matmul", "addmm", "conv1d", "conv2d", "conv3d")
 
 
-def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: dict[str, float]) -> dict[str, float]:
+def _fused_linear_kind(r: Rewrite) -> str:
+    kind = "ln_linear" if r.op == "layer_norm" else "act_linear"
+    return kind + ("_bf16" if r.details.get("storage") == "recompute-bf16" else "")
+
+
+def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: dict[str, float],
+                      host: float = 1.0) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for r in rewrites:
         kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
                 else "dense" if r.op in _DENSE_OPS
                 else "bn_relu_conv" if r.op == "batch_norm" and r.details.get("storage") == "recompute"
                 else "bn_relu_conv_bf16" if r.op == "batch_norm" and r.details.get("storage") == "recompute-bf16"
-                # a GELU / LayerNorm fused with its Linear: its re-run, and for the bf16 form
-                # (twice the bytes before: the output and the input it no longer keeps) the casts
-                else "recompute" if r.details.get("storage") in ("recompute", "recompute-bf16")
+                # a GELU / SiLU / LayerNorm fused with its Linear: the fused op's net cost
+                else _fused_linear_kind(r) if r.details.get("storage") in ("recompute", "recompute-bf16")
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
         unit = _unit_of(r.module, units, ctx)
         # plus the op's fixed cost, calibrated on a tiny tensor (at least OP_SECONDS, which
         # also makes every compressed form strictly dearer than keeping, so a budget that
         # fits dense keeps everything)
+        # fixed costs are host time, hidden where the GPU is the bottleneck (budget_costs.host_share)
         fixed = rates.get(f"op:{kind}", OP_SECONDS)
+        if host < 1.0:
+            fixed = max(OP_SECONDS, fixed * host)
         nbytes = r.saved_bytes_before or 0
         if kind == "bn_relu_conv_bf16":  # calibrated per input byte, as its bf16 x_hat's double
             nbytes = 2 * (r.saved_bytes_after or 0)
@@ -362,6 +371,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
 
     names = list(units)
     allowed = _EXACT if config.exact_only else CHOICES
+    host = host_share(gm) if any(c in allowed for c in _COMPRESSED) else 1.0
     keep_bytes, _, _, _ = _trial(gm, {}, units, config, ctx)
     for name in names:
         units[name].choices["keep"] = Choice("keep", keep_bytes[name], 0.0)
@@ -370,7 +380,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         if choice not in allowed:
             continue
         per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
-        seconds = _compress_seconds(rewrites, units, ctx, rates, per_node)
+        seconds = _compress_seconds(rewrites, units, ctx, rates, per_node, host)
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:
@@ -390,12 +400,12 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
                 fwd = sum(per_node.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
                 units[name].choices["recompute"] = Choice("recompute", per_unit[name], fwd)
 
-    prices: dict[str, Any] = {"measured": False}
+    prices: dict[str, Any] = {"measured": False, "host_share": host}
     if config.measure_steps and trials:
         try:
-            prices = {"measured": True, **_check_prices(gm, units, trials, config.measure_steps)}
+            prices = {"measured": True, "host_share": host, **_check_prices(gm, units, trials, config.measure_steps)}
         except Exception as e:  # noqa: BLE001  (the calibrated prices still make a plan)
-            prices = {"measured": False, "why": f"{type(e).__name__}: {e}"}
+            prices = {"measured": False, "host_share": host, "why": f"{type(e).__name__}: {e}"}
             result.skips.append(Skip(ctx.pass_name, "(prices)", ctx.prefix.rstrip("."), "plan",
                                      f"whole-model training steps failed on random inputs ({prices['why']}); "
                                      "planned with the calibrated prices alone (measure_steps=0 skips the check)"))

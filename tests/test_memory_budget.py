@@ -348,7 +348,8 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
 
     _RATES.clear()
     rates = calibrate("cpu")
-    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16"}
+    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16",
+             "act_linear", "act_linear_bf16", "ln_linear", "ln_linear_bf16"}
     assert set(rates) == kinds | {f"op:{k}" for k in kinds}
     assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
@@ -368,6 +369,19 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
                             details={"storage": "recompute"})
         fake |= {"bn_relu_conv": 2.0, "op:bn_relu_conv": 0.25}
         assert _compress_seconds([fused], None, None, fake, {}) == {"u": 2000.25}
+        # a LayerNorm / GELU fused with its Linear: the fused op's own net cost (until session 12
+        # GELU's re-run alone, which priced an H100 GPT-2 plan 6x low)
+        for op, storage, kind in [("layer_norm", "recompute", "ln_linear"), ("gelu", "recompute-bf16", "act_linear_bf16")]:
+            pair = sfx.Rewrite("actmem", "n", "blocks.0", op, "x", saved_bytes_before=1000, details={"storage": storage})
+            assert _compress_seconds([pair], None, None, fake | {kind: 3.0, f"op:{kind}": 0.5}, {}) == {"u": 3000.5}
+        # a GPU-bound model hides the ops' host time: only the host's share of each fixed cost
+        # is charged, never less than the floor
+        pair = sfx.Rewrite("actmem", "n", "blocks.0", "layer_norm", "x", saved_bytes_before=1000,
+                           details={"storage": "recompute"})
+        priced = fake | {"ln_linear": 3.0, "op:ln_linear": 0.5}
+        assert _compress_seconds([pair], None, None, priced, {}, host=0.25) == {"u": 3000.125}
+        assert _compress_seconds([pair], None, None, priced | {"op:ln_linear": 0.0}, {}, host=0.25) == {
+            "u": 3000.0 + OP_SECONDS}
         # bf16 attention re-runs its forward in backward: priced with the node's own time
         attention = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
                                 details={"storage": "bf16"})
@@ -568,7 +582,8 @@ def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
     model = torchvision.models.resnet18().train()
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=1), example_inputs=(torch.randn(2, 3, 32, 32),))
     report = sfx.explain(fast)
-    assert report.memory_budget["prices"] == {"measured": False, "why": "RuntimeError: data-dependent input"}
+    assert report.memory_budget["prices"] == {"measured": False, "host_share": 1.0,
+                                              "why": "RuntimeError: data-dependent input"}
     assert any("calibrated prices alone" in s.reason for s in report.skipped)
     assert report.memory_budget["achieved_fraction"] <= 0.5
     with pytest.raises(sfx.ConfigError, match="measure_steps"):
@@ -605,3 +620,27 @@ def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
     prices = mb._check_prices(None, u, {"compress": None, "recompute": None}, 3)
     assert prices["price_scale"] == {"compress": pytest.approx(5.0), "recompute": 1.0}  # never lowered
     assert u["a"].choices["compress"].seconds == pytest.approx(0.05)
+
+
+def test_host_share_is_one_on_a_cpu():
+    """A CPU runs each op as it is issued: every fixed cost is charged in full."""
+    from passes.budget_costs import host_share
+
+    assert host_share(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))) == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_share_on_a_gpu_is_a_fraction_and_restores_gradients():
+    from passes.budget_costs import host_share
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)]).cuda()
+    x = torch.randn(64, 256, device="cuda")
+    fast = sfx.sparsify(model, "actmem", (x,))  # records the shapes host_share's inputs take
+    for p in fast.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    state = torch.cuda.get_rng_state()
+    share = host_share(fast)
+    assert 0.0 < share <= 1.0
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in fast.parameters())
+    assert torch.equal(torch.cuda.get_rng_state(), state)
