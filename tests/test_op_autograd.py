@@ -1,12 +1,11 @@
-"""passes.op_autograd: side outputs are non-differentiable and get no materialised gradient."""
+"""passes.op_autograd: side outputs are non-differentiable and get no materialised gradient; results are owned (never a view)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import passes  # noqa: F401  (registers the sparsify_fx ops)
-import pytest
-
 import sparsify_fx as sfx
 from passes.op_autograd import owned, register_autograd
 
