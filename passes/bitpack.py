@@ -59,8 +59,8 @@ def _bits_elementwise(packed: torch.Tensor, invert: bool = False) -> torch.Tenso
 def unpack_bits(packed: torch.Tensor, shape: list[int] | torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
     numel = math.prod(shape)
-    # traced graphs take the broadcast form: Inductor before torch 2.13 cannot lower the
-    # table's int64 -> bool view (and fuses the broadcast anyway)
+    # traced graphs take the broadcast form: torch 2.11's Inductor cannot lower the table's
+    # int64 -> bool view (and fuses the broadcast anyway)
     if packed.device.type == "cpu" and eager(packed):
         flat = _unpack_table(packed)[packed.long()].view(torch.bool)
     else:

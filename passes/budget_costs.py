@@ -3,25 +3,27 @@ each compressed form (fixed seconds per op + seconds per byte, cached per device
 and the forward time of each node for recompute (``passes/memory_budget.py`` combines them
 with the bytes of trial rewrites).
 
-Shared with the measured-prices check: random inputs of the recorded shapes, copies with their
-own buffers, and the RNG state kept.
+Whole training steps, for the measured-prices check and the host's share of a GPU step
+(:func:`measure_added_seconds`, :func:`host_share`): random inputs of the recorded shapes,
+copies with their own buffers, the RNG state and the gradients kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["calibrate", "host_share", "node_seconds", "example_input", "with_own_buffers", "rng_kept", "synchronizer",
-           "OP_SECONDS"]
+__all__ = ["calibrate", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
+           "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS"]
 
 #: the least fixed cost of a rewritten op (also what makes every compressed form strictly
 #: dearer than keeping, so a budget that fits dense keeps everything)
@@ -246,42 +248,77 @@ def rng_kept(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+@contextlib.contextmanager
+def _inputs_with_state_kept(gm: fx.GraphModule) -> Iterator[list]:
+    """Random inputs of ``gm``'s recorded shapes, with grad enabled; the RNG state and the
+    parameters' gradients are restored afterwards (the steps run on copies sharing them)."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    grads = {name: p.grad for name, p in gm.named_parameters()}
+    try:
+        with rng_kept(device), torch.enable_grad():
+            yield [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+    finally:
+        for name, p in gm.named_parameters():
+            p.grad = grads[name]
+
+
+def train_step_seconds(gm: fx.GraphModule, args: list) -> tuple[float, float]:
+    """One forward + backward of ``gm``: seconds until both were issued, and until the device
+    was done (the same on a CPU). Gradients start from ``None``, so none accumulate into the
+    tensors the caller restores."""
+    for p in gm.parameters():
+        p.grad = None
+    sync = synchronizer(next((p.device for p in gm.parameters()), torch.device("cpu")))
+    sync()
+    t0 = time.perf_counter()
+    out = gm(*args)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
+    issued = time.perf_counter() - t0
+    sync()
+    return issued, time.perf_counter() - t0
+
+
+def measure_added_seconds(
+    gm: fx.GraphModule, variants: dict[str, fx.GraphModule], rounds: int,
+) -> tuple[dict[str, float], float]:
+    """Seconds each variant's training step adds over ``gm``'s (best of ``rounds`` each,
+    interleaved after a warm-up round), and the gap between ``gm``'s two best steps (the
+    noise). Runs on copies with their own buffers; restores the gradients and the RNG state."""
+    models = {key: with_own_buffers(m).train() for key, m in {"": gm, **variants}.items()}
+    times: dict[str, list[float]] = {key: [] for key in models}
+    with _inputs_with_state_kept(gm) as args:
+        for round_ in range(rounds + 1):
+            for key, m in models.items():
+                _, seconds = train_step_seconds(m, args)
+                if round_:  # round 0 warms up allocators and kernels
+                    times[key].append(seconds)
+    # the noise of a best-of-n: how far the second-best dense step is from the best
+    dense = sorted(times[""])
+    noise = dense[1] - dense[0] if len(dense) > 1 else dense[0]
+    return {key: min(times[key]) - dense[0] for key in variants}, noise
+
+
 def host_share(gm: fx.GraphModule, rounds: int = 3) -> float:
     """The share of a dense training step during which the host is busy issuing it: 1.0 on a
     CPU; on a GPU the time until forward and backward have been launched over the time until
     the device is done (median of ``rounds`` steps after a warm-up, on a copy with its own
-    buffers, gradients restored).
+    buffers, gradients and RNG state restored).
 
     The calibrated fixed cost of an op is host time (dispatch, the small ops around the
     kernels, launches). Where the GPU is the bottleneck that time runs while the device works
     and adds little: on an H100 at batch 32, ViT-B/16's fused LayerNorm / GELU -> Linear ops,
     priced 0.2-0.4 ms each, measured no slower than dense, while a host-bound GPT-2's measured
     about their price. So the planner charges ``share`` of each fixed cost."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    if device.type != "cuda":
+    if next((p.device for p in gm.parameters()), torch.device("cpu")).type != "cuda":
         return 1.0
-    grads = {name: p.grad for name, p in gm.named_parameters()}
+    model = with_own_buffers(gm).train()
     shares: list[float] = []
-    try:
-        with rng_kept(device), torch.enable_grad():
-            args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
-            model = with_own_buffers(gm).train()
-            for round_ in range(rounds + 1):
-                for p in gm.parameters():  # backward would accumulate into the user's gradients
-                    p.grad = None
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = model(*args)
-                leaves = [t for t in torch.utils._pytree.tree_leaves(out)
-                          if isinstance(t, torch.Tensor) and t.requires_grad]
-                torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
-                issued = time.perf_counter() - t0
-                torch.cuda.synchronize()
-                if round_:  # round 0 warms up the allocator and the kernels
-                    shares.append(issued / max(time.perf_counter() - t0, 1e-9))
-    finally:
-        for name, p in gm.named_parameters():
-            p.grad = grads[name]
+    with _inputs_with_state_kept(gm) as args:
+        for round_ in range(rounds + 1):
+            issued, done = train_step_seconds(model, args)
+            if round_:  # round 0 warms up the allocator and the kernels
+                shares.append(issued / max(done, 1e-9))
     return min(1.0, statistics.median(shares))
 
 

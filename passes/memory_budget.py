@@ -49,7 +49,6 @@ budget. ``solve_exact`` is the brute-force optimum the tests compare with; ``sol
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +63,9 @@ from .activation_memory import ActivationMemory
 from .budget_costs import (
     OP_SECONDS,
     calibrate,
-    example_input,
     host_share,
+    measure_added_seconds,
     node_seconds,
-    rng_kept,
-    synchronizer,
-    with_own_buffers,
 )
 from .budget_solver import Choice, solve, solve_dp, solve_exact, solve_greedy
 from .dropit import DropIT
@@ -258,8 +254,8 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
         unit = _unit_of(r.module, units, ctx)
         # plus the op's fixed cost, calibrated on a tiny tensor (at least OP_SECONDS, which
         # also makes every compressed form strictly dearer than keeping, so a budget that
-        # fits dense keeps everything)
-        # fixed costs are host time, hidden where the GPU is the bottleneck (budget_costs.host_share)
+        # fits dense keeps everything); it is host time, of which only the host's share of a
+        # GPU step is charged (budget_costs.host_share)
         fixed = rates.get(f"op:{kind}", OP_SECONDS)
         if host < 1.0:
             fixed = max(OP_SECONDS, fixed * host)
@@ -275,48 +271,6 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
 # ---------------------------------------------------------------- measured prices
 
 
-def _train_step(gm: fx.GraphModule, args: list) -> float:
-    for p in gm.parameters():
-        p.grad = None
-    sync = synchronizer(next((p.device for p in gm.parameters()), torch.device("cpu")))
-    sync()
-    t0 = time.perf_counter()
-    out = gm(*args)
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-    torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
-    sync()
-    return time.perf_counter() - t0
-
-
-def _measure_added_seconds(
-    gm: fx.GraphModule, variants: dict[str, fx.GraphModule], rounds: int,
-) -> tuple[dict[str, float], float]:
-    """Seconds each variant's training step adds over ``gm``'s (best of ``rounds`` each,
-    interleaved after a warm-up round), and the gap between ``gm``'s two best steps (the
-    noise). Runs on copies with their own buffers; restores the gradients and the RNG state."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    models = {key: with_own_buffers(m) for key, m in {"": gm, **variants}.items()}
-    grads = {name: p.grad for name, p in gm.named_parameters()}
-    times: dict[str, list[float]] = {key: [] for key in models}
-    try:
-        with rng_kept(device), torch.enable_grad():
-            args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
-            for m in models.values():
-                m.train()
-            for round_ in range(rounds + 1):
-                for key, m in models.items():
-                    t = _train_step(m, args)
-                    if round_:  # round 0 warms up allocators and kernels
-                        times[key].append(t)
-    finally:
-        for name, p in gm.named_parameters():
-            p.grad = grads[name]
-    # the noise of a best-of-n: how far the second-best dense step is from the best
-    dense = sorted(times[""])
-    noise = dense[1] - dense[0] if len(dense) > 1 else dense[0]
-    return {key: min(times[key]) - dense[0] for key in variants}, noise
-
-
 def _check_prices(gm, units: dict[str, _Unit], trials: dict[str, fx.GraphModule], rounds: int) -> dict[str, Any]:
     """Scale each choice's per-unit seconds up to what applying it to every unit measures.
 
@@ -327,7 +281,7 @@ def _check_prices(gm, units: dict[str, _Unit], trials: dict[str, fx.GraphModule]
     model's two best steps: on a noisy host a few steps measure noise (negative added times are
     common), and a price lowered by noise would let a budget above dense compress.
     """
-    measured, noise = _measure_added_seconds(gm, trials, rounds)
+    measured, noise = measure_added_seconds(gm, trials, rounds)
     scales: dict[str, float] = {}
     for choice, added in measured.items():
         estimated = sum(u.choices[choice].seconds for u in units.values() if choice in u.choices)
@@ -403,9 +357,9 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
     prices: dict[str, Any] = {"measured": False, "host_share": host}
     if config.measure_steps and trials:
         try:
-            prices = {"measured": True, "host_share": host, **_check_prices(gm, units, trials, config.measure_steps)}
+            prices |= {"measured": True, **_check_prices(gm, units, trials, config.measure_steps)}
         except Exception as e:  # noqa: BLE001  (the calibrated prices still make a plan)
-            prices = {"measured": False, "host_share": host, "why": f"{type(e).__name__}: {e}"}
+            prices["why"] = f"{type(e).__name__}: {e}"
             result.skips.append(Skip(ctx.pass_name, "(prices)", ctx.prefix.rstrip("."), "plan",
                                      f"whole-model training steps failed on random inputs ({prices['why']}); "
                                      "planned with the calibrated prices alone (measure_steps=0 skips the check)"))

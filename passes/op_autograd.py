@@ -40,8 +40,8 @@ def _(saved, grad):
 
 
 def owned(result: torch.Tensor) -> torch.Tensor:
-    """An op's result as a tensor of its own, for autograd: a view (before torch 2.13 a 3-D
-    ``F.linear`` with a bias returns a view of its 2-D ``addmm``; below autograd a conv1d is a
+    """An op's result as a tensor of its own, for autograd: a view (on torch 2.11 a 3-D
+    ``F.linear`` with a bias returns a view of its 2-D ``addmm``, on 2.15 it does not; below autograd a conv1d is a
     squeezed conv2d) would make an in-place op after it (``ReLU(inplace=True)``) raise, since
     autograd forbids modifying in place a view made inside a custom function. Same storage,
     no copy."""

@@ -82,7 +82,7 @@ def _rebuild_captured(body: dict[str, Any], import_block: str) -> fx.GraphModule
 
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
     if not _constructible_without_arguments(body.get("_tracer_cls")):
-        # torch.export's graphs name a tracer that takes arguments (torch < 2.13's
+        # torch.export's graphs name a tracer that takes arguments (torch 2.11's
         # _ModuleStackTracer); fx re-traces the saved code with it, and the plain Tracer
         # re-traces that code the same
         body = {**body, "_tracer_cls": None}

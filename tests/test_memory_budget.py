@@ -545,7 +545,7 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     # every choice measures 1 s dearer than dense: far beyond any estimate and the noise
-    real = mb._measure_added_seconds
+    real = mb.measure_added_seconds
     calls = []
 
     def slow(gm, variants, rounds):
@@ -555,7 +555,7 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
         calls.append((set(variants), rounds, noise))
         return {k: 1.0 for k in measured}, 0.0  # the noise gate is tested on its own below
 
-    monkeypatch.setattr(mb, "_measure_added_seconds", slow)
+    monkeypatch.setattr(mb, "measure_added_seconds", slow)
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=2), example_inputs=(x,))
     assert calls == [(set(mb.CHOICES) - {"keep"}, 2, calls[0][2])] and calls[0][2] >= 0
     for k, v in model.named_buffers():
@@ -572,12 +572,12 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
 
 
 def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
-    import passes.memory_budget as mb
+    import passes.budget_costs as costs
 
     def broken(gm, args):
         raise RuntimeError("data-dependent input")
 
-    monkeypatch.setattr(mb, "_train_step", broken)
+    monkeypatch.setattr(costs, "train_step_seconds", broken)
     torch.manual_seed(0)
     model = torchvision.models.resnet18().train()
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=1), example_inputs=(torch.randn(2, 3, 32, 32),))
@@ -610,12 +610,12 @@ def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
                 "b": _Unit("b", None, {"keep": Choice("keep", 10, 0.0), "recompute": Choice("recompute", 0, 0.02)})}
 
     # compress measures 0.05 s (0.04 over its estimate), recompute 0.01 s (below its estimate)
-    monkeypatch.setattr(mb, "_measure_added_seconds", lambda gm, v, r: ({"compress": 0.05, "recompute": 0.01}, 0.05))
+    monkeypatch.setattr(mb, "measure_added_seconds", lambda gm, v, r: ({"compress": 0.05, "recompute": 0.01}, 0.05))
     u = units()
     prices = mb._check_prices(None, u, {"compress": None, "recompute": None}, 3)
     assert prices["price_scale"] == {"compress": 1.0, "recompute": 1.0}  # 0.04 s is within 0.05 s of noise
     assert u["a"].choices["compress"].seconds == 0.01 and u["b"].choices["recompute"].seconds == 0.02
-    monkeypatch.setattr(mb, "_measure_added_seconds", lambda gm, v, r: ({"compress": 0.05, "recompute": 0.01}, 0.001))
+    monkeypatch.setattr(mb, "measure_added_seconds", lambda gm, v, r: ({"compress": 0.05, "recompute": 0.01}, 0.001))
     u = units()
     prices = mb._check_prices(None, u, {"compress": None, "recompute": None}, 3)
     assert prices["price_scale"] == {"compress": pytest.approx(5.0), "recompute": 1.0}  # never lowered
