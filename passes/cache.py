@@ -19,9 +19,15 @@ _CACHE: dict[Hashable, torch.Tensor] = {}
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
 
 
+_REAL = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager(like: torch.Tensor) -> bool:
-    """Whether ``like`` is a real tensor outside tracing (what a cache or a C++ kernel may see)."""
-    return type(like) is torch.Tensor and torch._C._get_dispatch_mode(_FAKE) is None
+    """Whether ``like`` is a real tensor outside tracing (what a cache or a C++ kernel may see).
+
+    An ``nn.Parameter`` is one (a module's weight reaches backward as itself); subclasses that
+    stand for other things (fake, functional, distributed tensors) are not."""
+    return type(like) in _REAL and torch._C._get_dispatch_mode(_FAKE) is None
 
 
 def cached(key: Hashable, like: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:

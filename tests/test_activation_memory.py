@@ -965,6 +965,41 @@ def test_fused_bn_relu_conv_rebuild_agrees_with_the_torch_path(store, upper, mon
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@needs_kernels
+@pytest.mark.parametrize("storage", ["recompute", "recompute-bf16"])
+def test_a_models_fused_bn_relu_conv_rebuilds_with_the_kernel(storage, monkeypatch):
+    """In a model the BatchNorm's weight reaches backward as an ``nn.Parameter``: the kernels
+    must still take it (until session 13 a Parameter was not "eager", and every bf16 rebuild
+    ran the four-pass PyTorch path, unseen by the test above, which passes plain tensors)."""
+    from passes import cache
+
+    assert cache.eager(nn.Parameter(torch.ones(2)))
+    calls: list[str] = []
+    real = cpu_kernels.for_tensors
+
+    class Counting:
+        def __init__(self, kernels):
+            self.kernels = kernels
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self.kernels, name)
+
+    def counting(*tensors, **kwargs):
+        kernels = real(*tensors, **kwargs)
+        return None if kernels is None else Counting(kernels)
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(relu="off", batchnorm=storage), example_inputs=(x,)).train()
+    fused = sum(r.details["storage"] == storage for r in sfx.explain(fast).rewrites)
+    assert fused == 8
+    monkeypatch.setattr(cpu_kernels, "for_tensors", counting)
+    fast(x).sum().backward()
+    assert calls.count("affine_clamp") == fused
+
+
 def _bn_grads(x, affine: bool, kernels_on: bool, monkeypatch, need_x=True):
     with monkeypatch.context() as m:
         if not kernels_on:
