@@ -160,7 +160,7 @@ def _relu_backward(ctx, grad_out, _grad_mask):
     return torch.ops.aten.leaky_relu_backward(grad_out, passes, ctx.negative_slope, False), None
 
 
-register_autograd(_actmem_relu, _relu_backward, _relu_setup)
+actmem_relu = register_autograd(_actmem_relu, _relu_backward, _relu_setup)
 
 
 # ---------------------------------------------------------------- GELU / SiLU
@@ -209,8 +209,8 @@ def _silu_backward(ctx, grad_out, _g1, _g2):
     return torch.ops.aten.silu_backward(grad_out, x), None, None
 
 
-register_autograd(_actmem_gelu, _gelu_backward, _pointwise_setup)
-register_autograd(_actmem_silu, _silu_backward, _pointwise_setup)
+actmem_gelu = register_autograd(_actmem_gelu, _gelu_backward, _pointwise_setup)
+actmem_silu = register_autograd(_actmem_silu, _silu_backward, _pointwise_setup)
 
 
 # ---------------------------------------------------------------- activation -> Linear, recomputed
@@ -267,7 +267,7 @@ def _act_linear_backward(ctx, grad_y, *_unused):
     return grad_h, grad_w, grad_b, None, None, None
 
 
-register_autograd(_actmem_act_linear, _act_linear_backward, _act_linear_setup)
+actmem_act_linear = register_autograd(_actmem_act_linear, _act_linear_backward, _act_linear_setup)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -361,7 +361,7 @@ def bn_backward_from_payload(grad_out, payload, scale, invstd, weight, shape, dt
     ))
 
 
-register_autograd(_actmem_batch_norm, _bn_backward, _bn_setup)
+actmem_batch_norm = register_autograd(_actmem_batch_norm, _bn_backward, _bn_setup)
 
 
 # ---------------------------------------------------------------- LayerNorm
@@ -429,7 +429,7 @@ def ln_backward_from_payload(grad_out, payload, scale, rstd, weight, bias, norma
     return grad_x, grad_w, grad_b
 
 
-register_autograd(_actmem_layer_norm, _ln_backward, _ln_setup)
+actmem_layer_norm = register_autograd(_actmem_layer_norm, _ln_backward, _ln_setup)
 
 
 # ---------------------------------------------------------------- LayerNorm -> Linear, recomputed
@@ -495,7 +495,7 @@ def _ln_linear_backward(ctx, grad_y, *_unused):
     return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b, None
 
 
-register_autograd(_actmem_ln_linear, _ln_linear_backward, _ln_linear_setup)
+actmem_ln_linear = register_autograd(_actmem_ln_linear, _ln_linear_backward, _ln_linear_setup)
 
 
 # ---------------------------------------------------------------- scale by a parameter
@@ -534,7 +534,7 @@ def _scale_backward(ctx, grad_out, _g1, _g2):
     return grad_x, grad_scale, None, None
 
 
-register_autograd(_actmem_scale, _scale_backward, _scale_setup)
+actmem_scale = register_autograd(_actmem_scale, _scale_backward, _scale_setup)
 
 
 # ---------------------------------------------------------------- scaled dot-product attention
@@ -593,7 +593,7 @@ def _sdpa_backward(ctx, grad_out, *_unused):
     return grad_q, grad_k, grad_v, None, None, None, None
 
 
-register_autograd(_actmem_sdpa, _sdpa_backward, _sdpa_setup)
+actmem_sdpa = register_autograd(_actmem_sdpa, _sdpa_backward, _sdpa_setup)
 
 
 # ---------------------------------------------------------------- op modules
@@ -620,7 +620,7 @@ class ActMemReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _recording(x) and x.is_floating_point():
-            return torch.ops.sparsify_fx.actmem_relu(x, self.negative_slope)[0]
+            return actmem_relu(x, self.negative_slope)[0]
         if self.negative_slope == 0.0:
             return F.relu(x, inplace=self.inplace)
         return F.leaky_relu(x, self.negative_slope, inplace=self.inplace)
@@ -643,8 +643,8 @@ class ActMemActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _recording(x) and _compressible(x, self.storage):
             if self.kind == "gelu":
-                return torch.ops.sparsify_fx.actmem_gelu(x, self.approximate, self.storage, self.block)[0]
-            return torch.ops.sparsify_fx.actmem_silu(x, self.storage, self.block)[0]
+                return actmem_gelu(x, self.approximate, self.storage, self.block)[0]
+            return actmem_silu(x, self.storage, self.block)[0]
         if self.kind == "gelu":
             return F.gelu(x, approximate=self.approximate)
         return F.silu(x, inplace=self.inplace)
@@ -672,7 +672,7 @@ class ActMemActLinear(nn.Module):
     def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.training and _recording(h, weight, bias):
             with sfx.autocast_region(h.device.type) as cast:
-                return torch.ops.sparsify_fx.actmem_act_linear(h, cast(weight), cast(bias), self.kind,
+                return actmem_act_linear(h, cast(weight), cast(bias), self.kind,
                                                                self.approximate, self.store)[0]
         return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
 
@@ -700,7 +700,7 @@ class ActMemLnLinear(nn.Module):
                     # under autocast x arrives in bf16/fp16 beside fp32 LayerNorm parameters,
                     # and CUDA's layer-norm kernel takes no mixed dtypes: the parameters follow x
                     ln_weight, ln_bias = ln_weight.to(x.dtype), None if ln_bias is None else ln_bias.to(x.dtype)
-                return torch.ops.sparsify_fx.actmem_ln_linear(
+                return actmem_ln_linear(
                     x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias), self.store)[0]
         return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
 
@@ -723,7 +723,7 @@ class ActMemScale(nn.Module):
         if (self.training and torch.is_grad_enabled() and scale.requires_grad
                 and _compressible(x, self.storage)
                 and torch.broadcast_shapes(x.shape, scale.shape) == x.shape):
-            return torch.ops.sparsify_fx.actmem_scale(x, scale, self.storage, self.block)[0]
+            return actmem_scale(x, scale, self.storage, self.block)[0]
         return x * scale
 
 
@@ -747,7 +747,7 @@ class ActMemAttention(nn.Module):
             with autocast_region(q.device.type) as cast:
                 q, k, v = cast(q), cast(k), cast(v)
                 if _compressible(q, self.storage) and q.dtype == k.dtype == v.dtype:
-                    return torch.ops.sparsify_fx.actmem_sdpa(
+                    return actmem_sdpa(
                         q, k, v, self.is_causal, self.scale, self.storage, self.block)[0]
         # (operands already in the autocast dtype run the same kernel autocast would pick)
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
@@ -774,7 +774,7 @@ class ActMemBatchNorm(nn.Module):
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, factor, self.eps)
         if _recording(x, weight, bias) and _compressible(x, self.storage):
             _check_batch(x)
-            out, *_, new_mean, new_var = torch.ops.sparsify_fx.actmem_batch_norm(
+            out, *_, new_mean, new_var = actmem_batch_norm(
                 x, weight, bias, running_mean, running_var, factor, self.eps, self.storage, self.block
             )
             _copy_stats(running_mean, running_var, new_mean, new_var)
@@ -828,7 +828,7 @@ class ActMemLayerNorm(nn.Module):
 
     def forward(self, x, weight=None, bias=None):
         if self.training and _recording(x, weight, bias) and _compressible(x, self.storage):
-            return torch.ops.sparsify_fx.actmem_layer_norm(
+            return actmem_layer_norm(
                 x, self.normalized_shape, weight, bias, self.eps, self.storage, self.block
             )[0]
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)

@@ -476,7 +476,7 @@ def _backward(ctx, grad_out, *_grad_blocks):
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-register_autograd(_block_sparse_dense, _backward, _setup)
+block_sparse_dense = register_autograd(_block_sparse_dense, _backward, _setup)
 
 
 # ---------------------------------------------------------------- op modules
@@ -502,7 +502,7 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
-                return torch.ops.sparsify_fx.block_sparse_dense(
+                return block_sparse_dense(
                     cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
                     self.kind, [],
                 )[0]
@@ -527,7 +527,7 @@ class BlockSparseConv1x1(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
-                return torch.ops.sparsify_fx.block_sparse_dense(
+                return block_sparse_dense(
                     cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
                     "conv", self.dilation,
                 )[0]

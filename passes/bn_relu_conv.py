@@ -160,7 +160,7 @@ def _backward(ctx, grad_out, *_unused):
     return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None)
 
 
-register_autograd(_actmem_bn_relu_conv, _backward, _setup)
+actmem_bn_relu_conv = register_autograd(_actmem_bn_relu_conv, _backward, _setup)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -202,7 +202,7 @@ class ActMemBnReLUConv(nn.Module):
         if self.training and _recording(x, bn_weight, bn_bias, weight, bias):
             _check_batch(x)
             with sfx.autocast_region(x.device.type) as cast:
-                out, _, _, new_mean, new_var, _ = torch.ops.sparsify_fx.actmem_bn_relu_conv(
+                out, _, _, new_mean, new_var, _ = actmem_bn_relu_conv(
                     x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
                     self.stride, self.padding, self.dilation, self.groups, self.upper, self.store)
             _copy_stats(running_mean, running_var, new_mean, new_var)

@@ -103,11 +103,11 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     """Seconds each compressed form adds on one tensor like ``xs[0]`` (see :func:`calibrate`):
     each timed call sweeps all of ``xs`` and is divided by their number."""
-    from . import dense_storage  # noqa: F401  (its ops)
     from .activation_memory import compress, decompress
-    from .actmem_ops import ActMemActLinear, ActMemLnLinear
+    from .actmem_ops import ActMemActLinear, ActMemLnLinear, actmem_batch_norm, actmem_relu
     from .bn_relu_conv import ActMemBnReLUConv
-    from .dropit import compress_threshold, decompress_threshold
+    from .dense_storage import bf16in_linear
+    from .dropit import compress_threshold, decompress_threshold, dropit_conv
 
     x0 = xs[0]
     device, dtype, n = x0.device, x0.dtype, len(xs)
@@ -148,15 +148,15 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
              torch.ones(channels, device=device, dtype=torch.float32))
     weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
     bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
-    bitmask = net(lambda t: torch.ops.sparsify_fx.actmem_relu(t, 0.0)[0], torch.relu)
+    bitmask = net(lambda t: actmem_relu(t, 0.0)[0], torch.relu)
     # a Linear keeping a bf16 input: the cast in forward and the upcast for the weight
     # gradient; a narrow output keeps the matmuls from drowning that difference
     proj = torch.randn(64, x0.shape[-1] * x0.shape[-2], device=device, dtype=dtype, requires_grad=True)
     flat = (x0.shape[0] * x0.shape[1], x0.shape[-1] * x0.shape[-2])
-    dense = net(lambda t: torch.ops.sparsify_fx.bf16in_linear(t.view(flat), proj, None, False)[0],
+    dense = net(lambda t: bf16in_linear(t.view(flat), proj, None, False)[0],
                 lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
     batchnorm = net(
-        lambda t: torch.ops.sparsify_fx.actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
+        lambda t: actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
         lambda t: F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5))
     # BatchNorm -> ReLU -> Conv with the ReLU output rebuilt in backward; a depthwise 1x1 conv
     # keeps the convolution's own time from drowning the difference
@@ -199,8 +199,7 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     proj_conv = torch.randn(64, channels, 1, 1, device=device, dtype=dtype, requires_grad=True)
     conv_grad = torch.randn(x0.shape[0], 64, *x0.shape[2:], device=device, dtype=dtype)
     dropit_net = net(
-        lambda t: torch.ops.sparsify_fx.dropit_conv(t, proj_conv, None, [1, 1], [0, 0], [1, 1], 1, 0.1, 16384,
-                                                    "threshold")[0],
+        lambda t: dropit_conv(t, proj_conv, None, [1, 1], [0, 0], [1, 1], 1, 0.1, 16384, "threshold")[0],
         lambda t: F.conv2d(t, proj_conv), conv_grad)
     return {"dropit": max(dropit_net, _time(dropit, device) / n), "bf16": _time(bf16, device) / n,
             "recompute": _time(recompute, device) / n, "bitmask": bitmask, "dense": dense, "batchnorm": batchnorm,

@@ -75,7 +75,7 @@ def _linear_backward(ctx, grad_out, _grad_stored):
     return (*linear_grads(ctx, grad_out, weight, lambda: stored.to(ctx.x_dtype)), None)
 
 
-register_autograd(_bf16in_linear, _linear_backward, _linear_setup)
+bf16in_linear = register_autograd(_bf16in_linear, _linear_backward, _linear_setup)
 
 
 @torch.library.custom_op("sparsify_fx::bf16in_conv", mutates_args=())
@@ -108,7 +108,7 @@ def _conv_backward(ctx, grad_out, _grad_stored):
     return (*conv_grads(ctx, grad_out, weight, x), None, None, None, None)
 
 
-register_autograd(_bf16in_conv, _conv_backward, _conv_setup)
+bf16in_conv = register_autograd(_bf16in_conv, _conv_backward, _conv_setup)
 
 
 # ---------------------------------------------------------------- op modules
@@ -139,7 +139,7 @@ class Bf16InputLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and _saves_bf16(x, weight):
-            return torch.ops.sparsify_fx.bf16in_linear(x, weight, bias, self.kind != "linear")[0]
+            return bf16in_linear(x, weight, bias, self.kind != "linear")[0]
         return dense_call(self.kind, x, weight, bias)
 
 
@@ -153,7 +153,7 @@ class Bf16InputConv(ConvOpModule):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and _saves_bf16(x, weight):
-            return torch.ops.sparsify_fx.bf16in_conv(
+            return bf16in_conv(
                 x, weight, bias, self.stride, self.padding, self.dilation, self.groups)[0]
         return self.dense(x, weight, bias)
 

@@ -379,7 +379,7 @@ def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
     return (*grads, None, None, None, None)
 
 
-register_autograd(_dropit_linear, _linear_backward, _linear_setup)
+dropit_linear = register_autograd(_dropit_linear, _linear_backward, _linear_setup)
 
 
 @torch.library.custom_op("sparsify_fx::dropit_conv", mutates_args=())
@@ -425,7 +425,7 @@ def _conv_backward(ctx, grad_out, _grad_values, _grad_indices):
     return (*conv_grads(ctx, grad_out, weight, x), None, None, None, None, None, None, None)
 
 
-register_autograd(_dropit_conv, _conv_backward, _conv_setup)
+dropit_conv = register_autograd(_dropit_conv, _conv_backward, _conv_setup)
 
 
 # ---------------------------------------------------------------- op modules
@@ -451,7 +451,7 @@ class DropITLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
-                return torch.ops.sparsify_fx.dropit_linear(
+                return dropit_linear(
                     cast(x), cast(weight), cast(bias), self.keep, self.chunk, self.selection,
                     self.kind != "linear",
                 )[0]
@@ -491,7 +491,7 @@ class DropITConv(ConvOpModule):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
-                return torch.ops.sparsify_fx.dropit_conv(
+                return dropit_conv(
                     cast(x), cast(weight), cast(bias), self.stride, self.padding, self.dilation,
                     self.groups, self.keep, self.chunk, self.selection,
                 )[0]

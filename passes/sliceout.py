@@ -191,7 +191,7 @@ def _linear_backward(ctx, grad_out):
     return grad_x, grad_w, grad_b, None, None, None
 
 
-register_autograd(_sliceout_linear, _linear_backward, _linear_setup)
+sliceout_linear = register_autograd(_sliceout_linear, _linear_backward, _linear_setup)
 
 
 @torch.library.custom_op("sparsify_fx::sliceout_conv", mutates_args=())
@@ -242,7 +242,7 @@ def _conv_backward(ctx, grad_out):
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-register_autograd(_sliceout_conv, _conv_backward, _conv_setup)
+sliceout_conv = register_autograd(_sliceout_conv, _conv_backward, _conv_setup)
 
 
 # ---------------------------------------------------------------- op modules
@@ -339,9 +339,9 @@ class SliceOutDense(nn.Module):
         with sfx.autocast_region(x.device.type) as cast:
             x, weight, bias = cast(x), cast(weight), cast(bias)
             if self.kind == "linear":
-                return torch.ops.sparsify_fx.sliceout_linear(x, weight, bias, rows, cols, scale)
+                return sliceout_linear(x, weight, bias, rows, cols, scale)
             _, stride, padding, dilation, _ = self.conv_args
-            return torch.ops.sparsify_fx.sliceout_conv(
+            return sliceout_conv(
                 x, weight, bias, rows, cols, scale, list(stride), list(padding), list(dilation))
 
 

@@ -1,4 +1,5 @@
-"""passes.op_autograd: side outputs are non-differentiable and get no materialised gradient; results are owned (never a view)."""
+"""passes.op_autograd: side outputs are non-differentiable and get no materialised gradient; results are owned (never a view);
+eager calls skip the custom op's dispatch, and anything that must see the op still does."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 import passes  # noqa: F401  (registers the sparsify_fx ops)
 import sparsify_fx as sfx
+from passes import op_autograd
 from passes.op_autograd import owned, register_autograd
 
 seen: list[tuple] = []
@@ -31,7 +33,7 @@ def _backward(ctx, grad, side_grad):
     return grad * 2
 
 
-register_autograd(_scaled, _backward, _setup)
+scaled_with_side = register_autograd(_scaled, _backward, _setup)
 
 
 @torch.library.custom_op("sfx_test::flat_double", mutates_args=())
@@ -108,3 +110,66 @@ def test_a_rewritten_linears_result_on_3d_input_takes_an_inplace_relu(recipe):
     assert sfx.explain(fast).rewrites, recipe
     fast(x).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
+
+
+def test_an_eager_call_runs_a_plain_function_with_the_ops_results_and_gradients():
+    x = torch.randn(5, requires_grad=True)
+    out, side = scaled_with_side(x)
+    assert type(out.grad_fn).__name__ == "scaled_with_side_eagerBackward"
+    assert out.requires_grad and not side.requires_grad
+    seen.clear()
+    out.sum().backward()
+    assert seen[0][1] is None  # still no materialised side gradient
+    via_op = x.detach().requires_grad_()
+    ref, ref_side = torch.ops.sfx_test.scaled_with_side(via_op)
+    assert "eager" not in type(ref.grad_fn).__name__
+    ref.sum().backward()
+    torch.testing.assert_close((out, side, x.grad), (ref, ref_side, via_op.grad), rtol=0, atol=0)
+
+
+def test_modes_fake_tensors_and_transforms_see_the_custom_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, requires_grad=True)
+    with Seen() as mode:
+        scaled_with_side(x)
+    assert "sfx_test.scaled_with_side.default" in mode.ops
+    assert op_autograd.eager_call((x,))
+    with FakeTensorMode() as fake:
+        assert not op_autograd.eager_call((fake.from_tensor(x),))
+    seen_inside = []
+    torch.func.grad(lambda t: seen_inside.append(op_autograd.eager_call((t,))) or t.sum())(x.detach())
+    assert seen_inside == [False]
+
+
+@pytest.mark.parametrize("store", ["exact", "bf16"])
+def test_a_fused_pass_op_gives_the_same_results_eager_and_dispatched(store, monkeypatch):
+    from passes.bn_relu_conv import ActMemBnReLUConv
+
+    torch.manual_seed(0)
+    bn, conv = torch.nn.BatchNorm2d(6), torch.nn.Conv2d(6, 4, 3, padding=1)
+    x = torch.randn(3, 6, 9, 9)
+
+    def run(eager: bool):
+        with monkeypatch.context() as m:
+            if not eager:
+                m.setattr(op_autograd, "eager_call", lambda args: False)
+            op = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [1, 1], [1, 1], 1, None, store).train()
+            xr = x.clone().requires_grad_()
+            stats = [bn.running_mean.clone(), bn.running_var.clone()]
+            out = op(xr, bn.weight, bn.bias, *stats, None, conv.weight, conv.bias)
+            assert ("eager" in type(out.grad_fn).__name__) == eager
+            grads = torch.autograd.grad(out, [xr, bn.weight, bn.bias, conv.weight, conv.bias], torch.ones_like(out))
+            return out, *grads, *stats
+
+    torch.testing.assert_close(run(True), run(False), rtol=0, atol=0)
