@@ -1,7 +1,8 @@
 """MemoryBudget against per-block activation checkpointing (issue #10).
 
 For each model, in one process and interleaved (one step of every configuration per round,
-median of ``--repeats`` rounds after a warm-up round):
+median of ``--repeats`` rounds after a warm-up round; "paired" is the median over rounds of
+each round's step over that round's dense step):
 
 * ``dense``: the model as is;
 * ``checkpoint``: every repeated block wrapped in ``torch.utils.checkpoint`` (reentrant, so its
@@ -166,6 +167,10 @@ def bench_model(
         "step_s": step,
         "step_s_all": times,
         "step_ratio": {k: step[k] / step["dense"] for k in step},
+        # each round's step over the dense step of the same round: a host whose speed drifts
+        # between rounds (this 2-core one moved 10 % between runs in session 13) moves both
+        "step_ratio_paired": {k: statistics.median(a / b for a, b in zip(ts, times["dense"], strict=True))
+                              for k, ts in times.items()},
         "plans": plans,
     }
 
@@ -173,8 +178,9 @@ def bench_model(
 def _table(rows: list[dict]) -> str:
     # the cost model's estimate of the added step time next to the measured one: where they
     # part, the plan was chosen on wrong prices
-    lines = ["| model | config | budget | planned | held vs dense | step vs dense | added ms, est. / measured | choices |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | config | budget | planned | held vs dense | step vs dense | paired | added ms, est. / measured "
+             "| choices |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         for k in r["saved_bytes"]:
             plan = r["plans"].get(k)
@@ -193,7 +199,7 @@ def _table(rows: list[dict]) -> str:
                 alloc = r["allocator"]
                 held += f" / {alloc[k]['held_bytes'] / alloc['dense']['held_bytes']:.3f}"
             lines.append(f"| {r['model']} | {k} | {budget} | {planned} | {held} | "
-                         f"{r['step_ratio'][k]:.2f} | {added} | {choices} |")
+                         f"{r['step_ratio'][k]:.2f} | {r['step_ratio_paired'][k]:.2f} | {added} | {choices} |")
     return "\n".join(lines)
 
 
