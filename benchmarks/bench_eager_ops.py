@@ -1,0 +1,74 @@
+"""Session 13's two eager-path fixes, A/B on one plan, interleaved in one process.
+
+``old``: the state before them (an ``nn.Parameter`` is not an eager tensor, so the fused
+BatchNorm -> ReLU -> Conv's bf16 rebuild ran its four-pass PyTorch path in a model; every op
+call went through the custom op's autograd wrapper). ``new``: both fixes. The plan is built
+once (``MemoryBudget(fraction=F)``) and each round times dense, old and new back to back; the
+ratios are medians over rounds of each round's step over that round's dense step.
+
+    python -m benchmarks.bench_eager_ops --model resnet50 --fraction 0.5 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import sparsify_fx as sfx
+from benchmarks.bench_budget import MODELS
+from benchmarks.device import timed_step
+from passes import cache, op_autograd
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", choices=list(MODELS))
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default="results/bench_eager_ops.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    factory, make_x, make_target, _, batch = MODELS[args.model]
+    model = factory().train()
+    x, target = make_x(batch), make_target(batch)
+    fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=args.fraction), example_inputs=(x,)).train()
+    forms = Counter(r.details.get("storage", r.op) for r in sfx.explain(fast).rewrites)
+    real, eager_call = cache._REAL, op_autograd.eager_call
+
+    def state(new: bool) -> None:
+        cache._REAL = real if new else (torch.Tensor,)
+        op_autograd.eager_call = eager_call if new else (lambda args: False)
+
+    def step(m: torch.nn.Module, new: bool = True) -> float:
+        state(new)
+        try:
+            return timed_step(m, x, target, "cpu", "off")
+        finally:
+            state(True)
+
+    times: dict[str, list[float]] = {"dense": [], "old": [], "new": []}
+    for r in range(args.rounds + 2):  # two warm-up rounds
+        t = {"dense": step(model), "old": step(fast, new=False), "new": step(fast)}
+        if r >= 2:
+            for k, v in t.items():
+                times[k].append(v)
+    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["dense"], strict=True)) for k in ("old", "new")}
+    result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms), "times_s": times,
+              "step_ratio_paired": ratio,
+              "new_over_old": statistics.median(a / b for a, b in zip(times["new"], times["old"], strict=True))}
+    print(f"{args.model} at {args.fraction}: step vs dense, old {ratio['old']:.3f}, new {ratio['new']:.3f}; "
+          f"new / old {result['new_over_old']:.3f}; dense {1e3 * statistics.median(times['dense']):.0f} ms")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
