@@ -97,9 +97,12 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
     backward_or_none.__name__ = getattr(backward, "__name__", "backward")
     op.register_autograd(backward_or_none, setup_context=setup)
     dispatched = getattr(getattr(torch.ops, op._namespace), op._name)
-    impl = op._init_fn
-    if set(op._backend_fns) - {None} or op._torch_dispatch_fns:
-        return dispatched  # device kernels or dispatch rules the plain path would skip
+    # private fields of CustomOpDef (torch 2.6-2.15): where one is missing, or the op has
+    # device kernels or dispatch rules the plain path would skip, always dispatch
+    impl = getattr(op, "_init_fn", None)
+    if impl is None or set(getattr(op, "_backend_fns", {None: None})) - {None} or getattr(
+            op, "_torch_dispatch_fns", None):
+        return dispatched
 
     def forward(ctx, *args):
         output = impl(*args)
@@ -107,11 +110,11 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
         return output
 
     # named after the op, so a grad_fn reads "<op>_eagerBackward"
-    eager = type(f"{op._name}_eager", (torch.autograd.Function,),
+    plain = type(f"{op._name}_eager", (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(backward_or_none)})
 
     def call(*args):
-        return eager.apply(*args) if eager_call(args) else dispatched(*args)
+        return plain.apply(*args) if eager_call(args) else dispatched(*args)
 
     call.__name__ = op._name
     return call
