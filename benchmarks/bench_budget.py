@@ -38,7 +38,7 @@ import torch.utils.checkpoint as ckpt
 import torchvision
 
 import sparsify_fx as sfx
-from benchmarks.bench_memory import interleaved_times
+from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import (
     add_device_args,
     check_device,
@@ -167,10 +167,7 @@ def bench_model(
         "step_s": step,
         "step_s_all": times,
         "step_ratio": {k: step[k] / step["dense"] for k in step},
-        # each round's step over the dense step of the same round: a host whose speed drifts
-        # between rounds (this 2-core one moved 10 % between runs in session 13) moves both
-        "step_ratio_paired": {k: statistics.median(a / b for a, b in zip(ts, times["dense"], strict=True))
-                              for k, ts in times.items()},
+        "step_ratio_paired": paired_ratios(times),
         "plans": plans,
     }
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
 import torchvision
 
+from benchmarks.bench_memory import interleaved_times, paired_ratios
+
 __all__ = ["main"]
 
 
@@ -58,13 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         F.cross_entropy(m(x), target).backward()
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.rounds + 2):  # two warm-up rounds
-        for k, m in variants.items():
-            t = step(m)
-            if r >= 2:
-                times[k].append(t)
-    paired = {k: statistics.median(a / b for a, b in zip(ts, times["dense"], strict=True)) for k, ts in times.items()}
+    times = interleaved_times(variants, step, args.rounds, warmup=2)
+    paired = paired_ratios(times)
     for k in variants:
         print(f"{k:14s} {1e3 * statistics.median(times[k]):7.1f} ms  paired {paired[k]:.3f}")
     result = {"batch": args.batch, "times_s": times, "step_ratio_paired": paired}

@@ -21,6 +21,7 @@ import torch
 
 import sparsify_fx as sfx
 from benchmarks.bench_budget import MODELS
+from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
 from passes import cache, op_autograd
 
@@ -53,16 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             state(True)
 
-    times: dict[str, list[float]] = {"dense": [], "old": [], "new": []}
-    for r in range(args.rounds + 2):  # two warm-up rounds
-        t = {"dense": step(model), "old": step(fast, new=False), "new": step(fast)}
-        if r >= 2:
-            for k, v in t.items():
-                times[k].append(v)
-    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["dense"], strict=True)) for k in ("old", "new")}
+    runs = {"dense": lambda: step(model), "old": lambda: step(fast, new=False), "new": lambda: step(fast)}
+    times = interleaved_times(runs, lambda run: run(), args.rounds, warmup=2)  # type: ignore[arg-type]
+    ratio = {k: v for k, v in paired_ratios(times).items() if k != "dense"}
     result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms), "times_s": times,
-              "step_ratio_paired": ratio,
-              "new_over_old": statistics.median(a / b for a, b in zip(times["new"], times["old"], strict=True))}
+              "step_ratio_paired": ratio, "new_over_old": paired_ratios(times, base="old")["new"]}
     print(f"{args.model} at {args.fraction}: step vs dense, old {ratio['old']:.3f}, new {ratio['new']:.3f}; "
           f"new / old {result['new_over_old']:.3f}; dense {1e3 * statistics.median(times['dense']):.0f} ms")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from benchmarks.device import (
 )
 from benchmarks.memory import saved_tensor_bytes
 
-__all__ = ["MODELS", "CONFIGS", "bench_model", "interleaved_times", "main"]
+__all__ = ["MODELS", "CONFIGS", "bench_model", "interleaved_times", "paired_ratios", "main"]
 
 #: name -> (factory, input shape): the issue's target sizes (ResNet-50 8x3x112x112,
 #: ViT-B/16 4x3x224x224), plus convnext_tiny and an MLP.
@@ -89,17 +89,24 @@ CONFIGS: dict[str, list | None] = {
 
 
 def interleaved_times(
-    variants: dict[str, nn.Module], step: Callable[[nn.Module], float], repeats: int
+    variants: dict[str, nn.Module], step: Callable[[nn.Module], float], repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
     """``repeats`` step times per variant, one step of each per round (machine noise hits them
-    alike), after one warm-up round."""
+    alike), after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(repeats + 1):
+    for round_ in range(repeats + warmup):
         for name, m in variants.items():
             t = step(m)
-            if round_:  # round 0 warms up allocators and kernels
+            if round_ >= warmup:  # the first rounds warm up allocators and kernels
                 times[name].append(t)
     return times
+
+
+def paired_ratios(times: dict[str, list[float]], base: str = "dense") -> dict[str, float]:
+    """Per variant, the median over rounds of its step over ``base``'s step of the same round:
+    a host whose speed drifts between rounds moves both (this 2-core one moved 10 % between runs
+    in session 13)."""
+    return {k: statistics.median(a / b for a, b in zip(ts, times[base], strict=True)) for k, ts in times.items()}
 
 
 def bench_model(
