@@ -155,6 +155,15 @@ class ActivationMemory(PassConfig):
             as ``"bf16"`` / ``"int8"`` instead of q, k, v *and* its output in full precision,
             and recomputes the attention probabilities in backward (approximate: the
             gradients see the rounded q, k, v). ``"off"`` (the default) leaves it dense.
+        attention_output: ``"recompute"`` (the default): the attention's output is not kept,
+            and backward re-runs the attention on the stored q, k, v. ``"keep"``: the op keeps
+            its output and log-sum-exp as well, and backward runs only the CPU flash kernel's
+            backward (GPT-2-style shapes: 11 ms per attention's forward + backward instead of
+            15, dense 11). The output is usually held anyway, by the projection after it (a
+            view of the same storage), so this costs one float per query row; where the
+            projection keeps a compressed copy (``dense="bf16"``, DropIT) it costs the output.
+            Off the CPU flash kernel (a GPU, a head size that differs between q and v) the
+            attention is re-run as with ``"recompute"``.
         dense: ``"bf16"``: Linear / Conv / matmul-against-a-weight keep their input as bf16
             for the weight gradient (``passes/dense_storage.py``; forward and input gradient
             exact, the weight gradient sees the rounded input); ``"off"`` (the default).
@@ -177,6 +186,7 @@ class ActivationMemory(PassConfig):
     layernorm: str = "bf16"
     scale: str = "bf16"
     attention: str = "off"
+    attention_output: str = "recompute"
     dense: str = "off"
     block_size: int = 256
 
@@ -192,6 +202,9 @@ class ActivationMemory(PassConfig):
                 raise ConfigError(
                     f"ActivationMemory.{name} must be one of {list(_STORAGE)}, got {value!r}"
                 )
+        if self.attention_output not in ("recompute", "keep"):
+            raise ConfigError(
+                f"ActivationMemory.attention_output must be 'recompute' or 'keep', got {self.attention_output!r}")
         if self.dense not in ("bf16", "off"):
             raise ConfigError(f"ActivationMemory.dense must be 'bf16' or 'off', got {self.dense!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
@@ -511,14 +524,20 @@ def _plan_attention(node: fx.Node, config: ActivationMemory):
         return "q, k, v are not graph values"
     metas = [sfx.tensor_meta(t) for t in (q, k, v)]
     before = after = None
+    # (where the shapes say the CPU flash kernel will not take them, the op re-runs instead)
+    keep = config.attention_output == "keep" and not any(
+        m is not None and (len(m[0]) != 4 or m[0][-1] != metas[0][0][-1]) for m in metas)
     if all(m is not None for m in metas):
         if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
             return "q, k, v batch dims differ (broadcasting attention is not supported)"
         before = sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v, node))
         after = sum(_stored_bytes(_numel_of(t), config.attention, config.block_size) or 0 for t in (q, k, v))
+        if keep:  # + the fp32 log-sum-exp per query row (the output itself is counted as held)
+            after += 4 * (_numel_of(q) or 0) // max(1, metas[0][0][-1])
     # without recorded shapes (a torch.compile graph) the op module checks them at run time and
     # runs the dense op on broadcasting batch dims
-    module = ActMemAttention(is_causal, None if scale is None else float(scale), config.attention, config.block_size)
+    module = ActMemAttention(is_causal, None if scale is None else float(scale), config.attention, config.block_size,
+                             keep_output=keep)
     return module, (q, k, v), before, after
 
 
@@ -680,7 +699,8 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
                 ctx.pass_name, origin, ctx.qualified(module_name), op, target,
                 saved_bytes_before=before, saved_bytes_after=after,
                 details={"storage": getattr(op_module, "storage", _fused_storage(op_module) if fused else "bitmask"),
-                         **({"fused_linear": ctx.qualified(linear)} if fused else {})},
+                         **({"fused_linear": ctx.qualified(linear)} if fused else {}),
+                         **({"output": "keep"} if getattr(op_module, "keeps_output", False) else {})},
             )
         )
         result.modified = True

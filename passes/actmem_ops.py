@@ -59,6 +59,8 @@ def _to_bf16(x: torch.Tensor) -> torch.Tensor:
     # result detects: the common case costs a cast and a max instead of clamp, add and cast
     # (the clamp alone was 2 % of a ResMLP-12 training step). Runs on real tensors only:
     # the custom ops call it eagerly under torch.compile too.
+    if x.dtype == torch.float32 and (kernels := cpu_kernels.for_strided(x)) is not None:
+        return kernels.to_bf16(x)  # the same rules in one pass
     if x.dtype == torch.float32 or x.dtype == torch.float64:
         if sync.sync_free(x.device):  # the check reads a value back: always clamp there instead
             return x.clamp(-_BF16_MAX, _BF16_MAX).add_(x, alpha=0).to(torch.bfloat16)
@@ -385,6 +387,12 @@ def _actmem_layer_norm(
 def ln_payload(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, storage: str,
                block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm's normalised input ``x_hat`` compressed (:func:`compress`'s ``(payload, scale)``)."""
+    kernels = cpu_kernels.for_tensors(x, mean, rstd) if storage == "bf16" and x.dtype == torch.float32 else None
+    if kernels is not None and mean.dtype == rstd.dtype == torch.float32 and x.dim() >= 1 and x.shape[-1] > 0:
+        # normalise, saturate and round to bf16 in one pass (the statistics are per row of the
+        # normalised dims: their width is numel / rows)
+        width = x.numel() // max(1, mean.numel())
+        return kernels.normalize_rows_bf16(x.detach(), mean, rstd, width), x.new_empty(0)
     return compress((x.detach() - mean).mul_(rstd), storage, block)
 
 
@@ -540,34 +548,79 @@ actmem_scale = register_autograd(_actmem_scale, _scale_backward, _scale_setup)
 # ---------------------------------------------------------------- scaled dot-product attention
 
 
+#: dtypes the CPU flash-attention kernel (what ``F.scaled_dot_product_attention`` runs on CPU for
+#: unmasked, dropout-free 4-D inputs) takes
+_FLASH_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def keeps_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_out: bool) -> bool:
+    """Whether the attention op keeps its output and log-sum-exp: ``keep_out`` where the CPU
+    flash kernel takes the operands (4-D, one head size, unit last stride, non-empty), so its
+    backward can read them; elsewhere the attention is re-run in backward. Decided from
+    metadata alone, so the real and fake kernels agree."""
+    return (keep_out and q.device.type == "cpu" and q.dim() == k.dim() == v.dim() == 4
+            and q.dtype in _FLASH_CPU_DTYPES and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and all(t.stride(-1) == 1 and t.shape[-2] > 0 for t in (q, k, v)))
+
+
+def _flash_cpu_picked(q, k, v, is_causal: bool, scale: float | None) -> bool:
+    from torch.nn.attention import SDPBackend
+
+    return torch._fused_sdp_choice(q, k, v, None, 0.0, is_causal, scale=scale) == SDPBackend.FLASH_ATTENTION.value
+
+
 @torch.library.custom_op("sparsify_fx::actmem_sdpa", mutates_args=())
 def _actmem_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
-    storage: str, block: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = owned(F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale))
-    return (out, *compress(q, storage, block), *compress(k, storage, block), *compress(v, storage, block))
+    storage: str, block: int, keep_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    if keeps_attention_output(q, k, v, keep_out):
+        # the kernel F.scaled_dot_product_attention picks on CPU, called for its log-sum-exp too
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, scale=scale)
+        if not _flash_cpu_picked(q, k, v, is_causal, scale):
+            # the dispatcher would run another kernel (an sdpa_kernel context, an unusual shape):
+            # its output, so the forward stays the original's bit for bit; the flash
+            # kernel's log-sum-exp still serves its backward
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        lse = q.new_empty(0, dtype=torch.float32)
+    return (owned(out), lse, *compress(q, storage, block), *compress(k, storage, block),
+            *compress(v, storage, block))
 
 
 @_actmem_sdpa.register_fake
-def _(q, k, v, is_causal, scale, storage, block):
+def _(q, k, v, is_causal, scale, storage, block, keep_out):
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    return (out, *_fake_payload(q, storage, block), *_fake_payload(k, storage, block),
+    lse = (q.new_empty(q.shape[:-1], dtype=torch.float32) if keeps_attention_output(q, k, v, keep_out)
+           else q.new_empty(0, dtype=torch.float32))
+    return (out, lse, *_fake_payload(q, storage, block), *_fake_payload(k, storage, block),
             *_fake_payload(v, storage, block))
 
 
 def _sdpa_setup(ctx, inputs, output) -> None:
     q, k, v, is_causal, scale = inputs[:5]
-    # only the compressed q, k, v: neither the dense operands nor the output are kept
-    ctx.save_for_backward(*output[1:])
+    ctx.keep_out = output[1].numel() > 0
+    # the compressed q, k, v; the output and its log-sum-exp only where the flash backward
+    # reads them (the output is usually held anyway, by the projection after it)
+    ctx.save_for_backward(*(output[:2] if ctx.keep_out else (None, None)), *output[2:])
     ctx.shapes = [list(q.shape), list(k.shape), list(v.shape)]
     ctx.dtype, ctx.is_causal, ctx.scale = q.dtype, is_causal, scale
 
 
 def _sdpa_backward(ctx, grad_out, *_unused):
-    pq, sq, pk, sk, pv, sv = in_backward(grad_out, *ctx.saved_tensors)
+    out, lse, pq, sq, pk, sk, pv, sv = ctx.saved_tensors
+    pq, sq, pk, sk, pv, sv = in_backward(grad_out, pq, sq, pk, sk, pv, sv)
     q, k, v = (decompress(p, s, shape, ctx.dtype) for p, s, shape in zip((pq, pk, pv), (sq, sk, sv), ctx.shapes))
     grad_out = grad_out.to(ctx.dtype)
+    if ctx.keep_out:
+        # the flash backward on the stored q, k, v with the kept output and log-sum-exp: no
+        # forward re-run (on GPT-2-style shapes 11 ms per attention instead of 15, dense 11)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, ctx.is_causal, scale=ctx.scale)
+        return (*grads, None, None, None, None, None)
     if type(grad_out) is torch.Tensor and not torch.compiler.is_compiling():
         # eager: re-run the attention on the stored q, k, v through the fused kernels and take
         # their gradient (1.5x faster than the formulas below on ViT-B/16's shapes on CPU)
@@ -575,7 +628,7 @@ def _sdpa_backward(ctx, grad_out, *_unused):
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             out = F.scaled_dot_product_attention(*leaves, is_causal=ctx.is_causal, scale=ctx.scale)
             grads = torch.autograd.grad(out, leaves, grad_out)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
     # traced (torch.compile's backward sees fake / functional tensors and cannot nest autograd):
     # the math backend's backward, written out, probabilities recomputed from the stored q, k
     scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -590,7 +643,7 @@ def _sdpa_backward(ctx, grad_out, *_unused):
     grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
     grad_q = (grad_logits @ k) * scale
     grad_k = (grad_logits.transpose(-2, -1) @ q) * scale
-    return grad_q, grad_k, grad_v, None, None, None, None
+    return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 actmem_sdpa = register_autograd(_actmem_sdpa, _sdpa_backward, _sdpa_setup)
@@ -729,17 +782,28 @@ class ActMemScale(nn.Module):
 
 class ActMemAttention(nn.Module):
     """Parameter-free ``scaled_dot_product_attention(q, k, v)`` (no mask, no dropout) keeping
-    bf16/int8 q, k, v for backward; eval and no-grad run the original op."""
+    bf16/int8 q, k, v for backward; eval and no-grad run the original op.
 
-    #: the backward keeps only compressed copies (read by sfx memory_plan)
+    ``keep_output``: also keep the (full-precision) output and its log-sum-exp, so backward
+    runs the CPU flash kernel's backward alone instead of re-running the attention first. The
+    output is usually held anyway, by the projection after the attention (a view of the same
+    storage), so this costs the log-sum-exp (one float per query row). Off the CPU flash kernel
+    (a GPU, other shapes) the attention is re-run as without it.
+    """
+
+    #: the backward keeps only compressed copies of its inputs (read by sfx memory_plan)
     keeps_dense_inputs = False
 
-    def __init__(self, is_causal: bool, scale: float | None, storage: str, block: int):
+    def __init__(self, is_causal: bool, scale: float | None, storage: str, block: int,
+                 keep_output: bool = False):
         super().__init__()
         self.is_causal, self.scale, self.storage, self.block = is_causal, scale, storage, block
+        #: the backward keeps the op's own output dense (read by sfx memory_plan)
+        self.keeps_output = keep_output
 
     def extra_repr(self) -> str:
-        return f"is_causal={self.is_causal}, scale={self.scale}, storage={self.storage}"
+        keep = ", keep_output=True" if self.keeps_output else ""
+        return f"is_causal={self.is_causal}, scale={self.scale}, storage={self.storage}{keep}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.training and _recording(q, k, v) and q.dim() >= 2 \
@@ -748,7 +812,7 @@ class ActMemAttention(nn.Module):
                 q, k, v = cast(q), cast(k), cast(v)
                 if _compressible(q, self.storage) and q.dtype == k.dtype == v.dtype:
                     return actmem_sdpa(
-                        q, k, v, self.is_causal, self.scale, self.storage, self.block)[0]
+                        q, k, v, self.is_causal, self.scale, self.storage, self.block, self.keeps_output)[0]
         # (operands already in the autocast dtype run the same kernel autocast would pick)
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
 

@@ -14,7 +14,10 @@ dense step takes 430 ms. Here the same result is two passes per direction:
 * ``compact(x, bits, counts, capacity)``: the kept values in flat order, zero padded;
 * ``expand(values, bits, n)``: the dense tensor back, zeros where a bit is clear.
 
-ActivationMemory's: ``relu_bits`` (the activation and its 1-bit mask in one pass),
+ActivationMemory's: ``to_bf16`` (the saturating bf16 copy of any tensor whose last dim is
+contiguous, in one pass instead of a cast and a check of its result's largest magnitude),
+``normalize_rows_bf16`` (LayerNorm's normalised input as that bf16 copy, one pass instead of
+four), ``relu_bits`` (the activation and its 1-bit mask in one pass),
 ``masked_grad`` (its backward straight from the bits), ``normalize_bf16`` (BatchNorm's
 normalised input, saturated to bf16, in one pass instead of five) and ``bn_backward_bf16``
 (BatchNorm's backward read straight from that bf16 copy: two passes instead of an fp32 upcast,
@@ -52,7 +55,7 @@ import torch
 from . import sync
 from .cache import eager
 
-__all__ = ["load", "unavailable_reason", "for_tensors", "DTYPES"]
+__all__ = ["load", "unavailable_reason", "for_tensors", "for_strided", "DTYPES"]
 
 #: value dtypes the kernels take
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -450,6 +453,88 @@ at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at:
   });
   return out;
 }
+namespace {
+// fp32 -> bf16 by actmem_ops._to_bf16's rules: finite values saturate at bf16's largest,
+// inf / NaN become NaN, rounding is to nearest even
+inline uint16_t saturated_bf16(float v) {
+  const float big = 3.3895313892515355e38f;  // bf16's largest finite value
+  const uint32_t u = bits_of(v);
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  const uint32_t c32 = bits_of(std::min(std::max(v, -big), big));
+  const uint32_t rounded = (c32 + 0x7FFFu + ((c32 >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(finite ? rounded : 0x7FC0u);
+}
+}  // namespace
+
+// actmem_ops._to_bf16 in one pass (the PyTorch path: a cast, then an abs and a max over the
+// result to find values the cast turned to inf). Any layout whose last dim has stride 1
+// (attention's q, k, v are strided views of one projection): the result has the layout
+// x.to(torch.bfloat16) gives, and the rows (all dims but the last) run in parallel.
+at::Tensor to_bf16(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.stride(-1) == 1,
+              "to_bf16: an fp32 CPU tensor with a unit last stride");
+  auto out = at::empty_like(x, x.options().dtype(at::kBFloat16));
+  const int64_t dims = x.dim(), width = x.size(-1);
+  const int64_t rows = width ? x.numel() / width : 0;
+  if (rows == 0) return out;
+  TORCH_CHECK(out.stride(-1) == 1, "to_bf16: unexpected output layout");
+  const float* p = x.const_data_ptr<float>();
+  uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto sizes = x.sizes().vec();
+  const auto xs = x.strides().vec(), os = out.strides().vec();
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(width, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    // the first row's index over the leading dims, then stepped like an odometer
+    std::vector<int64_t> index(std::max<int64_t>(dims - 1, 1), 0);
+    int64_t rest = begin, xo = 0, oo = 0;
+    for (int64_t d = dims - 2; d >= 0; --d) {
+      index[d] = rest % sizes[d];
+      rest /= sizes[d];
+      xo += index[d] * xs[d];
+      oo += index[d] * os[d];
+    }
+    for (int64_t row = begin; row < end; ++row) {
+      const float* __restrict__ xp = p + xo;
+      uint16_t* __restrict__ qp = q + oo;
+      for (int64_t i = 0; i < width; ++i) qp[i] = saturated_bf16(xp[i]);
+      for (int64_t d = dims - 2; d >= 0; --d) {
+        xo += xs[d];
+        oo += os[d];
+        if (++index[d] < sizes[d]) break;
+        xo -= sizes[d] * xs[d];
+        oo -= sizes[d] * os[d];
+        index[d] = 0;
+      }
+    }
+  });
+  return out;
+}
+// LayerNorm's normalised input (x - mean[row]) * rstd[row] as bf16 in one pass (the PyTorch
+// path: a subtraction, a multiplication, the cast and its check), by to_bf16's rules; x is a
+// contiguous [rows, width] (any leading dims), mean / rstd one fp32 value per row
+at::Tensor normalize_rows_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, int64_t width) {
+  check_fp32(x, "normalize_rows_bf16");
+  TORCH_CHECK(width > 0 && x.numel() % width == 0, "normalize_rows_bf16: rows of width elements");
+  const int64_t rows = x.numel() / width;
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == rows
+              && rstd.numel() == rows, "normalize_rows_bf16: one fp32 mean and rstd per row");
+  auto m = mean.contiguous(), s = rstd.contiguous();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* p = x.const_data_ptr<float>();
+  const float* mp = m.const_data_ptr<float>();
+  const float* sp = s.const_data_ptr<float>();
+  uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t grain = std::max<int64_t>(1, kChunk / width);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float mu = mp[row], is = sp[row];
+      const float* __restrict__ xp = p + row * width;
+      uint16_t* __restrict__ qp = q + row * width;
+      for (int64_t i = 0; i < width; ++i) qp[i] = saturated_bf16((xp[i] - mu) * is);
+    }
+  });
+  return out;
+}
 // The activation a fused BatchNorm -> ReLU -> Conv rebuilds in backward, in one pass:
 // min(max(x * alpha[c] + beta[c], 0), upper) over an [N, C, ...] fp32 input x (the BatchNorm's
 // input, alpha / beta its folded statistics) or bf16 one (its stored x_hat, alpha / beta its
@@ -579,7 +664,7 @@ std::vector<at::Tensor> bn_backward_bf16(const at::Tensor& grad, const at::Tenso
 """
 
 _FUNCTIONS = ["sample_cutoff", "threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16", "bn_backward_bf16",
-              "affine_clamp"]
+              "affine_clamp", "to_bf16", "normalize_rows_bf16"]
 
 
 def _ninja_on_path() -> None:
@@ -654,5 +739,14 @@ def for_tensors(*tensors: torch.Tensor, bits: torch.Tensor | None = None):
     return load()
 
 
-def _usable(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not sync.sync_free(t.device) and t.is_contiguous() and eager(t)
+def for_strided(t: torch.Tensor):
+    """The kernels for ``to_bf16`` on ``t``: as :func:`for_tensors`, but any layout whose last
+    dim has stride 1 (a view of a larger tensor), fp32 only; else ``None``."""
+    if t.dtype != torch.float32 or t.dim() == 0 or t.stride(-1) != 1 or not _usable(t, contiguous=False):
+        return None
+    return load()
+
+
+def _usable(t: torch.Tensor, contiguous: bool = True) -> bool:
+    return (t.device.type == "cpu" and not sync.sync_free(t.device) and (t.is_contiguous() or not contiguous)
+            and eager(t))

@@ -157,14 +157,17 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
     if choice == "compress-light":
         # the norms / activations / attention only: no DropIT, whose selection is most of the
         # compress choice's time on a CNN
-        return [ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
+        # (the attention keeps its output, which the projection after it holds anyway)
+        return [ActivationMemory(attention=config.attention, attention_output="keep", filter_fn=filter_fn)]
     if choice in ("compress-fused", "compress-bf16"):
         # the exact fusions keeping bf16 inputs, the rest bf16; compress-bf16 also the Linear /
-        # Conv inputs no fusion took: every saved tensor halved
+        # Conv inputs no fusion took: every saved tensor halved (so there the attention's output,
+        # which the projection no longer holds, is not kept either)
         fused = "recompute-bf16"
-        return [ActivationMemory(attention=config.attention, gelu=fused, silu=fused, layernorm=fused,
-                                 batchnorm=fused, dense="bf16" if choice == "compress-bf16" else "off",
-                                 filter_fn=filter_fn)]
+        bf16 = choice == "compress-bf16"
+        return [ActivationMemory(attention=config.attention, attention_output="recompute" if bf16 else "keep",
+                                 gelu=fused, silu=fused, layernorm=fused, batchnorm=fused,
+                                 dense="bf16" if bf16 else "off", filter_fn=filter_fn)]
     return [DropIT(keep=config.keep, filter_fn=filter_fn),
             ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
 
@@ -263,7 +266,8 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
         if kind == "bn_relu_conv_bf16":  # calibrated per input byte, as its bf16 x_hat's double
             nbytes = 2 * (r.saved_bytes_after or 0)
         seconds[unit] = seconds.get(unit, 0.0) + nbytes * rates[kind] + fixed
-        if r.op == "attention":  # its backward re-runs the attention forward on the stored q, k, v
+        if r.op == "attention" and r.details.get("output") != "keep":
+            # its backward re-runs the attention forward on the stored q, k, v
             seconds[unit] += node_seconds.get(r.node, 0.0)
     return seconds
 

@@ -169,7 +169,8 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
             mod = gm.get_submodule(str(node.target))
             if getattr(mod, "keeps_dense_inputs", True):
                 return acts, False, True
-            return [], True, True
+            # (an attention op that keeps its output for the flash backward holds that dense)
+            return ([node] if getattr(mod, "keeps_output", False) else []), True, True
         mod = gm.get_submodule(str(node.target))
         for klass, kind in _MODULE_SAVES:
             if isinstance(mod, klass):

@@ -827,6 +827,96 @@ def test_attention_keeps_only_compressed_qkv_and_trains_close_to_dense(storage, 
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _sdpa_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_attention_keeping_its_output_runs_only_the_flash_backward(causal, scale, monkeypatch):
+    """``keep_output``: forward bit-identical; backward re-runs no attention (the recompute
+    form re-runs it once) and, on q, k, v that bf16 storage does not round, gives dense
+    autograd's gradients (the same flash backward on the same operands, output and
+    log-sum-exp); the op keeps the compressed q, k, v, the output and one float per row."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16).bfloat16().float().requires_grad_() for _ in range(3))
+    kw = {"is_causal": causal, "scale": scale}
+    g = torch.randn(2, 3, 7, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for keep, reruns in ((True, 0), (False, 1)):
+        op = ActMemAttention(causal, scale, "bf16", 256, keep_output=keep).train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = op(q, k, v)
+        stored = 3 * 2 * q.numel() + ((4 * q.numel() + 4 * 2 * 3 * 7) if keep else 0)
+        assert sum(t.numel() * t.element_size() for t in saved) == stored
+        calls = _sdpa_calls(monkeypatch)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        monkeypatch.undo()
+        assert len(calls) == reruns
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        for name, a, b in zip("qkv", grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad_{name}: {m}")
+
+
+def test_attention_keeping_its_output_under_another_sdpa_kernel_keeps_that_forward():
+    """Under ``sdpa_kernel(MATH)`` the op's forward is the math kernel's, bit for bit (the
+    flash kernel only gives the log-sum-exp its backward reads); gradients stay close."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16).bfloat16().float().requires_grad_() for _ in range(3))
+    g = torch.randn(2, 3, 9, 16)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = ActMemAttention(True, None, "bf16", 256, keep_output=True).train()(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_output_keep_costs_the_log_sum_exp_where_the_projection_holds_the_output():
+    """In a model the output projection holds the attention's output (a view of the same
+    storage): keeping it for the flash backward adds only the log-sum-exp, measured and
+    planned; where the projection keeps a bf16 copy instead (``dense="bf16"``), it adds the
+    output too. Gradients stay as close to dense as the recompute form's."""
+    torch.manual_seed(0)
+    model, x = _Attention(causal=True), torch.randn(2, 12, 64)
+    lse = 4 * 2 * 4 * 12  # fp32, one per (batch, head, query)
+    out_bytes = 4 * x.numel()
+    for dense, extra in (("off", lse), ("bf16", lse + out_bytes)):
+        rec = sfx.sparsify(model, sfx.ActivationMemory(attention="bf16", dense=dense), example_inputs=(x,))
+        keep = sfx.sparsify(model, sfx.ActivationMemory(attention="bf16", attention_output="keep", dense=dense),
+                            example_inputs=(x,))
+        (r,) = [r for r in sfx.explain(keep).rewrites if r.op == "attention"]
+        assert r.details["output"] == "keep" and r.saved_bytes_after == 2 * 3 * x.numel() + lse
+        assert _train_bytes(keep, x) - _train_bytes(rec, x) == extra
+        planned = [sfx.memory_plan(m, sfx.compressed_bytes_of(sfx.explain(m).rewrites)).total_bytes
+                   for m in (keep, rec)]
+        assert planned[0] - planned[1] == extra
+    with torch.no_grad():
+        model.eval(), keep.eval()
+        torch.testing.assert_close(keep(x), model(x), rtol=0, atol=0)
+    model.train(), keep.train()
+    ref = copy.deepcopy(model)
+    keep(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=2e-2 * q.grad.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    with pytest.raises(sfx.ConfigError, match="attention_output"):
+        sfx.ActivationMemory(attention="bf16", attention_output="bf16")
+
+
 def test_attention_is_opt_in_and_masked_or_dropout_attention_is_reported():
     x = torch.randn(2, 6, 64)
     report = sfx.explain(sfx.sparsify(_Attention(), sfx.ActivationMemory(), example_inputs=(x,)))
@@ -855,13 +945,14 @@ def test_attention_rewrite_on_vit_eval_exact_and_memory_below_dropit_actmem():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_compiled_backward_matches_eager(causal):
-    """Under torch.compile the backward takes the written-out formulas (no nested autograd):
-    the same gradients as the eager path's fused-kernel recompute."""
+@pytest.mark.parametrize("output", ["recompute", "keep"])
+def test_attention_compiled_backward_matches_eager(causal, output):
+    """Under torch.compile the backward takes the written-out formulas (no nested autograd), or
+    with the output kept the flash backward: the same gradients as the eager path's."""
     torch.manual_seed(0)
     model, x = _Attention(causal=causal), torch.randn(2, 9, 64)
     _bf16_exact(model)
-    config = sfx.ActivationMemory(attention="bf16")
+    config = sfx.ActivationMemory(attention="bf16", attention_output=output)
     fast = sfx.sparsify(model, config, example_inputs=(x,))
     fast(x).square().sum().backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -934,6 +1025,33 @@ def test_fused_batchnorm_storage_equals_the_torch_path(monkeypatch):
     big = torch.tensor([[[3.39e38, -3.4e38, 1.0, float("inf")]]]).float()
     got = kernels.normalize_bf16(big, torch.zeros(1), torch.ones(1))
     assert torch.isfinite(got[..., :3]).all() and torch.isnan(got[..., 3]).all()
+
+
+@needs_kernels
+def test_bf16_copy_kernels_equal_the_torch_path(monkeypatch):
+    """``to_bf16`` (any layout whose last dim is contiguous: attention's q, k, v are strided
+    views of one projection) and LayerNorm's ``normalize_rows_bf16`` give the PyTorch path's
+    values and layout: rounding, saturation of finite values past bf16's range, inf / NaN as NaN."""
+    from passes.actmem_ops import _to_bf16, ln_payload
+
+    x = _with_nonfinite(4, 10, 3, 2, 16)
+    x[0, 1, 0, 0, 5], x[0, 1, 0, 0, 6] = 3.4e38, -3.3961e38
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "for_strided", lambda t: None)
+        m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
+        views = [x, x.permute(2, 0, 3, 1, 4)[1], x[..., 3:11], x.transpose(-1, -2)]
+        refs = [_to_bf16(t) for t in views]
+        rows = _with_nonfinite(3, 5, 32) + 2.0
+        _, mean, rstd = torch.ops.aten.native_layer_norm(rows, [32], None, None, 1e-5)
+        ln_ref = ln_payload(rows, mean, rstd, "bf16", 0)[0]
+    for t, ref in zip(views, refs):
+        # (the transposed view has a strided last dim: the PyTorch path serves it)
+        assert (cpu_kernels.for_strided(t) is None) == (t.stride(-1) != 1)
+        got = _to_bf16(t)
+        assert got.dtype == torch.bfloat16 and got.stride() == ref.stride()
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(refs[0][0, 1, 0, 0, 5:7]).all()
+    torch.testing.assert_close(ln_payload(rows, mean, rstd, "bf16", 0)[0], ln_ref, rtol=0, atol=0, equal_nan=True)
 
 
 @needs_kernels

@@ -387,6 +387,10 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
                                 details={"storage": "bf16"})
         fake["bf16"] = 1.0
         assert _compress_seconds([attention], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.5}
+        # keeping its output, its backward re-runs nothing: the copies alone
+        kept = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
+                           details={"storage": "bf16", "output": "keep"})
+        assert _compress_seconds([kept], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.0}
 
 
 class _Block(nn.Module):
@@ -450,7 +454,8 @@ def test_compress_light_is_activation_memory_alone():
     from passes.memory_budget import _compress_configs
     configs = _compress_configs("compress-light", MemoryBudget(), lambda name: True)
     assert [type(c).__name__ for c in configs] == ["ActivationMemory"]
-    assert configs[0].dense == "off"
+    # the projection holds the attention's output anyway: kept for the flash backward
+    assert configs[0].dense == "off" and configs[0].attention_output == "keep"
 
 
 def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
@@ -463,7 +468,8 @@ def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
     assert block["compress-bf16"]["seconds"] > block["compress-light"]["seconds"]
     from passes.memory_budget import _compress_configs
     (config,) = _compress_configs("compress-bf16", MemoryBudget(), lambda name: True)
-    assert config.dense == "bf16" and config.attention == "bf16"
+    # (the projection keeps a bf16 copy: keeping the attention's output would cost its bytes)
+    assert config.dense == "bf16" and config.attention == "bf16" and config.attention_output == "recompute"
 
 
 def test_compress_fused_keeps_bf16_inputs_of_the_exact_fusions():
@@ -477,8 +483,8 @@ def test_compress_fused_keeps_bf16_inputs_of_the_exact_fusions():
     assert block["compress-bf16"]["bytes"] <= block["compress-fused"]["bytes"]
     from passes.memory_budget import _compress_configs
     (config,) = _compress_configs("compress-fused", MemoryBudget(), lambda name: True)
-    assert (config.batchnorm, config.layernorm, config.gelu, config.dense) == (
-        "recompute-bf16", "recompute-bf16", "recompute-bf16", "off")
+    assert (config.batchnorm, config.layernorm, config.gelu, config.dense, config.attention_output) == (
+        "recompute-bf16", "recompute-bf16", "recompute-bf16", "off", "keep")
     fused = sfx.sparsify(torchvision.models.resnet18(), config, example_inputs=(torch.randn(2, 3, 64, 64),))
     storages = [r.details.get("storage") for r in sfx.explain(fused).rewrites if r.op == "batch_norm"]
     assert storages.count("recompute-bf16") == 8 and storages.count("bf16") == 12
