@@ -425,7 +425,12 @@ def _ln_backward(ctx, grad_out, *_unused):
 def ln_backward_from_payload(grad_out, payload, scale, rstd, weight, bias, normalized_shape, shape, dtype, need):
     """LayerNorm's ``(grad_x, grad_weight, grad_bias)`` read from a compressed ``x_hat``
     (:func:`ln_payload`) and the row ``rstd``."""
-    x_hat = decompress(payload, scale, shape, dtype)
+    return ln_backward_from_x_hat(grad_out, decompress(payload, scale, shape, dtype), rstd, weight, bias,
+                                  normalized_shape, need)
+
+
+def ln_backward_from_x_hat(grad_out, x_hat, rstd, weight, bias, normalized_shape, need):
+    """:func:`ln_backward_from_payload` on an ``x_hat`` already decompressed."""
     # with mean 0 and rstd 1 the kernel's x_hat is the stored one; grad_x then lacks only the
     # per-row rstd factor, applied after
     grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
@@ -479,9 +484,9 @@ def _ln_linear_backward(ctx, grad_y, *_unused):
     need_x, _, need_lw, need_lb, _, need_w, need_b = ctx.needs_input_grad[:7]
     # the normalised input the Linear saw, recomputed from x and the saved row statistics
     # (store "bf16": x is the stored x_hat)
-    y = x.to(ctx.dtype) if ctx.bf16 else (x - mean) * rstd
-    if ln_weight is not None:
-        y = y * ln_weight
+    x_hat = x.to(ctx.dtype) if ctx.bf16 else (x - mean) * rstd
+    # (x_hat stays unchanged: with store "bf16" the LayerNorm's backward reads it too)
+    y = x_hat * ln_weight if ln_weight is not None else x_hat
     if ln_bias is not None:
         y = y + ln_bias
     y = y.to(weight.dtype)
@@ -493,10 +498,9 @@ def _ln_linear_backward(ctx, grad_y, *_unused):
     if need_x or need_lw or need_lb:
         grad_ln = (grad_y @ weight).to(ctx.dtype)
         need = (bool(need_x), bool(need_lw and ln_weight is not None), bool(need_lb and ln_bias is not None))
-        if ctx.bf16:
-            grad_x, grad_lw, grad_lb = ln_backward_from_payload(
-                grad_ln, x, x.new_empty(0, dtype=torch.float32), rstd, ln_weight, ln_bias, ctx.normalized_shape,
-                ctx.shape, ctx.dtype, need)
+        if ctx.bf16:  # from the x_hat upcast above, not a second upcast
+            grad_x, grad_lw, grad_lb = ln_backward_from_x_hat(
+                grad_ln, x_hat, rstd, ln_weight, ln_bias, ctx.normalized_shape, need)
         else:
             grad_x, grad_lw, grad_lb = torch.ops.aten.native_layer_norm_backward(
                 grad_ln, x, ctx.normalized_shape, mean, rstd, ln_weight, ln_bias, list(need))
