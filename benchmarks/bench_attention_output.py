@@ -1,0 +1,81 @@
+"""Session 14's two changes to the bf16 forms, A/B on one plan, interleaved in one process.
+
+The plan is built once (``MemoryBudget(fraction=F)``), then each round times four steps back
+to back:
+- ``dense``: the original model;
+- ``old``: the attention re-run in backward (``keep_output`` off on the ops that have it) and
+  the PyTorch path for the bf16 copies (the C++ kernels off);
+- ``keep``: the attention's output kept for the flash backward, kernels still off;
+- ``new``: both.
+
+The ratios are medians over rounds of each round's step over that round's dense step.
+
+    python -m benchmarks.bench_attention_output --model gpt2 --fraction 0.5 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import sparsify_fx as sfx
+from benchmarks.bench_budget import MODELS
+from benchmarks.bench_memory import interleaved_times, paired_ratios
+from benchmarks.device import timed_step
+from passes import cpu_kernels
+from passes.actmem_ops import ActMemAttention
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2", choices=list(MODELS))
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default="results/bench_attention_output.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    factory, make_x, make_target, _, batch = MODELS[args.model]
+    model = factory().train()
+    x, target = make_x(batch), make_target(batch)
+    fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=args.fraction), example_inputs=(x,)).train()
+    forms = Counter(r.details.get("storage", r.op) + ("+output" if r.details.get("output") else "")
+                    for r in sfx.explain(fast).rewrites)
+    kept = [m for m in fast.modules() if isinstance(m, ActMemAttention) and m.keeps_output]
+    for_strided, for_tensors = cpu_kernels.for_strided, cpu_kernels.for_tensors
+
+    def state(keep: bool, kernels: bool) -> None:
+        for m in kept:
+            m.keeps_output = keep
+        cpu_kernels.for_strided = for_strided if kernels else (lambda t: None)
+        cpu_kernels.for_tensors = for_tensors if kernels else (lambda *t, **k: None)
+
+    def step(keep: bool, kernels: bool) -> float:
+        state(keep, kernels)
+        try:
+            return timed_step(fast, x, target, "cpu", "off")
+        finally:
+            state(True, True)
+
+    runs = {"dense": lambda: timed_step(model, x, target, "cpu", "off"), "old": lambda: step(False, False),
+            "keep": lambda: step(True, False), "new": lambda: step(True, True)}
+    times = interleaved_times(runs, lambda run: run(), args.rounds, warmup=2)  # type: ignore[arg-type]
+    ratio = {k: v for k, v in paired_ratios(times).items() if k != "dense"}
+    result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms),
+              "attention_ops_keeping_output": len(kept), "times_s": times, "step_ratio_paired": ratio}
+    print(f"{args.model} at {args.fraction} ({len(kept)} attention ops keep their output): step vs dense, "
+          f"old {ratio['old']:.3f}, output kept {ratio['keep']:.3f}, + bf16 kernels {ratio['new']:.3f}; "
+          f"dense {1e3 * statistics.median(times['dense']):.0f} ms")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
