@@ -15,16 +15,11 @@ The ratios are medians over rounds of each round's step over that round's dense 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-from collections import Counter
 from pathlib import Path
 
-import torch
-
-import sparsify_fx as sfx
-from benchmarks.bench_budget import MODELS
+from benchmarks.bench_eager_ops import one_plan
 from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
 from passes import cpu_kernels
@@ -34,19 +29,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt2", choices=list(MODELS))
-    parser.add_argument("--fraction", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", default="results/bench_attention_output.json")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    factory, make_x, make_target, _, batch = MODELS[args.model]
-    model = factory().train()
-    x, target = make_x(batch), make_target(batch)
-    fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=args.fraction), example_inputs=(x,)).train()
-    forms = Counter(r.details.get("storage", r.op) + ("+output" if r.details.get("output") else "")
-                    for r in sfx.explain(fast).rewrites)
+    args, model, fast, x, target, forms = one_plan(
+        __doc__.splitlines()[0], "gpt2", "results/bench_attention_output.json", argv)
     kept = [m for m in fast.modules() if isinstance(m, ActMemAttention) and m.keeps_output]
     for_strided, for_tensors = cpu_kernels.for_strided, cpu_kernels.for_tensors
 

@@ -25,22 +25,32 @@ from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
 from passes import cache, op_autograd
 
-__all__ = ["main"]
+__all__ = ["main", "one_plan"]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", choices=list(MODELS))
+def one_plan(description: str, model: str, out: str, argv: list[str] | None):
+    """An A/B on one plan's setup: ``(args, dense model, plan, x, target, forms)`` from the
+    command line ``--model --fraction --rounds --out``; the plan is ``MemoryBudget(fraction)``
+    built once, ``forms`` counts its rewrites by storage (``+output``: the attention keeps it)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=model, choices=list(MODELS))
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", default="results/bench_eager_ops.json")
+    parser.add_argument("--out", default=out)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     factory, make_x, make_target, _, batch = MODELS[args.model]
-    model = factory().train()
+    dense = factory().train()
     x, target = make_x(batch), make_target(batch)
-    fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=args.fraction), example_inputs=(x,)).train()
-    forms = Counter(r.details.get("storage", r.op) for r in sfx.explain(fast).rewrites)
+    fast = sfx.sparsify(dense, sfx.MemoryBudget(fraction=args.fraction), example_inputs=(x,)).train()
+    forms = Counter(r.details.get("storage", r.op) + ("+output" if r.details.get("output") else "")
+                    for r in sfx.explain(fast).rewrites)
+    return args, dense, fast, x, target, forms
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, model, fast, x, target, forms = one_plan(
+        __doc__.splitlines()[0], "resnet50", "results/bench_eager_ops.json", argv)
     real, eager_call = cache._REAL, op_autograd.eager_call
 
     def state(new: bool) -> None:

@@ -773,25 +773,6 @@ def _bf16_exact(module: nn.Module) -> None:
             p.copy_(p.bfloat16().float())
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_backward_matches_autograd_on_exact_inputs(causal, scale):
-    """The written-out backward (probabilities recomputed from q, k) is the math backend's:
-    on inputs bf16 storage does not round, gradients equal dense autograd's."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 7, 16).bfloat16().float().requires_grad_() for _ in range(3))
-    kw = {"is_causal": causal, "scale": scale}
-    g = torch.randn(2, 3, 7, 16)
-    ref = F.scaled_dot_product_attention(q, k, v, **kw)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    op = ActMemAttention(causal, scale, "bf16", 256).train()
-    out = op(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    for name, a, b in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad_{name}: {m}")
-
-
 @pytest.mark.parametrize("storage,bound", [("bf16", 2e-2), ("int8", 6e-2)])
 def test_attention_keeps_only_compressed_qkv_and_trains_close_to_dense(storage, bound):
     torch.manual_seed(0)
@@ -814,6 +795,13 @@ def test_attention_keeps_only_compressed_qkv_and_trains_close_to_dense(storage, 
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ActMemAttention(True, None, storage, 256).train()(q, k, v)
     assert sum(t.numel() * t.element_size() for t in saved) == expected_after
+    _eval_exact_and_grads_close(model, fast, x, bound)
+
+
+def _eval_exact_and_grads_close(model: nn.Module, fast: nn.Module, x: torch.Tensor, bound: float) -> None:
+    """``fast``'s eval output is ``model``'s bit for bit; its training gradients (which land on
+    ``model``'s parameters) are within ``bound`` of the largest dense gradient entry (q, k, v
+    rounded to bf16 / int8)."""
     with torch.no_grad():
         model.eval(), fast.eval()
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
@@ -822,7 +810,6 @@ def test_attention_keeps_only_compressed_qkv_and_trains_close_to_dense(storage, 
     fast(x).square().sum().backward()
     ref(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        # q, k, v rounded to bf16 / int8: relative to the largest gradient entry
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=bound * q.grad.abs().max().item(),
                                    msg=lambda m, name=name: f"{name}: {m}")
 
@@ -841,11 +828,12 @@ def _sdpa_calls(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_keeping_its_output_runs_only_the_flash_backward(causal, scale, monkeypatch):
-    """``keep_output``: forward bit-identical; backward re-runs no attention (the recompute
-    form re-runs it once) and, on q, k, v that bf16 storage does not round, gives dense
-    autograd's gradients (the same flash backward on the same operands, output and
-    log-sum-exp); the op keeps the compressed q, k, v, the output and one float per row."""
+def test_attention_backward_matches_autograd_on_exact_inputs(causal, scale, monkeypatch):
+    """Both forms: forward bit-identical; on q, k, v that bf16 storage does not round, dense
+    autograd's gradients. The recompute form keeps only the compressed q, k, v and re-runs the
+    attention once in backward; ``keep_output`` also keeps the output and one float per row
+    and re-runs nothing (the same flash backward on the same operands, output and
+    log-sum-exp)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 16).bfloat16().float().requires_grad_() for _ in range(3))
     kw = {"is_causal": causal, "scale": scale}
@@ -903,16 +891,7 @@ def test_attention_output_keep_costs_the_log_sum_exp_where_the_projection_holds_
         planned = [sfx.memory_plan(m, sfx.compressed_bytes_of(sfx.explain(m).rewrites)).total_bytes
                    for m in (keep, rec)]
         assert planned[0] - planned[1] == extra
-    with torch.no_grad():
-        model.eval(), keep.eval()
-        torch.testing.assert_close(keep(x), model(x), rtol=0, atol=0)
-    model.train(), keep.train()
-    ref = copy.deepcopy(model)
-    keep(x).square().sum().backward()
-    ref(x).square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=2e-2 * q.grad.abs().max().item(),
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    _eval_exact_and_grads_close(model, keep, x, 2e-2)
     with pytest.raises(sfx.ConfigError, match="attention_output"):
         sfx.ActivationMemory(attention="bf16", attention_output="bf16")
 
