@@ -417,42 +417,6 @@ at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& bits, double ne
   return out;
 }
 
-// BatchNorm's normalised input (x - mean[c]) * invstd[c] of an fp32 [N, C, ...] tensor, stored
-// as bf16 in one pass: finite values saturate at bf16's largest instead of rounding to inf,
-// inf / NaN are stored as NaN, rounding is to nearest even (actmem_ops._to_bf16's
-// rules, bit for bit)
-at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd) {
-  check_fp32(x, "normalize_bf16");
-  TORCH_CHECK(x.dim() >= 2, "normalize_bf16: [N, C, ...]");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && invstd.scalar_type() == at::kFloat, "normalize_bf16: fp32 statistics");
-  const int64_t batch = x.size(0), channels = x.size(1);
-  const int64_t inner = channels ? x.numel() / (batch * channels) : 0;
-  auto m = mean.contiguous(), s = invstd.contiguous();
-  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
-  const float* p = x.const_data_ptr<float>();
-  const float* mp = m.const_data_ptr<float>();
-  const float* sp = s.const_data_ptr<float>();
-  uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const float big = 3.3895313892515355e38f;  // bf16's largest finite value
-  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1));
-  at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t c = plane % channels;
-      const float mu = mp[c], is = sp[c];
-      const float* __restrict__ xp = p + plane * inner;
-      uint16_t* __restrict__ qp = q + plane * inner;
-      for (int64_t i = 0; i < inner; ++i) {
-        const float v = (xp[i] - mu) * is;
-        const uint32_t u = bits_of(v);
-        const bool finite = (u & 0x7F800000u) != 0x7F800000u;
-        const uint32_t c32 = bits_of(std::min(std::max(v, -big), big));
-        const uint32_t rounded = (c32 + 0x7FFFu + ((c32 >> 16) & 1u)) >> 16;  // nearest even
-        qp[i] = static_cast<uint16_t>(finite ? rounded : 0x7FC0u);  // quiet NaN
-      }
-    }
-  });
-  return out;
-}
 namespace {
 // fp32 -> bf16 by actmem_ops._to_bf16's rules: finite values saturate at bf16's largest,
 // inf / NaN become NaN, rounding is to nearest even
@@ -465,6 +429,34 @@ inline uint16_t saturated_bf16(float v) {
   return static_cast<uint16_t>(finite ? rounded : 0x7FC0u);
 }
 }  // namespace
+// BatchNorm's normalised input (x - mean[c]) * invstd[c] of an fp32 [N, C, ...] tensor, stored
+// as bf16 in one pass by saturated_bf16 (actmem_ops._to_bf16's rules, bit for bit)
+at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_fp32(x, "normalize_bf16");
+  TORCH_CHECK(x.dim() >= 2, "normalize_bf16: [N, C, ...]");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && invstd.scalar_type() == at::kFloat, "normalize_bf16: fp32 statistics");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t inner = channels ? x.numel() / (batch * channels) : 0;
+  auto m = mean.contiguous(), s = invstd.contiguous();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* p = x.const_data_ptr<float>();
+  const float* mp = m.const_data_ptr<float>();
+  const float* sp = s.const_data_ptr<float>();
+  uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % channels;
+      const float mu = mp[c], is = sp[c];
+      const float* __restrict__ xp = p + plane * inner;
+      uint16_t* __restrict__ qp = q + plane * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        qp[i] = saturated_bf16((xp[i] - mu) * is);
+      }
+    }
+  });
+  return out;
+}
 
 // actmem_ops._to_bf16 in one pass (the PyTorch path: a cast, then an abs and a max over the
 // result to find values the cast turned to inf). Any layout whose last dim has stride 1
