@@ -23,7 +23,7 @@ from benchmarks.bench_eager_ops import one_plan
 from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
 from passes import cpu_kernels
-from passes.actmem_ops import ActMemAttention
+from passes.actmem_modules import ActMemAttention
 
 __all__ = ["main"]
 

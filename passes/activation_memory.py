@@ -85,9 +85,9 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
 
-# the ops and op modules live in actmem_ops.py; the names tests and users import from here stay
-from .actmem_ops import (
-    NONFINITE_CODE,
+# the ops live in actmem_ops.py and their modules in actmem_modules.py; the names tests and
+# users import from here stay
+from .actmem_modules import (
     ActMemActivation,
     ActMemActLinear,
     ActMemAttention,
@@ -96,9 +96,8 @@ from .actmem_ops import (
     ActMemLnLinear,
     ActMemReLU,
     ActMemScale,
-    compress,
-    decompress,
 )
+from .actmem_ops import NONFINITE_CODE, compress, decompress
 from .bitpack import pack_bits, unpack_bits
 from .bn_relu_conv import ActMemBnReLUConv
 

@@ -28,16 +28,8 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 
 from . import cpu_kernels
-from .actmem_ops import (
-    _bf16_copy,
-    _bn_factor,
-    _channel_view,
-    _check_batch,
-    _copy_stats,
-    _recording,
-    bn_backward_from_payload,
-    bn_payload,
-)
+from .actmem_modules import _bn_factor, _check_batch, _copy_stats, _recording
+from .actmem_ops import _bf16_copy, _channel_view, bn_backward_from_payload, bn_payload
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 

@@ -104,7 +104,8 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     """Seconds each compressed form adds on one tensor like ``xs[0]`` (see :func:`calibrate`):
     each timed call sweeps all of ``xs`` and is divided by their number."""
     from .activation_memory import compress, decompress
-    from .actmem_ops import ActMemActLinear, ActMemLnLinear, actmem_batch_norm, actmem_relu
+    from .actmem_modules import ActMemActLinear, ActMemLnLinear
+    from .actmem_ops import actmem_batch_norm, actmem_relu
     from .bn_relu_conv import ActMemBnReLUConv
     from .dense_storage import bf16in_linear
     from .dropit import compress_threshold, decompress_threshold, dropit_conv
