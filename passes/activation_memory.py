@@ -84,6 +84,7 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
+from sparsify_fx.memory_plan import overwritten_in_place
 
 # the ops live in actmem_ops.py and their modules in actmem_modules.py; the names tests and
 # users import from here stay
@@ -221,7 +222,8 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def _inplace_reason(node: fx.Node, x: object) -> str | None:
-    # training runs out of place; that is only the same program when nobody else sees x
+    # training runs in place only on the eager CPU path (out of place when compiled, or another
+    # dtype): either is the model's program only when nobody else sees x
     if not isinstance(x, fx.Node):
         return "input is not a graph value"
     if x.op in ("placeholder", "get_attr"):
@@ -524,7 +526,8 @@ def _plan_attention(node: fx.Node, config: ActivationMemory):
     metas = [sfx.tensor_meta(t) for t in (q, k, v)]
     before = after = None
     # (where the shapes say the CPU flash kernel will not take them, the op re-runs instead)
-    keep = config.attention_output == "keep" and not any(
+    # (nor where the model overwrites the output in place: backward would find it changed)
+    keep = config.attention_output == "keep" and not overwritten_in_place(node) and not any(
         m is not None and (len(m[0]) != 4 or m[0][-1] != metas[0][0][-1]) for m in metas)
     if all(m is not None for m in metas):
         if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):

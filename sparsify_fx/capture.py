@@ -34,7 +34,7 @@ from .captured_module import (
     make_graph_module,
 )
 from .errors import CaptureError, SparsifyError
-from .graph import DENSE_LAYER_TYPES, _has_hooks
+from .graph import DENSE_LAYER_TYPES, IN_PLACE_OPERATORS, _has_hooks
 
 __all__ = ["Capture", "capture", "structural_copy", "CAPTURE_METHODS"]
 
@@ -98,13 +98,35 @@ def _is_torch_nn_leaf(m: nn.Module) -> bool:
     )
 
 
+def _in_place(op: Callable) -> Callable:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = f"__{op.__name__}__"
+    return method
+
+
+class _InPlaceProxy(fx.Proxy):
+    """A proxy that records augmented assignment as what it is: ``fx.Proxy`` has no
+    ``__iadd__``, so ``out += identity`` traced as an out-of-place ``add``, and every residual
+    block of a captured ResNet allocated a new tensor where the model wrote in place."""
+
+
+for _op in IN_PLACE_OPERATORS:
+    setattr(_InPlaceProxy, f"__{_op.__name__}__", _in_place(_op))
+
+
 class _LeafTracer(fx.Tracer):
-    """Keeps torch.nn layers, modules with hooks and the given extra modules as leaves."""
+    """Keeps torch.nn layers, modules with hooks and the given extra modules as leaves;
+    records ``+=`` and the other augmented assignments in place (:class:`_InPlaceProxy`)."""
 
     def __init__(self, extra_leaves: set[int] | None = None):
         super().__init__()
         # a default lets torch.load rebuild the tracer class of a pickled GraphModule
         self.extra_leaves = extra_leaves or set()
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if id(m) in self.extra_leaves:

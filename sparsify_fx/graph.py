@@ -20,6 +20,7 @@ and matmul-against-a-parameter as a :class:`DenseOp`, whatever its spelling was.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "DenseOp",
+    "IN_PLACE_OPERATORS",
     "dense_op",
     "find_dense_ops",
     "install_module",
+    "is_in_place",
     "module_name_of",
     "replace_node",
     "OPS_CONTAINER",
@@ -43,6 +46,29 @@ __all__ = [
 OPS_CONTAINER = "sfx_ops"
 
 DENSE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: what the capture records for augmented assignment (``out += identity``): the op mutates
+#: (and returns) its first operand, as the model's own code did
+IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift,
+})
+
+
+def is_in_place(node: fx.Node) -> bool:
+    """True when ``node`` overwrites its first argument: an augmented assignment, a
+    ``x.add_()`` / ``torch.relu_`` spelling, or an ``inplace=True`` keyword (modules are not
+    looked into: the op modules passes install run out of place in training)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
 
 def module_name_of(node: fx.Node) -> str:
     """Qualified name of the module a node belongs to ('' for the root)."""

@@ -6,7 +6,8 @@ full, because ReLU's backward keeps its output. :func:`memory_plan` answers, per
 canonical graph: which nodes' backward keep it dense (``"kept by relu_3 backward"``), whether
 the recipe freed it, and how many bytes stay held after the forward.
 
-Views share storage (``reshape``, ``transpose``, ``getitem`` of a ``chunk``...): holders of a
+Views share storage (``reshape``, ``transpose``, ``getitem`` of a ``chunk``...), and so does
+an in-place op's result (``out += identity``, ``relu(x, inplace=True)``): holders of a
 view hold its base, so tensors are grouped by storage with a union-find before counting.
 The graph of tensors and holders is a ``networkx.DiGraph`` (``plan.graph``).
 """
@@ -25,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .analysis import tensor_bytes, tensor_meta
-from .graph import OPS_CONTAINER
+from .graph import OPS_CONTAINER, is_in_place
 
-__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "SAVES"]
+__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "SAVES"]
 
 _INPUT, _OUTPUT, _OPERANDS = "input", "output", "operands"
 
@@ -43,6 +44,8 @@ SAVES: dict[Any, str] = {
     operator.mul: _OPERANDS,  # a * b keeps both when both are tensors
     torch.mul: _OPERANDS,
     operator.truediv: _OPERANDS,
+    operator.imul: _OPERANDS,  # out *= s / out /= s (augmented assignment, traced in place)
+    operator.itruediv: _OPERANDS,
     F.relu: _OUTPUT,  # relu keeps its output
     torch.sigmoid: _OUTPUT,  # sigmoid / tanh / softmax keep their output
     torch.tanh: _OUTPUT,
@@ -59,6 +62,7 @@ SAVES: dict[Any, str] = {
 # ops whose backward keeps nothing of the activations (shapes only)
 _KEEPS_NOTHING = {
     operator.add, torch.add, operator.sub, torch.sub, operator.neg, torch.cat, torch.flatten,
+    operator.iadd, operator.isub,
     F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout, F.pad, torch.mean, torch.sum,
     operator.getitem, torch.stack, torch.transpose, torch.permute, F.unfold, F.fold,
     # Python builtins a trace records: reading .shape / .dtype, packing results into a tuple
@@ -243,6 +247,22 @@ def _is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
+def overwritten_in_place(node: fx.Node) -> bool:
+    """True when an in-place op writes over ``node``'s value, directly or through a view of
+    it (``out.transpose(1, 2).reshape(...)`` then ``+=``): an op that keeps its own output
+    for backward cannot be installed there."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.args and u.args[0] is n and is_in_place(u):
+                return True
+            if _is_view(u) and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
 def compressed_bytes_of(rewrites) -> dict[str, int]:
     """``memory_plan``'s ``compressed_bytes`` from rewrite records (``sfx.Rewrite``): the bytes
     each keeps, under its node's name and its op module's."""
@@ -274,7 +294,9 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
     nodes = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr")]
     parent = {n.name: n.name for n in nodes}
     for n in nodes:
-        if _is_view(n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in parent:
+        # an in-place op's result is its first operand's storage, as a view's is its base's
+        if (_is_view(n) or is_in_place(n)) and n.args and isinstance(n.args[0], fx.Node) \
+                and n.args[0].name in parent:
             parent[_root(parent, n.name)] = _root(parent, n.args[0].name)
     info = {
         n.name: TensorLiveness(n.name, str(n.meta.get("sfx_module", "")), tensor_bytes(n),

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .graph import install_module, module_name_of
+from .graph import install_module, is_in_place, module_name_of
 
 __all__ = ["Block", "find_blocks", "recompute_segment", "RecomputedSegment", "call_module_by_ref", "grad_only_linear"]
 
@@ -144,17 +144,12 @@ def _segment_reason(nodes: list[fx.Node]) -> str | None:
             return f"node {n.name} leaves the block with a non-tensor (or unrecorded) value"
         if n.op == "call_method" and n.target.endswith("_"):
             return f"in-place method {n.target} at {n.name}"
-        in_place = n.kwargs.get("inplace") is True or (
-            n.op == "call_function" and getattr(n.target, "__name__", "").endswith("_")
-            and not getattr(n.target, "__name__", "").startswith("_")) or n.target in _IN_PLACE_OPERATORS
         first = n.args[0] if n.args else None
-        if in_place and isinstance(first, fx.Node) and first not in inside:
+        if (n.kwargs.get("inplace") is True or is_in_place(n)) and isinstance(first, fx.Node) \
+                and first not in inside:
             # the forward would overwrite the saved input the backward re-runs the block from
             return f"in-place op on a block input: {n.format_node()}"
     return None
-
-
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 # ---------------------------------------------------------------- run-time
@@ -221,7 +216,7 @@ def grad_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-_PASS_THROUGH = (operator.add, torch.add, operator.sub, torch.sub)
+_PASS_THROUGH = (operator.add, torch.add, operator.sub, torch.sub, operator.iadd, operator.isub)
 
 
 def _value_free_linears(body: fx.Graph, dropouts: set[str]) -> set[fx.Node]:

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import VerificationError
+from .graph import is_in_place
 
 __all__ = ["VerifyReport", "verify", "default_tolerances"]
 
@@ -118,7 +119,9 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        self.values[n.name] = result
+        # a later in-place op (out += identity) would overwrite the value compared here
+        overwritten = any(is_in_place(u) and u.args and u.args[0] is n for u in n.users)
+        self.values[n.name] = result.clone() if overwritten and isinstance(result, torch.Tensor) else result
         return result
 
 

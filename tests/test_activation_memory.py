@@ -896,6 +896,29 @@ def test_attention_output_keep_costs_the_log_sum_exp_where_the_projection_holds_
         sfx.ActivationMemory(attention="bf16", attention_output="bf16")
 
 
+class _AttentionOverwritesItsOutput(_Attention):
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        a += v  # captured in place, as the model runs it
+        return self.out(a.transpose(1, 2).reshape(b, n, d))
+
+
+def test_attention_output_overwritten_in_place_is_not_kept():
+    """The kept output would be what ``+=`` overwrote: backward would find it modified. (The
+    model trains under the math kernel, which keeps the probabilities, not the output.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model, x = _AttentionOverwritesItsOutput(causal=True), torch.randn(2, 12, 64)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(attention="bf16", attention_output="keep"), example_inputs=(x,))
+    (r,) = [r for r in sfx.explain(fast).rewrites if r.op == "attention"]
+    assert r.details.get("output") != "keep"
+    with sdpa_kernel(SDPBackend.MATH):
+        _eval_exact_and_grads_close(model, fast, x, 2e-2)
+
+
 def test_attention_is_opt_in_and_masked_or_dropout_attention_is_reported():
     x = torch.randn(2, 6, 64)
     report = sfx.explain(sfx.sparsify(_Attention(), sfx.ActivationMemory(), example_inputs=(x,)))

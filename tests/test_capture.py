@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -102,6 +104,52 @@ def test_symbolic_trace_keeps_state_dict_and_shares_parameters():
     # own module objects: eval() on the capture does not flip the original's mode
     cap.graph_module.eval()
     assert model.training and model.bn.training
+
+
+class Accumulates(nn.Module):
+    """``+=`` on a tensor another name still refers to: only an in-place trace keeps both
+    names the same tensor, as Python does."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.lin(x)
+        alias = out
+        out += x
+        out *= 2
+        return alias, out
+
+
+def test_augmented_assignment_is_captured_in_place():
+    model = Accumulates()
+    x = torch.randn(3, 4)
+    cap = sfx.capture(model)
+    targets = [n.target for n in cap.graph_module.graph.nodes if n.op == "call_function"]
+    assert operator.iadd in targets and operator.imul in targets
+    assert operator.add not in targets and operator.mul not in targets
+    with torch.no_grad():
+        alias, out = cap.graph_module(x)
+        ref_alias, ref_out = model(x)
+    # the model returns one tensor twice; an out-of-place trace returned lin(x) as the alias
+    assert alias is out
+    torch.testing.assert_close(alias, ref_alias, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+
+
+def test_resnet_residual_add_is_in_place_and_trains_like_the_model():
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = sfx.capture(model).graph_module
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.add, operator.iadd)]
+    assert len(adds) == 8 and all(n.target is operator.iadd for n in adds)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    ref = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    gm(x).sum().backward()  # the capture shares the model's parameters
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_canonical_form_is_functional_for_stateless_layers():

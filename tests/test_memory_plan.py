@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,6 +68,30 @@ def test_views_share_storage_and_are_counted_once():
     h = plan.by_node()["linear"]
     assert sorted(h.holders) == ["linear_1", "linear_2"]
     assert plan.held_bytes == 3 * 4 * 4 + 3 * 6 * 4  # x (held by a) and h once
+
+
+def test_in_place_results_share_their_operands_storage():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.a(x)
+            h += x  # recorded in place: the sum is a's output storage
+            return self.b(h) + self.c(h)
+
+    x = torch.randn(3, 6)
+    fast = sfx.sparsify(Residual(), sfx.DropIT(keep=1.0, include="nothing"), (x,))
+    (iadd,) = [n for n in fast.graph.nodes if n.target is operator.iadd]
+    plan = _plan(fast)
+    by_node = plan.by_node()
+    assert by_node[iadd.name].storage == iadd.args[0].name
+    # the storage's holders are the sum's: b and c keep what a wrote, counted once
+    assert sorted(by_node[iadd.args[0].name].holders) == ["linear_1", "linear_2"]
+    assert plan.held_bytes == 2 * 3 * 6 * 4  # x (held by a) and h
+    measured = saved_tensor_bytes(fast, (x,), loss_fn=lambda out: out.sum())  # (sum keeps nothing)
+    torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0, atol=0)
 
 
 def test_plan_agrees_with_measured_saved_bytes_on_resnet18():

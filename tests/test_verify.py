@@ -39,6 +39,33 @@ def test_first_diverging_node_is_named():
     assert "first diverging node" in str(info.value)
 
 
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.lin(x)
+        out += x
+        return out.relu()
+
+
+def test_divergence_at_an_in_place_op_is_not_pinned_on_the_value_it_overwrites():
+    import operator
+    model, x = Residual(), torch.randn(3, 4)
+    gm = sfx.capture(model).graph_module
+    (iadd,) = [n for n in gm.graph.nodes if n.target is operator.iadd]
+    with gm.graph.inserting_before(iadd):
+        doubled = gm.graph.call_function(torch.mul, (iadd.args[1], 2.0))
+    iadd.args = (iadd.args[0], doubled)
+    gm.recompile()
+    with pytest.raises(sfx.VerificationError) as info:
+        sfx.verify(model, gm, (x,))
+    # the Linear's own value agrees (compared as it was before += overwrote it): the
+    # divergence starts at the inserted node that feeds the +=
+    assert info.value.report.first_divergence.startswith("%mul"), info.value.report.first_divergence
+
+
 def test_structure_and_dtype_mismatch_reported():
     class Two(nn.Module):
         def forward(self, x):
