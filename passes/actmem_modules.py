@@ -22,6 +22,7 @@ from .actmem_ops import (
     actmem_layer_norm,
     actmem_ln_linear,
     actmem_relu,
+    actmem_relu_,
     actmem_scale,
     actmem_sdpa,
     actmem_silu,
@@ -60,6 +61,9 @@ class ActMemReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _recording(x) and x.is_floating_point():
+            # the rewrite made it in place only where no other node reads x
+            if self.inplace and (out := actmem_relu_(x, self.negative_slope)) is not None:
+                return out
             return actmem_relu(x, self.negative_slope)[0]
         if self.negative_slope == 0.0:
             return F.relu(x, inplace=self.inplace)

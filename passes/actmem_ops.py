@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernels, sync
 from .bitpack import pack_bits, unpack_bits_as
-from .op_autograd import in_backward, owned, register_autograd
+from .op_autograd import eager_call, in_backward, owned, register_autograd
 
 __all__ = [
     "NONFINITE_CODE",
@@ -153,6 +153,33 @@ def _relu_backward(ctx, grad_out, _grad_mask):
 
 
 actmem_relu = register_autograd(_actmem_relu, _relu_backward, _relu_setup)
+
+
+class _ReLUInPlace(torch.autograd.Function):
+    """The model's in-place ReLU / LeakyReLU (``nn.ReLU(inplace=True)``), eager only (a
+    custom op may not mutate its input): the kernel writes the activation over ``x`` and
+    keeps the same 1-bit mask, instead of allocating the output ``actmem_relu`` returns."""
+
+    @staticmethod
+    def forward(ctx, x, negative_slope):
+        bits = cpu_kernels.load().relu_bits_(x, negative_slope)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(bits)
+        ctx.shape, ctx.negative_slope = list(x.shape), negative_slope
+        ctx.set_materialize_grads(False)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None if grad is None else _relu_backward(ctx, grad, None)[0]), None
+
+
+def actmem_relu_(x: torch.Tensor, negative_slope: float) -> torch.Tensor | None:
+    """``actmem_relu`` in place over ``x``, where it can run so (an eager, contiguous fp32 CPU
+    tensor, the kernels built); else ``None``, and the caller runs ``actmem_relu``."""
+    if x.dtype != torch.float32 or not eager_call((x,)) or cpu_kernels.for_tensors(x) is None:
+        return None
+    return _ReLUInPlace.apply(x, negative_slope)
 
 
 # ---------------------------------------------------------------- GELU / SiLU

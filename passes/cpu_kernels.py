@@ -17,7 +17,8 @@ dense step takes 430 ms. Here the same result is two passes per direction:
 ActivationMemory's: ``to_bf16`` (the saturating bf16 copy of any tensor whose last dim is
 contiguous, in one pass instead of a cast and a check of its result's largest magnitude),
 ``normalize_rows_bf16`` (LayerNorm's normalised input as that bf16 copy, one pass instead of
-four), ``relu_bits`` (the activation and its 1-bit mask in one pass),
+four), ``relu_bits`` (the activation and its 1-bit mask in one pass; ``relu_bits_`` over its
+input, for the model's in-place ReLU),
 ``masked_grad`` (its backward straight from the bits), ``normalize_bf16`` (BatchNorm's
 normalised input, saturated to bf16, in one pass instead of five) and ``bn_backward_bf16``
 (BatchNorm's backward read straight from that bf16 copy: two passes instead of an fp32 upcast,
@@ -312,14 +313,14 @@ void check_fp32(const at::Tensor& t, const char* what) {
 
 // ReLU (slope 0): out = relu(x), bit = out <= 0 (where threshold_backward blocks the gradient;
 // NaN passes). LeakyReLU: out = leaky_relu(x), bit = x > 0 (where its slope is 1).
-std::vector<at::Tensor> relu_bits(const at::Tensor& x, double negative_slope) {
-  check_fp32(x, "relu_bits");
+namespace {
+// out may be x itself (relu_bits_): each element is read before its own slot is written
+at::Tensor relu_bits_into(const at::Tensor& x, at::Tensor& out, double negative_slope) {
   const int64_t n = x.numel();
-  auto out = at::empty_like(x);
   auto bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
   uint8_t* __restrict__ b = bits.data_ptr<uint8_t>();
-  const float* __restrict__ p = x.const_data_ptr<float>();
-  float* __restrict__ q = out.data_ptr<float>();
+  const float* p = x.const_data_ptr<float>();
+  float* q = out.data_ptr<float>();
   const float slope = static_cast<float>(negative_slope);
   const bool relu = negative_slope == 0.0;
   at::parallel_for(0, n_chunks(n), 1, [&](int64_t begin, int64_t end) {
@@ -328,8 +329,8 @@ std::vector<at::Tensor> relu_bits(const at::Tensor& x, double negative_slope) {
       const int64_t lo = ch * kChunk, hi = std::min(n, lo + kChunk);
       for (int64_t i = lo; i < hi; i += kBatch) {
         const int64_t m = std::min<int64_t>(kBatch, hi - i);
-        const float* __restrict__ pi = p + i;
-        float* __restrict__ qi = q + i;
+        const float* pi = p + i;
+        float* qi = q + i;
         // selects as bit masks: the compiler keeps ternaries on floats as branches (NaN)
 #ifdef __AVX2__
         if (relu && m == kBatch) {  // 8 compares -> one bitmap byte (movemask), no flag bytes
@@ -367,7 +368,21 @@ std::vector<at::Tensor> relu_bits(const at::Tensor& x, double negative_slope) {
       }
     }
   });
+  return bits;
+}
+}  // namespace
+
+std::vector<at::Tensor> relu_bits(const at::Tensor& x, double negative_slope) {
+  check_fp32(x, "relu_bits");
+  auto out = at::empty_like(x);
+  auto bits = relu_bits_into(x, out, negative_slope);
   return {out, bits};
+}
+
+// the same, writing the activation over x (an in-place ReLU of the model); returns the bits
+at::Tensor relu_bits_(at::Tensor& x, double negative_slope) {
+  check_fp32(x, "relu_bits_");
+  return relu_bits_into(x, x, negative_slope);
 }
 
 // grad where the bit is clear and 0 where set (ReLU: exact zeros, NaN gradients included, as
@@ -655,7 +670,7 @@ std::vector<at::Tensor> bn_backward_bf16(const at::Tensor& grad, const at::Tenso
 
 """
 
-_FUNCTIONS = ["sample_cutoff", "threshold_bits", "compact", "expand", "relu_bits", "masked_grad", "normalize_bf16", "bn_backward_bf16",
+_FUNCTIONS = ["sample_cutoff", "threshold_bits", "compact", "expand", "relu_bits", "relu_bits_", "masked_grad", "normalize_bf16", "bn_backward_bf16",
               "affine_clamp", "to_bf16", "normalize_rows_bf16"]
 
 

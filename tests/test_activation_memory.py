@@ -1008,6 +1008,52 @@ def test_fused_relu_equals_the_torch_path(slope, dtype, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_in_place_relu_writes_over_its_input_with_the_same_values_bits_and_grads(slope, monkeypatch):
+    """``nn.ReLU(inplace=True)`` stays in place on the eager path: the kernel writes over the
+    input; output, mask and gradient are the out-of-place op's, bit for bit."""
+    x = _with_nonfinite(4, 8, 129, 130)
+    out_of_place = _op_and_grads(x, slope, True, monkeypatch)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    g.view(-1)[2] = float("nan")
+    leaf = x.clone().requires_grad_()
+    h = leaf * 1.0  # not a leaf: the model's in-place ReLU reads an intermediate
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ActMemReLU(slope, inplace=True).train()(h)
+    assert out.data_ptr() == h.data_ptr()  # no new activation
+    assert [t.dtype for t in saved] == [torch.uint8]
+    torch.testing.assert_close(saved[0], out_of_place[1], rtol=0, atol=0)
+    out.backward(g)
+    torch.testing.assert_close(out.detach(), out_of_place[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(leaf.grad, out_of_place[2], rtol=0, atol=0, equal_nan=True)
+    # where the kernels do not apply it runs out of place, as before
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "for_tensors", lambda *t, **k: None)
+        h = x.clone().requires_grad_() * 1.0
+        assert ActMemReLU(slope, inplace=True).train()(h).data_ptr() != h.data_ptr()
+
+
+def test_resnet_residual_relu_runs_in_place_and_grads_match_dense():
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(batchnorm="recompute"), example_inputs=(x,))  # exact
+    relus = {name: m for name, m in fast.named_modules() if isinstance(m, ActMemReLU)}
+    assert sum(m.inplace for m in relus.values()) >= 8  # one after each residual +=
+    same = []
+    for m in relus.values():
+        if m.inplace:
+            m.register_forward_hook(lambda mod, args, out: same.append(out.data_ptr() == args[0].data_ptr()))
+    ref = copy.deepcopy(model)
+    fast.train(), ref.train()
+    fast(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert same and all(same) == (cpu_kernels.load() is not None)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernels
 def test_fused_batchnorm_storage_equals_the_torch_path(monkeypatch):
     """The bf16 normalised input is bit-identical: rounding, saturation near fp32's maximum
     (a finite value that would round to inf), inf and NaN stored as NaN."""

@@ -1,0 +1,77 @@
+"""Session 15's in-place changes, A/B on one plan, interleaved in one process.
+
+``old``: the state before them: ``out += identity`` traced as an out-of-place ``add`` (a new
+tensor per residual block) and the rewritten in-place ReLU run out of place. ``new``: the
+capture records ``+=`` in place and ``nn.ReLU(inplace=True)`` stays in place on the eager path.
+Each round times, back to back: the dense model; its capture alone (no rewrite), old and new;
+the plan (``MemoryBudget(fraction=F)``, built once), old and new. The ratios are medians over
+rounds of each round's step over that round's dense step.
+
+    python -m benchmarks.bench_in_place --model resnet50 --fraction 0.5 --rounds 15
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import statistics
+from pathlib import Path
+
+import torch.fx as fx
+
+import sparsify_fx as sfx
+from benchmarks.bench_eager_ops import one_plan
+from benchmarks.bench_memory import interleaved_times, paired_ratios
+from benchmarks.device import timed_step
+from passes.actmem_modules import ActMemReLU
+
+__all__ = ["main", "set_in_place"]
+
+
+def set_in_place(gm: fx.GraphModule, new: bool) -> int:
+    """Switch ``gm``'s residual adds between ``+=`` (``new``) and ``+``, and its in-place
+    rewritten ReLUs between in place and out of place; returns how many adds it found."""
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.iadd, operator.add)
+            and n.meta.get("sfx_in_place_add", n.target is operator.iadd)]
+    for n in adds:
+        n.meta["sfx_in_place_add"] = True
+        n.target = operator.iadd if new else operator.add
+    gm.recompile()
+    for m in gm.modules():
+        if isinstance(m, ActMemReLU):
+            was = m.__dict__.setdefault("bench_was_in_place", m.inplace)
+            m.inplace = new and was  # (out of place: the op before session 15)
+    return len(adds)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, model, fast, x, target, forms = one_plan(
+        __doc__.splitlines()[0], "resnet50", "results/bench_in_place.json", argv)
+    captured = sfx.capture(model).graph_module.train()
+    n_adds = {"capture": set_in_place(captured, True), "plan": set_in_place(fast, True)}
+
+    def step(gm: fx.GraphModule, new: bool) -> float:
+        set_in_place(gm, new)
+        try:
+            return timed_step(gm, x, target, "cpu", "off")
+        finally:
+            set_in_place(gm, True)
+
+    runs = {"dense": lambda: timed_step(model, x, target, "cpu", "off"),
+            "capture old": lambda: step(captured, False), "capture new": lambda: step(captured, True),
+            "plan old": lambda: step(fast, False), "plan new": lambda: step(fast, True)}
+    times = interleaved_times(runs, lambda run: run(), args.rounds, warmup=2)  # type: ignore[arg-type]
+    ratio = {k: v for k, v in paired_ratios(times).items() if k != "dense"}
+    result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms), "in_place_adds": n_adds,
+              "times_s": times, "step_ratio_paired": ratio,
+              "plan_new_over_old": paired_ratios(times, base="plan old")["plan new"]}
+    print(f"{args.model} ({n_adds['plan']} residual adds): step vs dense, capture alone old {ratio['capture old']:.3f}"
+          f" new {ratio['capture new']:.3f}; budget {args.fraction} old {ratio['plan old']:.3f} new "
+          f"{ratio['plan new']:.3f}; dense {1e3 * statistics.median(times['dense']):.0f} ms")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
