@@ -2,7 +2,9 @@
 
 For each model, in one process and interleaved (one step of every configuration per round,
 median of ``--repeats`` rounds after a warm-up round; "paired" is the median over rounds of
-each round's step over that round's dense step):
+each round's step over that round's dense step; ``--block K``: K consecutive steps of each
+configuration per round, timed by the median of the last K - 1, the steps that follow the same
+model's step as in training):
 
 * ``dense``: the model as is;
 * ``checkpoint``: every repeated block wrapped in ``torch.utils.checkpoint`` (reentrant, so its
@@ -18,6 +20,7 @@ cross-entropy + backward. Prints a table and writes ``results/bench_budget.json`
 
     python -m benchmarks.bench_budget                        # vit_b_16, resnet50, gpt2
     python -m benchmarks.bench_budget --models resnet50 --repeats 5 --fractions 0.5 0.25
+    python -m benchmarks.bench_budget --repeats 7 --block 3 --fractions 0.5   # warm steps
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def checkpoint_blocks(model: nn.Module, containers: str) -> nn.Module:
 
 def bench_model(
     name: str, repeats: int, fractions: list[float], measure_steps: int = 0, *,
-    device: str = "cpu", amp: str = "off", batch: int | None = None,
+    device: str = "cpu", amp: str = "off", batch: int | None = None, block: int = 1,
 ) -> dict:
     """Measure dense, checkpointing and the budget plans on one model."""
     torch.manual_seed(0)
@@ -153,7 +156,7 @@ def bench_model(
         saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
         print(f"  {label}: planned {plan['achieved_fraction']:.3f}, measured {saved[label] / saved['dense']:.3f}, "
               f"planning {plans[label]['planning_s']:.1f} s", flush=True)
-    times = interleaved_times(variants, lambda m: timed_step(m, x, target, device, amp), repeats)
+    times = interleaved_times(variants, lambda m: timed_step(m, x, target, device, amp), repeats, block=block)
     step = {k: statistics.median(ts) for k, ts in times.items()}
     # on CUDA, the allocator's view too: the bytes really held between forward and backward
     # (whatever the saved-tensor count says) and the step's peak
@@ -208,23 +211,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--measure-steps", type=int, default=0,
                         help="MemoryBudget.measure_steps: check the calibrated prices with whole-model steps")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: each model's CPU size)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="consecutive steps of each configuration per round; > 1 times the warm ones")
     parser.add_argument("--out", default="results/bench_budget.json")
     add_device_args(parser)
     args = parser.parse_args(argv)
     check_device(args.device)
     if any(not 0 < f <= 1 or math.isnan(f) for f in args.fractions):
         parser.error("--fractions must be in (0, 1]")
+    if args.block < 1:
+        parser.error("--block must be >= 1")
     rows, start = [], time.perf_counter()
     for name in args.models:
         print(f"{name}:", flush=True)
         rows.append(bench_model(name, args.repeats, args.fractions, args.measure_steps,
-                                device=args.device, amp=args.amp, batch=args.batch))
+                                device=args.device, amp=args.amp, batch=args.batch, block=args.block))
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.machine(), **device_meta(args.device, args.amp),
-            "repeats": args.repeats, "measure_steps": args.measure_steps, "wall_s": time.perf_counter() - start}
+            "repeats": args.repeats, "block": args.block, "measure_steps": args.measure_steps, "wall_s": time.perf_counter() - start}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
     return rows

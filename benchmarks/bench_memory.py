@@ -89,16 +89,24 @@ CONFIGS: dict[str, list | None] = {
 
 
 def interleaved_times(
-    variants: dict[str, nn.Module], step: Callable[[nn.Module], float], repeats: int, warmup: int = 1
+    variants: dict[str, nn.Module], step: Callable[[nn.Module], float], repeats: int, warmup: int = 1,
+    block: int = 1,
 ) -> dict[str, list[float]]:
     """``repeats`` step times per variant, one step of each per round (machine noise hits them
-    alike), after ``warmup`` rounds."""
+    alike), after ``warmup`` rounds.
+
+    ``block`` > 1: each round runs ``block`` consecutive steps of a variant and records the
+    median of all but the first. The first step runs on the memory another variant's step
+    left behind (freed blocks of other sizes, pages handed back to the OS); training runs one
+    model step after step, as the later ones do."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats + warmup):
         for name, m in variants.items():
-            t = step(m)
+            ts = [step(m) for _ in range(block)]
             if round_ >= warmup:  # the first rounds warm up allocators and kernels
-                times[name].append(t)
+                times[name].append(ts[0] if block == 1 else statistics.median(ts[1:]))
     return times
 
 

@@ -650,3 +650,24 @@ def test_host_share_on_a_gpu_is_a_fraction_and_restores_gradients():
     assert 0.0 < share <= 1.0
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in fast.parameters())
     assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def test_benchmark_blocks_time_the_steps_after_the_first():
+    """``bench_budget --block K``: each round runs K steps of a configuration in a row and
+    records the median of the last K - 1 (the first runs on the other configuration's memory)."""
+    from benchmarks.bench_memory import interleaved_times, paired_ratios
+
+    clock = iter(range(1, 1000))
+    calls: list[str] = []
+
+    def step(name: str) -> float:
+        calls.append(name)
+        t = next(clock)
+        return 100.0 * t if len(calls) % 3 == 1 else float(t)  # each block's first step is slow
+
+    times = interleaved_times({"dense": "dense", "plan": "plan"}, step, repeats=2, warmup=1, block=3)
+    assert calls == ["dense"] * 3 + ["plan"] * 3 + ["dense"] * 3 + ["plan"] * 3 + ["dense"] * 3 + ["plan"] * 3
+    assert times == {"dense": [8.5, 14.5], "plan": [11.5, 17.5]}
+    assert paired_ratios(times)["plan"] == pytest.approx((11.5 / 8.5 + 17.5 / 14.5) / 2)
+    with pytest.raises(ValueError, match="block"):
+        interleaved_times({"dense": "dense"}, step, repeats=1, block=0)
