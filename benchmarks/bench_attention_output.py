@@ -15,12 +15,9 @@ The ratios are medians over rounds of each round's step over that round's dense 
 
 from __future__ import annotations
 
-import json
 import statistics
-from pathlib import Path
 
-from benchmarks.bench_eager_ops import one_plan
-from benchmarks.bench_memory import interleaved_times, paired_ratios
+from benchmarks.bench_eager_ops import ab_rounds, one_plan, write_result
 from benchmarks.device import timed_step
 from passes import cpu_kernels
 from passes.actmem_modules import ActMemAttention
@@ -49,16 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = {"dense": lambda: timed_step(model, x, target, "cpu", "off"), "old": lambda: step(False, False),
             "keep": lambda: step(True, False), "new": lambda: step(True, True)}
-    times = interleaved_times(runs, lambda run: run(), args.rounds, warmup=2)  # type: ignore[arg-type]
-    ratio = {k: v for k, v in paired_ratios(times).items() if k != "dense"}
+    times, ratio = ab_rounds(runs, args.rounds)
     result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms),
               "attention_ops_keeping_output": len(kept), "times_s": times, "step_ratio_paired": ratio}
     print(f"{args.model} at {args.fraction} ({len(kept)} attention ops keep their output): step vs dense, "
           f"old {ratio['old']:.3f}, output kept {ratio['keep']:.3f}, + bf16 kernels {ratio['new']:.3f}; "
           f"dense {1e3 * statistics.median(times['dense']):.0f} ms")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

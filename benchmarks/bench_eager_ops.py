@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
 from passes import cache, op_autograd
 
-__all__ = ["main", "one_plan"]
+__all__ = ["main", "one_plan", "ab_rounds", "write_result"]
 
 
 def one_plan(description: str, model: str, out: str, argv: list[str] | None):
@@ -48,6 +49,19 @@ def one_plan(description: str, model: str, out: str, argv: list[str] | None):
     return args, dense, fast, x, target, forms
 
 
+def ab_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each round calls every run once, in order (after 2 warm-up rounds); returns the times
+    and each run's paired ratio to ``runs["dense"]``."""
+    times = interleaved_times(runs, lambda run: run(), rounds, warmup=2)  # type: ignore[arg-type]
+    return times, {k: v for k, v in paired_ratios(times).items() if k != "dense"}
+
+
+def write_result(out: str, result: dict) -> dict:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, model, fast, x, target, forms = one_plan(
         __doc__.splitlines()[0], "resnet50", "results/bench_eager_ops.json", argv)
@@ -65,15 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
             state(True)
 
     runs = {"dense": lambda: step(model), "old": lambda: step(fast, new=False), "new": lambda: step(fast)}
-    times = interleaved_times(runs, lambda run: run(), args.rounds, warmup=2)  # type: ignore[arg-type]
-    ratio = {k: v for k, v in paired_ratios(times).items() if k != "dense"}
+    times, ratio = ab_rounds(runs, args.rounds)
     result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms), "times_s": times,
               "step_ratio_paired": ratio, "new_over_old": paired_ratios(times, base="old")["new"]}
     print(f"{args.model} at {args.fraction}: step vs dense, old {ratio['old']:.3f}, new {ratio['new']:.3f}; "
           f"new / old {result['new_over_old']:.3f}; dense {1e3 * statistics.median(times['dense']):.0f} ms")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ rounds of each round's step over that round's dense step.
 
 from __future__ import annotations
 
-import json
 import operator
 import statistics
-from pathlib import Path
 
 import torch.fx as fx
 
 import sparsify_fx as sfx
-from benchmarks.bench_eager_ops import one_plan
-from benchmarks.bench_memory import interleaved_times, paired_ratios
+from benchmarks.bench_eager_ops import ab_rounds, one_plan, write_result
+from benchmarks.bench_memory import paired_ratios
 from benchmarks.device import timed_step
 from passes.actmem_modules import ActMemReLU
 
@@ -60,17 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {"dense": lambda: timed_step(model, x, target, "cpu", "off"),
             "capture old": lambda: step(captured, False), "capture new": lambda: step(captured, True),
             "plan old": lambda: step(fast, False), "plan new": lambda: step(fast, True)}
-    times = interleaved_times(runs, lambda run: run(), args.rounds, warmup=2)  # type: ignore[arg-type]
-    ratio = {k: v for k, v in paired_ratios(times).items() if k != "dense"}
+    times, ratio = ab_rounds(runs, args.rounds)
     result = {"model": args.model, "fraction": args.fraction, "forms": dict(forms), "in_place_adds": n_adds,
               "times_s": times, "step_ratio_paired": ratio,
               "plan_new_over_old": paired_ratios(times, base="plan old")["plan new"]}
     print(f"{args.model} ({n_adds['plan']} residual adds): step vs dense, capture alone old {ratio['capture old']:.3f}"
           f" new {ratio['capture new']:.3f}; budget {args.fraction} old {ratio['plan old']:.3f} new "
           f"{ratio['plan new']:.3f}; dense {1e3 * statistics.median(times['dense']):.0f} ms")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":
