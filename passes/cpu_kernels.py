@@ -443,34 +443,40 @@ inline uint16_t saturated_bf16(float v) {
   const uint32_t rounded = (c32 + 0x7FFFu + ((c32 >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(finite ? rounded : 0x7FC0u);
 }
-}  // namespace
-// BatchNorm's normalised input (x - mean[c]) * invstd[c] of an fp32 [N, C, ...] tensor, stored
-// as bf16 in one pass by saturated_bf16 (actmem_ops._to_bf16's rules, bit for bit)
-at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd) {
-  check_fp32(x, "normalize_bf16");
-  TORCH_CHECK(x.dim() >= 2, "normalize_bf16: [N, C, ...]");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && invstd.scalar_type() == at::kFloat, "normalize_bf16: fp32 statistics");
-  const int64_t batch = x.size(0), channels = x.size(1);
-  const int64_t inner = channels ? x.numel() / (batch * channels) : 0;
-  auto m = mean.contiguous(), s = invstd.contiguous();
+
+// (x - mean[k]) * scale[k] as bf16 by saturated_bf16 (actmem_ops._to_bf16's rules, bit for bit)
+// over a contiguous fp32 x of `planes` runs of `inner` elements, run p reading statistic
+// k = p % period: BatchNorm's [N, C, ...] planes (period C) and LayerNorm's rows (period rows)
+at::Tensor normalize_planes_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                                 int64_t planes, int64_t inner, int64_t period) {
+  auto m = mean.contiguous(), s = scale.contiguous();
   auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
   const float* p = x.const_data_ptr<float>();
   const float* mp = m.const_data_ptr<float>();
   const float* sp = s.const_data_ptr<float>();
   uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1));
-  at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t c = plane % channels;
-      const float mu = mp[c], is = sp[c];
+      const int64_t k = plane % period;
+      const float mu = mp[k], is = sp[k];
       const float* __restrict__ xp = p + plane * inner;
       uint16_t* __restrict__ qp = q + plane * inner;
-      for (int64_t i = 0; i < inner; ++i) {
-        qp[i] = saturated_bf16((xp[i] - mu) * is);
-      }
+      for (int64_t i = 0; i < inner; ++i) qp[i] = saturated_bf16((xp[i] - mu) * is);
     }
   });
   return out;
+}
+}  // namespace
+// BatchNorm's normalised input (x - mean[c]) * invstd[c] of an fp32 [N, C, ...] tensor, stored
+// as bf16 in one pass by saturated_bf16
+at::Tensor normalize_bf16(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_fp32(x, "normalize_bf16");
+  TORCH_CHECK(x.dim() >= 2, "normalize_bf16: [N, C, ...]");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && invstd.scalar_type() == at::kFloat, "normalize_bf16: fp32 statistics");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t inner = channels ? x.numel() / (batch * channels) : 0;
+  return normalize_planes_bf16(x, mean, invstd, batch * channels, inner, std::max<int64_t>(channels, 1));
 }
 
 // actmem_ops._to_bf16 in one pass (the PyTorch path: a cast, then an abs and a max over the
@@ -525,22 +531,7 @@ at::Tensor normalize_rows_bf16(const at::Tensor& x, const at::Tensor& mean, cons
   const int64_t rows = x.numel() / width;
   TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == rows
               && rstd.numel() == rows, "normalize_rows_bf16: one fp32 mean and rstd per row");
-  auto m = mean.contiguous(), s = rstd.contiguous();
-  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
-  const float* p = x.const_data_ptr<float>();
-  const float* mp = m.const_data_ptr<float>();
-  const float* sp = s.const_data_ptr<float>();
-  uint16_t* q = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t grain = std::max<int64_t>(1, kChunk / width);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const float mu = mp[row], is = sp[row];
-      const float* __restrict__ xp = p + row * width;
-      uint16_t* __restrict__ qp = q + row * width;
-      for (int64_t i = 0; i < width; ++i) qp[i] = saturated_bf16((xp[i] - mu) * is);
-    }
-  });
-  return out;
+  return normalize_planes_bf16(x, mean, rstd, rows, width, std::max<int64_t>(rows, 1));
 }
 // The activation a fused BatchNorm -> ReLU -> Conv rebuilds in backward, in one pass:
 // min(max(x * alpha[c] + beta[c], 0), upper) over an [N, C, ...] fp32 input x (the BatchNorm's
