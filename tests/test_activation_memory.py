@@ -533,6 +533,28 @@ def test_recomputed_layernorm_linear_gives_dense_gradients_on_transformers(autoc
             torch.testing.assert_close(a, b, **tol, msg=name)
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_recomputed_layernorm_linear_gradients_are_the_dense_ones_bit_for_bit(affine):
+    """The exact LayerNorm -> Linear re-runs the forward's own LayerNorm kernel in backward, so
+    the Linear's weight gradient reads the very tensor the dense Linear kept (rebuilding it from
+    the saved statistics with four elementwise ops rounded differently)."""
+    from passes.actmem_modules import ActMemLnLinear
+
+    torch.manual_seed(0)
+    ln, fc = nn.LayerNorm(48, elementwise_affine=affine), nn.Linear(48, 80)
+    if affine:
+        nn.init.normal_(ln.weight), nn.init.normal_(ln.bias)
+    op = ActMemLnLinear((48,), ln.eps, store="exact").train()
+    x = (torch.randn(3, 20, 48) * 3 + 1).requires_grad_()
+    params = [x, *ln.parameters(), *fc.parameters()]
+    out_ref, g_ref, _ = _grads(lambda: fc(ln(x)), *params)
+    out, g_op, _ = _grads(lambda: op(x, ln.weight, ln.bias, fc.weight, fc.bias), *params)
+    assert len(g_op) == (5 if affine else 3) and all(g is not None for g in g_op)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    for a, b in zip(g_op, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
 @pytest.mark.parametrize("storage", ["recompute", "recompute-bf16"])
 def test_bn_relu_conv_fuses_dynamo_functional_batch_norm_like_the_module(storage, inner):
