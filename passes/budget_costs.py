@@ -22,7 +22,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["calibrate", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
+from . import calibration_cache
+
+__all__ = ["calibrate", "calibration_source", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
            "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS"]
 
 #: the least fixed cost of a rewritten op (also what makes every compressed form strictly
@@ -43,6 +45,7 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 _RATES: dict[tuple[str, torch.dtype], dict[str, float]] = {}
+_SOURCES: dict[tuple[str, torch.dtype], str] = {}
 
 
 def _time(fn, device: torch.device, repeats: int = 5) -> float:
@@ -58,9 +61,14 @@ def _time(fn, device: torch.device, repeats: int = 5) -> float:
     return best
 
 
-def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              fresh: bool = False) -> dict[str, float]:
     """Seconds added by each compressed form, cached per device and dtype: per input byte
     (``"dropit"``, ``"bf16"``, ...) and per op (``"op:dropit"``, ``"op:bf16"``, ...).
+
+    Cached in this process and on disk (``passes/calibration_cache.py``: reused on the same
+    machine, torch, threads and code; :func:`calibration_source` says which), measured
+    afresh with ``fresh=True``.
 
     DropIT costs its conv's forward + backward less the dense conv's (at least its compress +
     decompress: alone, those priced it 1.3-2.8x low against the op on ResNet-50's shapes, and
@@ -87,17 +95,35 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     """
     device = torch.device(device)
     key = (device.type, dtype)
-    if key not in _RATES:
-        batch = _SWEEP_BYTES // (128 * 64 * 64 * torch.empty((), dtype=dtype).element_size())
-        sweep = _SWEEP * (2 if device.type == "cuda" else 1)  # an H100's L2 holds 50 MB
-        big_xs = [torch.randn(batch, 128, 64, 64, device=device, dtype=dtype) for _ in range(sweep)]
-        small_x = [torch.randn(2, 8, 8, 8, device=device, dtype=dtype)]
-        big, small = _calibration_seconds(big_xs), _calibration_seconds(small_x)
-        span = (big_xs[0].numel() - small_x[0].numel()) * small_x[0].element_size()
-        rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
-        rates |= {f"op:{kind}": max(OP_SECONDS, small[kind]) for kind in small}
-        _RATES[key] = rates
+    if fresh or key not in _RATES:
+        disk_key = calibration_cache.calibration_key(device, dtype)
+        cached = None if fresh else calibration_cache.load(disk_key)
+        if cached is not None:
+            _RATES[key], path = cached
+            _SOURCES[key] = f"cached ({path})"
+        else:
+            t0 = time.perf_counter()
+            _RATES[key] = _measured_rates(device, dtype)
+            path = calibration_cache.store(disk_key, _RATES[key], time.perf_counter() - t0)
+            _SOURCES[key] = "measured" + (f", cached to {path}" if path is not None else " (cache not writable)")
     return _RATES[key]
+
+
+def calibration_source(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
+    """Where this process's calibration for ``device`` and ``dtype`` came from: ``"measured"``
+    (and the file it was cached to) or ``"cached (<file>)"``; ``None`` before any."""
+    return _SOURCES.get((torch.device(device).type, dtype))
+
+
+def _measured_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    batch = _SWEEP_BYTES // (128 * 64 * 64 * torch.empty((), dtype=dtype).element_size())
+    sweep = _SWEEP * (2 if device.type == "cuda" else 1)  # an H100's L2 holds 50 MB
+    big_xs = [torch.randn(batch, 128, 64, 64, device=device, dtype=dtype) for _ in range(sweep)]
+    small_x = [torch.randn(2, 8, 8, 8, device=device, dtype=dtype)]
+    big, small = _calibration_seconds(big_xs), _calibration_seconds(small_x)
+    span = (big_xs[0].numel() - small_x[0].numel()) * small_x[0].element_size()
+    rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
+    return rates | {f"op:{kind}": max(OP_SECONDS, small[kind]) for kind in small}
 
 
 def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:

@@ -344,10 +344,9 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     """Every rewrite maps to a calibrated rate; the 1-bit ReLU and BatchNorm are priced as what
     their op adds over the dense op (their kernels replace its backward), not as a compress +
     decompress, which cost more than recomputing on ResNet-50."""
-    from passes.budget_costs import _RATES, OP_SECONDS, calibrate
+    from passes.budget_costs import OP_SECONDS, calibrate
 
-    _RATES.clear()
-    rates = calibrate("cpu")
+    rates = calibrate("cpu", fresh=True)
     kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16",
              "act_linear", "act_linear_bf16", "ln_linear", "ln_linear_bf16"}
     assert set(rates) == kinds | {f"op:{k}" for k in kinds}
@@ -577,6 +576,71 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
     assert plan["achieved_fraction"] <= 0.5
 
 
+def test_calibration_is_cached_on_disk_per_machine_torch_threads_and_code(monkeypatch, tmp_path):
+    """A second process (here: a cleared in-process cache) reuses the calibration measured on
+    the same machine instead of spending its seconds again; another thread count, ``fresh``,
+    a corrupt file or another key measure again; an unwritable directory still calibrates."""
+    from passes import budget_costs, calibration_cache
+
+    measured: list[int] = []
+
+    def fake_rates(device, dtype):
+        measured.append(torch.get_num_threads())
+        return {"bf16": 1e-10 * len(measured), "op:bf16": 2e-5}
+
+    monkeypatch.setattr(budget_costs, "_measured_rates", fake_rates)
+    monkeypatch.setenv(calibration_cache.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(budget_costs, "_RATES", {})
+
+    def fresh_process():
+        budget_costs._RATES.clear()
+        return budget_costs.calibrate("cpu")
+
+    first = fresh_process()
+    assert measured == [torch.get_num_threads()] and first == {"bf16": 1e-10, "op:bf16": 2e-5}
+    files = list(tmp_path.glob("calibration-*.json"))
+    assert len(files) == 1 and budget_costs.calibration_source("cpu").startswith("measured, cached to")
+    assert fresh_process() == first and len(measured) == 1  # reused, not measured
+    assert budget_costs.calibration_source("cpu") == f"cached ({files[0]})"
+    assert budget_costs.calibrate("cpu", fresh=True) == {"bf16": 2e-10, "op:bf16": 2e-5}  # and replaced
+    assert fresh_process()["bf16"] == 2e-10 and len(measured) == 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert fresh_process()["bf16"] == 3e-10 and measured[-1] == threads + 1  # another key
+    finally:
+        torch.set_num_threads(threads)
+    files[0].write_text("{not json")
+    assert fresh_process()["bf16"] == 4e-10  # unreadable: measured again and rewritten
+    assert fresh_process()["bf16"] == 4e-10 and len(measured) == 4
+    key = calibration_cache.calibration_key(torch.device("cpu"), torch.float32)
+    assert key["threads"] == threads and key["torch"] == torch.__version__ and key["code"]
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv(calibration_cache.CACHE_DIR_ENV, str(blocked / "sub"))  # cannot be a directory
+    assert fresh_process()["bf16"] == 5e-10
+    assert budget_costs.calibration_source("cpu") == "measured (cache not writable)"
+
+
+def test_memory_budget_reports_where_its_calibration_came_from(monkeypatch):
+    from conftest import mlp
+
+    from passes import budget_costs
+
+    with pytest.raises(sfx.ConfigError, match="calibration must be 'cached' or 'fresh'"):
+        sfx.MemoryBudget(calibration="disk")
+    model, x = mlp(), torch.randn(4, 8)
+
+    def plan(**kw):
+        fast = sfx.sparsify(model, sfx.MemoryBudget(fraction=0.5, **kw), example_inputs=(x,))
+        return sfx.explain(fast).memory_budget["prices"]["calibration"]
+
+    assert plan(calibration="fresh").startswith("measured, cached to")
+    monkeypatch.setattr(budget_costs, "_RATES", {})  # as a new process would start
+    monkeypatch.setattr(budget_costs, "_measured_rates", lambda *a: pytest.fail("measured again"))
+    assert plan().startswith("cached (")
+
+
 def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
     import passes.budget_costs as costs
 
@@ -588,8 +652,9 @@ def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
     model = torchvision.models.resnet18().train()
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=1), example_inputs=(torch.randn(2, 3, 32, 32),))
     report = sfx.explain(fast)
-    assert report.memory_budget["prices"] == {"measured": False, "host_share": 1.0,
-                                              "why": "RuntimeError: data-dependent input"}
+    prices = dict(report.memory_budget["prices"])
+    assert prices.pop("calibration").startswith(("measured", "cached ("))
+    assert prices == {"measured": False, "host_share": 1.0, "why": "RuntimeError: data-dependent input"}
     assert any("calibrated prices alone" in s.reason for s in report.skipped)
     assert report.memory_budget["achieved_fraction"] <= 0.5
     with pytest.raises(sfx.ConfigError, match="measure_steps"):
