@@ -29,8 +29,8 @@ recompute        the block re-runs in backward (``sfx.recompute_segment``)     e
 ===============  ===========================================================  ==============
 
 Cost model (times: ``passes/budget_costs.py``). Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
-with one choice applied to every unit, each held tensor charged to the unit of its first
-holder. Time: a recompute costs the block's forward, timed node by node on the example
+with one choice applied to every unit, each held storage charged to the unit of its last
+holder (a block's output to the next block, so the units' bytes add up across mixed choices). Time: a recompute costs the block's forward, timed node by node on the example
 shapes (synchronised around each node on CUDA); a compression costs its compress +
 decompress work, ``fixed seconds per op + bytes x seconds-per-byte`` from a calibration of each
 compressed form on this device at two sizes (run once per device and dtype, cached). The
@@ -42,8 +42,9 @@ program over bytes (``solve_dp``, a multiple-choice knapsack in cells of budget/
 choice rounded up so the plan always fits) finds the least estimated time; ``solve`` takes
 greedy's plan instead where the rounding lost a faster one that fits. The plan is
 applied to a copy, measured with the liveness analysis, and re-solved with the excess added
-to the pressure (up to three rounds), so the achieved bytes, not the estimate, meet the
-budget. ``solve_exact`` is the brute-force optimum the tests compare with; ``solve_greedy``
+to the pressure until it fits, then with the pressure bisected back towards the budget (seven
+rounds at most), so the achieved bytes, not the estimate, meet the budget without a plan
+well under it. ``solve_exact`` is the brute-force optimum the tests compare with; ``solve_greedy``
 (most bytes saved per second first, the solver until session 7) is kept for comparison.
 """
 
@@ -214,7 +215,9 @@ def _unit_of(qualified: str, units: dict[str, _Unit], ctx) -> str:
         if block is None:
             continue
         if block.gap:
-            if best_len < 0 and qualified in {ctx.qualified(m) for m in block.modules}:
+            # its modules, or its recomputed segment (named after the gap)
+            if best_len < 0 and (qualified == ctx.qualified(block.name)
+                                 or qualified in {ctx.qualified(m) for m in block.modules}):
                 best = name
             continue
         q = ctx.qualified(block.name)
@@ -230,12 +233,24 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
     mplan = sfx.memory_plan(trial, compressed)
     per_unit = {name: 0.0 for name in units}
     nodes = {n.name: n for n in trial.graph.nodes}
+    # each held storage once, as memory_plan counts it: a view's bytes are its base's (q, k, v
+    # of one projection count once), and a base that is no tensor (a recomputed segment's
+    # tuple of outputs) holds its largest member's. It is charged to its last holder's unit:
+    # a block's output to the next block, which keeps it whatever this block's choice (its
+    # first op, or its re-run, holds it), so the units' bytes add up across mixed choices
+    order = {n.name: i for i, n in enumerate(trial.graph.nodes)}
+    storages: dict[str, list] = {}
     for t in mplan.tensors:
-        if not t.holders or not t.bytes or (t.storage and t.storage != t.node):
-            continue  # a view's bytes are its base's (q, k, v of one projection count once)
-        holder = nodes.get(t.holders[0])
+        storages.setdefault(t.storage or t.node, []).append(t)
+    by_node = {t.node: t for t in mplan.tensors}
+    for root, members in storages.items():
+        base = by_node[root]
+        held = base.bytes or max((m.bytes or 0) for m in members)
+        if not base.holders or not held:
+            continue
+        holder = nodes.get(max(base.holders, key=lambda h: order.get(h, -1)))
         module = sfx.module_name_of(holder) if holder is not None else ""
-        per_unit[_unit_of(ctx.qualified(module), units, ctx)] += t.bytes
+        per_unit[_unit_of(ctx.qualified(module), units, ctx)] += held
     for name, side in mplan.side_bytes.items():
         if name in nodes:
             per_unit[_unit_of(ctx.qualified(sfx.module_name_of(nodes[name])), units, ctx)] += side
@@ -379,21 +394,41 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
                                      "planned with the calibrated prices alone (measure_steps=0 skips the check)"))
 
     # the estimate charges each tensor to one unit; the liveness analysis of the applied plan
-    # is the truth, so re-solve under more pressure until the achieved bytes fit
-    pressure = budget
+    # is the truth (a block's output is held by the next block's first op, whose choice
+    # decides how), so re-solve under more pressure until the achieved bytes fit, then bisect
+    # the pressure back towards the budget: a plan well under it recomputes more than needed
+    measured_bytes: dict[tuple, float] = {}
+
+    def achieved_by(candidate: dict[str, str]) -> float:
+        key = tuple(sorted(candidate.items()))
+        if key not in measured_bytes:
+            measured_bytes[key] = _trial(gm, {n: c for n, c in candidate.items() if c != "keep"},
+                                         units, config, ctx)[1]
+        return measured_bytes[key]
+
+    pressure, fitting, failing = budget, None, None
     best: tuple[bool, float, float, dict[str, str]] | None = None
-    for _round in range(4):
+    for _round in range(7):
         picked = solve([list(units[n].choices.values()) for n in names], pressure)
         candidate = {n: c.name for n, c in zip(names, picked)}
-        _, measured, _, _ = _trial(gm, {n: c for n, c in candidate.items() if c != "keep"}, units, config, ctx)
+        measured = achieved_by(candidate)
         seconds = sum(c.seconds for c in picked)
         fits = measured <= budget
         key = (fits, -seconds if fits else -measured)
         if best is None or key > (best[0], best[1]):
             best = (fits, key[1], measured, candidate)
         if fits:
+            fitting = pressure
+            if failing is None:
+                break  # the plan for the budget itself fits
+        else:
+            failing = pressure
+        if fitting is None:
+            pressure = max(0.0, pressure - (measured - budget) * 1.5)
+        elif failing - fitting <= 0.01 * budget:
             break
-        pressure = max(0.0, pressure - (measured - budget) * 1.5)
+        else:
+            pressure = (fitting + failing) / 2
     _, _, achieved, plan = best
     inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
     summary = {
