@@ -28,13 +28,15 @@ compress         DropIT(keep) on Linear/Conv + ``ActivationMemory(attention=  ap
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
 ===============  ===========================================================  ==============
 
-Cost model (times: ``passes/budget_costs.py``). Bytes come from the liveness analysis (``sfx.memory_plan``) of a trial rewrite
-with one choice applied to every unit, each held storage charged to the unit of its last
-holder (a block's output to the next block, so the units' bytes add up across mixed choices). Time: a recompute costs the block's forward, timed node by node on the example
-shapes (synchronised around each node on CUDA); a compression costs its compress +
-decompress work, ``fixed seconds per op + bytes x seconds-per-byte`` from a calibration of each
-compressed form on this device at two sizes (run once per device and dtype, cached). The
-fixed part is what dominates on a GPU in eager mode.
+Cost model (times: ``passes/budget_costs.py``). Bytes come from the liveness analysis
+(``sfx.memory_plan``) of a trial rewrite with one choice applied to every unit, each held
+storage charged to the unit of its last holder (a block's output to the next block, so the
+units' bytes add up across mixed choices). Time: a recompute costs the block's forward, timed
+node by node on the example shapes (synchronised around each node on CUDA); a compression
+costs its compress + decompress work, ``fixed seconds per op + bytes x seconds-per-byte`` from
+a calibration of each compressed form on this device at two sizes (once per device and dtype,
+cached on disk: ``passes/calibration_cache.py``). The fixed part is what dominates on a GPU in
+eager mode.
 
 Solver (``passes/budget_solver.py``). Per unit, choices that are no smaller and no faster than another are dropped (a
 compressed form slower than recomputing for the same bytes is never chosen). Then a dynamic
