@@ -36,12 +36,17 @@ __all__ = ["cache_dir", "calibration_key", "load", "store", "CACHE_DIR_ENV"]
 CACHE_DIR_ENV = "SPARSIFY_FX_CACHE_DIR"
 
 
-def cache_dir() -> Path:
-    """Where cached calibrations live (see the module docstring)."""
+def cache_dir() -> Path | None:
+    """Where cached calibrations live (see the module docstring); ``None`` without a home
+    directory to put them in."""
     if os.environ.get(CACHE_DIR_ENV):
         return Path(os.environ[CACHE_DIR_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sparsify_fx"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "sparsify_fx"
+    try:
+        return Path.home() / ".cache" / "sparsify_fx"
+    except (RuntimeError, KeyError):  # no $HOME and no password entry (some containers)
+        return None
 
 
 @functools.cache
@@ -69,15 +74,20 @@ def calibration_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             "threads": torch.get_num_threads(), "code": _code_hash()}
 
 
-def _path(key: dict[str, Any]) -> Path:
+def _path(key: dict[str, Any]) -> Path | None:
+    directory = cache_dir()
+    if directory is None:
+        return None
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"calibration-{name}.json"
+    return directory / f"calibration-{name}.json"
 
 
 def load(key: dict[str, Any]) -> tuple[dict[str, float], Path] | None:
     """The rates cached under ``key`` and their file, or ``None`` (none, unreadable, another
     key, no rates, a negative or non-numeric rate)."""
     path = _path(key)
+    if path is None:
+        return None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -96,6 +106,8 @@ def store(key: dict[str, Any], rates: dict[str, float], seconds: float) -> Path 
     """Write ``rates`` under ``key`` (atomically: a concurrent reader sees the old file or the
     new one); the file, or ``None`` where the directory cannot be written."""
     path = _path(key)
+    if path is None:
+        return None
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

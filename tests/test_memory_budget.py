@@ -638,6 +638,17 @@ def test_calibration_is_cached_on_disk_per_machine_torch_threads_and_code(monkey
     monkeypatch.setenv(calibration_cache.CACHE_DIR_ENV, str(blocked / "sub"))  # cannot be a directory
     assert fresh_process()["bf16"] == 5e-10
     assert budget_costs.calibration_source("cpu") == "measured (cache not writable)"
+    # no cache directory at all: no $SPARSIFY_FX_CACHE_DIR, $XDG_CACHE_HOME or home directory
+    monkeypatch.delenv(calibration_cache.CACHE_DIR_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(calibration_cache.Path, "home", staticmethod(no_home))
+    assert calibration_cache.cache_dir() is None
+    assert fresh_process()["bf16"] == 6e-10
+    assert budget_costs.calibration_source("cpu") == "measured (cache not writable)"
 
 
 def test_memory_budget_reports_where_its_calibration_came_from(monkeypatch):
