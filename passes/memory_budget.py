@@ -235,22 +235,14 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
     mplan = sfx.memory_plan(trial, compressed)
     per_unit = {name: 0.0 for name in units}
     nodes = {n.name: n for n in trial.graph.nodes}
-    # each held storage once, as memory_plan counts it: a view's bytes are its base's (q, k, v
-    # of one projection count once), and a base that is no tensor (a recomputed segment's
-    # tuple of outputs) holds its largest member's. It is charged to its last holder's unit:
-    # a block's output to the next block, which keeps it whatever this block's choice (its
-    # first op, or its re-run, holds it), so the units' bytes add up across mixed choices
-    order = {n.name: i for i, n in enumerate(trial.graph.nodes)}
-    storages: dict[str, list] = {}
-    for t in mplan.tensors:
-        storages.setdefault(t.storage or t.node, []).append(t)
+    # each held storage once, as memory_plan counts it (q, k, v of one projection once; a
+    # recomputed segment's tuple of outputs too), charged to its last holder's unit: a block's
+    # output to the next block, which keeps it whatever this block's choice (its first op, or
+    # its re-run, holds it), so the units' bytes add up across mixed choices
+    order = {name: i for i, name in enumerate(nodes)}  # graph order
     by_node = {t.node: t for t in mplan.tensors}
-    for root, members in storages.items():
-        base = by_node[root]
-        held = base.bytes or max((m.bytes or 0) for m in members)
-        if not base.holders or not held:
-            continue
-        holder = nodes.get(max(base.holders, key=lambda h: order.get(h, -1)))
+    for root, held in mplan.storage_bytes.items():
+        holder = nodes.get(max(by_node[root].holders, key=lambda h: order.get(h, -1)))
         module = sfx.module_name_of(holder) if holder is not None else ""
         per_unit[_unit_of(ctx.qualified(module), units, ctx)] += held
     for name, side in mplan.side_bytes.items():

@@ -132,6 +132,9 @@ class MemoryPlan:
     unknown: list[str]
     graph: nx.DiGraph
     side_bytes: dict[str, int] = field(default_factory=dict)  # node -> indices / norm stats kept
+    #: each held storage once, by its root node (a view's base; a base that is no tensor, such
+    #: as a tuple of outputs, holds its largest member's bytes): what ``held_bytes`` sums
+    storage_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -347,4 +350,4 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
             if not base.holders:
                 base.holders = holders  # a view's holder holds the base
     return MemoryPlan(list(info.values()), sum(held_storages.values()) + extra, compressed_total,
-                      unknown, graph, side_bytes)
+                      unknown, graph, side_bytes, held_storages)
