@@ -323,23 +323,19 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-@sfx.register_pass(MemoryBudget, name="budget")
-def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassResult:
-    result = PassResult(gm, modified=False)
-    if not any("sfx_shape" in n.meta for n in gm.graph.nodes):
-        result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
-                                 "no recorded shapes: call sparsify with example_inputs"))
-        return result
-    dense = float(sfx.memory_plan(gm).total_bytes)
-    budget = float(config.bytes) if config.bytes is not None else config.fraction * dense
-
+def _units_of(gm: fx.GraphModule) -> dict[str, _Unit]:
     units: dict[str, _Unit] = {_REST: _Unit(_REST, None)}
     for block in sfx.find_blocks(gm, gaps=True):
         units[block.name] = _Unit(block.name, block)
         if block.reason is not None:
             units[block.name].reasons["recompute"] = block.reason
     units[_REST].reasons["recompute"] = "nodes outside every block and gap"
+    return units
 
+
+def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ctx,
+           result: PassResult) -> dict[str, Any]:
+    """Fill every unit's choices (bytes, estimated seconds); returns how the prices were made."""
     per_node = node_seconds(gm)
     param = next(gm.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -386,11 +382,18 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
             result.skips.append(Skip(ctx.pass_name, "(prices)", ctx.prefix.rstrip("."), "plan",
                                      f"whole-model training steps failed on random inputs ({prices['why']}); "
                                      "planned with the calibrated prices alone (measure_steps=0 skips the check)"))
+    return prices
 
+
+def _solve_to_fit(gm: fx.GraphModule, units: dict[str, _Unit], budget: float, config: MemoryBudget,
+                  ctx) -> tuple[float, dict[str, str]]:
+    """The fastest plan whose applied rewrite holds at most ``budget`` bytes (else the smallest
+    found); returns its achieved bytes and the plan (unit -> choice)."""
     # the estimate charges each tensor to one unit; the liveness analysis of the applied plan
     # is the truth (a block's output is held by the next block's first op, whose choice
     # decides how), so re-solve under more pressure until the achieved bytes fit, then bisect
     # the pressure back towards the budget: a plan well under it recomputes more than needed
+    names = list(units)
     measured_bytes: dict[tuple, float] = {}
 
     def achieved_by(candidate: dict[str, str]) -> float:
@@ -424,21 +427,17 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         else:
             pressure = (fitting + failing) / 2
     _, _, achieved, plan = best
-    inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
-    summary = {
-        "dense_bytes": int(dense), "budget_bytes": int(budget), "achieved_bytes": int(achieved),
-        "achieved_fraction": achieved / dense if dense else 0.0,
-        "reachable": achieved <= budget * 1.05,
-        "exact_only": config.exact_only,
-        "estimated_seconds": sum(units[n].choices[plan[n]].seconds for n in names),
-        "prices": prices,
-        "units": {},
-    }
+    return achieved, plan
+
+
+def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], summary: dict[str, Any],
+            inner: list[Rewrite], config: MemoryBudget, ctx) -> None:
+    """The plan as rewrites (one per unit changed, then the inner passes' own) and skips."""
     result.rewrites.append(Rewrite(
         ctx.pass_name, "(plan)", ctx.prefix.rstrip("."), "plan", "", details=summary,
     ))
-    for name in names:
-        unit, choice = units[name], plan[name]
+    for name, unit in units.items():
+        choice = plan[name]
         c = unit.choices[choice]
         module = ctx.qualified(unit.block.name) if unit.block and not unit.block.gap else name
         summary["units"][name] = {
@@ -464,10 +463,36 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         ))
     result.rewrites += inner
     if not summary["reachable"]:
+        achieved, budget, dense = summary["achieved_bytes"], summary["budget_bytes"], summary["dense_bytes"]
         result.skips.append(Skip(ctx.pass_name, "(plan)", ctx.prefix.rstrip("."), "plan",
                                  f"budget {_mib(budget)} not reachable with "
                                  f"{'exact ' if config.exact_only else ''}choices; smallest plan "
                                  f"found holds {_mib(achieved)} "
                                  f"({achieved / dense:.3f}x dense)"))
+
+
+@sfx.register_pass(MemoryBudget, name="budget")
+def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassResult:
+    result = PassResult(gm, modified=False)
+    if not any("sfx_shape" in n.meta for n in gm.graph.nodes):
+        result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
+                                 "no recorded shapes: call sparsify with example_inputs"))
+        return result
+    dense = float(sfx.memory_plan(gm).total_bytes)
+    budget = float(config.bytes) if config.bytes is not None else config.fraction * dense
+    units = _units_of(gm)
+    prices = _price(gm, units, config, ctx, result)
+    achieved, plan = _solve_to_fit(gm, units, budget, config, ctx)
+    inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
+    summary = {
+        "dense_bytes": int(dense), "budget_bytes": int(budget), "achieved_bytes": int(achieved),
+        "achieved_fraction": achieved / dense if dense else 0.0,
+        "reachable": achieved <= budget * 1.05,
+        "exact_only": config.exact_only,
+        "estimated_seconds": sum(units[n].choices[plan[n]].seconds for n in units),
+        "prices": prices,
+        "units": {},
+    }
+    _report(result, units, plan, summary, inner, config, ctx)
     result.modified = any(c != "keep" for c in plan.values())
     return result
