@@ -1,9 +1,11 @@
 """Blocks of a graph, and recomputing one in backward instead of keeping its activations.
 
 ``find_blocks`` groups the compute nodes of a captured graph by the repeated block they came
-from (a child of an ``nn.Sequential`` / ``nn.ModuleList`` that has layers of its own:
-ResNet's ``layer1.0``, ViT's ``encoder.layers.encoder_layer_0``, GPT-2's ``h.3``), read from
-the ``nn_module_stack`` that tracing records.
+from, read from the ``nn_module_stack`` that tracing records: the outermost child of an
+``nn.Sequential`` / ``nn.ModuleList`` that holds parameters and is not a torch.nn layer, a
+container or a stage (ResNet's ``layer1.0``, ViT's ``encoder.layers.encoder_layer_0``, GPT-2's
+``h.3``, RegNet's ``block2-1`` rather than its Conv-Norm-Activation parts ``block2-1.f.a``,
+MaxViT's ``MBconv`` / ``window_attention`` rather than their stage ``blocks.0``).
 
 ``recompute_segment`` moves one block's nodes into a parameter-free sub-graph called through
 :class:`RecomputedSegment`. In training its forward runs under ``no_grad`` and saves only the
@@ -60,29 +62,83 @@ class Block:
 
 
 def _is_layer(kind: object) -> bool:
-    # torch.nn's own non-container modules (Conv2d, ReLU, LayerNorm, ...) are layers, not blocks
-    return (
-        isinstance(kind, type)
-        and kind.__module__.startswith("torch.nn.")
-        and not issubclass(kind, _CONTAINERS)
+    # torch.nn's own non-container modules (Conv2d, ReLU, LayerNorm, ...) and subclasses of
+    # them (ConvNeXt's LayerNorm2d) are layers, not blocks; a ModuleDict (DenseNet's dense
+    # block) is not a layer
+    return isinstance(kind, type) and any(
+        base.__module__.startswith("torch.nn.") and base.__module__ != "torch.nn.modules.container"
+        and base is not nn.Module for base in kind.__mro__
     )
 
 
-def _block_of(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
+def _is_container(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, _CONTAINERS)
+
+
+def _stack(node: fx.Node) -> list[tuple[str, object]]:
+    stack = node.meta.get("nn_module_stack") or {}
     entries = [v if isinstance(v, tuple) else (str(v), object) for v in stack.values()]
-    block = None
-    for i in range(len(entries)):
-        path, kind = entries[i]
-        path = re.sub(r"@\d+$", "", str(path))
+    return [(re.sub(r"@\d+$", "", str(path)), kind) for path, kind in entries]
+
+
+def _candidates(entries: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The modules on a node's stack that could be blocks, outermost first: children of a
+    container (or a ModuleList's indexed items) that are not layers."""
+    found = []
+    for i, (path, kind) in enumerate(entries):
         parent_type = entries[i - 1][1] if i else None
-        in_container = isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS)
         # a ModuleList's items are indexed, not called through it: their path ends in a number
-        indexed = path.rpartition(".")[2].isdigit()
-        if (in_container or indexed) and not _is_layer(kind):
-            block = path
+        if (_is_container(parent_type) or path.rpartition(".")[2].isdigit()) and not _is_layer(kind):
+            found.append((path, kind))
+    return found
+
+
+def _module_roles(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+    """``(stages, weighted)``: the modules that are sequences of blocks rather than blocks, and
+    the modules that hold parameters (a module without any is glue, like a ``Permute``).
+
+    A stage is a non-container module with a container child holding two or more parametrised
+    non-container modules of one type (MaxViT's ``blocks.0``, a timm stage with its
+    ``blocks``; not RegNet's bottleneck, whose ``f`` holds Conv-Norm-Activation containers,
+    nor ConvNeXt's block and its two ``Permute``s)."""
+    types: dict[str, object] = {}
+    weighted: set[str] = set()
+    for node in gm.graph.nodes:
+        entries = _stack(node)
+        for path, kind in entries:
+            types.setdefault(path, kind)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if node.op == "get_attr" or (module is not None and next(module.parameters(), None) is not None):
+            weighted.update(path for path, _ in entries)
+        elif isinstance(module, RecomputedSegment):
+            # a block already recomputed keeps its name (its outputs carry its stack), though
+            # its parameters are now inputs of a parameter-free call
+            parts = str(node.meta.get("sfx_module", "")).split(".")
+            weighted.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    items: dict[str, dict[object, int]] = {}  # container -> item type -> parametrised items
+    for path, kind in types.items():
+        parent, _, last = path.rpartition(".")
+        # a ModuleList is never on the stack (its items are indexed, not called through it)
+        in_container = _is_container(types.get(parent)) or (parent not in types and last.isdigit())
+        if path in weighted and not _is_container(kind) and not _is_layer(kind) and in_container:
+            counts = items.setdefault(parent, {})
+            counts[kind] = counts.get(kind, 0) + 1
+    stages = {parent.rpartition(".")[0] for parent, counts in items.items()
+              if parent and max(counts.values()) >= 2 and not _is_container(types.get(parent.rpartition(".")[0]))}
+    return stages, weighted
+
+
+def _block_of(node: fx.Node, stages: set[str], weighted: set[str]) -> str | None:
+    # the outermost candidate that is neither a container (a stage of ResNet / RegNet /
+    # EfficientNet blocks, a Conv-Norm-Activation group) nor a stage module: the block, not
+    # its sequence and not its parts (RegNet's ``block2-1``, not ``block2-1.f.a``)
+    block = None
+    for path, kind in _candidates(_stack(node)):
+        if path not in weighted:
+            continue  # glue between a block's layers (Swin's stem Permute) is not a block
+        block = path
+        if not _is_container(kind) and path not in stages:
+            break
     return block
 
 
@@ -98,6 +154,7 @@ def find_blocks(gm: fx.GraphModule, gaps: bool = False) -> list[Block]:
     are interleaved with other nodes, or that produces a non-tensor value used outside it, is
     returned with a ``reason`` and cannot be recomputed.
     """
+    stages, weighted = _module_roles(gm)
     blocks: dict[str, Block] = {}
     order: list[str] = []
     current: str | None = None
@@ -105,7 +162,7 @@ def find_blocks(gm: fx.GraphModule, gaps: bool = False) -> list[Block]:
     for node in gm.graph.nodes:
         if not _compute(node):
             continue
-        name = _block_of(node)
+        name = _block_of(node, stages, weighted)
         if name is None:
             current = None
             if gaps:
@@ -358,7 +415,8 @@ def recompute_segment(gm: fx.GraphModule, block: Block) -> fx.Node:
             target = str(n.target)
             if target not in module_inputs:
                 module_args.append(target)
-                module_inputs[target] = body.placeholder("mod_" + target.replace(".", "_"))
+                # module names need not be identifiers (RegNet's ``block1-0``)
+                module_inputs[target] = body.placeholder("mod_" + re.sub(r"\W", "_", target))
             new = body.call_function(
                 call_module_by_ref,
                 (module_inputs[target], *fx.node.map_arg(n.args, lambda x: env[x])),

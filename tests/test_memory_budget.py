@@ -68,6 +68,42 @@ def test_find_blocks_names_repeated_blocks_and_gaps():
     assert [b.name for b in sfx.find_blocks(gm)] == ["blocks.0", "blocks.1", "blocks.2"]
 
 
+@pytest.mark.parametrize("name, blocks, first", [
+    # RegNet's bottleneck holds Conv-Norm-Activation groups (containers of layers) in its ``f``
+    ("regnet_x_400mf", 22, ["trunk_output.block1.block1-0", "trunk_output.block2.block2-0"]),
+    # ConvNeXt's CNBlock holds two parameter-free Permutes in its ``block`` Sequential
+    ("convnext_tiny", 22, ["features.0", "features.1.0", "features.1.1"]),
+    # MaxViT's ``blocks.0`` is a stage: a ModuleList of layers, each a Sequential of blocks
+    ("maxvit_t", 35, ["stem.0", "stem.1", "blocks.0.layers.0.layers.MBconv",
+                      "blocks.0.layers.0.layers.window_attention"]),
+])
+def test_blocks_are_the_repeated_modules_not_their_parts_nor_their_stages(name, blocks, first):
+    """Until session 17 a block was the innermost non-layer child of a container: RegNet's
+    ``f.a`` / ``f.b`` / ``f.c`` (88 blocks), ConvNeXt's ``Permute``s (63), so no exact plan held
+    less than 0.6x dense on either; RegNet's crashed on its ``block1-0`` module names."""
+    size = 224 if name == "maxvit_t" else 32
+    model = torchvision.models.get_model(name, weights=None)
+    gm = sfx.capture(model, (torch.randn(1, 3, size, size),)).graphs[""]
+    found = sfx.find_blocks(gm)
+    assert len(found) == blocks, [b.name for b in found]
+    assert [b.name for b in found[:len(first)]] == first
+
+
+def test_exact_budget_recomputes_blocks_with_names_that_are_not_identifiers():
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_x_400mf()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.2, exact_only=True), example_inputs=(x,))
+    plan = sfx.explain(fast).memory_budget
+    recomputed = [n for n, u in plan["units"].items() if u["choice"] == "recompute"]
+    assert "trunk_output.block1.block1-0" in recomputed and plan["achieved_fraction"] < 0.3
+    _, g_ref = _train_step(ref, x)
+    _, g = _train_step(fast, x)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_recompute_gives_exact_gradients_bn_stats_and_keys(p):
     torch.manual_seed(0)
