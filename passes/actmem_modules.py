@@ -6,6 +6,8 @@ eval mode or without grad; the BatchNorm module also updates the running statist
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,6 +47,15 @@ def _recording(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
         x.requires_grad or any(p is not None and p.requires_grad for p in params)
     )
 
+
+
+def _stat_bytes(rows: int, dtype: torch.dtype, count: int) -> int:
+    """``count`` fp32 statistics per row / channel (fp64 for an fp64 input)."""
+    return count * rows * (8 if dtype == torch.float64 else 4)
+
+
+def _rows(shape, normalized_shape) -> int:
+    return math.prod(shape) // max(1, math.prod(normalized_shape))
 
 class ActMemReLU(nn.Module):
     """Parameter-free ReLU / LeakyReLU saving a 1-bit mask; eval runs the original op."""
@@ -137,6 +148,11 @@ class ActMemLnLinear(nn.Module):
         kept = "" if self.store == "exact" else " from a bf16 x_hat"
         return f"layer_norm{tuple(self.normalized_shape)} -> linear, normalised input recomputed in backward{kept}"
 
+    def stat_bytes(self, shape, dtype: torch.dtype) -> int:
+        """What backward keeps beside its input (read by sfx memory_plan): rstd, and mean
+        unless it keeps a bf16 ``x_hat``."""
+        return _stat_bytes(_rows(shape, self.normalized_shape), dtype, 2 if self.store == "exact" else 1)
+
     def forward(self, x, ln_weight, ln_bias, weight, bias=None):
         if self.training and _recording(x, ln_weight, ln_bias, weight, bias):
             with sfx.autocast_region(x.device.type) as cast:
@@ -223,6 +239,10 @@ class ActMemBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, eps={self.eps}, storage={self.storage}"
 
+    def stat_bytes(self, shape, dtype: torch.dtype) -> int:
+        """What backward keeps beside the compressed ``x_hat`` (read by sfx memory_plan): invstd."""
+        return _stat_bytes(shape[1] if len(shape) > 1 else 1, dtype, 1)
+
     def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked):
         factor = _bn_factor(self, num_batches_tracked)
         if not self.training:
@@ -280,6 +300,10 @@ class ActMemLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.normalized_shape)}, eps={self.eps}, storage={self.storage}"
+
+    def stat_bytes(self, shape, dtype: torch.dtype) -> int:
+        """What backward keeps beside the compressed ``x_hat`` (read by sfx memory_plan): rstd."""
+        return _stat_bytes(_rows(shape, self.normalized_shape), dtype, 1)
 
     def forward(self, x, weight=None, bias=None):
         if self.training and _recording(x, weight, bias) and _compressible(x, self.storage):

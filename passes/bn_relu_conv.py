@@ -179,6 +179,12 @@ class ActMemBnReLUConv(nn.Module):
             int(d) for d in dilation]
         self.groups = int(groups)
 
+    def stat_bytes(self, shape, dtype: torch.dtype) -> int:
+        """What backward keeps beside its input (read by sfx memory_plan): invstd, and mean
+        unless it keeps a bf16 ``x_hat``."""
+        channels = shape[1] if len(shape) > 1 else 1
+        return (2 if self.store == "exact" else 1) * channels * (8 if dtype == torch.float64 else 4)
+
     def extra_repr(self) -> str:
         act = "relu" if self.upper is None else f"hardtanh(0, {self.upper})"
         kept = "" if self.store == "exact" else " from a bf16 x_hat"

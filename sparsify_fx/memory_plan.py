@@ -54,22 +54,35 @@ SAVES: dict[Any, str] = {
     F.silu: _INPUT,
     F.hardswish: _INPUT,
     F.leaky_relu: _INPUT,
+    F.hardtanh: _INPUT,  # hardtanh / relu6 / hardsigmoid / mish keep their input
+    F.relu6: _INPUT,
+    F.hardsigmoid: _INPUT,
+    F.mish: _INPUT,
     F.layer_norm: _INPUT,
     F.group_norm: _INPUT,
     F.max_pool2d: _INPUT,  # max pooling keeps its input (and indices)
+    F.avg_pool1d: _INPUT,  # average pooling keeps its input too (AvgPool2DBackward0's self)
+    F.avg_pool2d: _INPUT,
+    F.avg_pool3d: _INPUT,
     F.scaled_dot_product_attention: _OPERANDS,  # q, k, v (and its output, see below)
 }
 # ops whose backward keeps nothing of the activations (shapes only)
 _KEEPS_NOTHING = {
     operator.add, torch.add, operator.sub, torch.sub, operator.neg, torch.cat, torch.flatten,
     operator.iadd, operator.isub,
-    F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout, F.pad, torch.mean, torch.sum,
+    F.dropout, F.pad, torch.mean, torch.sum,  # (dropout's mask: _side_bytes)
     operator.getitem, torch.stack, torch.transpose, torch.permute, F.unfold, F.fold,
     # Python builtins a trace records: reading .shape / .dtype, packing results into a tuple
     # or list create no autograd node (ViT-B/16 has 28 of them; as unknown ops they were
     # charged 17 of its 57 MB under the compress recipe)
     getattr, tuple, list, len,
 }
+# adaptive average pooling keeps its input, unless it pools to one element (then ATen takes
+# a mean, which keeps nothing): ResNet's head keeps nothing, a 7 x 7 pool keeps its input
+_ADAPTIVE_AVG_POOLS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+# in place, these save a clone of their input (their backward reads the input, which the op
+# overwrites): a storage of its own beside the input's, now the output's
+_CLONE_INPUT_IN_PLACE = {F.silu, F.hardswish, F.hardtanh, F.relu6, F.hardsigmoid, F.mish}
 _VIEW_FUNCTIONS = {torch.flatten, operator.getitem, torch.transpose, torch.permute, torch.reshape}
 _VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "unflatten", "chunk",
                  "squeeze", "unsqueeze", "expand", "split", "t", "view_as", "narrow", "select"}
@@ -81,9 +94,17 @@ _MODULE_SAVES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.LayerNorm, _INPUT),
     (nn.GroupNorm, _INPUT),
     (nn.modules.pooling._MaxPoolNd, _INPUT),
-    (nn.modules.dropout._DropoutNd, "nothing"),
-    (nn.modules.pooling._AdaptiveAvgPoolNd, "nothing"),
-    (nn.modules.pooling._AvgPoolNd, "nothing"),
+    (nn.modules.dropout._DropoutNd, "nothing"),  # (its mask: _side_bytes)
+    (nn.modules.pooling._AdaptiveAvgPoolNd, "adaptive"),
+    (nn.modules.pooling._AvgPoolNd, _INPUT),
+    (nn.Sigmoid, _OUTPUT),
+    (nn.Tanh, _OUTPUT),
+    (nn.Softmax, _OUTPUT),
+    (nn.Hardswish, _INPUT),
+    (nn.Hardsigmoid, _INPUT),
+    (nn.Hardtanh, _INPUT),  # and ReLU6
+    (nn.Mish, _INPUT),
+    (nn.LeakyReLU, _INPUT),
     (nn.Identity, "nothing"),
     (nn.Flatten, "nothing"),
     (nn.Unfold, "nothing"),
@@ -166,6 +187,18 @@ def _trainable(gm: fx.GraphModule, attr: fx.Node) -> bool:
         return False
 
 
+def _pools_to_one(node: fx.Node) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and len(meta[0]) >= 3 and all(d == 1 for d in meta[0][2:])
+
+
+def _is_stochastic_depth(target: object) -> bool:
+    # torchvision.ops' stochastic depth (EfficientNet, ConvNeXt, Swin) keeps an (N, 1, ...)
+    # mask, not its input; matched by name so that planning needs no torchvision import
+    return getattr(target, "__module__", "").startswith("torchvision.ops") and \
+        getattr(target, "__name__", "") in ("StochasticDepth", "stochastic_depth")
+
+
 def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bool]:
     """(tensors this node's backward keeps dense, keeps-compressed?, known op?)"""
     acts = [a for a in node.all_input_nodes if _is_activation(a)]
@@ -179,13 +212,25 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
             # (an attention op that keeps its output for the flash backward holds that dense)
             return ([node] if getattr(mod, "keeps_output", False) else []), True, True
         mod = gm.get_submodule(str(node.target))
+        if _is_stochastic_depth(type(mod)):
+            return [], False, True  # keeps its (N, 1, ...) mask: _side_bytes
         for klass, kind in _MODULE_SAVES:
             if isinstance(mod, klass):
-                return (acts[:1] if kind == _INPUT else []), False, True
+                if kind == "adaptive":
+                    kind = "nothing" if _pools_to_one(node) else _INPUT
+                return (acts[:1] if kind == _INPUT else [node] if kind == _OUTPUT else []), False, True
         return acts, False, False
     if node.op == "call_function":
         target = node.target
+        if target in _CLONE_INPUT_IN_PLACE and is_in_place(node):
+            return [], False, True  # it keeps a clone of its input instead: _side_bytes
         kind = SAVES.get(target)
+        if target in _ADAPTIVE_AVG_POOLS:
+            if _pools_to_one(node):
+                return [], False, True
+            kind = _INPUT
+        if _is_stochastic_depth(target):
+            return [], False, True
         if kind == _INPUT:
             return acts[:1], False, True
         if kind == _OUTPUT:
@@ -225,6 +270,18 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
     size = meta[0]
     numel = math.prod(size)
     mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if mod is not None and hasattr(mod, "stat_bytes"):
+        # an op module's statistics (a compressed BatchNorm's invstd, a LayerNorm's rstd)
+        x = tensor_meta(first)
+        return mod.stat_bytes(x[0], x[1]) if x is not None else 0
+    if n.op == "call_function" and n.target in _CLONE_INPUT_IN_PLACE and is_in_place(n):
+        return tensor_bytes(first) or 0
+    dropout = _dropout_p(n, mod)
+    if dropout:
+        # the mask it multiplies by: the input's dtype on a CPU, 1-byte bool with CUDA's kernel
+        on_cuda = any(p.is_cuda for p in gm.parameters())
+        return numel * (1 if on_cuda else torch.empty((), dtype=meta[1]).element_size())
     if isinstance(mod, nn.modules.pooling._MaxPoolNd):
         return numel * 8  # int64 indices of the output's shape
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
@@ -242,6 +299,17 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
     if groups and size:
         return 2 * size[0] * groups * 4
     return 0
+
+
+def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float:
+    """A dropout's probability when it drops in training (0 when it keeps nothing)."""
+    if isinstance(mod, nn.modules.dropout._DropoutNd):
+        return float(mod.p) if 0 < mod.p < 1 else 0.0
+    if n.op == "call_function" and n.target is F.dropout:
+        p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+        training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", True)
+        return float(p) if isinstance(p, (int, float)) and 0 < p < 1 and training is True else 0.0
+    return 0.0
 
 
 def _is_view(node: fx.Node) -> bool:

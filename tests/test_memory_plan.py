@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ class ConvReluConv(nn.Module):
 
 def _plan(fast):
     report = sfx.explain(fast)
-    return memory_plan(fast, {r.node: r.saved_bytes_after or 0 for r in report.rewrites})
+    return memory_plan(fast, sfx.compressed_bytes_of(report.rewrites))
 
 
 def test_tensor_with_a_second_dense_holder_is_not_freed():
@@ -127,3 +128,57 @@ def test_plan_agrees_with_measured_saved_bytes_on_a_small_vit():
         # the measurement holds ~10 KB more at this toy size whatever the recipe (1-2.5 %); at
         # ViT-B/16's size the plan and the measurement agree within 0.1 %
         torch.testing.assert_close(float(plan.total_bytes), float(saved_tensor_bytes(fast, (x,))), rtol=0.03, atol=0)
+
+
+class _SavedTensorRules(nn.Module):
+    """One of each op whose saved tensors the plan missed until session 17: average pooling
+    (keeps its input; adaptive pooling too unless to 1 x 1), dropout (its mask), in-place SiLU
+    (a clone of its input), Sigmoid / Hardswish modules, BatchNorm statistics of the
+    compressed BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act, self.drop = nn.SiLU(inplace=True), nn.Dropout(0.3)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.pool = nn.Conv2d(8, 8, 1), nn.AvgPool2d(2)
+        self.gate, self.hs = nn.Sigmoid(), nn.Hardswish()
+        self.apool, self.head, self.drop2 = nn.AdaptiveAvgPool2d(2), nn.Linear(32, 5), nn.Dropout(0.2)
+
+    def forward(self, x):
+        h = self.conv2(self.drop(self.act(self.bn1(self.conv1(x)))))
+        h = self.pool(self.conv3(F.relu(self.bn2(h))))
+        h = self.hs(h * self.gate(h))
+        return self.head(self.drop2(self.apool(h).flatten(1)))
+
+
+def _sum(out):
+    return out.sum()  # its backward keeps nothing (a square would keep the output)
+
+
+@pytest.mark.parametrize("config", [
+    None,
+    sfx.ActivationMemory(batchnorm="bf16"),
+    sfx.ActivationMemory(batchnorm="recompute"),
+    sfx.ActivationMemory(batchnorm="recompute-bf16"),
+], ids=["dense", "bn-bf16", "bn-relu-conv", "bn-relu-conv-bf16"])
+def test_plan_equals_the_measured_saved_bytes_op_by_op(config):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    config = config or sfx.DropIT(keep=1.0, include=("nothing",))
+    fast = sfx.sparsify(_SavedTensorRules(), config, (x,))
+    assert _plan(fast).total_bytes == saved_tensor_bytes(fast, (x,), loss_fn=_sum)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_small", "densenet121", "regnet_x_400mf"])
+def test_plan_equals_the_measured_saved_bytes_on_torchvision_cnns(name):
+    """EfficientNet's in-place SiLU and stochastic depth, MobileNetV3's Hardswish / Hardsigmoid
+    and dropout, DenseNet's average pools: the dense totals were 23 % low on EfficientNet-B0,
+    so a budget's fraction was of the wrong total."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    x = torch.randn(2, 3, 32, 32)
+    for config in (sfx.DropIT(keep=1.0, include=("nothing",)), sfx.ActivationMemory(batchnorm="bf16", relu="bitmask")):
+        fast = sfx.sparsify(model, config, (x,))
+        torch.testing.assert_close(float(_plan(fast).total_bytes),
+                                   float(saved_tensor_bytes(fast, (x,), loss_fn=_sum)), rtol=0.005, atol=0)
