@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .analysis import tensor_bytes, tensor_meta
 from .graph import OPS_CONTAINER, is_in_place
+from .saved_probe import probe
 
 __all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "SAVES"]
 
@@ -382,6 +383,14 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
     for n in nodes:
         graph.add_node(n.name, module=info[n.name].module, bytes=info[n.name].bytes)
         kept, compresses, known = _kept_by(n, gm)
+        if not known and (measured := probe(n, gm)) is not None:
+            # an op with no rule, run once on its recorded shapes (saved_probe)
+            inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+            kept = [inputs[i] for i in measured.inputs] + ([n] if measured.output else [])
+            known = True
+            if measured.internal:
+                side_bytes[n.name] = side_bytes.get(n.name, 0) + measured.internal
+                extra += measured.internal
         if not known:
             unknown.append(n.format_node())
         for t in kept:
@@ -401,7 +410,7 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
                 found = compressed_bytes.get(str(n.target))
             compressed_total += found or 0
         if side := _side_bytes(n, gm):
-            side_bytes[n.name] = side
+            side_bytes[n.name] = side_bytes.get(n.name, 0) + side
             extra += side
     # a storage is held when any tensor sharing it is held; count each storage once
     held_storages: dict[str, int] = {}
