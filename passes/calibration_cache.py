@@ -9,7 +9,10 @@ everything that moves the prices is the same: the device (a CPU's model and feat
 GPU's name and compute capability), the dtype, torch's version, the number of threads,
 whether the C++ kernels are in use, and the source of the passes whose ops are timed (an edit
 to any of them measures again). ``MemoryBudget(calibration="fresh")`` measures again and
-replaces the cached one.
+replaces the cached one. The rates carry a host reference timed with them (a bf16 round trip,
+``budget_costs._reference_seconds``); a cached calibration whose reference is more than 1.5x
+off today's is measured again (one cached while other processes shared the cores priced
+every compressed form 10-30x high against the recompute prices timed at planning).
 
 Where: ``$SPARSIFY_FX_CACHE_DIR``, else ``$XDG_CACHE_HOME/sparsify_fx``, else
 ``~/.cache/sparsify_fx``; one small JSON file per key. A directory that cannot be read or

@@ -21,6 +21,8 @@ RECIPES = [
     "dropit:keep=0.1+actmem",
     "bsr:density=0.5,block_size=16",
     "sliceout:p=0.5",
+    "budget:fraction=0.25",
+    "budget:fraction=0.2,exact_only=True",
 ]
 
 
