@@ -163,9 +163,12 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
 
     if choice == "compress-exact":
         # exact forms only: 1-bit ReLU masks, GELU/SiLU/LayerNorm outputs recomputed for their
-        # Linear, BatchNorm -> ReLU outputs recomputed for their Conv
+        # Linear, BatchNorm -> ReLU outputs recomputed for their Conv; every other form off
+        # (``scale`` defaults to bf16: until session 17 ConvNeXt's layer scale kept a bf16
+        # input under exact_only=True, its gradient 1e-3 off)
         return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="recompute",
-                                 layernorm="recompute", filter_fn=filter_fn)]
+                                 layernorm="recompute", scale="off", attention="off", dense="off",
+                                 filter_fn=filter_fn)]
     if choice == "compress-light":
         # the norms / activations / attention only: no DropIT, whose selection is most of the
         # compress choice's time on a CNN

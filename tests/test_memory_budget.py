@@ -292,6 +292,24 @@ def test_budget_holds_on_models_whose_saved_tensors_the_plan_once_missed(name, e
             torch.testing.assert_close(g[pname], g_ref[pname], rtol=1e-4, atol=1e-5, msg=pname)
 
 
+def test_exact_only_keeps_a_layer_scale_input_exact():
+    """compress-exact left ActivationMemory's ``scale="bf16"`` default on until session 17:
+    ConvNeXt's ``layer_scale * x`` kept a bf16 ``x`` under ``exact_only=True``, and the layer
+    scales' gradients were 1e-3 off."""
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, exact_only=True), example_inputs=(x,))
+    report = sfx.explain(fast)
+    assert "compress-exact" in {u["choice"] for u in report.memory_budget["units"].values()}
+    assert not [r.node for r in report.rewrites if r.pass_name == "actmem" and r.op == "scale"]
+    _, g_ref = _train_step(ref, x)
+    _, g = _train_step(fast, x)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
 def test_units_bytes_add_up_to_the_achieved_bytes(fraction):
     """Each unit's bytes under its choice sum to what the applied plan holds: a recomputed
