@@ -13,7 +13,7 @@ compress-exact   ReLU keeps a 1-bit mask; a GELU/SiLU/LayerNorm feeding a     ex
                  Linear is fused with it and recomputed in backward, and so
                  is a BatchNorm -> ReLU feeding a Conv
                  (``ActivationMemory(relu="bitmask", gelu=silu=layernorm=
-                 batchnorm="recompute")``)
+                 batchnorm="recompute", scale=attention=dense="off")``)
 compress-light   ``ActivationMemory(attention="bf16")`` alone: BatchNorm /       approximate
                  LayerNorm / GELU / SiLU / attention in bf16, ReLU 1-bit
 compress-fused   compress-exact's fusions keeping a bf16 copy of their input     approximate
