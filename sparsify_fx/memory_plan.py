@@ -280,9 +280,13 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
         return tensor_bytes(first) or 0
     dropout = _dropout_p(n, mod)
     if dropout:
-        # the mask it multiplies by: the input's dtype on a CPU, 1-byte bool with CUDA's kernel
+        # the mask it multiplies by: the input's dtype on a CPU, 1-byte bool with CUDA's kernel;
+        # a channel dropout's is one value per (sample, channel), in the input's dtype anywhere
+        itemsize = torch.empty((), dtype=meta[1]).element_size()
+        if isinstance(mod, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout)):
+            return math.prod(size[:2]) * itemsize
         on_cuda = any(p.is_cuda for p in gm.parameters())
-        return numel * (1 if on_cuda else torch.empty((), dtype=meta[1]).element_size())
+        return numel * (1 if on_cuda else itemsize)
     if isinstance(mod, nn.modules.pooling._MaxPoolNd):
         return numel * 8  # int64 indices of the output's shape
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
