@@ -48,7 +48,6 @@ def _recording(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     )
 
 
-
 def _stat_bytes(rows: int, dtype: torch.dtype, count: int) -> int:
     """``count`` fp32 statistics per row / channel (fp64 for an fp64 input)."""
     return count * rows * (8 if dtype == torch.float64 else 4)
@@ -56,6 +55,11 @@ def _stat_bytes(rows: int, dtype: torch.dtype, count: int) -> int:
 
 def _rows(shape, normalized_shape) -> int:
     return math.prod(shape) // max(1, math.prod(normalized_shape))
+
+
+def _channels(shape) -> int:
+    return shape[1] if len(shape) > 1 else 1
+
 
 class ActMemReLU(nn.Module):
     """Parameter-free ReLU / LeakyReLU saving a 1-bit mask; eval runs the original op."""
@@ -241,7 +245,7 @@ class ActMemBatchNorm(nn.Module):
 
     def stat_bytes(self, shape, dtype: torch.dtype) -> int:
         """What backward keeps beside the compressed ``x_hat`` (read by sfx memory_plan): invstd."""
-        return _stat_bytes(shape[1] if len(shape) > 1 else 1, dtype, 1)
+        return _stat_bytes(_channels(shape), dtype, 1)
 
     def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked):
         factor = _bn_factor(self, num_batches_tracked)

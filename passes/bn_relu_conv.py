@@ -28,7 +28,14 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 
 from . import cpu_kernels
-from .actmem_modules import _bn_factor, _check_batch, _copy_stats, _recording
+from .actmem_modules import (
+    _bn_factor,
+    _channels,
+    _check_batch,
+    _copy_stats,
+    _recording,
+    _stat_bytes,
+)
 from .actmem_ops import _bf16_copy, _channel_view, bn_backward_from_payload, bn_payload
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
@@ -182,8 +189,7 @@ class ActMemBnReLUConv(nn.Module):
     def stat_bytes(self, shape, dtype: torch.dtype) -> int:
         """What backward keeps beside its input (read by sfx memory_plan): invstd, and mean
         unless it keeps a bf16 ``x_hat``."""
-        channels = shape[1] if len(shape) > 1 else 1
-        return (2 if self.store == "exact" else 1) * channels * (8 if dtype == torch.float64 else 4)
+        return _stat_bytes(_channels(shape), dtype, 2 if self.store == "exact" else 1)
 
     def extra_repr(self) -> str:
         act = "relu" if self.upper is None else f"hardtanh(0, {self.upper})"

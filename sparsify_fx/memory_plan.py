@@ -193,6 +193,10 @@ def _pools_to_one(node: fx.Node) -> bool:
     return meta is not None and len(meta[0]) >= 3 and all(d == 1 for d in meta[0][2:])
 
 
+def _clones_input(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CLONE_INPUT_IN_PLACE and is_in_place(node)
+
+
 def _is_stochastic_depth(target: object) -> bool:
     # torchvision.ops' stochastic depth (EfficientNet, ConvNeXt, Swin) keeps an (N, 1, ...)
     # mask, not its input; matched by name so that planning needs no torchvision import
@@ -223,7 +227,7 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
         return acts, False, False
     if node.op == "call_function":
         target = node.target
-        if target in _CLONE_INPUT_IN_PLACE and is_in_place(node):
+        if _clones_input(node):
             return [], False, True  # it keeps a clone of its input instead: _side_bytes
         kind = SAVES.get(target)
         if target in _ADAPTIVE_AVG_POOLS:
@@ -276,7 +280,7 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
         # an op module's statistics (a compressed BatchNorm's invstd, a LayerNorm's rstd)
         x = tensor_meta(first)
         return mod.stat_bytes(x[0], x[1]) if x is not None else 0
-    if n.op == "call_function" and n.target in _CLONE_INPUT_IN_PLACE and is_in_place(n):
+    if _clones_input(n):
         return tensor_bytes(first) or 0
     dropout = _dropout_p(n, mod)
     if dropout:

@@ -18,6 +18,7 @@ shapes, so a planner that analyses many rewrites of one graph measures each op o
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,7 @@ def _signature(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
         nonlocal ok
         if isinstance(a, fx.Node):
             if a.op == "get_attr":
-                t = _attr(gm, str(a.target))
+                t = operator.attrgetter(str(a.target))(gm)
                 return ("attr", tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else ("attr", str(a.target))
             meta = tensor_meta(a)
             if meta is None:
@@ -78,13 +79,6 @@ def _signature(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
     return tuple(parts) if ok else None
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _device(gm: fx.GraphModule) -> torch.device:
     for t in (*gm.parameters(), *gm.buffers()):
         return t.device
@@ -99,7 +93,7 @@ def _run(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
 
     def value(a: fx.Node) -> Any:
         if a.op == "get_attr":
-            t = _attr(gm, str(a.target))
+            t = operator.attrgetter(str(a.target))(gm)
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                 t = t.detach().clone()  # a buffer (running statistics) the op may update
                 constants.append(t)

@@ -54,6 +54,14 @@ def _train_step(model, x, seed=1):
     return out.detach(), grads
 
 
+def _assert_dense_gradients(fast, ref, x):
+    """One training step of ``fast`` gives ``ref``'s gradients (same seed: same dropout draws)."""
+    _, g_ref = _train_step(ref, x)
+    _, g = _train_step(fast, x)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------- blocks and recompute
 
 
@@ -98,10 +106,7 @@ def test_exact_budget_recomputes_blocks_with_names_that_are_not_identifiers():
     plan = sfx.explain(fast).memory_budget
     recomputed = [n for n, u in plan["units"].items() if u["choice"] == "recompute"]
     assert "trunk_output.block1.block1-0" in recomputed and plan["achieved_fraction"] < 0.3
-    _, g_ref = _train_step(ref, x)
-    _, g = _train_step(fast, x)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_dense_gradients(fast, ref, x)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -286,10 +291,7 @@ def test_budget_holds_on_models_whose_saved_tensors_the_plan_once_missed(name, e
     measured = saved_tensor_bytes(fast, (x,), loss_fn=loss) / saved_tensor_bytes(ref, (x,), loss_fn=loss)
     assert measured <= 0.25 * 1.05 and measured == pytest.approx(plan["achieved_fraction"], rel=0.01)
     if exact:
-        _, g_ref = _train_step(ref, x)
-        _, g = _train_step(fast, x)
-        for pname in g_ref:
-            torch.testing.assert_close(g[pname], g_ref[pname], rtol=1e-4, atol=1e-5, msg=pname)
+        _assert_dense_gradients(fast, ref, x)
 
 
 def test_exact_only_keeps_a_layer_scale_input_exact():
@@ -304,10 +306,7 @@ def test_exact_only_keeps_a_layer_scale_input_exact():
     report = sfx.explain(fast)
     assert "compress-exact" in {u["choice"] for u in report.memory_budget["units"].values()}
     assert not [r.node for r in report.rewrites if r.pass_name == "actmem" and r.op == "scale"]
-    _, g_ref = _train_step(ref, x)
-    _, g = _train_step(fast, x)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_dense_gradients(fast, ref, x)
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
