@@ -29,6 +29,7 @@ from .actmem_ops import (
     actmem_sdpa,
     actmem_silu,
 )
+from .bf16_matmul import bf16_weight_grad, check_weight_grad
 
 __all__ = [
     "ActMemReLU",
@@ -113,43 +114,49 @@ class ActMemActLinear(nn.Module):
     """Parameter-free ``linear(act(h), weight, bias)`` whose backward keeps only ``h``.
 
     The activation's output, which the Linear would keep, is recomputed in backward; eval,
-    ``no_grad`` and recording off run the two original ops.
+    ``no_grad`` and recording off run the two original ops. ``weight_grad`` (with
+    ``store="bf16"``): ``passes/bf16_matmul.py``.
     """
 
-    def __init__(self, kind: str, approximate: str = "none", store: str = "exact"):
+    def __init__(self, kind: str, approximate: str = "none", store: str = "exact", weight_grad: str = "auto"):
         super().__init__()
         if store not in ("exact", "bf16"):
             raise ValueError(f"ActMemActLinear: store must be 'exact' or 'bf16', got {store!r}")
-        self.kind, self.approximate, self.store = kind, approximate, store
+        check_weight_grad("ActMemActLinear", weight_grad)
+        self.kind, self.approximate, self.store, self.weight_grad = kind, approximate, store, weight_grad
         #: keeps ``h`` itself, dense, unless it stores a bf16 copy (read by sfx memory_plan)
         self.keeps_dense_inputs = store == "exact"
 
     def extra_repr(self) -> str:
-        kept = "" if self.store == "exact" else " from a bf16 copy of its input"
+        kept = "" if self.store == "exact" else f" from a bf16 copy of its input, weight_grad={self.weight_grad}"
         return f"{self.kind} -> linear, activation recomputed in backward{kept}"
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.training and _recording(h, weight, bias):
             with sfx.autocast_region(h.device.type) as cast:
-                return actmem_act_linear(h, cast(weight), cast(bias), self.kind,
-                                                               self.approximate, self.store)[0]
+                return actmem_act_linear(h, cast(weight), cast(bias), self.kind, self.approximate, self.store,
+                                         bf16_weight_grad(self.weight_grad, h))[0]
         return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
 
 
 class ActMemLnLinear(nn.Module):
     """Parameter-free ``linear(layer_norm(x), weight, bias)`` whose backward keeps ``x`` and the
-    row statistics only: the normalised tensor the Linear would keep is recomputed."""
+    row statistics only: the normalised tensor the Linear would keep is recomputed.
+    ``weight_grad`` (with ``store="bf16"``): ``passes/bf16_matmul.py``."""
 
-    def __init__(self, normalized_shape: tuple[int, ...], eps: float, store: str = "exact"):
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, store: str = "exact",
+                 weight_grad: str = "auto"):
         super().__init__()
         if store not in ("exact", "bf16"):
             raise ValueError(f"ActMemLnLinear: store must be 'exact' or 'bf16', got {store!r}")
+        check_weight_grad("ActMemLnLinear", weight_grad)
         self.normalized_shape, self.eps, self.store = [int(n) for n in normalized_shape], eps, store
+        self.weight_grad = weight_grad
         #: keeps ``x`` itself, dense, unless it stores a bf16 ``x_hat`` (read by sfx memory_plan)
         self.keeps_dense_inputs = store == "exact"
 
     def extra_repr(self) -> str:
-        kept = "" if self.store == "exact" else " from a bf16 x_hat"
+        kept = "" if self.store == "exact" else f" from a bf16 x_hat, weight_grad={self.weight_grad}"
         return f"layer_norm{tuple(self.normalized_shape)} -> linear, normalised input recomputed in backward{kept}"
 
     def stat_bytes(self, shape, dtype: torch.dtype) -> int:
@@ -165,7 +172,8 @@ class ActMemLnLinear(nn.Module):
                     # and CUDA's layer-norm kernel takes no mixed dtypes: the parameters follow x
                     ln_weight, ln_bias = ln_weight.to(x.dtype), None if ln_bias is None else ln_bias.to(x.dtype)
                 return actmem_ln_linear(
-                    x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias), self.store)[0]
+                    x, self.normalized_shape, ln_weight, ln_bias, self.eps, cast(weight), cast(bias), self.store,
+                    bf16_weight_grad(self.weight_grad, x))[0]
         return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels, sync
+from .bf16_matmul import linear_weight_grad
 from .bitpack import pack_bits, unpack_bits_as
 from .op_autograd import eager_call, in_backward, owned, register_autograd
 
@@ -241,7 +242,8 @@ def _activation(h: torch.Tensor, kind: str, approximate: str) -> torch.Tensor:
 
 @torch.library.custom_op("sparsify_fx::actmem_act_linear", mutates_args=())
 def _actmem_act_linear(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str, store: str
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, approximate: str, store: str,
+    bf16_mm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # the activation runs in h's dtype and its output is cast to the Linear's, as autocast does
     out = owned(F.linear(_activation(h, kind, approximate).to(weight.dtype), weight, bias))
@@ -255,15 +257,16 @@ def _bf16_copy(x: torch.Tensor, store: str) -> bool:
 
 
 @_actmem_act_linear.register_fake
-def _(h, weight, bias, kind, approximate, store):
+def _(h, weight, bias, kind, approximate, store, bf16_mm):
     payload = torch.empty_like(h, dtype=torch.bfloat16) if _bf16_copy(h, store) else h.new_empty(0)
     return h.new_empty((*h.shape[:-1], weight.shape[0]), dtype=weight.dtype), payload
 
 
 def _act_linear_setup(ctx, inputs, output) -> None:
-    h, weight, bias, kind, approximate, store = inputs
+    h, weight, bias, kind, approximate, store, bf16_mm = inputs
     ctx.save_for_backward(output[1] if _bf16_copy(h, store) else h, weight)
     ctx.kind, ctx.approximate, ctx.has_bias, ctx.dtype = kind, approximate, bias is not None, h.dtype
+    ctx.bf16_mm = bf16_mm and _bf16_copy(h, store)
 
 
 def _act_linear_backward(ctx, grad_y, *_unused):
@@ -274,7 +277,8 @@ def _act_linear_backward(ctx, grad_y, *_unused):
     g = _activation(h, ctx.kind, ctx.approximate).to(weight.dtype)  # the recomputed activation
     grad_h = grad_w = grad_b = None
     if need_w:
-        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+        grad_w = (linear_weight_grad(grad_y, g, False, weight.dtype) if ctx.bf16_mm
+                  else grad_y.reshape(-1, grad_y.shape[-1]).t() @ g.reshape(-1, g.shape[-1]))
     if need_b and ctx.has_bias:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     if need_h:
@@ -283,7 +287,7 @@ def _act_linear_backward(ctx, grad_y, *_unused):
             grad_h = torch.ops.aten.gelu_backward(grad_g, h, approximate=ctx.approximate)
         else:
             grad_h = torch.ops.aten.silu_backward(grad_g, h)
-    return grad_h, grad_w, grad_b, None, None, None
+    return grad_h, grad_w, grad_b, None, None, None, None
 
 
 actmem_act_linear = register_autograd(_actmem_act_linear, _act_linear_backward, _act_linear_setup)
@@ -468,7 +472,7 @@ actmem_layer_norm = register_autograd(_actmem_layer_norm, _ln_backward, _ln_setu
 @torch.library.custom_op("sparsify_fx::actmem_ln_linear", mutates_args=())
 def _actmem_ln_linear(
     x: torch.Tensor, normalized_shape: list[int], ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
-    eps: float, weight: torch.Tensor, bias: torch.Tensor | None, store: str,
+    eps: float, weight: torch.Tensor, bias: torch.Tensor | None, store: str, bf16_mm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, ln_weight, ln_bias, eps)
     # store "bf16": backward reads a bf16 x_hat instead of x (exact, or x already 2-byte: a placeholder)
@@ -477,7 +481,7 @@ def _actmem_ln_linear(
 
 
 @_actmem_ln_linear.register_fake
-def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store):
+def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store, bf16_mm):
     rows = list(x.shape[: x.dim() - len(normalized_shape)]) + [1] * len(normalized_shape)
     stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     payload = torch.empty_like(x, dtype=torch.bfloat16) if _bf16_copy(x, store) else x.new_empty(0)
@@ -486,9 +490,10 @@ def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store):
 
 
 def _ln_linear_setup(ctx, inputs, output) -> None:
-    x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store = inputs
+    x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store, bf16_mm = inputs
     _, mean, rstd, payload = output
     ctx.bf16 = _bf16_copy(x, store)
+    ctx.bf16_mm = bf16_mm and ctx.bf16
     # (from x_hat, backward needs no mean)
     ctx.save_for_backward(payload if ctx.bf16 else x, None if ctx.bf16 else mean, rstd, ln_weight, ln_bias, weight)
     ctx.normalized_shape, ctx.has_bias = list(normalized_shape), bias is not None
@@ -516,7 +521,8 @@ def _ln_linear_backward(ctx, grad_y, *_unused):
     y = y.to(weight.dtype)
     grad_w = grad_b = grad_x = grad_lw = grad_lb = None
     if need_w:
-        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ y.reshape(-1, y.shape[-1])
+        grad_w = (linear_weight_grad(grad_y, y, False, weight.dtype) if ctx.bf16_mm
+                  else grad_y.reshape(-1, grad_y.shape[-1]).t() @ y.reshape(-1, y.shape[-1]))
     if need_b and ctx.has_bias:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     if need_x or need_lw or need_lb:
@@ -528,7 +534,7 @@ def _ln_linear_backward(ctx, grad_y, *_unused):
         else:
             grad_x, grad_lw, grad_lb = torch.ops.aten.native_layer_norm_backward(
                 grad_ln, x, ctx.normalized_shape, mean, rstd, ln_weight, ln_bias, list(need))
-    return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b, None
+    return grad_x, None, grad_lw, grad_lb, None, grad_w, grad_b, None, None
 
 
 actmem_ln_linear = register_autograd(_actmem_ln_linear, _ln_linear_backward, _ln_linear_setup)

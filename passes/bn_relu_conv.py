@@ -37,6 +37,7 @@ from .actmem_modules import (
     _stat_bytes,
 )
 from .actmem_ops import _bf16_copy, _channel_view, bn_backward_from_payload, bn_payload
+from .bf16_matmul import bf16_weight_grad, check_weight_grad, conv_weight_grad
 from .dropit import conv_forward
 from .op_autograd import in_backward, register_autograd
 
@@ -60,6 +61,7 @@ def _actmem_bn_relu_conv(
     groups: int,
     upper: float | None,
     store: str,
+    bf16_mm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op may not mutate an input it does not declare: the running statistics are
     # updated on copies the op module copies back (as ActMemBatchNorm does)
@@ -74,7 +76,7 @@ def _actmem_bn_relu_conv(
 
 @_actmem_bn_relu_conv.register_fake
 def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, bias, stride, padding, dilation,
-      groups, upper, store):
+      groups, upper, store, bf16_mm):
     spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     stats = x.new_empty(x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
     payload = torch.empty_like(x, dtype=torch.bfloat16) if _bf16_copy(x, store) else x.new_empty(0)
@@ -83,9 +85,11 @@ def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, b
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups, upper, store = inputs
+    (x, bn_weight, bn_bias, _rm, _rv, _momentum, eps, weight, bias, stride, padding, dilation, groups, upper, store,
+     bf16_mm) = inputs
     _, mean, invstd = output[:3]
     ctx.bf16 = _bf16_copy(x, store)
+    ctx.bf16_mm = bf16_mm and ctx.bf16
     # (from x_hat, backward needs no mean)
     ctx.save_for_backward(output[5] if ctx.bf16 else x, None if ctx.bf16 else mean, invstd, bn_weight, bn_bias, weight)
     ctx.eps, ctx.shape, ctx.dtype = eps, list(x.shape), x.dtype
@@ -136,11 +140,14 @@ def _backward(ctx, grad_out, *_unused):
     else:
         r = _rebuilt_relu(saved, mean, invstd, bn_weight, bn_bias, ctx.upper)
     stride, padding, dilation, groups = ctx.conv
+    bf16_mm = ctx.bf16_mm and need[7]  # the weight gradient on bf16 operands, apart
     grad_r, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out.contiguous(), r.to(weight.dtype), weight, [weight.shape[0]] if ctx.has_bias else None,
         stride, padding, dilation, False, [0] * len(stride), groups,
-        [bool(need_bn), bool(need[7]), bool(need[8] and ctx.has_bias)],
-    )
+        [bool(need_bn), bool(need[7]) and not bf16_mm, bool(need[8] and ctx.has_bias)],
+    ) if need_bn or (need[7] and not bf16_mm) or (need[8] and ctx.has_bias) else (None, None, None)
+    if bf16_mm:
+        grad_w = conv_weight_grad(grad_out, r, weight, ctx.conv)
     grad_x = grad_bw = grad_bb = None
     if need_bn:
         # the activation's own backward kernel, on the rebuilt output (0 < r < upper exactly
@@ -156,7 +163,8 @@ def _backward(ctx, grad_out, *_unused):
         else:
             grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
                 grad_y, saved, bn_weight, None, None, mean, invstd, True, ctx.eps, list(need_bn3))
-    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None)
+    return (grad_x, grad_bw, grad_bb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None,
+            None)
 
 
 actmem_bn_relu_conv = register_autograd(_actmem_bn_relu_conv, _backward, _setup)
@@ -175,11 +183,13 @@ class ActMemBnReLUConv(nn.Module):
     and recording off run the three original ops."""
 
     def __init__(self, momentum: float | None, eps: float, stride, padding, dilation, groups: int,
-                 upper: float | None = None, store: str = "exact"):
+                 upper: float | None = None, store: str = "exact", weight_grad: str = "auto"):
         super().__init__()
         if store not in ("exact", "bf16"):
             raise ValueError(f"ActMemBnReLUConv: store must be 'exact' or 'bf16', got {store!r}")
+        check_weight_grad("ActMemBnReLUConv", weight_grad)
         self.momentum, self.eps, self.upper, self.store = momentum, eps, upper, store
+        self.weight_grad = weight_grad
         #: keeps ``x`` itself, dense, unless it stores a bf16 ``x_hat`` (read by sfx memory_plan)
         self.keeps_dense_inputs = store == "exact"
         self.stride, self.padding, self.dilation = [int(s) for s in stride], [int(p) for p in padding], [
@@ -193,7 +203,7 @@ class ActMemBnReLUConv(nn.Module):
 
     def extra_repr(self) -> str:
         act = "relu" if self.upper is None else f"hardtanh(0, {self.upper})"
-        kept = "" if self.store == "exact" else " from a bf16 x_hat"
+        kept = "" if self.store == "exact" else f" from a bf16 x_hat, weight_grad={self.weight_grad}"
         return (f"batch_norm(momentum={self.momentum}, eps={self.eps}) -> {act} -> conv{len(self.stride)}d, "
                 f"{act} output recomputed in backward{kept}")
 
@@ -208,7 +218,8 @@ class ActMemBnReLUConv(nn.Module):
             with sfx.autocast_region(x.device.type) as cast:
                 out, _, _, new_mean, new_var, _ = actmem_bn_relu_conv(
                     x, bn_weight, bn_bias, running_mean, running_var, factor, self.eps, cast(weight), cast(bias),
-                    self.stride, self.padding, self.dilation, self.groups, self.upper, self.store)
+                    self.stride, self.padding, self.dilation, self.groups, self.upper, self.store,
+                    bf16_weight_grad(self.weight_grad, x))
             _copy_stats(running_mean, running_var, new_mean, new_var)
             return out
         y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, self.training, factor, self.eps)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import calibration_cache
 
-__all__ = ["calibrate", "calibration_source", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
+__all__ = ["calibrate", "calibration_source", "bf16_matmul_ratios", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
            "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS"]
 
 #: the least fixed cost of a rewritten op (also what makes every compressed form strictly
@@ -160,7 +160,34 @@ def _measured_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float
     reference = (reference + _reference_seconds(device, dtype, big_xs)) / 2
     span = (big_xs[0].numel() - small_x[0].numel()) * small_x[0].element_size()
     rates = {kind: max(0.0, big[kind] - small[kind]) / span for kind in big}
-    return rates | {f"op:{kind}": max(OP_SECONDS, small[kind]) for kind in small} | {_REFERENCE: reference}
+    return (rates | {f"op:{kind}": max(OP_SECONDS, small[kind]) for kind in small} | {_REFERENCE: reference}
+            | bf16_matmul_ratios(device, dtype))
+
+
+def bf16_matmul_ratios(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """``{"mm_bf16:linear": r, "mm_bf16:conv": r}``: a weight gradient's time on bf16 operands
+    (``grad_out`` cast here, the input already bf16: ``passes/bf16_matmul.py``) over its time
+    on ``dtype`` operands, for a Linear and a 3x3 Conv of mid-sized layers. Below 1 where the
+    device has bf16 matrix units (a 2-core Sapphire Rapids: about 0.3 for a Linear, 0.4-0.7 for a
+    Conv), above where bf16 is emulated."""
+    from .bf16_matmul import conv_weight_grad, linear_weight_grad
+
+    x = torch.randn(2048, 512, device=device, dtype=dtype)
+    g = torch.randn(2048, 512, device=device, dtype=dtype)
+    xb = x.to(torch.bfloat16)
+    linear = (_time(lambda: linear_weight_grad(g, xb, False, dtype), device, 7)
+              / _time(lambda: g.t() @ x, device, 7))
+    xc = torch.randn(8, 64, 28, 28, device=device, dtype=dtype)
+    w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype)
+    gc = torch.randn(8, 64, 28, 28, device=device, dtype=dtype)
+    xcb = xc.to(torch.bfloat16)
+    conv = (1, 1), (1, 1), (1, 1), 1
+
+    def fp32_conv() -> None:
+        torch.ops.aten.convolution_backward(gc, xc, w, None, *conv[:3], False, [0, 0], 1, [False, True, False])
+
+    conv_ratio = _time(lambda: conv_weight_grad(gc, xcb, w, conv), device, 7) / _time(fp32_conv, device, 7)
+    return {"mm_bf16:linear": linear, "mm_bf16:conv": conv_ratio}
 
 
 def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
@@ -222,7 +249,8 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     # gradient; a narrow output keeps the matmuls from drowning that difference
     proj = torch.randn(64, x0.shape[-1] * x0.shape[-2], device=device, dtype=dtype, requires_grad=True)
     flat = (x0.shape[0] * x0.shape[1], x0.shape[-1] * x0.shape[-2])
-    dense = net(lambda t: bf16in_linear(t.view(flat), proj, None, False)[0],
+    # (the casts alone: the weight gradient's precision is priced apart, bf16_matmul_ratios)
+    dense = net(lambda t: bf16in_linear(t.view(flat), proj, None, False, False)[0],
                 lambda t: F.linear(t.view(flat), proj), torch.randn(flat[0], 64, device=device, dtype=dtype))
     batchnorm = net(
         lambda t: actmem_batch_norm(t, weight, bias, *stats, 0.1, 1e-5, "bf16", 256)[0],
@@ -230,12 +258,13 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     # BatchNorm -> ReLU -> Conv with the ReLU output rebuilt in backward; a depthwise 1x1 conv
     # keeps the convolution's own time from drowning the difference
     conv_w = torch.ones(channels, 1, 1, 1, device=device, dtype=dtype, requires_grad=True)
-    fused = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [0, 0], [1, 1], channels).train()
+    fused = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [0, 0], [1, 1], channels, weight_grad="input").train()
     bn_relu_conv = net(lambda t: fused(t, weight, bias, *stats, None, conv_w),
                        lambda t: F.conv2d(F.relu(F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5)), conv_w,
                                           groups=channels))
     # the same keeping a bf16 x_hat
-    fused_bf16 = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [0, 0], [1, 1], channels, store="bf16").train()
+    fused_bf16 = ActMemBnReLUConv(0.1, 1e-5, [1, 1], [0, 0], [1, 1], channels, store="bf16",
+                                  weight_grad="input").train()
     bn_relu_conv_bf16 = net(lambda t: fused_bf16(t, weight, bias, *stats, None, conv_w),
                             lambda t: F.conv2d(F.relu(F.batch_norm(t, *stats, weight, bias, True, 0.1, 1e-5)),
                                                conv_w, groups=channels))
@@ -252,12 +281,12 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     ln_b = torch.zeros(features, device=device, dtype=dtype, requires_grad=True)
 
     def act_linear(store: str) -> float:
-        op = ActMemActLinear("gelu", store=store).train()
+        op = ActMemActLinear("gelu", store=store, weight_grad="input").train()
         return net(lambda t: op(t.view(rows, -1), linear_w), lambda t: F.linear(F.gelu(t.view(rows, -1)), linear_w),
                    linear_grad, pairs=5) / 2
 
     def ln_linear(store: str) -> float:
-        op = ActMemLnLinear(tuple(features), 1e-5, store=store).train()
+        op = ActMemLnLinear(tuple(features), 1e-5, store=store, weight_grad="input").train()
         return net(lambda t: op(t.view(rows, -1), ln_w, ln_b, linear_w),
                    lambda t: F.linear(F.layer_norm(t.view(rows, -1), features, ln_w, ln_b), linear_w),
                    linear_grad, pairs=5) / 2

@@ -335,11 +335,14 @@ def _restore_input(ctx, values: torch.Tensor, indices: torch.Tensor) -> torch.Te
     return decompress(values, indices, ctx.x_shape, ctx.chunk, ctx.selection)
 
 
-def linear_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, restore_x: Callable[[], torch.Tensor]):
+def linear_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, restore_x: Callable[[], torch.Tensor] | None,
+                 need_weight: bool = True):
     """``(grad_x, grad_weight, grad_bias)`` of a Linear (``ctx.transposed``: ``x @ W[in, out]``)
     whose saved input ``restore_x()`` rebuilds, called only when the weight needs a gradient:
-    shared by every op that keeps a Linear's input in another form (DropIT, bf16)."""
+    shared by every op that keeps a Linear's input in another form (DropIT, bf16).
+    ``need_weight=False``: no weight gradient (the caller computes it another way)."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_w = need_w and need_weight
     w = weight.t() if ctx.transposed else weight  # [out, in]
     grad_x = grad_out @ w if need_x else None
     grad_w = grad_b = None
@@ -359,16 +362,19 @@ def conv_forward(x, weight, bias, stride, padding, dilation, groups: int) -> tor
     return owned(torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups))
 
 
-def conv_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor):
+def conv_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, need_weight: bool = True):
     """``(grad_x, grad_weight, grad_bias)`` of a Conv whose input is ``x`` (read only for the
     weight gradient; without it a tensor of its shape does); ``ctx.conv`` holds
-    ``(stride, padding, dilation, groups)`` and ``ctx.bias_sizes`` the bias shape or None."""
+    ``(stride, padding, dilation, groups)`` and ``ctx.bias_sizes`` the bias shape or None.
+    ``need_weight=False``: no weight gradient (the caller computes it another way)."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     stride, padding, dilation, groups = ctx.conv
+    if not (need_x or (need_w and need_weight) or (need_b and ctx.bias_sizes is not None)):
+        return None, None, None
     return torch.ops.aten.convolution_backward(
         grad_out.contiguous(), x, weight, ctx.bias_sizes, stride, padding, dilation, False,
         [0] * len(stride), groups,
-        [bool(need_x), bool(need_w), bool(need_b and ctx.bias_sizes is not None)],
+        [bool(need_x), bool(need_w and need_weight), bool(need_b and ctx.bias_sizes is not None)],
     )
 
 

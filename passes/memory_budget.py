@@ -63,6 +63,7 @@ from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, Skip, chec
 from sparsify_fx.registry import lookup
 
 from .activation_memory import ActivationMemory
+from .bf16_matmul import WEIGHT_GRAD, bf16_weight_grad
 from .budget_costs import (
     OP_SECONDS,
     calibrate,
@@ -109,6 +110,13 @@ class MemoryBudget(PassConfig):
             code; ``passes/calibration_cache.py``), measuring it where there is none:
             planning ViT-B/16 on a 2-core CPU took 7 s instead of 12.6, and a budget gets the
             same prices run after run. ``"fresh"`` measures it again and replaces the file.
+        weight_grad: how the approximate choices that keep a Linear / Conv input as bf16
+            (compress-fused, compress-bf16) compute its weight gradient
+            (``ActivationMemory.weight_grad``, ``passes/bf16_matmul.py``): ``"auto"`` (default)
+            on bf16 operands where the device has bf16 matrix units, which makes those
+            choices cheaper than their casts alone (ViT-B/16 keeping every input as bf16
+            stepped in 0.85x the dense time on a 2-core Sapphire Rapids); priced with a
+            calibrated ratio of the two weight gradients' times.
 
     Example:
         >>> import torch, torchvision, sparsify_fx as sfx
@@ -125,6 +133,7 @@ class MemoryBudget(PassConfig):
     attention: str = "bf16"
     measure_steps: int = 0
     calibration: str = "cached"
+    weight_grad: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,6 +151,8 @@ class MemoryBudget(PassConfig):
             raise ConfigError(f"MemoryBudget.measure_steps must be an int >= 0, got {self.measure_steps!r}")
         if self.attention not in ("bf16", "int8", "off"):
             raise ConfigError(f"MemoryBudget.attention must be 'bf16', 'int8' or 'off', got {self.attention!r}")
+        if self.weight_grad not in WEIGHT_GRAD:
+            raise ConfigError(f"MemoryBudget.weight_grad must be one of {list(WEIGHT_GRAD)}, got {self.weight_grad!r}")
         if self.calibration not in ("cached", "fresh"):
             raise ConfigError(f"MemoryBudget.calibration must be 'cached' or 'fresh', got {self.calibration!r}")
 
@@ -182,7 +193,8 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
         bf16 = choice == "compress-bf16"
         return [ActivationMemory(attention=config.attention, attention_output="recompute" if bf16 else "keep",
                                  gelu=fused, silu=fused, layernorm=fused, batchnorm=fused,
-                                 dense="bf16" if bf16 else "off", filter_fn=filter_fn)]
+                                 dense="bf16" if bf16 else "off", weight_grad=config.weight_grad,
+                                 filter_fn=filter_fn)]
     return [DropIT(keep=config.keep, filter_fn=filter_fn),
             ActivationMemory(attention=config.attention, filter_fn=filter_fn)]
 
@@ -265,7 +277,7 @@ def _fused_linear_kind(r: Rewrite) -> str:
 
 
 def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: dict[str, float],
-                      host: float = 1.0) -> dict[str, float]:
+                      host: float = 1.0, bf16_mm: bool = False) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for r in rewrites:
         kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
@@ -286,7 +298,17 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
         nbytes = r.saved_bytes_before or 0
         if kind == "bn_relu_conv_bf16":  # calibrated per input byte, as its bf16 x_hat's double
             nbytes = 2 * (r.saved_bytes_after or 0)
-        seconds[unit] = seconds.get(unit, 0.0) + nbytes * rates[kind] + fixed
+        added = nbytes * rates[kind] + fixed
+        if bf16_mm and r.details.get("weight_grad") is not None:
+            # the weight gradient on bf16 operands (passes/bf16_matmul.py): the dense op's
+            # forward time (as long as its fp32 weight gradient) times the calibrated ratio - 1,
+            # negative where the device has bf16 matrix units; never below the op's least cost,
+            # so a budget that fits dense still keeps everything
+            dense_node = r.details.get("fused_node", r.node)
+            ratio = rates.get("mm_bf16:conv" if kind.startswith("bn_relu_conv") or r.op.startswith("conv")
+                              else "mm_bf16:linear", 1.0)
+            added = max(OP_SECONDS, added + node_seconds.get(dense_node, 0.0) * (ratio - 1.0))
+        seconds[unit] = seconds.get(unit, 0.0) + added
         if r.op == "attention" and r.details.get("output") != "keep":
             # its backward re-runs the attention forward on the stored q, k, v
             seconds[unit] += node_seconds.get(r.node, 0.0)
@@ -344,6 +366,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     rates = calibrate(device, dtype, fresh=config.calibration == "fresh")
+    bf16_mm = bf16_weight_grad(config.weight_grad, torch.empty(0, device=device, dtype=dtype))
 
     names = list(units)
     allowed = _EXACT if config.exact_only else CHOICES
@@ -356,7 +379,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
         if choice not in allowed:
             continue
         per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
-        seconds = _compress_seconds(rewrites, units, ctx, rates, per_node, host)
+        seconds = _compress_seconds(rewrites, units, ctx, rates, per_node, host, bf16_mm)
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:

@@ -4,6 +4,7 @@ saved-tensor memory it frees (with and without DropIT)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -675,12 +676,45 @@ def test_fused_bf16_stores_bf16_where_it_cannot_fuse():
         sfx.ActivationMemory(scale="recompute-bf16")
 
 
+@pytest.mark.parametrize("weight_grad", ["input", "bf16"])
 @pytest.mark.parametrize("case", ["preact", "gpt"])
-def test_fused_bf16_compiled_matches_eager(case):
+def test_fused_bf16_compiled_matches_eager(case, weight_grad):
     model, x = _fused_bf16_case(case)
     if case == "preact":
         model = _PreActNet(momentum=0.1)  # (momentum=None does not compile into one graph)
-    _assert_compiled_matches_eager(sfx.sparsify(model, _FUSED_BF16, example_inputs=(x,)), x)
+    config = dataclasses.replace(_FUSED_BF16, weight_grad=weight_grad)
+    _assert_compiled_matches_eager(sfx.sparsify(model, config, example_inputs=(x,)), x)
+
+
+@pytest.mark.parametrize("case", ["resnet18", "preact", "vit", "gpt"])
+def test_fused_bf16_weight_grad_on_bf16_operands_changes_only_the_fused_weights(case):
+    """weight_grad="bf16" (passes/bf16_matmul.py) rounds grad_out for the fused Linear / Conv
+    weight gradients only: every other gradient is the "input" mode's bit for bit."""
+    model, x = _fused_bf16_case(case)
+    runs = {}
+    for mode in ("input", "bf16"):
+        fast = sfx.sparsify(model, dataclasses.replace(_FUSED_BF16, weight_grad=mode, dense="bf16"),
+                            example_inputs=(x,))
+        rewrites = sfx.explain(fast).rewrites
+        assert {r.details.get("weight_grad") for r in rewrites if r.details["storage"] == "recompute-bf16"} == {mode}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        _, grads, _ = _grads(lambda fast=fast: fast(x).float(), *model.parameters(), seed=0)
+        model.load_state_dict(state)  # the same running statistics for the second run
+        runs[mode] = dict(zip((n for n, _ in model.named_parameters()), grads, strict=True))
+    # the weights a fused op or a bf16-input op multiplies: a Linear / Conv weight (2-D or more)
+    multiplied = {n for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embedding" not in n
+                  and "class_token" not in n and "emb" not in n}
+    changed = set()
+    for name, a in runs["bf16"].items():
+        b = runs["input"][name]
+        if b is None:
+            assert a is None, name
+        elif name in multiplied:
+            assert (a - b).norm() <= 2.0**-6 * b.norm() + 1e-6, name  # a few bf16 roundings
+            changed |= {name} if not torch.equal(a, b) else set()
+        else:
+            assert torch.equal(a, b), name
+    assert changed  # the bf16 operands are really what the weight gradients read
 
 
 # ---------------------------------------------------------------- scale by a parameter

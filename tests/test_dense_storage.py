@@ -28,41 +28,50 @@ LINEAR_CASES = {
 }
 
 
+#: the weight gradient's first-order error bound, in units of ``sum|grad_out| |x|``: the input
+#: rounded ("input"), or the input, grad_out and the product rounded ("bf16", bf16_matmul.py)
+WEIGHT_GRAD_UNITS = {"input": BF16_UNIT, "bf16": 3 * BF16_UNIT + 2.0**-14}
+
+
+@pytest.mark.parametrize("weight_grad", ["input", "bf16"])
 @pytest.mark.parametrize("kind", list(LINEAR_CASES))
-def test_linear_forward_and_input_grad_exact_weight_grad_sees_bf16_input(kind):
+def test_linear_forward_and_input_grad_exact_weight_grad_sees_bf16_input(kind, weight_grad):
     dense_fn, x_shape, w_shape = LINEAR_CASES[kind]
     torch.manual_seed(0)
     x = torch.randn(*x_shape, requires_grad=True)
     w = torch.randn(*w_shape, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
-    op = Bf16InputLinear(kind).train()
+    op = Bf16InputLinear(kind, weight_grad).train()
     out, (gx, gw, gb), g = _grads(lambda: op(x, w, b if kind != "matmul" else None), x, w, b)
     ref, (rgx, rgw, rgb), _ = _grads(lambda: dense_fn(x, w, b), x, w, b)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(gx, rgx, rtol=0, atol=0)
     if kind != "matmul":
         torch.testing.assert_close(gb, rgb, rtol=0, atol=0)
-    # the weight gradient is the dense formula on the rounded input...
+    # the weight gradient is the dense formula on the rounded input (and grad_out)...
     xr = x.detach().to(torch.bfloat16).float().reshape(-1, x_shape[-1])
     g2 = g.reshape(-1, g.shape[-1])
-    expected = xr.t() @ g2 if kind != "linear" else g2.t() @ xr
-    torch.testing.assert_close(gw, expected, rtol=1e-5, atol=1e-5)
+    gr = g2.to(torch.bfloat16).float() if weight_grad == "bf16" else g2
+    expected = xr.t() @ gr if kind != "linear" else gr.t() @ xr
+    # (with bf16 operands the product itself is rounded to bf16: half an ulp of it)
+    torch.testing.assert_close(gw, expected, rtol=1e-5 if weight_grad == "input" else 2.0**-8, atol=1e-5)
     # ...within the documented bound of the exact one
-    bound = BF16_UNIT * (g2.abs().t() @ x.detach().abs().reshape(-1, x_shape[-1]))
+    bound = WEIGHT_GRAD_UNITS[weight_grad] * (g2.abs().t() @ x.detach().abs().reshape(-1, x_shape[-1]))
     err = (gw - rgw).abs()
     assert torch.all(err <= (bound.t() if kind != "linear" else bound) + 1e-6)
     assert err.max() > 0  # the rounding is real: this is not the dense op
 
 
+@pytest.mark.parametrize("weight_grad", ["input", "bf16"])
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv_forward_and_input_grad_exact(dims):
+def test_conv_forward_and_input_grad_exact(dims, weight_grad):
     torch.manual_seed(0)
     spatial = (9,) * dims
     x = torch.randn(2, 4, *spatial, requires_grad=True)
     w = torch.randn(6, 2, *(3,) * dims, requires_grad=True)  # groups=2
     b = torch.randn(6, requires_grad=True)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    op = Bf16InputConv([2] * dims, [1] * dims, [1] * dims, 2).train()
+    op = Bf16InputConv([2] * dims, [1] * dims, [1] * dims, 2, weight_grad).train()
     out, (gx, gw, gb), g = _grads(lambda: op(x, w, b), x, w, b)
     ref, (rgx, rgw, rgb), _ = _grads(lambda: conv(x, w, b, 2, 1, 1, 2), x, w, b)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -70,13 +79,35 @@ def test_conv_forward_and_input_grad_exact(dims):
     torch.testing.assert_close(gb, rgb, rtol=0, atol=0)
     xr = x.detach().to(torch.bfloat16).float().requires_grad_()
     wr = w.detach().requires_grad_()
-    conv(xr, wr, None, 2, 1, 1, 2).backward(g)
-    torch.testing.assert_close(gw, wr.grad, rtol=1e-5, atol=1e-5)
-    # |dgrad_weight| <= 2^-8 * (the weight gradient of |x| against |grad_out|)
+    conv(xr, wr, None, 2, 1, 1, 2).backward(g.to(torch.bfloat16).float() if weight_grad == "bf16" else g)
+    torch.testing.assert_close(gw, wr.grad, rtol=1e-5 if weight_grad == "input" else 2.0**-8, atol=1e-5)
+    # |dgrad_weight| <= unit * (the weight gradient of |x| against |grad_out|)
     xa = x.detach().abs().requires_grad_(False)
     wa = w.detach().requires_grad_()
     conv(xa, wa, None, 2, 1, 1, 2).backward(g.abs())
-    assert torch.all((gw - rgw).abs() <= BF16_UNIT * wa.grad + 1e-6)
+    assert torch.all((gw - rgw).abs() <= WEIGHT_GRAD_UNITS[weight_grad] * wa.grad + 1e-6)
+    assert gw.dtype == w.dtype
+
+
+@pytest.mark.parametrize("weight_grad", ["auto", "bf16", "input"])
+def test_weight_grad_mode_follows_the_device(weight_grad, monkeypatch):
+    """"auto" takes bf16 operands exactly where the device has bf16 matrix units."""
+    from passes import bf16_matmul
+
+    x = torch.randn(3, 8)
+    for native in (False, True):
+        monkeypatch.setattr(bf16_matmul, "_native", lambda kind, index, native=native: native)
+        expected = {"auto": native, "bf16": True, "input": False}[weight_grad]
+        assert bf16_matmul.bf16_weight_grad(weight_grad, x) is expected
+        # never for an input already 2 bytes wide (nothing was rounded to store it)
+        assert bf16_matmul.bf16_weight_grad(weight_grad, x.to(torch.bfloat16)) is False
+
+
+def test_bad_weight_grad_is_an_error_naming_the_setting():
+    with pytest.raises(sfx.ConfigError, match="weight_grad"):
+        sfx.ActivationMemory(dense="bf16", weight_grad="fp8")
+    with pytest.raises(ValueError, match="Bf16InputLinear: weight_grad"):
+        Bf16InputLinear("linear", "fp32")
 
 
 def test_eval_autocast_and_half_inputs_run_the_original_op():
@@ -161,11 +192,14 @@ def test_frees_the_dense_inputs_and_the_plan_agrees():
     assert abs(planned.total_bytes - with_input) <= 0.02 * with_input
 
 
-def test_training_step_matches_dense_loosely_and_survives_copies():
+@pytest.mark.parametrize("weight_grad", ["input", "bf16"])
+def test_training_step_matches_dense_loosely_and_survives_copies(weight_grad):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    fast = sfx.sparsify(model, sfx.ActivationMemory(dense="bf16"), example_inputs=(x,))
+    fast = sfx.sparsify(model, sfx.ActivationMemory(dense="bf16", weight_grad=weight_grad), example_inputs=(x,))
+    dense_rewrites = [r for r in sfx.explain(fast).rewrites if r.op.startswith("conv")]
+    assert dense_rewrites and all(r.details["weight_grad"] == weight_grad for r in dense_rewrites)
 
     def grads(m: nn.Module) -> dict[str, torch.Tensor]:
         m.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import random
 
@@ -249,7 +250,26 @@ def test_config_validation():
         MemoryBudget(exact_only="yes")
     with pytest.raises(sfx.ConfigError, match="attention"):
         MemoryBudget(attention="fp8")
+    with pytest.raises(sfx.ConfigError, match="weight_grad must be one of"):
+        MemoryBudget(weight_grad="fp32")
     assert sfx.MemoryBudget is MemoryBudget
+
+
+@pytest.mark.parametrize("weight_grad", ["input", "bf16"])
+def test_weight_grad_reaches_the_bf16_choices(weight_grad, monkeypatch):
+    """MemoryBudget.weight_grad is what every bf16-input rewrite of the plan runs with
+    (passes/bf16_matmul.py), and the plan still fits."""
+    # compress-bf16 the only way to save: whatever this host's prices, the plan takes it
+    monkeypatch.setattr("passes.memory_budget.CHOICES", ("keep", "compress-bf16"))
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
+    fast = sfx.sparsify(model, MemoryBudget(fraction=0.7, weight_grad=weight_grad), example_inputs=(x,))
+    plan = sfx.explain(fast).memory_budget
+    assert plan["reachable"]
+    with_bf16 = [r for r in sfx.explain(fast).rewrites if "weight_grad" in r.details]
+    assert with_bf16 and {r.details["weight_grad"] for r in with_bf16} == {weight_grad}
+    modules = [m for m in fast.modules() if hasattr(m, "weight_grad")]
+    assert modules and {m.weight_grad for m in modules} == {weight_grad}
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
@@ -446,8 +466,10 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     rates = calibrate("cpu", fresh=True)
     kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16",
              "act_linear", "act_linear_bf16", "ln_linear", "ln_linear_bf16"}
-    assert set(rates) == kinds | {f"op:{k}" for k in kinds} | {"host:reference"}
+    assert set(rates) == kinds | {f"op:{k}" for k in kinds} | {"host:reference", "mm_bf16:linear", "mm_bf16:conv"}
     assert rates["host:reference"] > 0  # timed with the rates, checked before a cached copy is used
+    # a weight gradient on bf16 operands against fp32 ones: within what any CPU could measure
+    assert all(0.05 < rates[f"mm_bf16:{k}"] < 50 for k in ("linear", "conv"))
     assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
     # seconds per op: at least the floor, and below a millisecond on a CPU
@@ -488,6 +510,23 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
         kept = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
                            details={"storage": "bf16", "output": "keep"})
         assert _compress_seconds([kept], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.0}
+        # a bf16-input Linear whose weight gradient runs on bf16 operands: the dense node's
+        # forward time (as long as its fp32 weight gradient) x (ratio - 1) added; never below
+        # the op's least cost; nothing when the weight gradient keeps the input's precision
+        dense = sfx.Rewrite("actmem", "fc", "fc", "linear", "x", saved_bytes_before=1000,
+                            details={"storage": "bf16", "weight_grad": "auto"})
+        priced = fake | {"dense": 1.0, "op:dense": 0.5, "mm_bf16:linear": 0.25, "mm_bf16:conv": 0.5}
+        assert _compress_seconds([dense], None, None, priced, {"fc": 400.0}, bf16_mm=True) == {"u": 1000.5 - 300.0}
+        assert _compress_seconds([dense], None, None, priced, {"fc": 400.0}, bf16_mm=False) == {"u": 1000.5}
+        assert _compress_seconds([dense], None, None, priced, {"fc": 4000.0}, bf16_mm=True) == {"u": OP_SECONDS}
+        # a fused BatchNorm -> ReLU -> Conv: its Conv's node, the conv ratio
+        fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
+                            details={"storage": "recompute-bf16", "weight_grad": "auto", "fused_node": "conv2"})
+        priced |= {"bn_relu_conv_bf16": 1.0, "op:bn_relu_conv_bf16": 0.5}
+        # (calibrated per byte of its bf16 x_hat's double: saved_bytes_after 500 -> 1000 bytes)
+        fused = dataclasses.replace(fused, saved_bytes_after=500)
+        assert _compress_seconds([fused], None, None, priced, {"conv2": 400.0, "bn1": 1e6}, bf16_mm=True) == {
+            "u": 1000.5 - 200.0}
 
 
 class _Block(nn.Module):
