@@ -67,8 +67,10 @@ running stats as graph inputs (``get_attr`` nodes on the original module), so ``
 keys and parameter sharing are unchanged. The ops are ``torch.library.custom_op`` with
 registered autograd and fake kernels.
 
-MaxPool (which keeps its input *and* int64 indices) is not rewritten: in ResNet's stem the
-pooled ReLU output stays held by it.
+* **MaxPool2d** (``maxpool="indices"``, session 18): keeps only the index of each maximum,
+  int16 (int32 for planes over 32768 elements), not its input and int64 indices: its backward
+  reads the input for its shape alone (``passes/max_pool.py``). Exact; in ResNet's stem the
+  pooled ReLU output is then held by nobody once the ReLU keeps a 1-bit mask.
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ from .actmem_ops import NONFINITE_CODE, compress, decompress
 from .bf16_matmul import WEIGHT_GRAD
 from .bitpack import pack_bits, unpack_bits
 from .bn_relu_conv import ActMemBnReLUConv
+from .max_pool import ActMemMaxPool2d, index_dtype
 
 # listed, not built from actmem_ops.__all__: tools (ruff's unused-import fix) only see a literal
 __all__ = [
     "ActivationMemory", "GRAD_ERROR_BOUNDS", "pack_bits", "unpack_bits", "NONFINITE_CODE", "compress",
     "decompress", "ActMemReLU", "ActMemActivation", "ActMemBatchNorm", "ActMemLayerNorm", "ActMemActLinear",
-    "ActMemLnLinear", "ActMemScale", "ActMemAttention", "ActMemBnReLUConv",
+    "ActMemLnLinear", "ActMemScale", "ActMemAttention", "ActMemBnReLUConv", "ActMemMaxPool2d",
 ]
 
 _STORAGE = ("bf16", "int8", "off")
@@ -169,6 +172,9 @@ class ActivationMemory(PassConfig):
             for the weight gradient (``passes/dense_storage.py``; forward and input gradient
             exact, the weight gradient sees the rounded input); ``"off"`` (the default).
             Dense ops an earlier pass rewrote (DropIT) are left to it.
+        maxpool: ``"indices"`` (default): 2-D max pooling keeps only the index of each maximum,
+            as int16 (int32 for planes over 32768 elements), not its input and int64 indices
+            (``passes/max_pool.py``; exact, the dense gradient bit for bit); ``"off"``.
         weight_grad: how an op keeping a Linear / Conv input as bf16 (``dense="bf16"``, the
             ``"recompute-bf16"`` fusions) computes the weight gradient: ``"auto"`` (default) on
             bf16 operands where the device has bf16 matrix units (AVX512-BF16 / AMX CPUs,
@@ -196,6 +202,7 @@ class ActivationMemory(PassConfig):
     attention: str = "off"
     attention_output: str = "recompute"
     dense: str = "off"
+    maxpool: str = "indices"
     weight_grad: str = "auto"
     block_size: int = 256
 
@@ -216,6 +223,8 @@ class ActivationMemory(PassConfig):
                 f"ActivationMemory.attention_output must be 'recompute' or 'keep', got {self.attention_output!r}")
         if self.dense not in ("bf16", "off"):
             raise ConfigError(f"ActivationMemory.dense must be 'bf16' or 'off', got {self.dense!r}")
+        if self.maxpool not in ("indices", "off"):
+            raise ConfigError(f"ActivationMemory.maxpool must be 'indices' or 'off', got {self.maxpool!r}")
         if self.weight_grad not in WEIGHT_GRAD:
             raise ConfigError(
                 f"ActivationMemory.weight_grad must be one of {list(WEIGHT_GRAD)}, got {self.weight_grad!r}")
@@ -300,7 +309,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
     if node.op == "call_function":
         name = {F.relu: "relu", F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu",
                 F.layer_norm: "layer_norm", F.batch_norm: "batch_norm",
-                F.scaled_dot_product_attention: "attention"}.get(node.target)
+                F.scaled_dot_product_attention: "attention", F.max_pool2d: "max_pool2d"}.get(node.target)
         if name:
             return name, None
         if node.target in (operator.mul, torch.mul) and len(node.args) == 2 and not node.kwargs \
@@ -315,6 +324,8 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
             return "layer_norm", module
         if type(module) is nn.LeakyReLU:
             return "leaky_relu", module
+        if type(module) is nn.MaxPool2d:
+            return "max_pool2d", module
     return None
 
 
@@ -556,12 +567,50 @@ def _plan_attention(node: fx.Node, config: ActivationMemory):
     return module, (q, k, v), before, after
 
 
+def _plan_max_pool(node: fx.Node, module: nn.Module | None, config: ActivationMemory):
+    if config.maxpool == "off":
+        return "maxpool='off'"
+    if module is not None:
+        if _has_hooks(module):
+            return "module has hooks; kept as a module call"
+        if len(node.args) + len(node.kwargs) != 1:
+            return "called with more than one argument"
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        args = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+                module.return_indices)
+    else:
+        x = _arg(node, 0, "input")
+        names = (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
+                 ("return_indices", False))
+        args = tuple(_arg(node, i + 1, name, default) for i, (name, default) in enumerate(names))
+    kernel_size, stride, padding, dilation, ceil_mode, return_indices = args
+    if return_indices is not False:
+        return "return_indices=True: the model reads the int64 indices"
+    sizes = (kernel_size, stride if stride is not None else kernel_size, padding, dilation)
+    if not all(isinstance(v, int) or (isinstance(v, (list, tuple)) and all(isinstance(a, int) for a in v))
+               for v in sizes) or not isinstance(ceil_mode, bool):
+        return "kernel_size / stride / padding / dilation / ceil_mode are not constants"
+    if not isinstance(x, fx.Node):
+        return "input is not a graph value"
+    x_meta, out_meta = sfx.tensor_meta(x), sfx.tensor_meta(node)
+    before = after = None
+    if x_meta is not None and out_meta is not None:
+        if len(x_meta[0]) not in (3, 4):
+            return f"a {len(x_meta[0])}-D input (max_pool2d takes 3-D or 4-D)"
+        out_numel = _numel_of(node) or 0
+        index_size = torch.empty((), dtype=index_dtype(x_meta[0][-1] * x_meta[0][-2])).element_size()
+        before, after = (sfx.tensor_bytes(x) or 0) + 8 * out_numel, index_size * out_numel
+    return ActMemMaxPool2d(kernel_size, stride, padding, dilation, ceil_mode), (x,), before, after
+
+
 def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, config: ActivationMemory):
     """``(op module, graph args, stored bytes before, after)`` or a skip reason string."""
     if op == "scale":
         return _plan_scale(gm, node, config)
     if op == "attention":
         return _plan_attention(node, config)
+    if op == "max_pool2d":
+        return _plan_max_pool(node, module, config)
     x = _arg(node, 0, "input")
     numel = _numel_of(x)
     before = sfx.tensor_bytes(x)

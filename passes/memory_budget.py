@@ -286,7 +286,9 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
                 else "bn_relu_conv_bf16" if r.op == "batch_norm" and r.details.get("storage") == "recompute-bf16"
                 # a GELU / SiLU / LayerNorm fused with its Linear: the fused op's net cost
                 else _fused_linear_kind(r) if r.details.get("storage") in ("recompute", "recompute-bf16")
-                else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16" else "bf16")
+                else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16"
+                # max pooling's narrow indices: one cast of what it keeps, each way
+                else "indices" if r.op == "max_pool2d" else "bf16")
         unit = _unit_of(r.module, units, ctx)
         # plus the op's fixed cost, calibrated on a tiny tensor (at least OP_SECONDS, which
         # also makes every compressed form strictly dearer than keeping, so a budget that
@@ -296,6 +298,8 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
         if host < 1.0:
             fixed = max(OP_SECONDS, fixed * host)
         nbytes = r.saved_bytes_before or 0
+        if kind == "indices":
+            kind, nbytes = "bf16", r.saved_bytes_after or 0
         if kind == "bn_relu_conv_bf16":  # calibrated per input byte, as its bf16 x_hat's double
             nbytes = 2 * (r.saved_bytes_after or 0)
         added = nbytes * rates[kind] + fixed

@@ -234,7 +234,7 @@ def test_resnet18_eval_exact_train_close_and_state_dict():
     x = torch.randn(2, 3, 32, 32)
     fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,))
     ops = sorted({r.op for r in sfx.explain(fast).rewrites})
-    assert ops == ["batch_norm", "relu"]
+    assert ops == ["batch_norm", "max_pool2d", "relu"]
     assert sorted(fast.state_dict()) == sorted(model.state_dict())
     assert not any(True for _ in fast.get_submodule("sfx_ops").parameters())
     assert not any(True for _ in fast.get_submodule("sfx_ops").buffers())
@@ -439,7 +439,8 @@ def test_bn_relu_conv_recompute_gives_dense_grads_and_buffers_and_frees_the_relu
         model, x = _PreActNet(), torch.randn(4, 3, 12, 12)
         fused = 2
     ref = copy.deepcopy(model)
-    fast = sfx.sparsify(model, sfx.ActivationMemory(relu="off", batchnorm="recompute"), example_inputs=(x,))
+    fast = sfx.sparsify(model, sfx.ActivationMemory(relu="off", batchnorm="recompute", maxpool="off"),
+                        example_inputs=(x,))
     rewrites = sfx.explain(fast).rewrites
     assert len(rewrites) == fused and {(r.op, r.details["storage"]) for r in rewrites} == {("batch_norm", "recompute")}
     assert sorted(fast.state_dict()) == sorted(ref.state_dict())
@@ -603,7 +604,7 @@ def _fused_bf16_case(case: str):
 
 
 _FUSED_BF16 = sfx.ActivationMemory(relu="off", gelu="recompute-bf16", silu="recompute-bf16",
-                                   layernorm="recompute-bf16", batchnorm="recompute-bf16")
+                                   layernorm="recompute-bf16", batchnorm="recompute-bf16", maxpool="off")
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
@@ -715,6 +716,88 @@ def test_fused_bf16_weight_grad_on_bf16_operands_changes_only_the_fused_weights(
         else:
             assert torch.equal(a, b), name
     assert changed  # the bf16 operands are really what the weight gradients read
+
+
+# ---------------------------------------------------------------- max pooling keeping its indices
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding,dilation,ceil,channels_last", [
+    ((2, 3, 9, 9), 3, 2, 1, 1, False, False),  # ResNet's stem pool
+    ((2, 3, 9, 9), 3, 2, 1, 1, True, False),
+    ((2, 4, 10, 12), 2, 2, 0, 1, False, True),
+    ((3, 11, 13), 3, 1, 1, 2, False, False),  # unbatched, dilated
+    ((1, 2, 190, 190), 3, 2, 1, 1, False, False),  # a plane over 32768 elements: int32 indices
+])
+def test_max_pool_keeps_narrow_indices_and_gives_the_dense_gradient(shape, kernel, stride, padding, dilation, ceil,
+                                                                    channels_last):
+    from passes.max_pool import ActMemMaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    op = ActMemMaxPool2d(kernel, stride, padding, dilation, ceil).train()
+    out, (grad,), g = _grads(lambda: op(x), x)
+    ref, (ref_grad,), _ = _grads(lambda: F.max_pool2d(x, kernel, stride, padding, dilation, ceil), x)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    assert grad.is_contiguous(memory_format=torch.channels_last) == ref_grad.is_contiguous(
+        memory_format=torch.channels_last)
+    # what autograd keeps: the indices alone, int16 (int32 past 2^15 elements per plane)
+    held = {}
+    pack = lambda t: held.setdefault(t.data_ptr(), (t.dtype, t.numel())) and t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(x.detach().requires_grad_())
+    wide = shape[-1] * shape[-2] > 2**15
+    assert list(held.values()) == [(torch.int32 if wide else torch.int16, ref.numel())]
+    op.eval()
+    with torch.no_grad():
+        assert torch.equal(op(x), F.max_pool2d(x, kernel, stride, padding, dilation, ceil))
+
+
+def test_max_pool_frees_resnets_stem_output_exactly():
+    """With the ReLU keeping a 1-bit mask, nothing else holds the pooled ReLU output: the
+    saving is its bytes and the int64 indices, less the int16 ones; gradients are dense."""
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(num_classes=5), torch.randn(2, 3, 32, 32)
+    exact = dict(relu="bitmask", batchnorm="recompute", scale="off")
+    without = sfx.sparsify(model, sfx.ActivationMemory(**exact, maxpool="off"), example_inputs=(x,))
+    fast = sfx.sparsify(model, sfx.ActivationMemory(**exact), example_inputs=(x,))
+    (pool,) = [r for r in sfx.explain(fast).rewrites if r.op == "max_pool2d"]
+    relu_out = 2 * 64 * 16 * 16 * 4
+    pooled = 2 * 64 * 8 * 8
+    assert (pool.module, pool.details["storage"]) == ("maxpool", "indices")
+    assert (pool.saved_bytes_before, pool.saved_bytes_after) == (relu_out + 8 * pooled, 2 * pooled)
+    freed = saved_tensor_bytes(without.train(), (x,)) - saved_tensor_bytes(fast.train(), (x,))
+    assert freed == relu_out + 8 * pooled - 2 * pooled
+    plan = sfx.memory_plan(fast, sfx.compressed_bytes_of(sfx.explain(fast).rewrites))
+    assert plan.total_bytes == saved_tensor_bytes(fast, (x,))
+    _, g, _ = _grads(lambda: fast(x), *model.parameters(), seed=1)
+    _, g_ref, _ = _grads(lambda: without(x), *model.parameters(), seed=1)
+    for (name, _), a, b in zip(model.named_parameters(), g, g_ref, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_max_pool_reports_what_it_leaves():
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.keeps_indices = nn.MaxPool2d(2, return_indices=True)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            y, idx = self.keeps_indices(x)
+            return self.pool(y) + idx.float().mean()
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    fast = sfx.sparsify(Pools(), sfx.ActivationMemory(), example_inputs=(x,))
+    skips = {s.module: s.reason for s in sfx.explain(fast).skipped if s.op == "max_pool2d"}
+    assert "return_indices=True" in skips["keeps_indices"]
+    assert [r.module for r in sfx.explain(fast).rewrites if r.op == "max_pool2d"] == ["pool"]
+    off = sfx.sparsify(Pools(), sfx.ActivationMemory(maxpool="off"), example_inputs=(x,))
+    assert not [r for r in sfx.explain(off).rewrites if r.op == "max_pool2d"]
+    with pytest.raises(sfx.ConfigError, match="maxpool must be 'indices' or 'off'"):
+        sfx.ActivationMemory(maxpool="int8")
 
 
 # ---------------------------------------------------------------- scale by a parameter
