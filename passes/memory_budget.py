@@ -166,6 +166,8 @@ class _Unit:
     block: sfx.Block | None
     choices: dict[str, Choice] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # choice -> why it is unavailable
+    #: a compressed choice's estimated seconds before ``_floored`` (negative where it saves time)
+    estimates: dict[str, float] = field(default_factory=dict)
 
 
 def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassConfig]:
@@ -306,17 +308,27 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
         if bf16_mm and r.details.get("weight_grad") is not None:
             # the weight gradient on bf16 operands (passes/bf16_matmul.py): the dense op's
             # forward time (as long as its fp32 weight gradient) times the calibrated ratio - 1,
-            # negative where the device has bf16 matrix units; never below the op's least cost,
-            # so a budget that fits dense still keeps everything
+            # negative where the device has bf16 matrix units
             dense_node = r.details.get("fused_node", r.node)
             ratio = rates.get("mm_bf16:conv" if kind.startswith("bn_relu_conv") or r.op.startswith("conv")
                               else "mm_bf16:linear", 1.0)
-            added = max(OP_SECONDS, added + node_seconds.get(dense_node, 0.0) * (ratio - 1.0))
+            added += node_seconds.get(dense_node, 0.0) * (ratio - 1.0)
         seconds[unit] = seconds.get(unit, 0.0) + added
         if r.op == "attention" and r.details.get("output") != "keep":
             # its backward re-runs the attention forward on the stored q, k, v
             seconds[unit] += node_seconds.get(r.node, 0.0)
     return seconds
+
+
+def _floored(seconds: float) -> float:
+    """A compressed unit's price: its estimate, or below one op's least cost (``OP_SECONDS``) a
+    positive price that still falls as the estimate falls. Every compressed choice stays dearer
+    than keeping (a budget that fits dense keeps everything), and of two choices whose bf16
+    weight gradients save more than their casts cost, the faster is still the cheaper (floored
+    flat, session 18's ResNet-50 plans took compress-fused over a faster compress-bf16)."""
+    if seconds >= OP_SECONDS:
+        return seconds
+    return OP_SECONDS * OP_SECONDS / (2 * OP_SECONDS - seconds)
 
 
 # ---------------------------------------------------------------- measured prices
@@ -387,7 +399,9 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:
-                units[name].choices[choice] = Choice(choice, per_unit[name], seconds.get(name, 0.0))
+                estimate = seconds.get(name, 0.0)
+                units[name].choices[choice] = Choice(choice, per_unit[name], _floored(estimate))
+                units[name].estimates[choice] = estimate
             else:
                 units[name].reasons[choice] = "nothing in it to compress"
     if "recompute" in allowed:
@@ -471,12 +485,15 @@ def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], s
         c = unit.choices[choice]
         module = ctx.qualified(unit.block.name) if unit.block and not unit.block.gap else name
         summary["units"][name] = {
-            "choice": choice, "bytes": int(c.bytes), "estimated_seconds": c.seconds,
-            "options": {k: {"bytes": int(v.bytes), "seconds": v.seconds} for k, v in unit.choices.items()},
+            "choice": choice, "bytes": int(c.bytes), "estimated_seconds": unit.estimates.get(choice, c.seconds),
+            # (seconds: the price the solver compared, estimated_seconds: the estimate before
+            # the floor, below zero where bf16 weight gradients save more than the casts cost)
+            "options": {k: {"bytes": int(v.bytes), "seconds": v.seconds,
+                            "estimated_seconds": unit.estimates.get(k, v.seconds)} for k, v in unit.choices.items()},
             "unavailable": dict(unit.reasons),
         }
         if choice == "keep":
-            others = ", ".join(f"{k}: {_mib(v.bytes)} +{v.seconds * 1e3:.1f} ms"
+            others = ", ".join(f"{k}: {_mib(v.bytes)} {unit.estimates.get(k, v.seconds) * 1e3:+.1f} ms"
                                for k, v in unit.choices.items() if k != "keep")
             result.skips.append(Skip(ctx.pass_name, name, module, "block",
                                      f"kept dense ({_mib(c.bytes)}): the budget is met "
@@ -519,7 +536,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         "achieved_fraction": achieved / dense if dense else 0.0,
         "reachable": achieved <= budget * 1.05,
         "exact_only": config.exact_only,
-        "estimated_seconds": sum(units[n].choices[plan[n]].seconds for n in units),
+        "estimated_seconds": sum(units[n].estimates.get(plan[n], units[n].choices[plan[n]].seconds) for n in units),
         "prices": prices,
         "units": {},
     }

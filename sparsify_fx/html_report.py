@@ -307,16 +307,16 @@ def _budget_section(report: ExplainReport) -> list[str]:
     state = "" if plan["reachable"] else ' <b class="bad">(budget not reachable)</b>'
     head = (f'<p>budget {_fmt_bytes(plan["budget_bytes"])} of {_fmt_bytes(plan["dense_bytes"])} dense; the plan '
             f'holds <b>{_fmt_bytes(plan["achieved_bytes"])}</b> ({plan["achieved_fraction"]:.3f}\u00d7), estimated '
-            f'+{plan["estimated_seconds"] * 1e3:.1f} ms per step{state}</p>')
+            f'{plan["estimated_seconds"] * 1e3:+.1f} ms per step{state}</p>')
     rows = []
     for unit, d in plan["units"].items():
         colour = _BUDGET_COLOURS.get(d["choice"], "#ffffff")
-        options = "; ".join(f"{c}: {_fmt_bytes(o['bytes'])}, {o['seconds'] * 1e3:.1f} ms"
+        options = "; ".join(f"{c}: {_fmt_bytes(o['bytes'])}, {o.get('estimated_seconds', o['seconds']) * 1e3:+.1f} ms"
                             for c, o in d["options"].items() if c != d["choice"])
         options += "".join(f"; {c}: {why}" for c, why in d.get("unavailable", {}).items())
         rows.append([unit, _Raw(f'<span style="background:{colour};padding:0 6px;border:1px solid #ccc">'
                                 f'{_e(d["choice"])}</span>'),
-                     _fmt_bytes(d["bytes"]), f'{d["estimated_seconds"] * 1e3:.1f} ms', options])
+                     _fmt_bytes(d["bytes"]), f'{d["estimated_seconds"] * 1e3:+.1f} ms', options])
     return ["<h2>Memory budget plan (per block)</h2>", head,
             _table(["block", "choice", "bytes held", "est. time", "other options"], rows, "budget")]
 

@@ -296,7 +296,7 @@ class ExplainReport:
             yield Text(
                 f"memory budget: {_fmt_bytes(budget['budget_bytes'])} of {_fmt_bytes(budget['dense_bytes'])} "
                 f"dense; plan holds {_fmt_bytes(budget['achieved_bytes'])} "
-                f"({budget['achieved_fraction']:.3f}x), est. +{budget['estimated_seconds'] * 1e3:.1f} ms per step"
+                f"({budget['achieved_fraction']:.3f}x), est. {budget['estimated_seconds'] * 1e3:+.1f} ms per step"
                 + ("" if budget["reachable"] else "  (budget NOT reachable)"),
                 style=None if budget["reachable"] else "red",
             )
@@ -305,10 +305,10 @@ class ExplainReport:
                 units.add_column(col, overflow="fold")
             colours = {"keep": "white", "compress-exact": "cyan", "compress-light": "green", "compress-fused": "green4", "compress-bf16": "bright_green", "compress": "yellow", "recompute": "magenta"}
             for name, u in budget["units"].items():
-                other = "; ".join(f"{k} {_fmt_bytes(v['bytes'])} +{v['seconds'] * 1e3:.1f} ms"
+                other = "; ".join(f"{k} {_fmt_bytes(v['bytes'])} {v.get('estimated_seconds', v['seconds']) * 1e3:+.1f} ms"
                                   for k, v in u["options"].items() if k != u["choice"])
                 units.add_row(name, Text(u["choice"], style=colours.get(u["choice"])), _fmt_bytes(u["bytes"]),
-                              f"+{u['estimated_seconds'] * 1e3:.1f} ms", other)
+                              f"{u['estimated_seconds'] * 1e3:+.1f} ms", other)
             yield units
         plan = self._memory_plan_dict()
         if plan["held_bytes"] or plan["compressed_bytes"]:

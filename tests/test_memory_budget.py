@@ -271,6 +271,15 @@ def test_weight_grad_reaches_the_bf16_choices(weight_grad, monkeypatch):
     assert with_bf16 and {r.details["weight_grad"] for r in with_bf16} == {weight_grad}
     modules = [m for m in fast.modules() if hasattr(m, "weight_grad")]
     assert modules and {m.weight_grad for m in modules} == {weight_grad}
+    # what the solver compared is the estimate, floored above zero (passes/memory_budget._floored)
+    from passes.memory_budget import _floored
+    for unit in plan["units"].values():
+        for name, option in unit["options"].items():
+            if name != "keep":
+                assert option["seconds"] == _floored(option["estimated_seconds"]) > 0
+    assert plan["estimated_seconds"] == pytest.approx(sum(u["estimated_seconds"] for u in plan["units"].values()))
+    # the printed report signs the estimates (a plan can save time)
+    assert f"{plan['estimated_seconds'] * 1e3:+.1f} ms per step" in sfx.explain(fast).render(width=200)
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
@@ -519,7 +528,15 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
         priced = fake | {"dense": 1.0, "op:dense": 0.5, "mm_bf16:linear": 0.25, "mm_bf16:conv": 0.5}
         assert _compress_seconds([dense], None, None, priced, {"fc": 400.0}, bf16_mm=True) == {"u": 1000.5 - 300.0}
         assert _compress_seconds([dense], None, None, priced, {"fc": 400.0}, bf16_mm=False) == {"u": 1000.5}
-        assert _compress_seconds([dense], None, None, priced, {"fc": 4000.0}, bf16_mm=True) == {"u": OP_SECONDS}
+        assert _compress_seconds([dense], None, None, priced, {"fc": 4e3}, bf16_mm=True) == {"u": 1000.5 - 3000.0}
+        # priced below one op's least cost: still positive (dearer than keeping), still falling
+        # as the estimate falls (the faster of two such choices is the cheaper)
+        from passes.memory_budget import _floored
+        assert _floored(2 * OP_SECONDS) == 2 * OP_SECONDS and _floored(OP_SECONDS) == OP_SECONDS
+        assert OP_SECONDS > _floored(0.0) > _floored(-1999.5) > _floored(-1e4) > 0
+        # within a unit the gains offset the other ops' costs first
+        relu_too = _compress_seconds([dense, relu], None, None, priced, {"fc": 4000.0}, bf16_mm=True)
+        assert relu_too == {"u": pytest.approx(1000.5 - 3000.0 + 10000.0 + 0.5)}
         # a fused BatchNorm -> ReLU -> Conv: its Conv's node, the conv ratio
         fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
                             details={"storage": "recompute-bf16", "weight_grad": "auto", "fused_node": "conv2"})
