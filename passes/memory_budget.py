@@ -166,8 +166,14 @@ class _Unit:
     block: sfx.Block | None
     choices: dict[str, Choice] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # choice -> why it is unavailable
-    #: a compressed choice's estimated seconds before ``_floored`` (negative where it saves time)
+    #: each choice's estimated seconds; a compressed one's price (``choices``) is it ``_floored``
+    #: (it is negative where bf16 weight gradients save more than the casts cost)
     estimates: dict[str, float] = field(default_factory=dict)
+
+    def offer(self, choice: str, nbytes: float, estimate: float) -> None:
+        self.estimates[choice] = estimate
+        price = _floored(estimate) if choice in _COMPRESSED else estimate
+        self.choices[choice] = Choice(choice, nbytes, price)
 
 
 def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassConfig]:
@@ -289,7 +295,6 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
                 # a GELU / SiLU / LayerNorm fused with its Linear: the fused op's net cost
                 else _fused_linear_kind(r) if r.details.get("storage") in ("recompute", "recompute-bf16")
                 else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16"
-                # max pooling's narrow indices: one cast of what it keeps, each way
                 else "indices" if r.op == "max_pool2d" else "bf16")
         unit = _unit_of(r.module, units, ctx)
         # plus the op's fixed cost, calibrated on a tiny tensor (at least OP_SECONDS, which
@@ -300,11 +305,11 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
         if host < 1.0:
             fixed = max(OP_SECONDS, fixed * host)
         nbytes = r.saved_bytes_before or 0
-        if kind == "indices":
-            kind, nbytes = "bf16", r.saved_bytes_after or 0
         if kind == "bn_relu_conv_bf16":  # calibrated per input byte, as its bf16 x_hat's double
             nbytes = 2 * (r.saved_bytes_after or 0)
-        added = nbytes * rates[kind] + fixed
+        if kind == "indices":  # max pooling's narrow indices: a cast of what it keeps, each way
+            nbytes = r.saved_bytes_after or 0
+        added = nbytes * rates["bf16" if kind == "indices" else kind] + fixed
         if bf16_mm and r.details.get("weight_grad") is not None:
             # the weight gradient on bf16 operands (passes/bf16_matmul.py): the dense op's
             # forward time (as long as its fp32 weight gradient) times the calibrated ratio - 1,
@@ -354,6 +359,8 @@ def _check_prices(gm, units: dict[str, _Unit], trials: dict[str, fx.GraphModule]
             if choice in u.choices:
                 c = u.choices[choice]
                 u.choices[choice] = Choice(c.name, c.bytes, c.seconds * scale)
+                if u.estimates.get(choice, 0.0) > 0:  # the reported estimate follows; a saving stays
+                    u.estimates[choice] *= scale
     return {"measured_added_seconds": measured, "noise_seconds": noise, "price_scale": scales}
 
 
@@ -389,7 +396,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
     host = host_share(gm) if any(c in allowed for c in _COMPRESSED) else 1.0
     keep_bytes, _, _, _ = _trial(gm, {}, units, config, ctx)
     for name in names:
-        units[name].choices["keep"] = Choice("keep", keep_bytes[name], 0.0)
+        units[name].offer("keep", keep_bytes[name], 0.0)
     trials: dict[str, fx.GraphModule] = {}  # each choice applied to every unit it can take
     for choice in _COMPRESSED:
         if choice not in allowed:
@@ -399,9 +406,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:
-                estimate = seconds.get(name, 0.0)
-                units[name].choices[choice] = Choice(choice, per_unit[name], _floored(estimate))
-                units[name].estimates[choice] = estimate
+                units[name].offer(choice, per_unit[name], seconds.get(name, 0.0))
             else:
                 units[name].reasons[choice] = "nothing in it to compress"
     if "recompute" in allowed:
@@ -415,7 +420,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
                        if n.target is sfx.segments.grad_only_linear}
             for name in recomputable:
                 fwd = sum(per_node.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
-                units[name].choices["recompute"] = Choice("recompute", per_unit[name], fwd)
+                units[name].offer("recompute", per_unit[name], fwd)
 
     prices: dict[str, Any] = {"measured": False, "host_share": host, "calibration": calibration_source(device, dtype)}
     if config.measure_steps and trials:
@@ -485,15 +490,15 @@ def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], s
         c = unit.choices[choice]
         module = ctx.qualified(unit.block.name) if unit.block and not unit.block.gap else name
         summary["units"][name] = {
-            "choice": choice, "bytes": int(c.bytes), "estimated_seconds": unit.estimates.get(choice, c.seconds),
+            "choice": choice, "bytes": int(c.bytes), "estimated_seconds": unit.estimates[choice],
             # (seconds: the price the solver compared, estimated_seconds: the estimate before
             # the floor, below zero where bf16 weight gradients save more than the casts cost)
             "options": {k: {"bytes": int(v.bytes), "seconds": v.seconds,
-                            "estimated_seconds": unit.estimates.get(k, v.seconds)} for k, v in unit.choices.items()},
+                            "estimated_seconds": unit.estimates[k]} for k, v in unit.choices.items()},
             "unavailable": dict(unit.reasons),
         }
         if choice == "keep":
-            others = ", ".join(f"{k}: {_mib(v.bytes)} {unit.estimates.get(k, v.seconds) * 1e3:+.1f} ms"
+            others = ", ".join(f"{k}: {_mib(v.bytes)} {unit.estimates[k] * 1e3:+.1f} ms"
                                for k, v in unit.choices.items() if k != "keep")
             result.skips.append(Skip(ctx.pass_name, name, module, "block",
                                      f"kept dense ({_mib(c.bytes)}): the budget is met "
@@ -536,7 +541,7 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         "achieved_fraction": achieved / dense if dense else 0.0,
         "reachable": achieved <= budget * 1.05,
         "exact_only": config.exact_only,
-        "estimated_seconds": sum(units[n].estimates.get(plan[n], units[n].choices[plan[n]].seconds) for n in units),
+        "estimated_seconds": sum(units[n].estimates[plan[n]] for n in units),
         "prices": prices,
         "units": {},
     }

@@ -874,6 +874,25 @@ def test_plans_a_model_that_cannot_train_on_its_example_batch():
     assert plan["reachable"] and plan["achieved_fraction"] <= 0.5
 
 
+def test_measured_prices_scale_the_reported_estimates_too(monkeypatch):
+    """The report's estimates follow the measured scale, except a saving (a negative estimate,
+    bf16 weight gradients), which stays as estimated: prices only go up."""
+    import passes.memory_budget as mb
+
+    units = {name: mb._Unit(name, None) for name in ("a", "b")}
+    for unit, estimate in zip(units.values(), (0.01, -0.005), strict=True):
+        unit.offer("keep", 10, 0.0)
+        unit.offer("compress", 2, estimate)
+    monkeypatch.setattr(mb, "measure_added_seconds", lambda gm, v, r: ({"compress": 0.05}, 0.0))
+    prices = mb._check_prices(None, units, {"compress": None}, 1)
+    scale = 0.05 / (0.01 + mb._floored(-0.005))
+    assert prices["price_scale"]["compress"] == pytest.approx(scale)
+    assert units["a"].estimates["compress"] == pytest.approx(0.01 * scale)
+    assert units["a"].choices["compress"].seconds == pytest.approx(0.01 * scale)
+    assert units["b"].estimates["compress"] == -0.005
+    assert units["b"].choices["compress"].seconds == pytest.approx(mb._floored(-0.005) * scale)
+
+
 def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
     import passes.memory_budget as mb
     from passes.memory_budget import Choice, _Unit
