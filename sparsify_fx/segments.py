@@ -259,7 +259,9 @@ class _GradOnlyLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = rows.mm(weight).view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = x.reshape(-1, x.shape[-1]).t().mm(rows).t()
+            # in the weight's own layout: a transposed result would be copied into it by
+            # AccumulateGrad (4 ms for ViT-B/16's 768x3072 MLP weight on a 2-core CPU)
+            grad_w = rows.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = rows.sum(0)
         return grad_x, grad_w, grad_b
