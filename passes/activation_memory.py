@@ -101,7 +101,7 @@ from .actmem_modules import (
     ActMemScale,
 )
 from .actmem_ops import NONFINITE_CODE, compress, decompress
-from .bf16_matmul import WEIGHT_GRAD
+from .bf16_matmul import WEIGHT_GRAD, kernel_details
 from .bitpack import pack_bits, unpack_bits
 from .bn_relu_conv import ActMemBnReLUConv
 from .max_pool import ActMemMaxPool2d, index_dtype
@@ -766,6 +766,8 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
                          **({"weight_grad": config.weight_grad} if getattr(op_module, "store", "exact") == "bf16"
                             else {}),
                          **({"fused_linear": ctx.qualified(linear), "fused_node": fused[0].name} if fused else {}),
+                         # (args: x, the BatchNorm's tensors, the Conv's weight, its bias)
+                         **(kernel_details(args[-2]) if isinstance(op_module, ActMemBnReLUConv) else {}),
                          **({"output": "keep"} if getattr(op_module, "keeps_output", False) else {})},
             )
         )

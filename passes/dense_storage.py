@@ -30,7 +30,13 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import PassResult, Rewrite
 
-from .bf16_matmul import bf16_weight_grad, check_weight_grad, conv_weight_grad, linear_weight_grad
+from .bf16_matmul import (
+    bf16_weight_grad,
+    check_weight_grad,
+    conv_weight_grad,
+    kernel_details,
+    linear_weight_grad,
+)
 from .dropit import (
     ConvOpModule,
     conv_forward,
@@ -218,10 +224,11 @@ def rewrite_dense_inputs(gm: fx.GraphModule, config, ctx, result: PassResult) ->
         with gm.graph.inserting_before(op.node):
             new = gm.graph.call_module(target, (x, op.weight, op.bias))
         origin = op.node.name
+        kernel = kernel_details(op.weight) if op.kind == "conv" else {}
         sfx.replace_node(op.node, new)
         result.rewrites.append(Rewrite(
             ctx.pass_name, origin, qualified, op_name, target,
             saved_bytes_before=before, saved_bytes_after=after,
-            details={"storage": "bf16", "weight_grad": config.weight_grad},
+            details={"storage": "bf16", "weight_grad": config.weight_grad, **kernel},
         ))
         result.modified = True

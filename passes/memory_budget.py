@@ -315,8 +315,10 @@ def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: 
             # forward time (as long as its fp32 weight gradient) times the calibrated ratio - 1,
             # negative where the device has bf16 matrix units
             dense_node = r.details.get("fused_node", r.node)
-            ratio = rates.get("mm_bf16:conv" if kind.startswith("bn_relu_conv") or r.op.startswith("conv")
-                              else "mm_bf16:linear", 1.0)
+            conv = kind.startswith("bn_relu_conv") or r.op.startswith("conv")
+            pointwise = conv and all(k == 1 for k in r.details.get("kernel", [0]))
+            ratio = rates.get("mm_bf16:conv1x1" if pointwise else "mm_bf16:conv" if conv else "mm_bf16:linear",
+                              rates.get("mm_bf16:conv", 1.0) if conv else 1.0)
             added += node_seconds.get(dense_node, 0.0) * (ratio - 1.0)
         seconds[unit] = seconds.get(unit, 0.0) + added
         if r.op == "attention" and r.details.get("output") != "keep":

@@ -671,6 +671,9 @@ def test_fused_bf16_stores_bf16_where_it_cannot_fuse():
     fast = sfx.sparsify(_PreActNet(), _FUSED_BF16, example_inputs=(x,))
     by_node = {r.node: r.details["storage"] for r in sfx.explain(fast).rewrites if r.op == "batch_norm"}
     assert by_node == {"bn1": "recompute-bf16", "bn2": "recompute-bf16", "bn3": "bf16"}
+    # the fused Conv's kernel, which the budget planner prices its bf16 weight gradient by
+    assert {r.node: r.details.get("kernel") for r in sfx.explain(fast).rewrites if r.op == "batch_norm"} == {
+        "bn1": [3, 3], "bn2": [3, 3], "bn3": None}
     assert not [s for s in sfx.explain(fast).skipped if s.op == "batch_norm"]
     assert sfx.ActivationMemory(layernorm="recompute-bf16").layernorm == "recompute-bf16"
     with pytest.raises(sfx.ConfigError, match="scale"):

@@ -200,6 +200,9 @@ def test_training_step_matches_dense_loosely_and_survives_copies(weight_grad):
     fast = sfx.sparsify(model, sfx.ActivationMemory(dense="bf16", weight_grad=weight_grad), example_inputs=(x,))
     dense_rewrites = [r for r in sfx.explain(fast).rewrites if r.op.startswith("conv")]
     assert dense_rewrites and all(r.details["weight_grad"] == weight_grad for r in dense_rewrites)
+    # the kernel each Conv's weight gradient is priced by (MemoryBudget: a 1x1 gains less)
+    kernels = {r.module: r.details["kernel"] for r in dense_rewrites}
+    assert kernels["layer1.0.conv1"] == [3, 3] and kernels["layer2.0.downsample.0"] == [1, 1]
 
     def grads(m: nn.Module) -> dict[str, torch.Tensor]:
         m.train()

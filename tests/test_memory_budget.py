@@ -476,10 +476,11 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     rates = calibrate("cpu", fresh=True)
     kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16",
              "act_linear", "act_linear_bf16", "ln_linear", "ln_linear_bf16"}
-    assert set(rates) == kinds | {f"op:{k}" for k in kinds} | {"host:reference", "mm_bf16:linear", "mm_bf16:conv"}
+    assert set(rates) == kinds | {f"op:{k}" for k in kinds} | {"host:reference", "mm_bf16:linear", "mm_bf16:conv",
+                                                                "mm_bf16:conv1x1"}
     assert rates["host:reference"] > 0  # timed with the rates, checked before a cached copy is used
     # a weight gradient on bf16 operands against fp32 ones: within what any CPU could measure
-    assert all(0.05 < rates[f"mm_bf16:{k}"] < 50 for k in ("linear", "conv"))
+    assert all(0.05 < rates[f"mm_bf16:{k}"] < 50 for k in ("linear", "conv", "conv1x1"))
     assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
     # seconds per op: at least the floor, and below a millisecond on a CPU
@@ -545,6 +546,17 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
         fused = dataclasses.replace(fused, saved_bytes_after=500)
         assert _compress_seconds([fused], None, None, priced, {"conv2": 400.0, "bn1": 1e6}, bf16_mm=True) == {
             "u": 1000.5 - 200.0}
+        # a 1x1 Conv's weight gradient: its own ratio; without one (an older calibration),
+        # the 3x3 Conv's
+        pointwise = dataclasses.replace(fused, details=fused.details | {"kernel": [1, 1]})
+        assert _compress_seconds([pointwise], None, None, priced | {"mm_bf16:conv1x1": 0.75}, {"conv2": 400.0},
+                                 bf16_mm=True) == {"u": 1000.5 - 100.0}
+        older = {k: v for k, v in priced.items() if k != "mm_bf16:conv1x1"}
+        assert _compress_seconds([pointwise], None, None, older, {"conv2": 400.0}, bf16_mm=True) == {
+            "u": 1000.5 - 200.0}
+        square = dataclasses.replace(fused, details=fused.details | {"kernel": [3, 3]})
+        assert _compress_seconds([square], None, None, priced | {"mm_bf16:conv1x1": 0.75}, {"conv2": 400.0},
+                                 bf16_mm=True) == {"u": 1000.5 - 200.0}
 
 
 class _Block(nn.Module):
