@@ -65,13 +65,13 @@ from sparsify_fx.registry import lookup
 from .activation_memory import ActivationMemory
 from .bf16_matmul import WEIGHT_GRAD, bf16_weight_grad
 from .budget_costs import (
-    OP_SECONDS,
     calibrate,
     calibration_source,
     host_share,
     measure_added_seconds,
     node_seconds,
 )
+from .budget_prices import compress_seconds, floored
 from .budget_solver import Choice, solve, solve_dp, solve_exact, solve_greedy
 from .dropit import DropIT
 
@@ -166,13 +166,13 @@ class _Unit:
     block: sfx.Block | None
     choices: dict[str, Choice] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # choice -> why it is unavailable
-    #: each choice's estimated seconds; a compressed one's price (``choices``) is it ``_floored``
+    #: each choice's estimated seconds; a compressed one's price (``choices``) is it ``budget_prices.floored``
     #: (it is negative where bf16 weight gradients save more than the casts cost)
     estimates: dict[str, float] = field(default_factory=dict)
 
     def offer(self, choice: str, nbytes: float, estimate: float) -> None:
         self.estimates[choice] = estimate
-        price = _floored(estimate) if choice in _COMPRESSED else estimate
+        price = floored(estimate) if choice in _COMPRESSED else estimate
         self.choices[choice] = Choice(choice, nbytes, price)
 
 
@@ -276,68 +276,6 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
     return per_unit, float(mplan.total_bytes), rewrites, trial
 
 
-_DENSE_OPS = ("linear", "matmul", "addmm", "conv1d", "conv2d", "conv3d")
-
-
-def _fused_linear_kind(r: Rewrite) -> str:
-    kind = "ln_linear" if r.op == "layer_norm" else "act_linear"
-    return kind + ("_bf16" if r.details.get("storage") == "recompute-bf16" else "")
-
-
-def _compress_seconds(rewrites: list[Rewrite], units, ctx, rates, node_seconds: dict[str, float],
-                      host: float = 1.0, bf16_mm: bool = False) -> dict[str, float]:
-    seconds: dict[str, float] = {}
-    for r in rewrites:
-        kind = ("dropit" if r.pass_name == "dropit" else "bitmask" if r.op in ("relu", "leaky_relu")
-                else "dense" if r.op in _DENSE_OPS
-                else "bn_relu_conv" if r.op == "batch_norm" and r.details.get("storage") == "recompute"
-                else "bn_relu_conv_bf16" if r.op == "batch_norm" and r.details.get("storage") == "recompute-bf16"
-                # a GELU / SiLU / LayerNorm fused with its Linear: the fused op's net cost
-                else _fused_linear_kind(r) if r.details.get("storage") in ("recompute", "recompute-bf16")
-                else "batchnorm" if r.op == "batch_norm" and r.details.get("storage") == "bf16"
-                else "indices" if r.op == "max_pool2d" else "bf16")
-        unit = _unit_of(r.module, units, ctx)
-        # plus the op's fixed cost, calibrated on a tiny tensor (at least OP_SECONDS, which
-        # also makes every compressed form strictly dearer than keeping, so a budget that
-        # fits dense keeps everything); it is host time, of which only the host's share of a
-        # GPU step is charged (budget_costs.host_share)
-        fixed = rates.get(f"op:{kind}", OP_SECONDS)
-        if host < 1.0:
-            fixed = max(OP_SECONDS, fixed * host)
-        nbytes = r.saved_bytes_before or 0
-        if kind == "bn_relu_conv_bf16":  # calibrated per input byte, as its bf16 x_hat's double
-            nbytes = 2 * (r.saved_bytes_after or 0)
-        if kind == "indices":  # max pooling's narrow indices: a cast of what it keeps, each way
-            nbytes = r.saved_bytes_after or 0
-        added = nbytes * rates["bf16" if kind == "indices" else kind] + fixed
-        if bf16_mm and r.details.get("weight_grad") is not None:
-            # the weight gradient on bf16 operands (passes/bf16_matmul.py): the dense op's
-            # forward time (as long as its fp32 weight gradient) times the calibrated ratio - 1,
-            # negative where the device has bf16 matrix units
-            dense_node = r.details.get("fused_node", r.node)
-            conv = kind.startswith("bn_relu_conv") or r.op.startswith("conv")
-            pointwise = conv and all(k == 1 for k in r.details.get("kernel", [0]))
-            ratio = rates.get("mm_bf16:conv1x1" if pointwise else "mm_bf16:conv" if conv else "mm_bf16:linear",
-                              rates.get("mm_bf16:conv", 1.0) if conv else 1.0)
-            added += node_seconds.get(dense_node, 0.0) * (ratio - 1.0)
-        seconds[unit] = seconds.get(unit, 0.0) + added
-        if r.op == "attention" and r.details.get("output") != "keep":
-            # its backward re-runs the attention forward on the stored q, k, v
-            seconds[unit] += node_seconds.get(r.node, 0.0)
-    return seconds
-
-
-def _floored(seconds: float) -> float:
-    """A compressed unit's price: its estimate, or below one op's least cost (``OP_SECONDS``) a
-    positive price that still falls as the estimate falls. Every compressed choice stays dearer
-    than keeping (a budget that fits dense keeps everything), and of two choices whose bf16
-    weight gradients save more than their casts cost, the faster is still the cheaper (floored
-    flat, session 18's ResNet-50 plans took compress-fused over a faster compress-bf16)."""
-    if seconds >= OP_SECONDS:
-        return seconds
-    return OP_SECONDS * OP_SECONDS / (2 * OP_SECONDS - seconds)
-
-
 # ---------------------------------------------------------------- measured prices
 
 
@@ -404,7 +342,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
         if choice not in allowed:
             continue
         per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
-        seconds = _compress_seconds(rewrites, units, ctx, rates, per_node, host, bf16_mm)
+        seconds = compress_seconds(rewrites, lambda m: _unit_of(m, units, ctx), rates, per_node, host, bf16_mm)
         touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
             if name in touched:

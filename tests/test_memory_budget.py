@@ -271,8 +271,8 @@ def test_weight_grad_reaches_the_bf16_choices(weight_grad, monkeypatch):
     assert with_bf16 and {r.details["weight_grad"] for r in with_bf16} == {weight_grad}
     modules = [m for m in fast.modules() if hasattr(m, "weight_grad")]
     assert modules and {m.weight_grad for m in modules} == {weight_grad}
-    # what the solver compared is the estimate, floored above zero (passes/memory_budget._floored)
-    from passes.memory_budget import _floored
+    # what the solver compared is the estimate, floored above zero (passes/budget_prices.floored)
+    from passes.budget_prices import floored as _floored
     for unit in plan["units"].values():
         for name, option in unit["options"].items():
             if name != "keep":
@@ -485,78 +485,80 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     assert rates["dropit"] > 0 and rates["bf16"] > 0
     # seconds per op: at least the floor, and below a millisecond on a CPU
     assert all(OP_SECONDS <= rates[f"op:{k}"] < 1e-3 for k in kinds)
-    from passes.memory_budget import _compress_seconds
+    from passes.budget_prices import compress_seconds
     rewrite = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
                           details={"storage": "bf16"})
     relu = sfx.Rewrite("actmem", "relu", "relu", "relu", "x", saved_bytes_before=1000)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr("passes.memory_budget._unit_of", lambda *a: "u")
-        fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0, "op:bitmask": 0.5}
-        assert _compress_seconds([rewrite], None, None, fake, {}) == {"u": 1000.0}  # its op: 0 here
-        assert _compress_seconds([relu], None, None, fake, {}) == {"u": 10000.0 + 0.5}
-        # a BatchNorm -> ReLU -> Conv fused for recompute: its own net cost, not GELU's
-        fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
-                            details={"storage": "recompute"})
-        fake |= {"bn_relu_conv": 2.0, "op:bn_relu_conv": 0.25}
-        assert _compress_seconds([fused], None, None, fake, {}) == {"u": 2000.25}
-        # a LayerNorm / GELU fused with its Linear: the fused op's own net cost (until session 12
-        # GELU's re-run alone, which priced an H100 GPT-2 plan 6x low)
-        for op, storage, kind in [("layer_norm", "recompute", "ln_linear"), ("gelu", "recompute-bf16", "act_linear_bf16")]:
-            pair = sfx.Rewrite("actmem", "n", "blocks.0", op, "x", saved_bytes_before=1000, details={"storage": storage})
-            assert _compress_seconds([pair], None, None, fake | {kind: 3.0, f"op:{kind}": 0.5}, {}) == {"u": 3000.5}
-        # a GPU-bound model hides the ops' host time: only the host's share of each fixed cost
-        # is charged, never less than the floor
-        pair = sfx.Rewrite("actmem", "n", "blocks.0", "layer_norm", "x", saved_bytes_before=1000,
-                           details={"storage": "recompute"})
-        priced = fake | {"ln_linear": 3.0, "op:ln_linear": 0.5}
-        assert _compress_seconds([pair], None, None, priced, {}, host=0.25) == {"u": 3000.125}
-        assert _compress_seconds([pair], None, None, priced | {"op:ln_linear": 0.0}, {}, host=0.25) == {
-            "u": 3000.0 + OP_SECONDS}
-        # bf16 attention re-runs its forward in backward: priced with the node's own time
-        attention = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
-                                details={"storage": "bf16"})
-        fake["bf16"] = 1.0
-        assert _compress_seconds([attention], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.5}
-        # keeping its output, its backward re-runs nothing: the copies alone
-        kept = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
-                           details={"storage": "bf16", "output": "keep"})
-        assert _compress_seconds([kept], None, None, fake, {"sdpa": 0.5}) == {"u": 1000.0}
-        # a bf16-input Linear whose weight gradient runs on bf16 operands: the dense node's
-        # forward time (as long as its fp32 weight gradient) x (ratio - 1) added; never below
-        # the op's least cost; nothing when the weight gradient keeps the input's precision
-        dense = sfx.Rewrite("actmem", "fc", "fc", "linear", "x", saved_bytes_before=1000,
-                            details={"storage": "bf16", "weight_grad": "auto"})
-        priced = fake | {"dense": 1.0, "op:dense": 0.5, "mm_bf16:linear": 0.25, "mm_bf16:conv": 0.5}
-        assert _compress_seconds([dense], None, None, priced, {"fc": 400.0}, bf16_mm=True) == {"u": 1000.5 - 300.0}
-        assert _compress_seconds([dense], None, None, priced, {"fc": 400.0}, bf16_mm=False) == {"u": 1000.5}
-        assert _compress_seconds([dense], None, None, priced, {"fc": 4e3}, bf16_mm=True) == {"u": 1000.5 - 3000.0}
-        # priced below one op's least cost: still positive (dearer than keeping), still falling
-        # as the estimate falls (the faster of two such choices is the cheaper)
-        from passes.memory_budget import _floored
-        assert _floored(2 * OP_SECONDS) == 2 * OP_SECONDS and _floored(OP_SECONDS) == OP_SECONDS
-        assert OP_SECONDS > _floored(0.0) > _floored(-1999.5) > _floored(-1e4) > 0
-        # within a unit the gains offset the other ops' costs first
-        relu_too = _compress_seconds([dense, relu], None, None, priced, {"fc": 4000.0}, bf16_mm=True)
-        assert relu_too == {"u": pytest.approx(1000.5 - 3000.0 + 10000.0 + 0.5)}
-        # a fused BatchNorm -> ReLU -> Conv: its Conv's node, the conv ratio
-        fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
-                            details={"storage": "recompute-bf16", "weight_grad": "auto", "fused_node": "conv2"})
-        priced |= {"bn_relu_conv_bf16": 1.0, "op:bn_relu_conv_bf16": 0.5}
-        # (calibrated per byte of its bf16 x_hat's double: saved_bytes_after 500 -> 1000 bytes)
-        fused = dataclasses.replace(fused, saved_bytes_after=500)
-        assert _compress_seconds([fused], None, None, priced, {"conv2": 400.0, "bn1": 1e6}, bf16_mm=True) == {
-            "u": 1000.5 - 200.0}
-        # a 1x1 Conv's weight gradient: its own ratio; without one (an older calibration),
-        # the 3x3 Conv's
-        pointwise = dataclasses.replace(fused, details=fused.details | {"kernel": [1, 1]})
-        assert _compress_seconds([pointwise], None, None, priced | {"mm_bf16:conv1x1": 0.75}, {"conv2": 400.0},
-                                 bf16_mm=True) == {"u": 1000.5 - 100.0}
-        older = {k: v for k, v in priced.items() if k != "mm_bf16:conv1x1"}
-        assert _compress_seconds([pointwise], None, None, older, {"conv2": 400.0}, bf16_mm=True) == {
-            "u": 1000.5 - 200.0}
-        square = dataclasses.replace(fused, details=fused.details | {"kernel": [3, 3]})
-        assert _compress_seconds([square], None, None, priced | {"mm_bf16:conv1x1": 0.75}, {"conv2": 400.0},
-                                 bf16_mm=True) == {"u": 1000.5 - 200.0}
+
+    def _unit(module: str) -> str:  # every rewrite in one unit
+        return "u"
+
+    fake = dict.fromkeys(rates, 0.0) | {"batchnorm": 1.0, "bitmask": 10.0, "op:bitmask": 0.5}
+    assert compress_seconds([rewrite], _unit, fake, {}) == {"u": 1000.0}  # its op: 0 here
+    assert compress_seconds([relu], _unit, fake, {}) == {"u": 10000.0 + 0.5}
+    # a BatchNorm -> ReLU -> Conv fused for recompute: its own net cost, not GELU's
+    fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
+                        details={"storage": "recompute"})
+    fake |= {"bn_relu_conv": 2.0, "op:bn_relu_conv": 0.25}
+    assert compress_seconds([fused], _unit, fake, {}) == {"u": 2000.25}
+    # a LayerNorm / GELU fused with its Linear: the fused op's own net cost (until session 12
+    # GELU's re-run alone, which priced an H100 GPT-2 plan 6x low)
+    for op, storage, kind in [("layer_norm", "recompute", "ln_linear"), ("gelu", "recompute-bf16", "act_linear_bf16")]:
+        pair = sfx.Rewrite("actmem", "n", "blocks.0", op, "x", saved_bytes_before=1000, details={"storage": storage})
+        assert compress_seconds([pair], _unit, fake | {kind: 3.0, f"op:{kind}": 0.5}, {}) == {"u": 3000.5}
+    # a GPU-bound model hides the ops' host time: only the host's share of each fixed cost
+    # is charged, never less than the floor
+    pair = sfx.Rewrite("actmem", "n", "blocks.0", "layer_norm", "x", saved_bytes_before=1000,
+                       details={"storage": "recompute"})
+    priced = fake | {"ln_linear": 3.0, "op:ln_linear": 0.5}
+    assert compress_seconds([pair], _unit, priced, {}, host=0.25) == {"u": 3000.125}
+    assert compress_seconds([pair], _unit, priced | {"op:ln_linear": 0.0}, {}, host=0.25) == {
+        "u": 3000.0 + OP_SECONDS}
+    # bf16 attention re-runs its forward in backward: priced with the node's own time
+    attention = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
+                            details={"storage": "bf16"})
+    fake["bf16"] = 1.0
+    assert compress_seconds([attention], _unit, fake, {"sdpa": 0.5}) == {"u": 1000.5}
+    # keeping its output, its backward re-runs nothing: the copies alone
+    kept = sfx.Rewrite("actmem", "sdpa", "blocks.0", "attention", "x", saved_bytes_before=1000,
+                       details={"storage": "bf16", "output": "keep"})
+    assert compress_seconds([kept], _unit, fake, {"sdpa": 0.5}) == {"u": 1000.0}
+    # a bf16-input Linear whose weight gradient runs on bf16 operands: the dense node's
+    # forward time (as long as its fp32 weight gradient) x (ratio - 1) added; never below
+    # the op's least cost; nothing when the weight gradient keeps the input's precision
+    dense = sfx.Rewrite("actmem", "fc", "fc", "linear", "x", saved_bytes_before=1000,
+                        details={"storage": "bf16", "weight_grad": "auto"})
+    priced = fake | {"dense": 1.0, "op:dense": 0.5, "mm_bf16:linear": 0.25, "mm_bf16:conv": 0.5}
+    assert compress_seconds([dense], _unit, priced, {"fc": 400.0}, bf16_mm=True) == {"u": 1000.5 - 300.0}
+    assert compress_seconds([dense], _unit, priced, {"fc": 400.0}, bf16_mm=False) == {"u": 1000.5}
+    assert compress_seconds([dense], _unit, priced, {"fc": 4e3}, bf16_mm=True) == {"u": 1000.5 - 3000.0}
+    # priced below one op's least cost: still positive (dearer than keeping), still falling
+    # as the estimate falls (the faster of two such choices is the cheaper)
+    from passes.budget_prices import floored as _floored
+    assert _floored(2 * OP_SECONDS) == 2 * OP_SECONDS and _floored(OP_SECONDS) == OP_SECONDS
+    assert OP_SECONDS > _floored(0.0) > _floored(-1999.5) > _floored(-1e4) > 0
+    # within a unit the gains offset the other ops' costs first
+    relu_too = compress_seconds([dense, relu], _unit, priced, {"fc": 4000.0}, bf16_mm=True)
+    assert relu_too == {"u": pytest.approx(1000.5 - 3000.0 + 10000.0 + 0.5)}
+    # a fused BatchNorm -> ReLU -> Conv: its Conv's node, the conv ratio
+    fused = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
+                        details={"storage": "recompute-bf16", "weight_grad": "auto", "fused_node": "conv2"})
+    priced |= {"bn_relu_conv_bf16": 1.0, "op:bn_relu_conv_bf16": 0.5}
+    # (calibrated per byte of its bf16 x_hat's double: saved_bytes_after 500 -> 1000 bytes)
+    fused = dataclasses.replace(fused, saved_bytes_after=500)
+    assert compress_seconds([fused], _unit, priced, {"conv2": 400.0, "bn1": 1e6}, bf16_mm=True) == {
+        "u": 1000.5 - 200.0}
+    # a 1x1 Conv's weight gradient: its own ratio; without one (an older calibration),
+    # the 3x3 Conv's
+    pointwise = dataclasses.replace(fused, details=fused.details | {"kernel": [1, 1]})
+    assert compress_seconds([pointwise], _unit, priced | {"mm_bf16:conv1x1": 0.75}, {"conv2": 400.0},
+                             bf16_mm=True) == {"u": 1000.5 - 100.0}
+    older = {k: v for k, v in priced.items() if k != "mm_bf16:conv1x1"}
+    assert compress_seconds([pointwise], _unit, older, {"conv2": 400.0}, bf16_mm=True) == {
+        "u": 1000.5 - 200.0}
+    square = dataclasses.replace(fused, details=fused.details | {"kernel": [3, 3]})
+    assert compress_seconds([square], _unit, priced | {"mm_bf16:conv1x1": 0.75}, {"conv2": 400.0},
+                             bf16_mm=True) == {"u": 1000.5 - 200.0}
 
 
 class _Block(nn.Module):
@@ -905,6 +907,7 @@ def test_measured_prices_scale_the_reported_estimates_too(monkeypatch):
     """The report's estimates follow the measured scale, except a saving (a negative estimate,
     bf16 weight gradients), which stays as estimated: prices only go up."""
     import passes.memory_budget as mb
+    from passes.budget_prices import floored
 
     units = {name: mb._Unit(name, None) for name in ("a", "b")}
     for unit, estimate in zip(units.values(), (0.01, -0.005), strict=True):
@@ -912,12 +915,12 @@ def test_measured_prices_scale_the_reported_estimates_too(monkeypatch):
         unit.offer("compress", 2, estimate)
     monkeypatch.setattr(mb, "measure_added_seconds", lambda gm, v, r: ({"compress": 0.05}, 0.0))
     prices = mb._check_prices(None, units, {"compress": None}, 1)
-    scale = 0.05 / (0.01 + mb._floored(-0.005))
+    scale = 0.05 / (0.01 + floored(-0.005))
     assert prices["price_scale"]["compress"] == pytest.approx(scale)
     assert units["a"].estimates["compress"] == pytest.approx(0.01 * scale)
     assert units["a"].choices["compress"].seconds == pytest.approx(0.01 * scale)
     assert units["b"].estimates["compress"] == -0.005
-    assert units["b"].choices["compress"].seconds == pytest.approx(mb._floored(-0.005) * scale)
+    assert units["b"].choices["compress"].seconds == pytest.approx(floored(-0.005) * scale)
 
 
 def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
