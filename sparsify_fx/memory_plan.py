@@ -85,7 +85,7 @@ _ADAPTIVE_AVG_POOLS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_
 # overwrites): a storage of its own beside the input's, now the output's
 _CLONE_INPUT_IN_PLACE = {F.silu, F.hardswish, F.hardtanh, F.relu6, F.hardsigmoid, F.mish}
 _VIEW_FUNCTIONS = {torch.flatten, operator.getitem, torch.transpose, torch.permute, torch.reshape}
-_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "unflatten", "chunk",
+_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "unflatten", "chunk", "unbind",
                  "squeeze", "unsqueeze", "expand", "split", "t", "view_as", "narrow", "select"}
 _KEEPS_NOTHING_METHODS = _VIEW_METHODS | {"mean", "sum", "size", "dim", "contiguous", "add", "sub",
                                           "add_", "neg", "float", "to", "type_as"}

@@ -18,6 +18,7 @@ from .errors import CaptureError, ConfigError
 from .graph import OPS_CONTAINER
 from .pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
 from .recipes import Recipe, resolve_recipe
+from .unpack import unbind_unpacking
 from .verify import VerifyReport
 from .verify import verify as verify_outputs
 
@@ -212,6 +213,10 @@ def sparsify(
             record.passes.append((config.describe(), len(result.rewrites), len(result.skips)))
         module = cap.graph_module
         for gm in cap.graphs.values():
+            # after the passes, which match the traced getitem form: eager's unbind back
+            for sub in gm.modules():
+                if isinstance(sub, fx.GraphModule):
+                    unbind_unpacking(sub)
             gm.graph.lint()
             gm.recompile()
     setattr(module, RECORD_ATTR, record)

@@ -483,8 +483,9 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     assert all(0.05 < rates[f"mm_bf16:{k}"] < 50 for k in ("linear", "conv", "conv1x1"))
     assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
     assert rates["dropit"] > 0 and rates["bf16"] > 0
-    # seconds per op: at least the floor, and below a millisecond on a CPU
-    assert all(OP_SECONDS <= rates[f"op:{k}"] < 1e-3 for k in kinds)
+    # seconds per op: at least the floor, and a few milliseconds at most on a CPU (under 1 ms
+    # on a quiet 2-core host; a host shared with other test runs measured over 1 ms)
+    assert all(OP_SECONDS <= rates[f"op:{k}"] < 5e-3 for k in kinds)
     from passes.budget_prices import compress_seconds
     rewrite = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
                           details={"storage": "bf16"})
@@ -735,7 +736,8 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
     model = torchvision.models.resnet18().train()
     x = torch.randn(2, 3, 32, 32)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    # every choice measures 1 s dearer than dense: far beyond any estimate and the noise
+    # every choice measures 1000 s dearer than dense: far beyond any estimate and the noise
+    # (1 s was not, on a host shared with other test runs: compress-bf16 estimated above it)
     real = mb.measure_added_seconds
     calls = []
 
@@ -744,7 +746,7 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
         measured, noise = real(gm, variants, rounds)
         assert torch.equal(torch.get_rng_state(), rng)  # dropout / DropIT draws were restored
         calls.append((set(variants), rounds, noise))
-        return {k: 1.0 for k in measured}, 0.0  # the noise gate is tested on its own below
+        return {k: 1000.0 for k in measured}, 0.0  # the noise gate is tested on its own below
 
     monkeypatch.setattr(mb, "measure_added_seconds", slow)
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=2), example_inputs=(x,))
@@ -758,7 +760,7 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
     for choice, scale in prices["price_scale"].items():
         assert scale > 1.0, choice
         total = sum(u["options"][choice]["seconds"] for u in plan["units"].values() if choice in u["options"])
-        assert total == pytest.approx(1.0, rel=1e-6), choice  # scaled to the measurement
+        assert total == pytest.approx(1000.0, rel=1e-6), choice  # scaled to the measurement
     assert plan["achieved_fraction"] <= 0.5
 
 
