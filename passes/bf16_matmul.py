@@ -32,6 +32,8 @@ import functools
 
 import torch
 
+import sparsify_fx as sfx
+
 __all__ = ["WEIGHT_GRAD", "check_weight_grad", "native_bf16_matmul", "bf16_weight_grad",
            "linear_weight_grad", "conv_weight_grad", "kernel_details"]
 
@@ -41,7 +43,7 @@ WEIGHT_GRAD = ("auto", "bf16", "input")
 def kernel_details(weight: object) -> dict[str, list[int]]:
     """``{"kernel": [kh, kw]}`` for a Conv weight node of recorded shape, else ``{}``: a rewrite's
     detail the budget planner reads (a 1x1 Conv's bf16 weight gradient gains less)."""
-    meta = weight.meta.get("sfx_shape") if hasattr(weight, "meta") else None
+    meta = sfx.tensor_meta(weight)
     return {"kernel": list(meta[0][2:])} if meta is not None and len(meta[0]) > 2 else {}
 
 

@@ -342,11 +342,11 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
         if choice not in allowed:
             continue
         per_unit, _, rewrites, trials[choice] = _trial(gm, dict.fromkeys(names, choice), units, config, ctx)
+        # (a unit with a rewrite in it has an entry, even a zero one)
         seconds = compress_seconds(rewrites, lambda m: _unit_of(m, units, ctx), rates, per_node, host, bf16_mm)
-        touched = {_unit_of(r.module, units, ctx) for r in rewrites}
         for name in names:
-            if name in touched:
-                units[name].offer(choice, per_unit[name], seconds.get(name, 0.0))
+            if name in seconds:
+                units[name].offer(choice, per_unit[name], seconds[name])
             else:
                 units[name].reasons[choice] = "nothing in it to compress"
     if "recompute" in allowed:

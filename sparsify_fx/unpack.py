@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from .graph import is_in_place
+from .memory_plan import _is_view
+from .segments import call_module_by_ref
 
 __all__ = ["unbind_unpacking"]
-
-_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unflatten", "flatten", "squeeze", "unsqueeze",
-                 "expand", "t", "view_as", "narrow", "select"}
-_VIEW_FUNCTIONS = {operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flatten}
 
 
 def _written_through(item: fx.Node, gm: fx.GraphModule) -> bool:
@@ -39,11 +36,10 @@ def _written_through(item: fx.Node, gm: fx.GraphModule) -> bool:
             if user.op == "call_module":
                 if getattr(gm.get_submodule(str(user.target)), "inplace", False):
                     return True
-            elif user.op == "call_function" and getattr(user.target, "__name__", "") == "call_module_by_ref":
+            elif user.op == "call_function" and user.target is call_module_by_ref:
                 return True
-            is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
-                user.op == "call_function" and user.target in _VIEW_FUNCTIONS)
-            if is_view and user not in seen:
+            # (contiguous() returns its input itself when it already is contiguous)
+            if (_is_view(user) or (user.op == "call_method" and user.target == "contiguous")) and user not in seen:
                 seen.add(user)
                 todo.append(user)
     return False
