@@ -262,7 +262,7 @@ def default_backend(gm: fx.GraphModule, example_inputs: list) -> Any:
 
 def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
     """For a Dynamo capture: a module that rewrites each graph Dynamo makes, on first use."""
-    from .capture import DynamoCaptured
+    from .capture_export import DynamoCaptured
 
     model = cap.graph_module.model
     names = {id(p): n for n, p in model.named_parameters()}
