@@ -19,8 +19,8 @@ import statistics
 
 from benchmarks.bench_eager_ops import ab_rounds, one_plan, write_result
 from benchmarks.device import timed_step
-from passes import cpu_kernels
-from passes.actmem_modules import ActMemAttention
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
+from sparsify_fx.passes.activation_memory.modules import ActMemAttention
 
 __all__ = ["main"]
 

@@ -4,7 +4,7 @@ For Linear shapes of ResMLP-12 and ViT-B/16 at GPU batch sizes, every ``density 
 is timed (``triton.testing.do_bench``, median) three ways:
 
 * ``dense``: ``xᵀ @ grad_out``, the dense layer's weight gradient (cuBLAS);
-* ``torch``: :func:`passes.block_sparse.block_sparse_weight_grad` with ``kernel="torch"``;
+* ``torch``: :func:`sparsify_fx.passes.block_sparse.rewrite.block_sparse_weight_grad` with ``kernel="torch"``;
 * ``triton``: the same with the Triton kernel and its default launch config;
 * ``rebuilt``: ``kernel="dense"``, the input rebuilt dense from its blocks and one cuBLAS GEMM;
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from passes.block_sparse import block_sparse_weight_grad, compress_blocks, decompress_blocks
-from passes.bsr_triton import launch, launch_config, triton_available
+from sparsify_fx.passes.block_sparse.rewrite import block_sparse_weight_grad, compress_blocks, decompress_blocks
+from sparsify_fx.passes.block_sparse.triton_kernel import launch, launch_config, triton_available
 
 __all__ = ["SHAPES", "main"]
 

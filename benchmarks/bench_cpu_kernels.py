@@ -23,7 +23,7 @@ import torch.nn as nn
 import sparsify_fx as sfx
 from benchmarks.bench_memory import MODELS, interleaved_times
 from benchmarks.device import timed_step
-from passes import cpu_kernels
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
 
 __all__ = ["main"]
 

@@ -24,7 +24,8 @@ import sparsify_fx as sfx
 from benchmarks.bench_budget import MODELS
 from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
-from passes import cache, op_autograd
+from sparsify_fx.passes.kernels import cache
+from sparsify_fx.passes.kernels import op_autograd
 
 __all__ = ["main", "one_plan", "ab_rounds", "write_result"]
 

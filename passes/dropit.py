@@ -37,10 +37,11 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 
-from . import cpu_kernels, sync
-from .bitpack import pack_bits, unpack_bits
-from .cache import cached
-from .op_autograd import in_backward, owned, register_autograd
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
+from sparsify_fx.passes.kernels import sync
+from sparsify_fx.passes.kernels.bitpack import pack_bits, unpack_bits
+from sparsify_fx.passes.kernels.cache import cached
+from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",
@@ -171,7 +172,7 @@ def compress_threshold(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, torc
 
     More passing the cut-off than the capacity holds (the sample under-estimated it) is
     handled two ways. On CPU the cut-off is raised to the exact one among the candidates, so
-    the largest ``capacity`` are kept. Where :func:`passes.sync.sync_free` (accelerators: the count is
+    the largest ``capacity`` are kept. Where :func:`sparsify_fx.passes.kernels.sync.sync_free` (accelerators: the count is
     never read back) the first ``capacity`` in flat order are kept. Whenever everything that
     passes fits, both give the same result.
     """
@@ -217,7 +218,7 @@ def _cutoff(sample: torch.Tensor, keep: float) -> torch.Tensor | None:
 
 
 def _compress_fused(kernels, flat: torch.Tensor, keep: float, cap: int):
-    """:func:`compress_threshold` in two fused passes (:mod:`passes.cpu_kernels`); None when
+    """:func:`compress_threshold` in two fused passes (:mod:`sparsify_fx.passes.kernels.cpu`); None when
     more than the capacity pass the sampled cut-off (the exact refinement then runs)."""
     n = flat.numel()
     index = _sample_index(n, flat.device, flat)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
 
-from .op_autograd import owned, register_autograd
+from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
 __all__ = ["SliceOut", "SliceWindow", "SliceOutDense", "SliceOutBatchNorm", "window_width"]
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .amp import autocast_region
-from .analysis import ShapeRecorder, conv_output_spatial, dense_op_flops, tensor_bytes, tensor_meta
-from .backend import backend
-from .canonical import canonicalize
-from .capture import CAPTURE_METHODS, Capture, capture, structural_copy
-from .config import PassConfig, check_range
-from .errors import (
+from sparsify_fx.amp import autocast_region
+from sparsify_fx.analysis.shapes import ShapeRecorder, conv_output_spatial, dense_op_flops, tensor_bytes, tensor_meta
+from sparsify_fx.compiler.backend import backend
+from sparsify_fx.frontend.canonical import canonicalize
+from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, structural_copy
+from sparsify_fx.infra.config import PassConfig, check_range
+from sparsify_fx.errors import (
     CaptureError,
     ConfigError,
     PassError,
@@ -26,7 +26,7 @@ from .errors import (
     SparsifyError,
     VerificationError,
 )
-from .graph import (
+from sparsify_fx.graph.form import (
     DenseOp,
     dense_op,
     find_dense_ops,
@@ -34,14 +34,14 @@ from .graph import (
     module_name_of,
     replace_node,
 )
-from .memory_plan import MemoryPlan, TensorLiveness, compressed_bytes_of, memory_plan
-from .optim import extend_optimizer, new_parameters
-from .pass_base import PassContext, PassResult, Rewrite, Skip
-from .recipes import parse_recipe, resolve_recipe
-from .registry import register_pass, registered
-from .report import ExplainReport, PassSummary, explain, graph_diff
-from .segments import Block, RecomputedSegment, find_blocks, recompute_segment
-from .slice_groups import (
+from sparsify_fx.analysis.memory_plan import MemoryPlan, TensorLiveness, compressed_bytes_of, memory_plan
+from sparsify_fx.optim import extend_optimizer, new_parameters
+from sparsify_fx.infra.pass_base import PassContext, PassResult, Rewrite, Skip
+from sparsify_fx.infra.recipes import parse_recipe, resolve_recipe
+from sparsify_fx.infra.registry import register_pass, registered
+from sparsify_fx.report.explain import ExplainReport, PassSummary, explain, graph_diff
+from sparsify_fx.analysis.segments import Block, RecomputedSegment, find_blocks, recompute_segment
+from sparsify_fx.analysis.slice_groups import (
     ForbiddenSliceGroup,
     SliceConsumer,
     SliceGroup,
@@ -49,8 +49,8 @@ from .slice_groups import (
     SliceProducer,
     find_slice_groups,
 )
-from .sparsify import SparsifyRecord, sparsify
-from .verify import VerifyReport, verify
+from sparsify_fx.sparsify import SparsifyRecord, sparsify
+from sparsify_fx.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -72,11 +72,10 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # technique configs come from the built-in passes package, imported on first use
-    from .registry import load_builtin_passes
+    from sparsify_fx.infra.registry import load_builtin_passes
 
     load_builtin_passes()
-    import passes
-
+    import sparsify_fx.passes as passes
     if name in getattr(passes, "__all__", ()):
         return getattr(passes, name)
     raise AttributeError(f"module 'sparsify_fx' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from sparsify_fx.cli.main import main
 
 __all__: list[str] = []
 

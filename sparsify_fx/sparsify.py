@@ -11,16 +11,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import ShapeRecorder
-from .capture import CAPTURE_METHODS, Capture, capture
-from .config import PassConfig
-from .errors import CaptureError, ConfigError
-from .graph import OPS_CONTAINER
-from .pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
-from .recipes import Recipe, resolve_recipe
-from .unpack import unbind_unpacking
-from .verify import VerifyReport
-from .verify import verify as verify_outputs
+from sparsify_fx.analysis.shapes import ShapeRecorder
+from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture
+from sparsify_fx.infra.config import PassConfig
+from sparsify_fx.errors import CaptureError, ConfigError
+from sparsify_fx.graph.form import OPS_CONTAINER
+from sparsify_fx.infra.pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
+from sparsify_fx.infra.recipes import Recipe, resolve_recipe
+from sparsify_fx.frontend.unpack import unbind_unpacking
+from sparsify_fx.verify import VerifyReport
+from sparsify_fx.verify import verify as verify_outputs
 
 __all__ = ["sparsify", "SparsifyRecord", "RECORD_ATTR"]
 
@@ -198,7 +198,7 @@ def sparsify(
             "saved tensors, slicing, recomputation) act only after .train()"
         )
     if cap.method == "dynamo":
-        from .backend import rewrite_lazily
+        from sparsify_fx.compiler.backend import rewrite_lazily
 
         module = rewrite_lazily(cap, configs, record)
     else:

@@ -11,8 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import VerificationError
-from .graph import is_in_place
+from sparsify_fx.errors import VerificationError
+from sparsify_fx.graph.form import is_in_place
 
 __all__ = ["VerifyReport", "verify", "default_tolerances"]
 
@@ -135,7 +135,7 @@ def _localise(
     original: nn.Module, rewritten: fx.GraphModule, args: tuple, kwargs: dict,
     rtol: float | None, atol: float | None,
 ) -> tuple[str, str] | None:
-    from .capture import capture
+    from sparsify_fx.frontend.cascade import capture
 
     try:
         ref_gm = capture(original, args, kwargs, methods=("symbolic_trace",)).graph_module

@@ -16,7 +16,7 @@ from conftest import grads_of as _grads
 
 import sparsify_fx as sfx
 from benchmarks.memory import saved_tensor_bytes
-from passes.activation_memory import (
+from sparsify_fx.passes.activation_memory.rewrite import (
     GRAD_ERROR_BOUNDS,
     ActMemActivation,
     ActMemAttention,
@@ -27,7 +27,7 @@ from passes.activation_memory import (
     pack_bits,
     unpack_bits,
 )
-from passes.bitpack import unpack_bits_as
+from sparsify_fx.passes.kernels.bitpack import unpack_bits_as
 
 BF16_UNIT = 2.0**-9  # bf16 round-to-nearest relative error
 
@@ -48,7 +48,7 @@ def test_pack_bits_exhaustive_roundtrip():
 
 def test_elementwise_unpack_matches_table():
     """The GPU's shift-and-mask unpacking (run here on the CPU) gives the table's bits."""
-    from passes.bitpack import _bits_elementwise
+    from sparsify_fx.passes.kernels.bitpack import _bits_elementwise
 
     packed = torch.arange(256).to(torch.uint8)
     table = unpack_bits(packed, [256, 8])
@@ -540,7 +540,7 @@ def test_recomputed_layernorm_linear_gradients_are_the_dense_ones_bit_for_bit(af
     """The exact LayerNorm -> Linear re-runs the forward's own LayerNorm kernel in backward, so
     the Linear's weight gradient reads the very tensor the dense Linear kept (rebuilding it from
     the saved statistics with four elementwise ops rounded differently)."""
-    from passes.actmem_modules import ActMemLnLinear
+    from sparsify_fx.passes.activation_memory.modules import ActMemLnLinear
 
     torch.manual_seed(0)
     ln, fc = nn.LayerNorm(48, elementwise_affine=affine), nn.Linear(48, 80)
@@ -733,7 +733,7 @@ def test_fused_bf16_weight_grad_on_bf16_operands_changes_only_the_fused_weights(
 ])
 def test_max_pool_keeps_narrow_indices_and_gives_the_dense_gradient(shape, kernel, stride, padding, dilation, ceil,
                                                                     channels_last):
-    from passes.max_pool import ActMemMaxPool2d
+    from sparsify_fx.passes.activation_memory.max_pool import ActMemMaxPool2d
 
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -1111,7 +1111,7 @@ def test_attention_compiled_backward_matches_eager(causal, output):
 
 # ---------------------------------------------------------------- fused CPU kernels
 
-from passes import cpu_kernels  # noqa: E402
+from sparsify_fx.passes.kernels import cpu as cpu_kernels  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(
     cpu_kernels.load() is None, reason=f"C++ kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -1222,7 +1222,7 @@ def test_bf16_copy_kernels_equal_the_torch_path(monkeypatch):
     """``to_bf16`` (any layout whose last dim is contiguous: attention's q, k, v are strided
     views of one projection) and LayerNorm's ``normalize_rows_bf16`` give the PyTorch path's
     values and layout: rounding, saturation of finite values past bf16's range, inf / NaN as NaN."""
-    from passes.actmem_ops import _to_bf16, ln_payload
+    from sparsify_fx.passes.activation_memory.ops import _to_bf16, ln_payload
 
     x = _with_nonfinite(4, 10, 3, 2, 16)
     x[0, 1, 0, 0, 5], x[0, 1, 0, 0, 6] = 3.4e38, -3.3961e38
@@ -1251,7 +1251,7 @@ def test_fused_bn_relu_conv_rebuild_agrees_with_the_torch_path(store, upper, mon
     """The one-pass rebuild of the ReLU output (``affine_clamp``) gives the gradients of the
     PyTorch path's upcast, multiply, add and clamp to fp32 rounding (it may contract to FMA),
     with chunk tails, a bias-free BatchNorm and NaN passed through."""
-    from passes.bn_relu_conv import ActMemBnReLUConv
+    from sparsify_fx.passes.activation_memory.bn_relu_conv import ActMemBnReLUConv
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 33, 37) * 3
@@ -1279,7 +1279,7 @@ def test_a_models_fused_bn_relu_conv_rebuilds_with_the_kernel(storage, monkeypat
     """In a model the BatchNorm's weight reaches backward as an ``nn.Parameter``: the kernels
     must still take it (until session 13 a Parameter was not "eager", and every bf16 rebuild
     ran the four-pass PyTorch path, unseen by the test above, which passes plain tensors)."""
-    from passes import cache
+    from sparsify_fx.passes.kernels import cache
 
     assert cache.eager(nn.Parameter(torch.ones(2)))
     calls: list[str] = []

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import mlp
 
 import sparsify_fx as sfx
-from passes.block_sparse import (
+from sparsify_fx.passes.block_sparse.rewrite import (
     BlockSparseConv1x1,
     BlockSparseLinear,
     block_grid,

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 import sparsify_fx as sfx
-from passes.block_sparse import block_sparse_weight_grad, compress_blocks
-from passes.bsr_triton import kernel_for, triton_available
+from sparsify_fx.passes.block_sparse.rewrite import block_sparse_weight_grad, compress_blocks
+from sparsify_fx.passes.block_sparse.triton_kernel import kernel_for, triton_available
 
 _ROOT = Path(__file__).resolve().parent.parent
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -73,8 +73,8 @@ def test_report_names_the_kernel_of_each_rewrite():
 @needs_triton
 def test_interpreted_kernel_equals_torch_path_fp32_fp16_bf16():
     _interpreted(f"""
-        from passes.block_sparse import block_sparse_weight_grad, compress_blocks, decompress_blocks
-        from passes.bsr_triton import kernel_for
+        from sparsify_fx.passes.block_sparse.rewrite import block_sparse_weight_grad, compress_blocks, decompress_blocks
+        from sparsify_fx.passes.block_sparse.triton_kernel import kernel_for
         assert kernel_for("cpu", 32)[0] == "triton"
         gen = torch.Generator().manual_seed(0)
         for rows, cols, out, b, density in {_CASES!r}:
@@ -108,8 +108,8 @@ def test_interpreted_kernel_split_k_sums_every_part_once():
     """Every split of a column's blocks (more parts than blocks, too: empty parts write zeros)
     gives the same product; the default launch config is one of them."""
     _interpreted(f"""
-        from passes.block_sparse import compress_blocks, decompress_blocks
-        from passes.bsr_triton import launch, launch_config
+        from sparsify_fx.passes.block_sparse.rewrite import compress_blocks, decompress_blocks
+        from sparsify_fx.passes.block_sparse.triton_kernel import launch, launch_config
         gen = torch.Generator().manual_seed(1)
         for rows, cols, out, b, density in {_CASES!r}:
             x = torch.randn(rows, cols, generator=gen)
@@ -137,7 +137,7 @@ def test_interpreted_kernel_trains_the_op_like_the_torch_path_eager_and_compiled
     _interpreted("""
         import torch.nn as nn
         import sparsify_fx as sfx
-        from passes import block_sparse
+        from sparsify_fx.passes.block_sparse import rewrite as block_sparse
 
         def grads(run, model, x):
             for p in model.parameters():

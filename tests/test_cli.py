@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsify_fx.cli import main
+from sparsify_fx.cli.main import main
 
 ROOT = Path(__file__).parent.parent
 

@@ -16,7 +16,7 @@ from conftest import grads_of as _grads
 
 import sparsify_fx as sfx
 from benchmarks.memory import saved_tensor_bytes
-from passes.dense_storage import Bf16InputConv, Bf16InputLinear
+from sparsify_fx.passes.activation_memory.dense_storage import Bf16InputConv, Bf16InputLinear
 
 BF16_UNIT = 2.0**-8  # bf16 relative rounding error bound (round to nearest: half of it)
 
@@ -92,7 +92,7 @@ def test_conv_forward_and_input_grad_exact(dims, weight_grad):
 @pytest.mark.parametrize("weight_grad", ["auto", "bf16", "input"])
 def test_weight_grad_mode_follows_the_device(weight_grad, monkeypatch):
     """"auto" takes bf16 operands exactly where the device has bf16 matrix units."""
-    from passes import bf16_matmul
+    from sparsify_fx.passes.kernels import bf16_matmul
 
     x = torch.randn(3, 8)
     for native in (False, True):

@@ -57,7 +57,7 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _windows(module: nn.Module) -> dict[str, tuple[int, list[int]]]:
-    from passes.sliceout import SliceWindow
+    from sparsify_fx.passes.sliceout import SliceWindow
 
     return {n: (m.step, [m.start_at(s) for s in range(m.step)])
             for n, m in module.named_modules() if isinstance(m, SliceWindow)}

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from conftest import SmallCNN, mlp
 
 import sparsify_fx as sfx
-from passes import cpu_kernels, dropit
-from passes.dropit import (
+from sparsify_fx.passes import dropit
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
+from sparsify_fx.passes.dropit import (
     DropITConv,
     DropITLinear,
     compress,

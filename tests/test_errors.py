@@ -132,7 +132,7 @@ def _isoflop_under_dynamo():
 
 
 def _rigl_without_masks():
-    from passes.iso_flop import RigL
+    from sparsify_fx.passes.iso_flop.rewrite import RigL
 
     RigL(_mlp())
 

@@ -12,7 +12,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx as sfx
-from passes.iso_flop import (
+from sparsify_fx.passes.iso_flop.rewrite import (
     RigL,
     apply_masks_,
     doped_rank,

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 
 import sparsify_fx as sfx
-from passes.memory_budget import Choice, MemoryBudget, solve, solve_dp, solve_exact, solve_greedy
+from sparsify_fx.passes.memory_budget.planner import Choice, MemoryBudget, solve, solve_dp, solve_exact, solve_greedy
 from sparsify_fx.bench import saved_tensor_bytes
 
 
@@ -261,7 +261,7 @@ def test_weight_grad_reaches_the_bf16_choices(weight_grad, monkeypatch):
     """MemoryBudget.weight_grad is what every bf16-input rewrite of the plan runs with
     (passes/bf16_matmul.py), and the plan still fits."""
     # compress-bf16 the only way to save: whatever this host's prices, the plan takes it
-    monkeypatch.setattr("passes.memory_budget.CHOICES", ("keep", "compress-bf16"))
+    monkeypatch.setattr("sparsify_fx.passes.memory_budget.planner.CHOICES", ("keep", "compress-bf16"))
     torch.manual_seed(0)
     model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.7, weight_grad=weight_grad), example_inputs=(x,))
@@ -272,7 +272,7 @@ def test_weight_grad_reaches_the_bf16_choices(weight_grad, monkeypatch):
     modules = [m for m in fast.modules() if hasattr(m, "weight_grad")]
     assert modules and {m.weight_grad for m in modules} == {weight_grad}
     # what the solver compared is the estimate, floored above zero (passes/budget_prices.floored)
-    from passes.budget_prices import floored as _floored
+    from sparsify_fx.passes.memory_budget.prices import floored as _floored
     for unit in plan["units"].values():
         for name, option in unit["options"].items():
             if name != "keep":
@@ -380,7 +380,7 @@ def test_budget_above_dense_keeps_everything():
 
 
 def test_html_report_colours_the_plan():
-    from sparsify_fx.html_report import render_html
+    from sparsify_fx.report.html import render_html
 
     model = torchvision.models.resnet18(num_classes=10)
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, exact_only=True), example_inputs=(torch.randn(2, 3, 32, 32),))
@@ -471,7 +471,7 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     """Every rewrite maps to a calibrated rate; the 1-bit ReLU and BatchNorm are priced as what
     their op adds over the dense op (their kernels replace its backward), not as a compress +
     decompress, which cost more than recomputing on ResNet-50."""
-    from passes.budget_costs import OP_SECONDS, calibrate
+    from sparsify_fx.passes.memory_budget.costs import OP_SECONDS, calibrate
 
     rates = calibrate("cpu", fresh=True)
     kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16",
@@ -486,7 +486,7 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     # seconds per op: at least the floor, and a few milliseconds at most on a CPU (under 1 ms
     # on a quiet 2-core host; a host shared with other test runs measured over 1 ms)
     assert all(OP_SECONDS <= rates[f"op:{k}"] < 5e-3 for k in kinds)
-    from passes.budget_prices import compress_seconds
+    from sparsify_fx.passes.memory_budget.prices import compress_seconds
     rewrite = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
                           details={"storage": "bf16"})
     relu = sfx.Rewrite("actmem", "relu", "relu", "relu", "x", saved_bytes_before=1000)
@@ -535,7 +535,7 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     assert compress_seconds([dense], _unit, priced, {"fc": 4e3}, bf16_mm=True) == {"u": 1000.5 - 3000.0}
     # priced below one op's least cost: still positive (dearer than keeping), still falling
     # as the estimate falls (the faster of two such choices is the cheaper)
-    from passes.budget_prices import floored as _floored
+    from sparsify_fx.passes.memory_budget.prices import floored as _floored
     assert _floored(2 * OP_SECONDS) == 2 * OP_SECONDS and _floored(OP_SECONDS) == OP_SECONDS
     assert OP_SECONDS > _floored(0.0) > _floored(-1999.5) > _floored(-1e4) > 0
     # within a unit the gains offset the other ops' costs first
@@ -621,7 +621,7 @@ def test_compress_light_is_activation_memory_alone():
     unit holds more than ``compress`` and less than ``keep``, and no rewrite of its is DropIT."""
     block = _resnet18_block_options()
     assert block["compress"]["bytes"] < block["compress-light"]["bytes"] < block["keep"]["bytes"]
-    from passes.memory_budget import _compress_configs
+    from sparsify_fx.passes.memory_budget.planner import _compress_configs
     configs = _compress_configs("compress-light", MemoryBudget(), lambda name: True)
     assert [type(c).__name__ for c in configs] == ["ActivationMemory"]
     # the projection holds the attention's output anyway: kept for the flash backward
@@ -637,7 +637,7 @@ def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
     assert block["compress-bf16"]["bytes"] < block["compress-light"]["bytes"]
     assert block["compress-bf16"]["bytes"] <= 0.55 * block["keep"]["bytes"]
     assert block["compress-bf16"]["seconds"] > block["compress-light"]["seconds"]
-    from passes.memory_budget import _compress_configs
+    from sparsify_fx.passes.memory_budget.planner import _compress_configs
     (config,) = _compress_configs("compress-bf16", MemoryBudget(), lambda name: True)
     # (the projection keeps a bf16 copy: keeping the attention's output would cost its bytes)
     assert config.dense == "bf16" and config.attention == "bf16" and config.attention_output == "recompute"
@@ -652,7 +652,7 @@ def test_compress_fused_keeps_bf16_inputs_of_the_exact_fusions():
     assert block["compress-fused"]["bytes"] < block["compress-light"]["bytes"]
     assert block["compress-fused"]["bytes"] < block["compress-exact"]["bytes"]
     assert block["compress-bf16"]["bytes"] <= block["compress-fused"]["bytes"]
-    from passes.memory_budget import _compress_configs
+    from sparsify_fx.passes.memory_budget.planner import _compress_configs
     (config,) = _compress_configs("compress-fused", MemoryBudget(), lambda name: True)
     assert (config.batchnorm, config.layernorm, config.gelu, config.dense, config.attention_output) == (
         "recompute-bf16", "recompute-bf16", "recompute-bf16", "off", "keep")
@@ -730,7 +730,7 @@ def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
     """measure_steps times whole-model training steps of every choice: the model's buffers,
     gradients and the RNG state are left as they were, prices are only scaled up, and the
     plan records what was measured."""
-    import passes.memory_budget as mb
+    import sparsify_fx.passes.memory_budget.planner as mb
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18().train()
@@ -768,7 +768,8 @@ def test_calibration_is_cached_on_disk_per_machine_torch_threads_and_code(monkey
     """A second process (here: a cleared in-process cache) reuses the calibration measured on
     the same machine instead of spending its seconds again; another thread count, ``fresh``,
     a corrupt file or another key measure again; an unwritable directory still calibrates."""
-    from passes import budget_costs, calibration_cache
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
+    from sparsify_fx.passes.memory_budget import calibration_cache
 
     measured: list[int] = []
 
@@ -825,7 +826,8 @@ def test_a_cached_calibration_from_a_host_in_another_state_is_measured_again(mon
     """The calibration keeps a host reference (a bf16 round trip) timed with it. Session 17
     cached one while other processes shared the cores: every rate 10-30x the idle host's, and
     the budget plans recomputed blocks instead of compressing them (ResNet-50 at 0.5: 1.19x)."""
-    from passes import budget_costs, calibration_cache
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
+    from sparsify_fx.passes.memory_budget import calibration_cache
 
     host = {"seconds": 0.010}  # what the reference takes on the host now
     measured: list[float] = []
@@ -856,7 +858,7 @@ def test_a_cached_calibration_from_a_host_in_another_state_is_measured_again(mon
 def test_memory_budget_reports_where_its_calibration_came_from(monkeypatch):
     from conftest import mlp
 
-    from passes import budget_costs
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
 
     with pytest.raises(sfx.ConfigError, match="calibration must be 'cached' or 'fresh'"):
         sfx.MemoryBudget(calibration="disk")
@@ -875,7 +877,7 @@ def test_memory_budget_reports_where_its_calibration_came_from(monkeypatch):
 
 
 def test_measured_prices_failing_falls_back_to_calibrated_prices(monkeypatch):
-    import passes.budget_costs as costs
+    import sparsify_fx.passes.memory_budget.costs as costs
 
     def broken(gm, args):
         raise RuntimeError("data-dependent input")
@@ -908,8 +910,8 @@ def test_plans_a_model_that_cannot_train_on_its_example_batch():
 def test_measured_prices_scale_the_reported_estimates_too(monkeypatch):
     """The report's estimates follow the measured scale, except a saving (a negative estimate,
     bf16 weight gradients), which stays as estimated: prices only go up."""
-    import passes.memory_budget as mb
-    from passes.budget_prices import floored
+    import sparsify_fx.passes.memory_budget.planner as mb
+    from sparsify_fx.passes.memory_budget.prices import floored
 
     units = {name: mb._Unit(name, None) for name in ("a", "b")}
     for unit, estimate in zip(units.values(), (0.01, -0.005), strict=True):
@@ -926,8 +928,8 @@ def test_measured_prices_scale_the_reported_estimates_too(monkeypatch):
 
 
 def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
-    import passes.memory_budget as mb
-    from passes.memory_budget import Choice, _Unit
+    import sparsify_fx.passes.memory_budget.planner as mb
+    from sparsify_fx.passes.memory_budget.planner import Choice, _Unit
 
     def units():
         return {"a": _Unit("a", None, {"keep": Choice("keep", 10, 0.0), "compress": Choice("compress", 2, 0.01)}),
@@ -948,14 +950,14 @@ def test_measured_prices_below_the_noise_change_nothing(monkeypatch):
 
 def test_host_share_is_one_on_a_cpu():
     """A CPU runs each op as it is issued: every fixed cost is charged in full."""
-    from passes.budget_costs import host_share
+    from sparsify_fx.passes.memory_budget.costs import host_share
 
     assert host_share(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))) == 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_host_share_on_a_gpu_is_a_fraction_and_restores_gradients():
-    from passes.budget_costs import host_share
+    from sparsify_fx.passes.memory_budget.costs import host_share
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)]).cuda()

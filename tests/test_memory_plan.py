@@ -12,7 +12,7 @@ import torchvision
 
 import sparsify_fx as sfx
 from sparsify_fx.bench import saved_tensor_bytes
-from sparsify_fx.memory_plan import memory_plan
+from sparsify_fx.analysis.memory_plan import memory_plan
 
 
 class ConvReluConv(nn.Module):

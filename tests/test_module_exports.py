@@ -9,7 +9,7 @@ import pkgutil
 
 import pytest
 
-import passes
+import sparsify_fx.passes as passes
 import sparsify_fx
 
 

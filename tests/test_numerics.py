@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from passes.activation_memory import NONFINITE_CODE, compress, decompress
+from sparsify_fx.passes.activation_memory.rewrite import NONFINITE_CODE, compress, decompress
 
 INF, NAN = float("inf"), float("nan")
 ops = torch.ops.sparsify_fx

@@ -1,4 +1,4 @@
-"""passes.op_autograd: side outputs are non-differentiable and get no materialised gradient; results are owned (never a view);
+"""sparsify_fx.passes.kernels.op_autograd: side outputs are non-differentiable and get no materialised gradient; results are owned (never a view);
 eager calls skip the custom op's dispatch, and anything that must see the op still does."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 import passes  # noqa: F401  (registers the sparsify_fx ops)
 import sparsify_fx as sfx
-from passes import op_autograd
-from passes.op_autograd import owned, register_autograd
+from sparsify_fx.passes.kernels import op_autograd
+from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
 seen: list[tuple] = []
 
@@ -154,7 +154,7 @@ def test_modes_fake_tensors_and_transforms_see_the_custom_op():
 
 @pytest.mark.parametrize("store", ["exact", "bf16"])
 def test_a_fused_pass_op_gives_the_same_results_eager_and_dispatched(store, monkeypatch):
-    from passes.bn_relu_conv import ActMemBnReLUConv
+    from sparsify_fx.passes.activation_memory.bn_relu_conv import ActMemBnReLUConv
 
     torch.manual_seed(0)
     bn, conv = torch.nn.BatchNorm2d(6), torch.nn.Conv2d(6, 4, 3, padding=1)

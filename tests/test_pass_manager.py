@@ -43,7 +43,7 @@ def test_failing_pass_rolls_back_and_names_pass_and_node():
 
 
 def test_rollback_restores_graph_and_submodules():
-    from sparsify_fx.pass_base import run_passes
+    from sparsify_fx.infra.pass_base import run_passes
 
     gm = sfx.capture(mlp()).graph_module
     before = gm.code

@@ -16,8 +16,8 @@ import torch.nn as nn
 from conftest import SmallCNN
 
 import sparsify_fx as sfx
-from sparsify_fx.cli import main
-from sparsify_fx.html_report import layered_layout, render_html, write_html
+from sparsify_fx.cli.main import main
+from sparsify_fx.report.html import layered_layout, render_html, write_html
 
 RECIPE = "dropit:keep=0.5+actmem"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

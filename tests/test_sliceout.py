@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from passes.sliceout import SliceOutBatchNorm, SliceOutDense, SliceWindow, window_width
+from sparsify_fx.passes.sliceout import SliceOutBatchNorm, SliceOutDense, SliceWindow, window_width
 
 # ---------------------------------------------------------------- small models
 

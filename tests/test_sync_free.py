@@ -1,6 +1,6 @@
 """The read-free paths the custom ops take on accelerators (passes/sync.py), checked on CPU.
 
-``passes.sync.sync_free`` is patched to say yes, so the CPU runs the code a GPU would. A
+``sparsify_fx.passes.kernels.sync.sync_free`` is patched to say yes, so the CPU runs the code a GPU would. A
 training step is profiled and must contain no op that reads a value back to the host
 (``.item()``, ``bool(t)``, ``nonzero``, boolean-mask indexing); its gradients must equal the
 CPU path's wherever the two are specified to agree.
@@ -16,9 +16,10 @@ from conftest import SmallCNN
 from torch.profiler import ProfilerActivity, profile
 
 import sparsify_fx as sfx
-from passes import dropit, sync
-from passes.activation_memory import compress as actmem_compress
-from passes.dropit import compress_threshold, decompress_threshold
+from sparsify_fx.passes import dropit
+from sparsify_fx.passes.kernels import sync
+from sparsify_fx.passes.activation_memory.rewrite import compress as actmem_compress
+from sparsify_fx.passes.dropit import compress_threshold, decompress_threshold
 
 #: ops that wait for the device and copy a value to the host
 _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select"}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import sparsify_fx as sfx
 from benchmarks.bench_budget import GPT
 from benchmarks.memory import saved_tensor_bytes
-from sparsify_fx.unpack import unbind_unpacking
+from sparsify_fx.frontend.unpack import unbind_unpacking
 
 # a pass that rewrites nothing in these models: what remains is the capture and the cleanup
 _NOTHING = sfx.ActivationMemory(relu="off", gelu="off", silu="off", batchnorm="off", layernorm="off",

@@ -1,0 +1,615 @@
+"""Structured activation pruning in block-sparse form (arXiv 2311.16883).
+
+Linear / matmul-against-a-parameter / 1x1 convolutions keep a *block-sparse* copy of the
+input they save for backward. Forward is exact. The saved input, seen as a 2-D matrix
+``[rows, in_features]`` (leading dims flattened; channels-last for a 1x1 conv), is cut into
+``b x b`` blocks, each block is scored by its L1 or L2 norm, and only the top ``density``
+fraction of blocks is stored. Backward computes ``grad_weight`` from the kept blocks only
+(per block column, one GEMM of its kept blocks side by side with their stacked rows of
+``grad_out``; the dense input is never rebuilt);
+``grad_input = grad_out @ W`` and ``grad_bias`` never read ``x`` and are exact. In eval mode
+(or under ``no_grad``) the layer runs the plain dense op, bit-identical to the original.
+
+Storage format (:class:`CompressedBlocks`), chosen so that no padding is ever stored:
+
+* ``values (k, b, b)`` -- the kept *full* blocks in block-compressed-sparse-column (BSC)
+  order, with ``col_ptr`` (int32, ``n_block_cols + 1``) and ``row_idx`` (int16 while the
+  block grid has < 32768 block rows, else int32). This is ``torch.sparse_bsc``'s layout,
+  kept as plain tensors so autograd's saved-tensor hooks see every byte.
+* when ``rows % b != 0`` the bottom strip of partial blocks ``(k_b, rows % b, b)`` with their
+  block-column indices; when ``in_features % b != 0`` the right strip ``(k_r, b, in % b)``
+  with their block-row indices; and the ``(rows % b, in % b)`` corner, always kept.
+
+Edge blocks are scored on their real elements only and compete among their own strip (each
+strip keeps ``ceil(density * n)`` of its blocks), so a small partial block is never pitted
+against full blocks whose norms sum over more elements. ``saved_bytes_after`` counts exactly
+what is stored: values plus every index byte, and no padding exists to hide.
+
+The op is a ``torch.library.custom_op`` with registered autograd and fake kernels, so it runs
+in eager, FX, ``torch.export`` and ``torch.compile``. Compression is device-agnostic PyTorch.
+The weight gradient of the full blocks runs a Triton kernel on CUDA when triton is installed
+and ``b`` is 16/32/64/128 (:mod:`sparsify_fx.passes.block_sparse.triton_kernel`), and per-column GEMMs otherwise; each
+rewrite's report says which (``details["kernel"]``) and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify_fx as sfx
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
+
+from sparsify_fx.passes.block_sparse.triton_kernel import bsc_weight_grad_triton, kernel_for
+from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
+
+__all__ = [
+    "BlockSparseActivations",
+    "BlockGrid",
+    "CompressedBlocks",
+    "block_grid",
+    "compress_blocks",
+    "decompress_blocks",
+    "block_sparse_weight_grad",
+    "BlockSparseLinear",
+    "BlockSparseConv1x1",
+]
+
+_NORMS = ("l1", "l2")
+#: grad_out at least this many blocks wide takes one GEMM per kept block instead of gathers
+_PER_BLOCK_MIN_WIDTH = 32
+_INT16_LIMIT = 32767
+
+
+@dataclass(frozen=True)
+class BlockSparseActivations(PassConfig):
+    """Keep only the strongest ``b x b`` blocks of each dense layer's saved input.
+
+    Args:
+        block_size: side ``b`` of the square blocks, 1..4096 (the paper uses 16..64).
+        density: fraction of blocks kept, in (0, 1]; 1.0 keeps every block (exact gradients).
+        norm: block score, ``"l1"`` (sum of ``|x|``) or ``"l2"`` (Frobenius norm).
+        skip_first_last: leave the model's first and last dense layers dense (the first
+            layer's input is the data, which the caller holds anyway; the head is small).
+
+    Example:
+        >>> import torch, sparsify_fx as sfx
+        >>> m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+        ...                         torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        >>> fast = sfx.sparsify(m, sfx.BlockSparseActivations(block_size=8, density=0.5),
+        ...                     example_inputs=(torch.randn(16, 32),))
+        >>> [r.module for r in sfx.explain(fast).rewrites]
+        ['2']
+    """
+
+    block_size: int = 32
+    density: float = 0.5
+    norm: str = "l2"
+    skip_first_last: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ConfigError(f"{name}.block_size must be an int, got {self.block_size!r}")
+        check_range(self, "block_size", self.block_size, 1, 4096)
+        check_range(self, "density", self.density, 0.0, 1.0, low_open=True)
+        if self.norm not in _NORMS:
+            raise ConfigError(f"{name}.norm must be one of {list(_NORMS)}, got {self.norm!r}")
+        if not isinstance(self.skip_first_last, bool):
+            raise ConfigError(f"{name}.skip_first_last must be a bool, got {self.skip_first_last!r}")
+
+
+# ---------------------------------------------------------------- block layout
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """How a ``[rows, cols]`` matrix is cut into ``b x b`` blocks and how many are kept.
+
+    ``n_r`` / ``n_c`` count *full* block rows / columns; ``rem_r`` / ``rem_c`` are the sizes
+    of the partial bottom / right strips (0 when the size divides evenly).
+    """
+
+    rows: int
+    cols: int
+    block: int
+    n_r: int
+    n_c: int
+    rem_r: int
+    rem_c: int
+    k_full: int
+    k_bottom: int
+    k_right: int
+    k_corner: int
+    index_dtype: torch.dtype
+
+    @property
+    def total_blocks(self) -> int:
+        return (self.n_r + (self.rem_r > 0)) * (self.n_c + (self.rem_c > 0))
+
+    @property
+    def kept_blocks(self) -> int:
+        return self.k_full + self.k_bottom + self.k_right + self.k_corner
+
+    def kept_elements(self) -> int:
+        b = self.block
+        return (self.k_full * b * b + self.k_bottom * self.rem_r * b
+                + self.k_right * b * self.rem_c + self.k_corner * self.rem_r * self.rem_c)
+
+    def index_bytes(self) -> int:
+        per_index = torch.empty((), dtype=self.index_dtype).element_size()
+        return per_index * (self.k_full + self.k_bottom + self.k_right) + 4 * (self.n_c + 1)
+
+    def compressed_bytes(self, itemsize: int) -> int:
+        """Exact bytes of the stored copy: kept values plus all index tensors."""
+        return self.kept_elements() * itemsize + self.index_bytes()
+
+
+def _kept(n: int, density: float) -> int:
+    # round() first: 0.7 * 10 is 7.000000000000001 in floating point, which ceil makes 8
+    return min(n, math.ceil(round(density * n, 9))) if n else 0
+
+
+def block_grid(rows: int, cols: int, block: int, density: float) -> BlockGrid:
+    """The block layout of a ``[rows, cols]`` input and how many blocks of each kind are kept."""
+    n_r, rem_r = divmod(rows, block)
+    n_c, rem_c = divmod(cols, block)
+    largest = max(n_r, n_c) + 1
+    return BlockGrid(
+        rows, cols, block, n_r, n_c, rem_r, rem_c,
+        k_full=_kept(n_r * n_c, density),
+        k_bottom=_kept(n_c if rem_r else 0, density),
+        k_right=_kept(n_r if rem_c else 0, density),
+        # the corner is a single partial block: ceil(density * 1) keeps it at any density
+        k_corner=1 if rem_r and rem_c else 0,
+        index_dtype=torch.int16 if largest <= _INT16_LIMIT else torch.int32,
+    )
+
+
+class CompressedBlocks(NamedTuple):
+    """The kept blocks of a ``[rows, cols]`` matrix (see the module docstring for the format)."""
+
+    values: torch.Tensor  # (k_full, b, b), BSC order: by block column, then block row
+    col_ptr: torch.Tensor  # (n_c + 1,) int32
+    row_idx: torch.Tensor  # (k_full,) block-row index of each full block
+    bottom_values: torch.Tensor  # (k_bottom, rows % b, b)
+    bottom_cols: torch.Tensor  # (k_bottom,) block-column index
+    right_values: torch.Tensor  # (k_right, b, cols % b)
+    right_rows: torch.Tensor  # (k_right,) block-row index
+    corner: torch.Tensor  # (rows % b, cols % b), kept whole
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+def _score(blocks: torch.Tensor, norm: str) -> torch.Tensor:
+    """One score per block of a ``(n, ...)`` stack (made contiguous: reductions over strided
+    block views run ~10x slower on CPU)."""
+    # at least float32 accumulation: a half-precision sum of b*b squares overflows/ties easily
+    # (float64 inputs keep float64: vector_norm refuses to narrow)
+    dtype = torch.promote_types(blocks.dtype, torch.float32)
+    flat = blocks.reshape(blocks.shape[0], math.prod(blocks.shape[1:]))
+    if norm == "l1":
+        return flat.abs().sum(1, dtype=dtype)
+    return torch.linalg.vector_norm(flat, 2, dim=1, dtype=dtype)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    n = scores.numel()
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    # sorted indices keep the gathers below sequential and give BSC order for free
+    return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def compress_blocks(x2: torch.Tensor, block: int, density: float, norm: str = "l2") -> CompressedBlocks:
+    """Keep the top-``density`` blocks (by ``norm``) of a 2-D ``[rows, cols]`` matrix."""
+    x2 = x2.detach().contiguous()
+    rows, cols = x2.shape
+    g = block_grid(rows, cols, block, density)
+    b, rf, cf = block, g.n_r * block, g.n_c * block
+
+    # (n_c * n_r, b, b) blocks in column-major block order, so flat index = c * n_r + r (BSC).
+    # One contiguous copy (transient, freed when the op returns) makes scoring and the gather
+    # of kept blocks sequential: both ran ~10x slower on the strided view
+    full = x2[:rf, :cf].view(g.n_r, b, g.n_c, b).permute(2, 0, 1, 3).reshape(-1, b, b)
+    idx = _top(_score(full, norm), g.k_full)
+    cols_of = torch.div(idx, max(g.n_r, 1), rounding_mode="floor")
+    rows_of = idx - cols_of * g.n_r
+    values = full.index_select(0, idx)
+    del full
+    col_ptr = torch.zeros(g.n_c + 1, dtype=torch.int32, device=x2.device)
+    col_ptr[1:] = torch.bincount(cols_of, minlength=g.n_c).cumsum(0)
+
+    bottom = x2[rf:, :cf].view(g.rem_r, g.n_c, b).permute(1, 0, 2)
+    bottom_idx = _top(_score(bottom, norm), g.k_bottom)
+    right = x2[:rf, cf:].view(g.n_r, b, g.rem_c)
+    right_idx = _top(_score(right, norm), g.k_right)
+    corner = x2[rf:, cf:].clone()
+    return CompressedBlocks(
+        values, col_ptr, rows_of.to(g.index_dtype),
+        bottom[bottom_idx], bottom_idx.to(g.index_dtype),
+        right[right_idx], right_idx.to(g.index_dtype),
+        corner,
+    )
+
+
+def decompress_blocks(blocks: CompressedBlocks, rows: int, cols: int, block: int) -> torch.Tensor:
+    """The dense ``[rows, cols]`` matrix with kept blocks in place and zeros elsewhere.
+
+    Tests, benchmarks and the backward's explicit ``kernel="dense"`` path use it.
+    """
+    b = block
+    n_r, n_c = rows // b, cols // b
+    rf, cf = n_r * b, n_c * b
+    dense = blocks.values.new_zeros(rows, cols)
+    counts = (blocks.col_ptr[1:] - blocks.col_ptr[:-1]).long()
+    # output_size: the length is known, so CUDA needs no device-to-host sync to size it
+    cols_of = torch.repeat_interleave(torch.arange(n_c, device=dense.device), counts,
+                                      output_size=blocks.values.shape[0])
+    dense[:rf, :cf].view(n_r, b, n_c, b).permute(2, 0, 1, 3)[cols_of, blocks.row_idx.long()] = blocks.values
+    dense[rf:, :cf].view(rows - rf, n_c, b).permute(1, 0, 2)[blocks.bottom_cols.long()] = blocks.bottom_values
+    dense[:rf, cf:].view(n_r, b, cols - cf)[blocks.right_rows.long()] = blocks.right_values
+    dense[rf:, cf:] = blocks.corner
+    return dense
+
+
+def _full_blocks_per_column(grad: torch.Tensor, blocks: CompressedBlocks, g_blocks: torch.Tensor) -> None:
+    """Add every kept full block's ``x_ijᵀ @ grad_out[i-rows]`` into ``grad[j-rows]``, one GEMM
+    per block column: the column's kept blocks side by side (``b x k_j b``) times their
+    gathered ``b``-row slices of ``grad_out`` (``k_j b x out``, at most grad_out's size)."""
+    # (One bmm per b x b block plus an index_add_ of the (k, b, out) products was 1.5-2.7x
+    # slower on CPU.)
+    n_r, b, out_features = g_blocks.shape
+    ptr = blocks.col_ptr.tolist()
+    row_idx = blocks.row_idx.long()
+    for j in range(len(ptr) - 1):
+        start, end = ptr[j], ptr[j + 1]
+        if start == end:
+            continue
+        # (k, b_rows, b_cols) stacked is (k b, b): its transpose is the blocks side by side,
+        # a view BLAS reads as is (no copy)
+        x_t = blocks.values[start:end].to(g_blocks.dtype).reshape((end - start) * b, b).t()
+        g_kept = g_blocks.index_select(0, row_idx[start:end]).reshape((end - start) * b, out_features)
+        torch.mm(x_t, g_kept, out=grad[j * b:(j + 1) * b])
+
+
+def _full_blocks_per_block(grad: torch.Tensor, blocks: CompressedBlocks, g_blocks: torch.Tensor) -> None:
+    """The same sum, one in-place GEMM per kept block, reading ``grad_out`` where it lies.
+
+    For a wide ``grad_out`` (fc1 of an MLP: out = 4 x in) the per-column gathers copy
+    ``kept_blocks * b * out`` elements, more than one small GEMM per block costs (ResMLP-12 fc1,
+    b = 32: 5.0 ms against 6.9 ms gathered, dense 5.1 ms).
+    """
+    b = g_blocks.shape[1]
+    counts = (blocks.col_ptr[1:] - blocks.col_ptr[:-1]).tolist()
+    # views made in bulk (unbind/split): per-block Python indexing cost as much as the GEMMs
+    x_t = blocks.values.to(g_blocks.dtype).transpose(1, 2).unbind(0)
+    g_rows = g_blocks.unbind(0)
+    row_idx = blocks.row_idx.tolist()
+    k = 0
+    for target, count in zip(grad[:len(counts) * b].split(b), counts):
+        for _ in range(count):
+            target.addmm_(x_t[k], g_rows[row_idx[k]])
+            k += 1
+
+
+def block_sparse_weight_grad(
+    blocks: CompressedBlocks, grad_out2: torch.Tensor, rows: int, cols: int, block: int,
+    kernel: str | None = None, transposed: bool = False,
+) -> torch.Tensor:
+    """``x_sparseᵀ @ grad_out`` (shape ``[cols, out]``) from the kept blocks only.
+
+    ``transposed=True`` returns its transpose, ``[out, cols]`` contiguous (a Linear's weight
+    layout): the GEMMs write that layout directly instead of a copy transposing the result.
+
+    ``kernel`` picks the full-block path: ``"triton"`` (:mod:`sparsify_fx.passes.block_sparse.triton_kernel`, CUDA),
+    ``"torch"`` (per block column, or per block when ``grad_out`` is at least
+    ``_PER_BLOCK_MIN_WIDTH`` blocks wide), or ``"dense"`` (the input rebuilt dense, zeros in the
+    dropped blocks, for one GEMM; for comparison, never picked automatically: it materialises
+    a dense input in backward); ``None`` takes
+    :func:`sparsify_fx.passes.block_sparse.triton_kernel.kernel_for`'s choice. Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to
+    ``grad[j-rows]``; the partial strips are added after. Cost scales with the kept fraction:
+    dropped blocks are never materialised, not even as zeros.
+    """
+    b = block
+    n_r, n_c = rows // b, cols // b
+    rf, cf = n_r * b, n_c * b
+    g2 = grad_out2.contiguous()
+    out_features = g2.shape[1]
+    dtype = g2.dtype
+    if kernel is None:
+        kernel = kernel_for(blocks.values.device, b, g2.dtype)[0]
+    if kernel == "dense":
+        x = decompress_blocks(blocks, rows, cols, b).to(dtype)
+        return g2.t() @ x if transposed else x.t() @ g2
+    g_blocks = g2[:rf].view(n_r, b, out_features)
+    if kernel == "triton":
+        result = grad = bsc_weight_grad_triton(blocks.values, blocks.col_ptr, blocks.row_idx, g2, cols)
+    else:
+        if transposed:
+            # every write below goes through this column-major view; BLAS writes it as is
+            result = g2.new_zeros(out_features, cols)
+            grad = result.t()
+        else:
+            result = grad = g2.new_zeros(cols, out_features)
+        if blocks.values.shape[0]:
+            if out_features >= _PER_BLOCK_MIN_WIDTH * b:
+                _full_blocks_per_block(grad, blocks, g_blocks)
+            else:
+                _full_blocks_per_column(grad, blocks, g_blocks)
+    if blocks.bottom_values.shape[0]:
+        # every bottom block pairs with the same partial row strip of grad_out: one GEMM
+        k, rem_r = blocks.bottom_values.shape[:2]
+        x_t = blocks.bottom_values.to(dtype).transpose(1, 2).reshape(k * b, rem_r)
+        grad[:cf].view(n_c, b, out_features).index_add_(
+            0, blocks.bottom_cols.long(), (x_t @ g2[rf:]).view(k, b, out_features)
+        )
+    if blocks.right_values.shape[0]:
+        x_r = blocks.right_values.to(dtype).reshape(-1, cols - cf)
+        g_r = g_blocks.index_select(0, blocks.right_rows.long()).reshape(-1, out_features)
+        grad[cf:] += x_r.t() @ g_r
+    if blocks.corner.numel():
+        grad[cf:] += blocks.corner.to(dtype).t() @ g2[rf:]
+    if kernel == "triton" and transposed:
+        return grad.t().contiguous()  # the kernel writes [cols, out]
+    return result
+
+
+# ---------------------------------------------------------------- custom op
+
+
+def _rows_view(x: torch.Tensor, kind: str) -> torch.Tensor:
+    # a 1x1 conv is a Linear over channels: put channels last, flatten batch and space
+    if kind == "conv":
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dense(x, weight, bias, kind: str, dilation: list[int]) -> torch.Tensor:
+    if kind == "linear":
+        return F.linear(x, weight, bias)
+    if kind == "addmm":
+        return torch.addmm(bias, x, weight)
+    if kind == "matmul":
+        return torch.matmul(x, weight)
+    n = len(dilation)
+    return torch.ops.aten.convolution(x, weight, bias, [1] * n, [0] * n, dilation, False, [0] * n, 1)
+
+
+@torch.library.custom_op("sparsify_fx::block_sparse_dense", mutates_args=())
+def _block_sparse_dense(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    block: int,
+    density: float,
+    norm: str,
+    kind: str,
+    dilation: list[int],
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:
+    out = owned(_dense(x, weight, bias, kind, dilation))
+    return (out, *compress_blocks(_rows_view(x, kind), block, density, norm))
+
+
+def _in_features(x: torch.Tensor, kind: str) -> int:
+    return x.shape[1] if kind == "conv" else x.shape[-1]
+
+
+@_block_sparse_dense.register_fake
+def _(x, weight, bias, block, density, norm, kind, dilation):
+    if kind == "conv":
+        out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
+    else:
+        out_features = weight.shape[0] if kind == "linear" else weight.shape[1]
+        out = x.new_empty(*x.shape[:-1], out_features)
+    cols = _in_features(x, kind)
+    g = block_grid(x.numel() // cols, cols, block, density)
+    b, idx = block, g.index_dtype
+    return (
+        out,
+        x.new_empty(g.k_full, b, b),
+        x.new_empty(g.n_c + 1, dtype=torch.int32),
+        x.new_empty(g.k_full, dtype=idx),
+        x.new_empty(g.k_bottom, g.rem_r, b),
+        x.new_empty(g.k_bottom, dtype=idx),
+        x.new_empty(g.k_right, b, g.rem_c),
+        x.new_empty(g.k_right, dtype=idx),
+        x.new_empty(g.rem_r, g.rem_c),
+    )
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, bias, block, density, norm, kind, dilation = inputs
+    # only the compressed blocks (and the weight, a parameter) are kept for backward
+    ctx.save_for_backward(*output[1:], weight)
+    cols = _in_features(x, kind)
+    ctx.rows, ctx.cols, ctx.block = x.numel() // cols, cols, block
+    ctx.kind, ctx.dilation = kind, list(dilation)
+    ctx.x_shape = list(x.shape)
+    ctx.bias_shape = list(bias.shape) if bias is not None else None
+
+
+def _backward(ctx, grad_out, *_grad_blocks):
+    *parts, weight = ctx.saved_tensors
+    parts = in_backward(grad_out, *parts)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    kind = ctx.kind
+    grad_x = grad_w = grad_b = None
+    if kind == "conv":
+        n = len(ctx.dilation)
+        if need_x:
+            # the input is only needed for its shape: an expanded 1-element tensor is enough
+            # (what torch.nn.grad.conv2d_input does)
+            shape_only = grad_out.new_empty(1).expand(ctx.x_shape)
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out.contiguous(), shape_only, weight, None, [1] * n, [0] * n, ctx.dilation,
+                False, [0] * n, 1, [True, False, False],
+            )[0]
+        if need_b and ctx.bias_shape is not None:
+            grad_b = grad_out.sum(dim=[0, *range(2, grad_out.dim())])
+        if need_w:
+            g2 = grad_out.movedim(1, -1).reshape(-1, grad_out.shape[1])
+            grad_w = block_sparse_weight_grad(CompressedBlocks(*parts), g2, ctx.rows, ctx.cols, ctx.block,
+                                              transposed=True).view(weight.shape)
+    else:
+        w = weight if kind == "linear" else weight.t()  # [out, in]
+        if need_x:
+            grad_x = grad_out @ w
+        if need_b and ctx.bias_shape is not None:
+            grad_b = grad_out.sum_to_size(ctx.bias_shape)
+        if need_w:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_w = block_sparse_weight_grad(CompressedBlocks(*parts), g2, ctx.rows, ctx.cols, ctx.block,
+                                              transposed=kind == "linear")
+    return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+block_sparse_dense = register_autograd(_block_sparse_dense, _backward, _setup)
+
+
+# ---------------------------------------------------------------- op modules
+
+
+class BlockSparseLinear(nn.Module):
+    """Parameter-free op module: ``forward(x, weight, bias)`` like the Linear/matmul it replaced.
+
+    ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"): eval mode and no-grad
+    run exactly that op, so outputs are bit-identical to the original graph's.
+    """
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, block: int, density: float, norm: str, kind: str = "linear"):
+        super().__init__()
+        self.block, self.density, self.norm, self.kind = block, density, norm, kind
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}, density={self.density}, norm={self.norm}, kind={self.kind}"
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.training and torch.is_grad_enabled() and weight.requires_grad:
+            with autocast_region(x.device.type) as cast:
+                return block_sparse_dense(
+                    cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
+                    self.kind, [],
+                )[0]
+        return _dense(x, weight, bias, self.kind, [])
+
+
+class BlockSparseConv1x1(nn.Module):
+    """Parameter-free op module for a 1x1, stride-1, unpadded, ungrouped Conv1d/2d/3d."""
+
+    #: the backward keeps only a compressed copy (read by sfx memory_plan)
+    keeps_dense_inputs = False
+
+    def __init__(self, block: int, density: float, norm: str, dilation: tuple[int, ...]):
+        super().__init__()
+        self.block, self.density, self.norm = block, density, norm
+        self.dilation = list(dilation)
+        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.dilation)]
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}, density={self.density}, norm={self.norm}"
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if self.training and torch.is_grad_enabled() and weight.requires_grad:
+            with autocast_region(x.device.type) as cast:
+                return block_sparse_dense(
+                    cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
+                    "conv", self.dilation,
+                )[0]
+        return self._functional(x, weight, bias, 1, 0, self.dilation, 1)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def _conv_reason(op: sfx.DenseOp, weight: torch.Tensor) -> str | None:
+    """None when a conv is a Linear over channels, else why it is not."""
+    if any(k != 1 for k in weight.shape[2:]):
+        return f"kernel {tuple(weight.shape[2:])} is not 1x1: blocks of an im2col input are not supported"
+    if any(s != 1 for s in op.stride):
+        return f"stride {op.stride} != 1: the saved input is not a per-pixel Linear input"
+    padding = op.conv_padding_ints(weight.shape)
+    if padding is None or any(p != 0 for p in padding):
+        return f"padding {op.padding} != 0 changes the 1x1 conv's input grid"
+    if op.groups != 1:
+        return f"groups={op.groups}: a grouped conv is not one Linear over channels"
+    return None
+
+
+def _rewrite_one(gm, op: sfx.DenseOp, config: BlockSparseActivations, ctx) -> Rewrite:
+    weight = gm.get_parameter(op.weight_name)
+    if op.kind == "conv":
+        module: nn.Module = BlockSparseConv1x1(config.block_size, config.density, config.norm, op.dilation)
+        op_name = f"conv{op.conv_ndim}d(1x1)"
+        in_features = weight.shape[1]
+    else:
+        kind = "addmm" if op.node.target is torch.addmm else op.kind
+        module = BlockSparseLinear(config.block_size, config.density, config.norm, kind)
+        op_name = kind
+        in_features = weight.shape[0] if op.weight_transposed else weight.shape[1]
+    # read operands and shapes before replace_node: DenseOp reads them off the (erased) node
+    x, w_node, b_node = op.input, op.weight, op.bias
+    before = sfx.tensor_bytes(x)
+    after = None
+    kernel, why = kernel_for(weight.device, config.block_size, weight.dtype)
+    details: dict = {"block_size": config.block_size, "density": config.density, "norm": config.norm,
+                     "kernel": kernel, "kernel_reason": why}
+    meta = sfx.tensor_meta(x)
+    if meta is not None:
+        shape, dtype = meta
+        grid = block_grid(math.prod(shape) // in_features, in_features, config.block_size, config.density)
+        after = grid.compressed_bytes(torch.empty((), dtype=dtype).element_size())
+        details.update(kept_blocks=grid.kept_blocks, total_blocks=grid.total_blocks,
+                       index_bytes=grid.index_bytes())
+    target = sfx.install_module(gm, f"bsr_{op.module_name or op.node.name}", module)
+    with gm.graph.inserting_before(op.node):
+        new = gm.graph.call_module(target, (x, w_node, b_node))
+    flops = sfx.dense_op_flops(op, weight.shape)
+    sfx.replace_node(op.node, new)
+    return Rewrite(
+        ctx.pass_name, op.node.name, ctx.qualified(op.module_name), op_name, target,
+        saved_bytes_before=before, saved_bytes_after=after,
+        flops_before=flops, flops_after=flops, details=details,
+    )
+
+
+@sfx.register_pass(BlockSparseActivations, name="bsr")
+def _block_sparse_pass(gm, config: BlockSparseActivations, ctx) -> PassResult:
+    ops, unmatched = sfx.find_dense_ops(gm)
+    result = PassResult(gm, modified=False)
+    for node, why in unmatched:
+        result.skips.append(ctx.skip(node, why))
+    for op in ops:
+        weight = gm.get_parameter(op.weight_name)
+        reason = ctx.selection_reason(config, op, op.module_name, gm)
+        if reason is None and config.skip_first_last and ctx.qualified(op.module_name) in ctx.first_last:
+            reason = "first/last dense layer kept dense (skip_first_last=True)"
+        if reason is None and not weight.requires_grad:
+            reason = "weight does not require grad: no input is saved for it"
+        if reason is None and op.kind == "conv":
+            reason = _conv_reason(op, weight)
+        if reason is not None:
+            result.skips.append(ctx.skip(op, reason))
+            continue
+        try:
+            result.rewrites.append(_rewrite_one(gm, op, config, ctx))
+        except Exception as e:
+            e.sfx_node = op.node  # the pass manager names this node in its PassError
+            raise
+        result.modified = True
+    return result

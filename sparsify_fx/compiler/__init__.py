@@ -1,0 +1,3 @@
+"""torch.compile integration: the sparsify_fx Dynamo backend."""
+
+__all__: list[str] = []

@@ -1,0 +1,188 @@
+"""The capture cascade's last two methods (``capture.py`` runs the cascade):
+
+* ``export``: ``torch.export`` (non-strict) in both modes; the graphs must agree once the
+  train/eval-dependent ops are put back as BatchNorm / Dropout module calls. The result is
+  specialised to the example inputs' shapes (:class:`_ShapeGuard` rejects others);
+* ``dynamo``: :class:`DynamoCaptured`, whose graphs Dynamo hands over (and a transform
+  rewrites) lazily, per input shape and mode, when the module first runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from sparsify_fx.frontend.canonical import canonicalize
+from sparsify_fx.frontend.cascade import Capture, _modes
+from sparsify_fx.frontend.captured_module import SharedStateGraphModule, convert_buffers_in_place
+from sparsify_fx.errors import CaptureError, SparsifyError
+from sparsify_fx.graph.form import _has_hooks
+
+__all__ = ["capture_export", "capture_dynamo", "DynamoCaptured"]
+
+
+_MODE_OPS = {
+    torch.ops.aten.batch_norm.default: (nn.modules.batchnorm._BatchNorm, 5),
+    torch.ops.aten.dropout.default: (nn.modules.dropout._DropoutNd, 2),
+}
+
+
+def _restore_mode_ops(gm: fx.GraphModule) -> list[str]:
+    """export bakes train/eval flags: put BatchNorm / Dropout back as module calls."""
+    unresolved = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _MODE_OPS:
+            continue
+        want, _ = _MODE_OPS[node.target]
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        try:
+            mod = gm.get_submodule(path) if path else None
+        except AttributeError:
+            mod = None
+        if not isinstance(mod, want):
+            unresolved.append(node.format_node())
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (node.args[0],))
+        new.meta.update(node.meta)
+        new.meta["sfx_module"] = path
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return unresolved
+
+
+def _counts_batches(node: fx.Node, buffers: dict[str, str]) -> bool:
+    """A training graph's ``num_batches_tracked += 1``: the BatchNorm module call put back in
+    place of ``aten.batch_norm`` does it itself (the eval graph, the one kept, has none)."""
+    if node.target is not torch.ops.aten.add_.Tensor or not node.args:
+        return False
+    target = node.args[0]
+    return (isinstance(target, fx.Node) and target.op == "placeholder"
+            and buffers.get(target.name, "").endswith("num_batches_tracked"))
+
+
+def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Capture:
+    hooked = [name or "(root)" for name, m in model.named_modules() if _has_hooks(m)]
+    if hooked:
+        # export runs hooks once while tracing and keeps only their tensor ops: a hook that
+        # logs, collects features or counts calls would silently stop running
+        raise CaptureError(f"export would inline the hooks of {hooked[:3]} (their Python side effects would be lost)")
+    keys = []
+    programs = []
+    for training in (True, False):
+        with _modes(model, training):
+            ep = torch.export.export(model, tuple(args), kwargs or None, strict=False)
+        programs.append(ep)
+        buffers = ep.graph_signature.inputs_to_buffers
+        keys.append(
+            [
+                str(n.target)
+                for n in ep.graph.nodes
+                if n.op == "call_function" and n.target not in _MODE_OPS
+                and not _counts_batches(n, buffers)
+            ]
+        )
+    if keys[0] != keys[1]:
+        raise CaptureError("the exported graph differs between train and eval mode")
+    unlifted = programs[1].module()
+    # the unlifted module refuses train()/eval(); a plain GraphModule over the same graph
+    # (its pytree codegen included) does not
+    gm = SharedStateGraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
+    for name, m in model._modules.items():
+        gm._modules[name] = m
+    gm.register_forward_pre_hook(_ShapeGuard(args, kwargs or {}), with_kwargs=True)
+    # export's own input guard is a module whose forward is a local function: it cannot be
+    # pickled, and the shape guard above already rejects inputs the graph was not made for
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    if "_guards_fn" in gm._modules and not any(
+            n.op == "call_module" and n.target == "_guards_fn" for n in gm.graph.nodes):
+        del gm._modules["_guards_fn"]
+    unresolved = _restore_mode_ops(gm)
+    if unresolved:
+        raise CaptureError(
+            "export baked train/eval-dependent ops outside BatchNorm/Dropout modules: "
+            + "; ".join(unresolved[:3])
+        )
+    canonicalize(gm)
+    notes = ["export specialises shapes to the example inputs; other shapes raise"]
+    return Capture(gm, "export", {"": gm}, notes)
+
+
+class _ShapeGuard:
+    """Rejects inputs whose shapes differ from the example's (export specialised them)."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                       if isinstance(t, torch.Tensor)]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)]
+        if shapes != self.shapes:
+            raise CaptureError(
+                f"{type(module).__name__} was captured by torch.export for input shapes "
+                f"{self.shapes}; got {shapes}. Call sparsify with example inputs of the shape "
+                "you train with."
+            )
+
+
+class DynamoCaptured(nn.Module):
+    """A model captured by Dynamo: graphs are made (and rewritten) lazily on each new call.
+
+    ``graph_transform(gm, example_inputs) -> gm`` is applied to every graph Dynamo hands over;
+    ``self.graphs`` lists the graphs captured so far.
+    """
+
+    def __init__(self, model: nn.Module, graph_transform: Callable | None = None):
+        super().__init__()
+        self.model = model
+        self.graphs: list[fx.GraphModule] = []
+        self._transform = graph_transform
+        self._compiled = torch.compile(model, backend=self._backend, dynamic=False)
+
+    def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        if self._transform is not None:
+            gm = self._transform(gm, example_inputs)
+        self.graphs.append(gm)
+        return gm.forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # our own errors (a refused rewrite) are the user's to see, not Dynamo's wrapper
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, SparsifyError):
+                raise inner from None
+            raise
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # keys of the original model
+        return self.model.state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        if recurse:
+            convert_buffers_in_place(self, fn)
+        return super()._apply(fn, recurse)
+
+
+def capture_dynamo(model: nn.Module, args: tuple, kwargs: dict | None) -> Capture:
+    wrapper = DynamoCaptured(model)
+    with torch.no_grad(), _modes(model, False):
+        wrapper(*args, **(kwargs or {}))
+    if not wrapper.graphs:
+        raise CaptureError("Dynamo produced no graph")
+    torch._dynamo.reset()
+    notes = [
+        f"Dynamo captured {len(wrapper.graphs)} graph(s) on the example inputs; "
+        "graphs are re-captured per input shape and train/eval mode"
+    ]
+    return Capture(wrapper, "dynamo", {}, notes)

@@ -1,0 +1,3 @@
+"""The canonical graph form: op knowledge, node-meta keys, readers and editing helpers."""
+
+__all__: list[str] = []
