@@ -427,9 +427,9 @@ def test_sample_cutoff_is_the_torch_paths_cutoff(keep):
 def _extension_errors_reach_python() -> bool:
     """Whether a C++ error thrown in the kernels reaches Python as a RuntimeError here. On the
     lent H100's image (torch 2.11 built by gcc-toolset-13, the extension by the system's g++
-    13.3) any exception thrown from a load_inline extension, a one-line TORCH_CHECK too, kills
+    13.3) any exception thrown from a cpp_extension-built extension, a one-line TORCH_CHECK too, kills
     the process with SIGSEGV: probed in a child process, so that only the checks below skip."""
-    probe = ("import torch\nfrom passes import cpu_kernels\ntry:\n"
+    probe = ("import torch\nfrom sparsify_fx.passes.kernels import cpu as cpu_kernels\ntry:\n"
              "    cpu_kernels.load().sample_cutoff(torch.randn(10), torch.arange(10), 11)\n"
              "except RuntimeError:\n    print('raised')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
