@@ -17,9 +17,9 @@ def _modules() -> list[str]:
     names = []
     for package in (sparsify_fx, passes):
         names.append(package.__name__)
-        names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
-                  if m.name != "__main__"]  # importing it runs the CLI
-    return names
+        names += [m.name for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+                  if not m.name.endswith("__main__")]  # importing it runs the CLI
+    return sorted(set(names))
 
 
 @pytest.mark.parametrize("name", _modules())
