@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.iso_flop.rewrite import RigL
+from sparsify_fx.passes.iso_flop import RigL
 
 __all__ = ["train_and_eval", "main"]
 

@@ -8,7 +8,7 @@ from sparsify_fx.passes.activation_memory import dense_storage  # noqa: F401  (r
 from sparsify_fx.passes.activation_memory.rewrite import ActivationMemory
 from sparsify_fx.passes.block_sparse.rewrite import BlockSparseActivations
 from sparsify_fx.passes.dropit import DropIT
-from sparsify_fx.passes.iso_flop.rewrite import IsoFLOP
+from sparsify_fx.passes.iso_flop import IsoFLOP
 from sparsify_fx.passes.memory_budget.planner import MemoryBudget
 from sparsify_fx.passes.sliceout import SliceOut
 

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS
 
 from sparsify_fx.passes.kernels import cpu as cpu_kernels
 from sparsify_fx.passes.kernels import sync
@@ -438,7 +438,7 @@ dropit_conv = register_autograd(_dropit_conv, _conv_backward, _conv_setup)
 # ---------------------------------------------------------------- op modules
 
 
-class DropITLinear(nn.Module):
+class DropITLinear(sfx.OpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` like the op it replaced.
 
     ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"): eval mode runs exactly
@@ -465,7 +465,7 @@ class DropITLinear(nn.Module):
         return dense_call(self.kind, x, weight, bias)
 
 
-class ConvOpModule(nn.Module):
+class ConvOpModule(sfx.OpModule):
     """Base of the parameter-free Conv1d/2d/3d op modules: the convolution's arguments, and
     the dense convolution eval mode runs (``dense``)."""
 
@@ -476,7 +476,7 @@ class ConvOpModule(nn.Module):
         super().__init__()
         self.stride, self.padding = list(stride), list(padding)
         self.dilation, self.groups = list(dilation), int(groups)
-        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.stride)]
+        self._functional = CONV_FUNCTIONS[len(self.stride)]
 
     def dense(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._functional(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS
 
 from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
@@ -248,7 +248,7 @@ sliceout_conv = register_autograd(_sliceout_conv, _conv_backward, _conv_setup)
 # ---------------------------------------------------------------- op modules
 
 
-class SliceWindow(nn.Module):
+class SliceWindow(sfx.OpModule):
     """Parameter-free: draws one group's window start per training forward (None in eval).
 
     The start is uniform over the aligned positions ``0, align, 2*align, ...`` (plus
@@ -262,7 +262,7 @@ class SliceWindow(nn.Module):
 
     #: runs in Python on every training call: a compiler that traces it once would bake the
     #: first window in (``sfx.backend`` refuses that for AOTAutograd-based inner backends)
-    sfx_host_side = True
+    host_side = True
 
     def __init__(self, units: int, width: int, align: int, seed: int, name: str):
         super().__init__()
@@ -294,7 +294,7 @@ class SliceWindow(nn.Module):
         return start
 
 
-class SliceOutDense(nn.Module):
+class SliceOutDense(sfx.OpModule):
     """Parameter-free Linear / Conv taking output and/or input windows.
 
     ``forward(x, weight, bias, out_start, in_start)``: in training with a window, the op
@@ -322,7 +322,7 @@ class SliceOutDense(nn.Module):
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         ndim, stride, padding, dilation, groups = self.conv_args
-        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
+        fn = CONV_FUNCTIONS[ndim]
         return fn(x, weight, bias, stride, padding, dilation, groups)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -345,7 +345,7 @@ class SliceOutDense(nn.Module):
                 x, weight, bias, rows, cols, scale, list(stride), list(padding), list(dilation))
 
 
-class SliceOutBatchNorm(nn.Module):
+class SliceOutBatchNorm(sfx.OpModule):
     """Parameter-free BatchNorm over a channel window (``nn.BatchNorm*d.forward`` otherwise).
 
     In training with a window, the affine parameters and running statistics are narrowed
@@ -483,7 +483,7 @@ def _sliceout_pass(gm: fx.GraphModule, config: SliceOut, ctx: sfx.PassContext) -
         first = min((p.node for p in group.producers), key=order.__getitem__)
         with graph.inserting_before(first):
             start = graph.call_module(target, ())
-        start.meta["sfx_module"] = group.module
+        start.meta[sfx.meta.MODULE] = group.module
         sliced = []
         for producer in group.producers:
             out_side[producer.node] = (start, producer.offsets, producer.unit_size, width)

@@ -1277,8 +1277,8 @@ def test_fused_bn_relu_conv_rebuild_agrees_with_the_torch_path(store, upper, mon
 @pytest.mark.parametrize("storage", ["recompute", "recompute-bf16"])
 def test_a_models_fused_bn_relu_conv_rebuilds_with_the_kernel(storage, monkeypatch):
     """In a model the BatchNorm's weight reaches backward as an ``nn.Parameter``: the kernels
-    must still take it (until session 13 a Parameter was not "eager", and every bf16 rebuild
-    ran the four-pass PyTorch path, unseen by the test above, which passes plain tensors)."""
+    must still take it (were a Parameter not "eager", every bf16 rebuild would run the
+    four-pass PyTorch path, unseen by the test above, which passes plain tensors)."""
     from sparsify_fx.passes.kernels import cache
 
     assert cache.eager(nn.Parameter(torch.ones(2)))
@@ -1353,3 +1353,25 @@ def test_fused_batchnorm_backward_takes_the_kernel_and_propagates_nan(monkeypatc
     # channel 0 holds the NaN: its statistics are NaN, so is its whole gradient, as in dense autograd
     assert torch.isnan(grad_x[:, 0]).all() and torch.isnan(grad_w[0])
     assert torch.isfinite(grad_b).all()
+
+
+def test_global_hook_keeps_modules_as_canonicalize_does():
+    """A global module hook runs on every module call: canonicalize keeps the layers as module
+    calls, and ActivationMemory leaves them alone too (one ``has_hooks`` answers both)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 10, 10)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        fast = sfx.sparsify(model, sfx.ActivationMemory(batchnorm="bf16"), example_inputs=(x,))
+        report = sfx.explain(fast)
+        modules = {str(n.target) for n in fast.graph.nodes if n.op == "call_module"}
+        assert {"0", "1", "2", "3"} <= modules  # canonicalize expanded none of them
+        assert not [r for r in report.rewrites if r.module == "1"]
+        skips = {s.module: s.reason for s in report.skipped if s.pass_name == "actmem"}
+        assert "hooks" in skips["1"]
+        seen.clear()
+        fast(x)
+        assert "BatchNorm2d" in seen
+    finally:
+        handle.remove()

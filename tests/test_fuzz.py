@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.iso_flop.rewrite import parallel_branches
+from sparsify_fx.passes.iso_flop import parallel_branches
 from sparsify_fx.graph.form import DENSE_LAYER_TYPES
 
 settings.register_profile(

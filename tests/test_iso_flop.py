@@ -1,4 +1,4 @@
-"""Tests of the Sparse Iso-FLOP pass (passes/iso_flop.py)."""
+"""Tests of the Sparse Iso-FLOP pass (passes/iso_flop/)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.iso_flop.rewrite import (
+from sparsify_fx.passes.iso_flop import (
     RigL,
     apply_masks_,
     doped_rank,

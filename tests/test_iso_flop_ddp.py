@@ -13,7 +13,7 @@ import sparsify_fx as sfx
 
 
 def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    from sparsify_fx.passes.iso_flop.rewrite import RigL, masked_weights
+    from sparsify_fx.passes.iso_flop import RigL, masked_weights
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
 
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS
 from sparsify_fx.passes.kernels import cpu as cpu_kernels
 from sparsify_fx.passes.activation_memory.modules import (
     _bn_factor,
@@ -170,10 +170,7 @@ def _backward(ctx, grad_out, *_unused):
 actmem_bn_relu_conv = register_autograd(_actmem_bn_relu_conv, _backward, _setup)
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-class ActMemBnReLUConv(nn.Module):
+class ActMemBnReLUConv(sfx.OpModule):
     """Parameter-free ``convNd(relu(batch_norm(x)), weight, bias)`` (``hardtanh(., 0, upper)``
     for a ReLU6 when ``upper`` is set) with the original
     modules' tensors: ``forward(x, bn_weight, bn_bias, running_mean, running_var,
@@ -209,7 +206,7 @@ class ActMemBnReLUConv(nn.Module):
 
     def _dense(self, y: torch.Tensor, weight, bias) -> torch.Tensor:
         r = F.relu(y) if self.upper is None else F.hardtanh(y, 0.0, self.upper)
-        return _CONV[len(self.stride)](r, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return CONV_FUNCTIONS[len(self.stride)](r, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, weight, bias=None):
         factor = _bn_factor(self, num_batches_tracked)

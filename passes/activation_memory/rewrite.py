@@ -67,7 +67,7 @@ running stats as graph inputs (``get_attr`` nodes on the original module), so ``
 keys and parameter sharing are unchanged. The ops are ``torch.library.custom_op`` with
 registered autograd and fake kernels.
 
-* **MaxPool2d** (``maxpool="indices"``, session 18): keeps only the index of each maximum,
+* **MaxPool2d** (``maxpool="indices"``): keeps only the index of each maximum,
   int16 (int32 for planes over 32768 elements), not its input and int64 indices: its backward
   reads the input for its shape alone (``passes/max_pool.py``). Exact; in ResNet's stem the
   pooled ReLU output is then held by nobody once the ReLU keeps a 1-bit mask.
@@ -85,8 +85,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite
-from sparsify_fx.analysis.memory_plan import overwritten_in_place
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, overwritten_in_place
+from sparsify_fx.graph.form import has_hooks
+from sparsify_fx.graph.op_table import BATCH_NORM_MODULES
 
 # the ops live in actmem_ops.py and their modules in actmem_modules.py; the names tests and
 # users import from here stay
@@ -267,13 +268,6 @@ def _stored_bytes(numel: int | None, storage: str, block: int) -> int | None:
     return math.ceil(numel / block) * (block + 4)
 
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
-
-
 def _plan_functional_batch_norm(node: fx.Node, x, config, numel, before):
     """``F.batch_norm`` as Dynamo writes an inlined BatchNorm: it updates the running statistics
     in place, with the exponential-average factor already computed (``num_batches_tracked`` is
@@ -318,7 +312,7 @@ def _candidate(gm: fx.GraphModule, node: fx.Node):
         return None
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        if type(module) in _BATCH_NORMS:
+        if type(module) in BATCH_NORM_MODULES:
             return "batch_norm", module
         if type(module) is nn.LayerNorm:
             return "layer_norm", module
@@ -405,7 +399,7 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
         return found
     consumer, weight, bias = found
     if module is not None:
-        if _has_hooks(module):
+        if has_hooks(module):
             return "module has hooks; kept as a module call"
         if len(node.args) + len(node.kwargs) != 1:
             return "called with more than one argument"
@@ -415,7 +409,7 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
                           for n in ("weight", "bias"))
         for a in (ln_w, ln_b):
             if a is not None:
-                a.meta["sfx_module"] = str(node.target)
+                a.meta[sfx.meta.MODULE] = str(node.target)
     else:
         shape, ln_w, ln_b, eps = (_arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"),
                                   _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5))
@@ -446,7 +440,7 @@ def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | N
     if act.op == "call_module" and len(act.args) == 1 and act.args[0] is x and not act.kwargs:
         module = gm.get_submodule(str(act.target))
         if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
-            if _has_hooks(module):
+            if has_hooks(module):
                 return " (the activation module has hooks)"
             if module.min_val == 0 and module.max_val > 0:
                 return float(module.max_val), True
@@ -465,7 +459,7 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
         if not isinstance(x, fx.Node):
             return "input is not a graph value"
     else:
-        if _has_hooks(module):
+        if has_hooks(module):
             return "module has hooks; kept as a module call"
         if not module.track_running_stats or module.running_mean is None:
             return "track_running_stats=False (batch statistics in eval) is not supported"
@@ -499,7 +493,7 @@ def _plan_bn_relu_conv(gm: fx.GraphModule, node: fx.Node, module: nn.Module | No
                      for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
         for a in attrs:
             if a is not None:
-                a.meta["sfx_module"] = prefix
+                a.meta[sfx.meta.MODULE] = prefix
     op_module = ActMemBnReLUConv(momentum, eps, stride, padding, dilation, groups, upper, store, weight_grad)
     # freed: the activation's output (the conv's input) and, for a hardtanh, the BatchNorm
     # output its backward kept
@@ -571,7 +565,7 @@ def _plan_max_pool(node: fx.Node, module: nn.Module | None, config: ActivationMe
     if config.maxpool == "off":
         return "maxpool='off'"
     if module is not None:
-        if _has_hooks(module):
+        if has_hooks(module):
             return "module has hooks; kept as a module call"
         if len(node.args) + len(node.kwargs) != 1:
             return "called with more than one argument"
@@ -619,7 +613,7 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
             return "relu='off'"
         if module is not None:
             slope, inplace = module.negative_slope, module.inplace
-            if _has_hooks(module):
+            if has_hooks(module):
                 return "module has hooks; kept as a module call"
         else:
             slope = 0.0 if op == "relu" else _arg(node, 1, "negative_slope", 0.01)
@@ -678,7 +672,7 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
     if op == "batch_norm":
         if batchnorm == "off":
             return "batchnorm='off'"
-        if _has_hooks(module):
+        if has_hooks(module):
             return "module has hooks; kept as a module call"
         if not module.track_running_stats or module.running_mean is None:
             return "track_running_stats=False (batch statistics in eval) is not supported"
@@ -691,13 +685,13 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
             ]
         for a in attrs:
             if a is not None:
-                a.meta["sfx_module"] = prefix
+                a.meta[sfx.meta.MODULE] = prefix
         op_module = ActMemBatchNorm(module.momentum, module.eps, batchnorm, config.block_size)
         return op_module, (x, *attrs), before, _stored_bytes(numel, batchnorm, config.block_size)
     # layer_norm
     if layernorm == "off":
         return "layernorm='off'"
-    if _has_hooks(module):
+    if has_hooks(module):
         return "module has hooks; kept as a module call"
     if len(node.args) + len(node.kwargs) != 1:
         return "called with more than one argument"
@@ -708,7 +702,7 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         ]
     for a in attrs:
         if a is not None:
-            a.meta["sfx_module"] = prefix
+            a.meta[sfx.meta.MODULE] = prefix
     op_module = ActMemLayerNorm(module.normalized_shape, module.eps, layernorm, config.block_size)
     return op_module, (x, *attrs), before, _stored_bytes(numel, layernorm, config.block_size)
 
@@ -728,7 +722,7 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
         if found is None:
             continue
         op, module = found
-        module_name = str(node.meta.get("sfx_module", "")) or (str(node.target) if module else "")
+        module_name = str(node.meta.get(sfx.meta.MODULE, "")) or (str(node.target) if module else "")
         reason = ctx.selection_reason(config, None, module_name, gm)
         try:
             plan = reason if reason is not None else _plan(gm, node, op, module, config)
@@ -745,7 +739,7 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
             new = gm.graph.call_module(target, tuple(args))
         # a fused op *is* the Linear call now: later passes skip it under the Linear's name
         linear = sfx.module_name_of(fused[0]) if fused else ""
-        new.meta["sfx_module"] = linear or module_name
+        new.meta[sfx.meta.MODULE] = linear or module_name
         origin = node.name
         sfx.replace_node(replaced, new)
         if fused:  # the activation (and identity dropouts) now feed nothing
@@ -768,7 +762,7 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
                          **({"fused_linear": ctx.qualified(linear), "fused_node": fused[0].name} if fused else {}),
                          # (args: x, the BatchNorm's tensors, the Conv's weight, its bias)
                          **(kernel_details(args[-2]) if isinstance(op_module, ActMemBnReLUConv) else {}),
-                         **({"output": "keep"} if getattr(op_module, "keeps_output", False) else {})},
+                         **({"output": "keep"} if op_module.keeps_output else {})},
             )
         )
         result.modified = True

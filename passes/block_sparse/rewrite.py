@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS
 
 from sparsify_fx.passes.block_sparse.triton_kernel import bsc_weight_grad_triton, kernel_for
 from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
@@ -482,7 +483,7 @@ block_sparse_dense = register_autograd(_block_sparse_dense, _backward, _setup)
 # ---------------------------------------------------------------- op modules
 
 
-class BlockSparseLinear(nn.Module):
+class BlockSparseLinear(sfx.OpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` like the Linear/matmul it replaced.
 
     ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"): eval mode and no-grad
@@ -509,7 +510,7 @@ class BlockSparseLinear(nn.Module):
         return _dense(x, weight, bias, self.kind, [])
 
 
-class BlockSparseConv1x1(nn.Module):
+class BlockSparseConv1x1(sfx.OpModule):
     """Parameter-free op module for a 1x1, stride-1, unpadded, ungrouped Conv1d/2d/3d."""
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
@@ -519,7 +520,7 @@ class BlockSparseConv1x1(nn.Module):
         super().__init__()
         self.block, self.density, self.norm = block, density, norm
         self.dilation = list(dilation)
-        self._functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.dilation)]
+        self._functional = CONV_FUNCTIONS[len(self.dilation)]
 
     def extra_repr(self) -> str:
         return f"block={self.block}, density={self.density}, norm={self.norm}"

@@ -26,7 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsify_fx.analysis.shapes import tensor_bytes, tensor_meta
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER, is_in_place
+from sparsify_fx.graph.op_module import OpModule
+from sparsify_fx.graph.op_table import VIEW_METHODS, is_view
 from sparsify_fx.analysis.saved_probe import probe
 
 __all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "SAVES"]
@@ -84,10 +87,7 @@ _ADAPTIVE_AVG_POOLS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_
 # in place, these save a clone of their input (their backward reads the input, which the op
 # overwrites): a storage of its own beside the input's, now the output's
 _CLONE_INPUT_IN_PLACE = {F.silu, F.hardswish, F.hardtanh, F.relu6, F.hardsigmoid, F.mish}
-_VIEW_FUNCTIONS = {torch.flatten, operator.getitem, torch.transpose, torch.permute, torch.reshape}
-_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "unflatten", "chunk", "unbind",
-                 "squeeze", "unsqueeze", "expand", "split", "t", "view_as", "narrow", "select"}
-_KEEPS_NOTHING_METHODS = _VIEW_METHODS | {"mean", "sum", "size", "dim", "contiguous", "add", "sub",
+_KEEPS_NOTHING_METHODS = VIEW_METHODS | {"mean", "sum", "size", "dim", "contiguous", "add", "sub",
                                           "add_", "neg", "float", "to", "type_as"}
 # torch.nn modules kept as calls, and what their backward keeps
 _MODULE_SAVES: tuple[tuple[type[nn.Module], str], ...] = (
@@ -178,7 +178,7 @@ def _root(parent: dict[str, str], name: str) -> str:
 
 
 def _is_activation(arg: Any) -> bool:
-    return isinstance(arg, fx.Node) and arg.op not in ("get_attr",) and "sfx_shape" in arg.meta
+    return isinstance(arg, fx.Node) and arg.op not in ("get_attr",) and meta.SHAPE in arg.meta
 
 
 def _trainable(gm: fx.GraphModule, attr: fx.Node) -> bool:
@@ -207,15 +207,16 @@ def _is_stochastic_depth(target: object) -> bool:
 def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bool]:
     """(tensors this node's backward keeps dense, keeps-compressed?, known op?)"""
     acts = [a for a in node.all_input_nodes if _is_activation(a)]
-    if not acts and "sfx_shape" not in node.meta:
+    if not acts and meta.SHAPE not in node.meta:
         return [], False, True  # shape arithmetic and other non-tensor values keep nothing
     if node.op == "call_module":
         if str(node.target).startswith(OPS_CONTAINER + "."):
             mod = gm.get_submodule(str(node.target))
-            if getattr(mod, "keeps_dense_inputs", True):
+            # (a module that does not declare the OpModule contract keeps its inputs, as eager)
+            if not isinstance(mod, OpModule) or mod.keeps_dense_inputs:
                 return acts, False, True
             # (an attention op that keeps its output for the flash backward holds that dense)
-            return ([node] if getattr(mod, "keeps_output", False) else []), True, True
+            return ([node] if mod.keeps_output else []), True, True
         mod = gm.get_submodule(str(node.target))
         if _is_stochastic_depth(type(mod)):
             return [], False, True  # keeps its (N, 1, ...) mask: _side_bytes
@@ -276,7 +277,7 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
     numel = math.prod(size)
     mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
     first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    if mod is not None and hasattr(mod, "stat_bytes"):
+    if isinstance(mod, OpModule):
         # an op module's statistics (a compressed BatchNorm's invstd, a LayerNorm's rstd)
         x = tensor_meta(first)
         return mod.stat_bytes(x[0], x[1]) if x is not None else 0
@@ -321,12 +322,6 @@ def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float:
     return 0.0
 
 
-def _is_view(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
-
-
 def overwritten_in_place(node: fx.Node) -> bool:
     """True when an in-place op writes over ``node``'s value, directly or through a view of
     it (``out.transpose(1, 2).reshape(...)`` then ``+=``): an op that keeps its own output
@@ -337,7 +332,7 @@ def overwritten_in_place(node: fx.Node) -> bool:
         for u in n.users:
             if u.args and u.args[0] is n and is_in_place(u):
                 return True
-            if _is_view(u) and u not in seen:
+            if is_view(u) and u not in seen:
                 seen.add(u)
                 todo.append(u)
     return False
@@ -375,11 +370,11 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
     parent = {n.name: n.name for n in nodes}
     for n in nodes:
         # an in-place op's result is its first operand's storage, as a view's is its base's
-        if (_is_view(n) or is_in_place(n)) and n.args and isinstance(n.args[0], fx.Node) \
+        if (is_view(n) or is_in_place(n)) and n.args and isinstance(n.args[0], fx.Node) \
                 and n.args[0].name in parent:
             parent[_root(parent, n.name)] = _root(parent, n.args[0].name)
     info = {
-        n.name: TensorLiveness(n.name, str(n.meta.get("sfx_module", "")), tensor_bytes(n),
+        n.name: TensorLiveness(n.name, str(n.meta.get(meta.MODULE, "")), tensor_bytes(n),
                                is_input=n.op == "placeholder")
         for n in nodes
     }
@@ -410,7 +405,7 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
                 if t.name in info and _is_activation(t):
                     info[t.name].compressed_by.append(n.name)
                     graph.add_edge(t.name, n.name, form="compressed")
-            origin = n.meta.get("sfx_origin", n.name)
+            origin = n.meta.get(meta.ORIGIN, n.name)
             # a fused op replaced its consumer (its origin is the Linear / Conv it now is): its
             # module's name is what its rewrite record names
             found = compressed_bytes.get(n.name, compressed_bytes.get(origin))

@@ -20,35 +20,46 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsify_fx.graph.form import OPS_CONTAINER, _arg, _param_name
+from sparsify_fx.analysis.shapes import tensor_meta
 from sparsify_fx.analysis.slice_group_types import SliceConsumer
+from sparsify_fx.graph import meta
+from sparsify_fx.graph.form import OPS_CONTAINER, _arg, _param_name
+from sparsify_fx.graph.op_table import (
+    ADD_FUNCTIONS,
+    ADD_METHODS,
+    BATCH_NORM_MODULES,
+    CONV_NDIM,
+    ELEMENTWISE_MODULES,
+    ELEMENTWISE_UNARY_FUNCTIONS,
+    ELEMENTWISE_UNARY_METHODS,
+    GROUP_NORM_FUNCTIONS,
+    LAYER_NORM_FUNCTIONS,
+    LAYER_NORM_MODULES,
+    MUL_FUNCTIONS,
+    MUL_METHODS,
+    POOL_FUNCTIONS,
+    POOL_MODULES,
+    REDUCE_FUNCTIONS,
+    REDUCE_METHODS,
+    SAME_VALUE_METHODS,
+    SOFTMAX_FUNCTIONS,
+    SOFTMAX_METHODS,
+)
 
 __all__: list[str] = []  # internal to find_slice_groups
 
 
-_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-
 # how each canonical op treats the unit dim; one category per target (functions) or name
-# (Tensor methods). The walk below has one rule per category.
+# (Tensor methods). The walk below has one rule per category; the sets are op_table's.
 _FUNCTION_CATEGORY: dict[Any, str] = {
-    **dict.fromkeys([
-        F.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu, F.hardswish,
-        F.hardsigmoid, F.relu6, F.hardtanh, F.elu, F.selu, F.celu, F.mish, F.softplus,
-        torch.relu, F.dropout, torch.clamp, torch.abs, torch.rsqrt, torch.sqrt, torch.exp,
-        torch.pow, operator.neg, torch.neg, torch.ops.aten.alias.default,
-    ], "unary"),
-    **dict.fromkeys([
-        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    ], "pool"),
-    **dict.fromkeys([operator.add, operator.sub, torch.add, torch.sub, operator.iadd, operator.isub], "add"),
-    **dict.fromkeys([operator.mul, operator.truediv, torch.mul, torch.div, operator.imul,
-                     operator.itruediv], "mul"),
-    **dict.fromkeys([torch.mean, torch.sum, torch.amax], "reduce"),
-    **dict.fromkeys([F.softmax, F.log_softmax, torch.softmax, torch.log_softmax], "softmax"),
-    **dict.fromkeys([F.layer_norm, F.rms_norm], "layer_norm"),
-    F.group_norm: "group_norm",
+    **dict.fromkeys(ELEMENTWISE_UNARY_FUNCTIONS, "unary"),  # a window passes through
+    **dict.fromkeys(POOL_FUNCTIONS, "pool"),
+    **dict.fromkeys(ADD_FUNCTIONS, "add"),
+    **dict.fromkeys(MUL_FUNCTIONS, "mul"),
+    **dict.fromkeys(REDUCE_FUNCTIONS, "reduce"),
+    **dict.fromkeys(SOFTMAX_FUNCTIONS, "softmax"),
+    **dict.fromkeys(LAYER_NORM_FUNCTIONS, "layer_norm"),
+    **dict.fromkeys(GROUP_NORM_FUNCTIONS, "group_norm"),
     torch.reshape: "reshape",
     torch.flatten: "flatten",
     torch.transpose: "transpose",
@@ -69,13 +80,12 @@ _FUNCTION_CATEGORY: dict[Any, str] = {
     getattr: "getattr",  # x.shape / x.dtype
 }
 _METHOD_CATEGORY: dict[str, str] = {
-    **dict.fromkeys(["relu", "sigmoid", "tanh", "clamp", "abs", "contiguous", "float", "half",
-                     "bfloat16", "to", "clone", "detach", "neg", "exp", "rsqrt", "sqrt", "pow"], "unary"),
+    **dict.fromkeys(ELEMENTWISE_UNARY_METHODS | SAME_VALUE_METHODS, "unary"),
     "type_as": "dtype_only",  # the other tensor only gives a dtype
-    **dict.fromkeys(["add", "sub", "add_", "sub_"], "add"),
-    **dict.fromkeys(["mul", "div", "mul_", "div_"], "mul"),
-    **dict.fromkeys(["mean", "sum", "amax"], "reduce"),
-    **dict.fromkeys(["softmax", "log_softmax"], "softmax"),
+    **dict.fromkeys(ADD_METHODS, "add"),
+    **dict.fromkeys(MUL_METHODS, "mul"),
+    **dict.fromkeys(REDUCE_METHODS, "reduce"),
+    **dict.fromkeys(SOFTMAX_METHODS, "softmax"),
     **dict.fromkeys(["view", "reshape"], "reshape"),
     "flatten": "flatten",
     "unflatten": "unflatten",
@@ -89,18 +99,6 @@ _METHOD_CATEGORY: dict[str, str] = {
     "split": "chunk",
     "size": "size",
 }
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid,
-    nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
 
 
 def _category(node: fx.Node) -> str | None:
@@ -134,7 +132,7 @@ def _dense_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return None
     if node.target is F.linear:
         kind = "linear"
-    elif node.target in _CONV_FUNCS:
+    elif node.target in CONV_NDIM:
         kind = "conv"
     else:
         return None
@@ -186,7 +184,7 @@ class _Graph:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self.recorded = any("sfx_shape" in n.meta for n in gm.graph.nodes)
+        self.recorded = any(meta.SHAPE in n.meta for n in gm.graph.nodes)
         self.module_calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         self.weight_uses = Counter(
             str(_arg(n, 1, "weight").target) for n in gm.graph.nodes if _dense_kind(gm, n) is not None)
@@ -195,7 +193,7 @@ class _Graph:
         """A node's tensor shape (recorded, or from export / Dynamo metadata), else None."""
         if not isinstance(node, fx.Node):
             return None
-        meta = node.meta.get("sfx_shape")
+        meta = tensor_meta(node)
         if meta is not None:
             return tuple(meta[0])
         for key in ("val", "example_value"):
@@ -314,7 +312,7 @@ class _Walk:
         node = self.producer
         if self.kind == "conv":
             shape = self.graph.shape(node)
-            rank = len(shape) if shape else _CONV_FUNCS[node.target] + 2
+            rank = len(shape) if shape else CONV_NDIM[node.target] + 2
             return [(node, 1 - rank)]
         # a fused projection split in equal sections along the units (q/k/v of an expanded
         # nn.MultiheadAttention, a fused gate/up): each section takes the same window
@@ -441,9 +439,9 @@ class _Walk:
         mod = self.gm.get_submodule(str(user.target))
         if len(user.all_input_nodes) > 1:
             raise _Forbid(f"{type(mod).__name__} module called with several tensors", user)
-        if isinstance(mod, _ELEMENTWISE_MODULES):
+        if isinstance(mod, ELEMENTWISE_MODULES):
             return dim
-        if isinstance(mod, _BATCHNORMS) and type(mod) in _BATCHNORMS:
+        if type(mod) in BATCH_NORM_MODULES:
             if pos != 1:
                 where = pos if pos is not None else "of unknown rank"
                 raise _Forbid(f"BatchNorm normalizes dim 1, the units are dim {where}", user)
@@ -451,11 +449,11 @@ class _Walk:
                 raise _Forbid("BatchNorm module is called more than once", user)
             self.norms[user] = None
             return dim
-        if isinstance(mod, _POOL_MODULES):
+        if isinstance(mod, POOL_MODULES):
             if pos != 1:
                 raise _Forbid("pooling over the sliced dim", user)
             return dim
-        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+        if isinstance(mod, LAYER_NORM_MODULES):
             if -dim <= len(mod.normalized_shape):
                 raise _Forbid(f"{type(mod).__name__} normalizes over the sliced units", user)
             return dim

@@ -1,10 +1,11 @@
 """Canonicalization: whatever captured a model (``symbolic_trace`` with module calls,
 ``torch.export`` with aten ops, Dynamo with torch functions), :func:`canonicalize` brings the
-graph to the one form every pass works on (described in ``sparsify_fx/graph.py``, which holds
+graph to the one form every pass works on (described in ``sparsify_fx/graph/form.py``, which holds
 the helpers that read it):
 
-* every spelling of an op becomes one canonical target (``_FUNCTION_ALIASES`` /
-  ``_METHOD_ALIASES``: the "before -> after" table, plus a few argument-rewriting rules);
+* every spelling of an op becomes one canonical target (``FUNCTION_ALIASES`` /
+  ``METHOD_ALIASES`` of ``sparsify_fx/graph/op_table.py``: the "before -> after" table, plus
+  the argument-rewriting rules below);
 * stateless layer modules (Linear, ConvNd, activations, unmasked MultiheadAttention) are
   expanded into functional calls on ``get_attr`` parameters;
 * mode-dependent layers stay modules, and every node gets ``node.meta["sfx_module"]``.
@@ -22,77 +23,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsify_fx.graph.form import _has_hooks, _is_parametrized, module_name_of
+from sparsify_fx.graph import meta
+from sparsify_fx.graph.form import _is_parametrized, has_hooks, module_name_of
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS, FUNCTION_ALIASES, METHOD_ALIASES
 
 __all__ = ["canonicalize", "CanonicalizeReport"]
 
 aten = torch.ops.aten
-
-# every spelling -> (canonical target, extra kwargs). "before -> after" is the table itself.
-# A str target is a Tensor method: the node becomes ``call_method`` (``aten.view(x, s)`` ->
-# ``x.view(s)``), the spelling symbolic_trace and Dynamo give. The aten rows are what
-# ``torch.export`` leaves; arguments keep their positions (the signatures agree).
-_FUNCTION_ALIASES: dict[Any, tuple[Callable | str, dict]] = {
-    torch._C._nn.linear: (F.linear, {}),  # torch._C._nn.linear(x, w, b) -> F.linear(x, w, b)
-    aten.linear.default: (F.linear, {}),  # aten.linear(x, w, b) -> F.linear(x, w, b)
-    torch.conv1d: (F.conv1d, {}),  # torch.conv1d -> F.conv1d
-    torch.conv2d: (F.conv2d, {}),  # torch.conv2d -> F.conv2d
-    torch.conv3d: (F.conv3d, {}),  # torch.conv3d -> F.conv3d
-    aten.conv1d.default: (F.conv1d, {}),  # aten.conv1d -> F.conv1d
-    aten.conv2d.default: (F.conv2d, {}),  # aten.conv2d -> F.conv2d
-    aten.conv3d.default: (F.conv3d, {}),  # aten.conv3d -> F.conv3d
-    aten.conv1d.padding: (F.conv1d, {}),  # aten.conv1d(x, w, b, s, "same") -> F.conv1d (padding str)
-    aten.conv2d.padding: (F.conv2d, {}),  # aten.conv2d(x, w, b, s, "same") -> F.conv2d
-    aten.conv3d.padding: (F.conv3d, {}),  # aten.conv3d(x, w, b, s, "same") -> F.conv3d
-    operator.matmul: (torch.matmul, {}),  # a @ b -> torch.matmul(a, b)
-    aten.matmul.default: (torch.matmul, {}),  # aten.matmul -> torch.matmul
-    aten.mm.default: (torch.matmul, {}),  # aten.mm(a, b) -> torch.matmul(a, b)
-    torch.mm: (torch.matmul, {}),  # torch.mm(a, b) -> torch.matmul(a, b)
-    aten.bmm.default: (torch.bmm, {}),  # aten.bmm(a, b) -> torch.bmm(a, b)
-    aten.addmm.default: (torch.addmm, {}),  # aten.addmm -> torch.addmm
-    torch.relu: (F.relu, {}),  # torch.relu(x) -> F.relu(x)
-    aten.relu.default: (F.relu, {}),  # aten.relu(x) -> F.relu(x)
-    torch.relu_: (F.relu, {"inplace": True}),  # torch.relu_(x) -> F.relu(x, inplace=True)
-    aten.relu_.default: (F.relu, {"inplace": True}),  # aten.relu_(x) -> F.relu(x, inplace=True)
-    aten.gelu.default: (F.gelu, {}),  # aten.gelu(x, approximate) -> F.gelu(x, approximate)
-    aten.silu.default: (F.silu, {}),  # aten.silu(x) -> F.silu(x)
-    torch.sigmoid: (torch.sigmoid, {}),
-    aten.sigmoid.default: (torch.sigmoid, {}),  # aten.sigmoid(x) -> torch.sigmoid(x)
-    aten.tanh.default: (torch.tanh, {}),  # aten.tanh(x) -> torch.tanh(x)
-    aten.rsqrt.default: (torch.rsqrt, {}),  # aten.rsqrt(x) -> torch.rsqrt(x)
-    aten.sqrt.default: (torch.sqrt, {}),  # aten.sqrt(x) -> torch.sqrt(x)
-    aten.exp.default: (torch.exp, {}),  # aten.exp(x) -> torch.exp(x)
-    aten.neg.default: (operator.neg, {}),  # aten.neg(x) -> -x
-    aten.pow.Tensor_Scalar: (torch.pow, {}),  # aten.pow(x, 2) -> torch.pow(x, 2)
-    aten.mul.Tensor: (operator.mul, {}),  # aten.mul(a, b) -> a * b
-    aten.mul.Scalar: (operator.mul, {}),  # aten.mul(a, 2.0) -> a * 2.0
-    aten.div.Tensor: (operator.truediv, {}),  # aten.div(a, b) -> a / b
-    aten.div.Scalar: (operator.truediv, {}),  # aten.div(a, 2.0) -> a / 2.0
-    aten.mean.dim: (torch.mean, {}),  # aten.mean.dim(x, dims, keepdim) -> torch.mean(x, dims, keepdim)
-    aten.sum.dim_IntList: (torch.sum, {}),  # aten.sum.dim_IntList(x, dims, keepdim) -> torch.sum(...)
-    aten.cat.default: (torch.cat, {}),  # aten.cat(tensors, dim) -> torch.cat(tensors, dim)
-    aten.flatten.using_ints: (torch.flatten, {}),  # aten.flatten(x, s, e) -> torch.flatten(x, s, e)
-    aten.scaled_dot_product_attention.default: (F.scaled_dot_product_attention, {}),  # same signature
-    aten.view.default: ("view", {}),  # aten.view(x, size) -> x.view(size)
-    aten.reshape.default: ("reshape", {}),  # aten.reshape(x, size) -> x.reshape(size)
-    aten._unsafe_view.default: ("reshape", {}),  # aten._unsafe_view(x, size) -> x.reshape(size)
-    aten.transpose.int: ("transpose", {}),  # aten.transpose(x, a, b) -> x.transpose(a, b)
-    aten.permute.default: ("permute", {}),  # aten.permute(x, dims) -> x.permute(dims)
-    aten.t.default: ("t", {}),  # aten.t(x) -> x.t()
-    aten.unsqueeze.default: ("unsqueeze", {}),  # aten.unsqueeze(x, d) -> x.unsqueeze(d)
-    aten.squeeze.dim: ("squeeze", {}),  # aten.squeeze.dim(x, d) -> x.squeeze(d)
-    aten.unflatten.int: ("unflatten", {}),  # aten.unflatten(x, d, sizes) -> x.unflatten(d, sizes)
-    aten.contiguous.default: ("contiguous", {}),  # aten.contiguous(x) -> x.contiguous()
-    aten.clone.default: ("clone", {}),  # aten.clone(x) -> x.clone()
-    aten.split.Tensor: ("split", {}),  # aten.split(x, size, dim) -> x.split(size, dim)
-    aten.chunk.default: ("chunk", {}),  # aten.chunk(x, n, dim) -> x.chunk(n, dim)
-    aten.to.dtype: ("to", {}),  # aten.to.dtype(x, dtype, ...) -> x.to(dtype, ...)
-}
-_METHOD_ALIASES: dict[str, tuple[Callable, dict]] = {
-    "matmul": (torch.matmul, {}),  # a.matmul(b) -> torch.matmul(a, b)
-    "relu": (F.relu, {}),  # x.relu() -> F.relu(x)
-    "relu_": (F.relu, {"inplace": True}),  # x.relu_() -> F.relu(x, inplace=True)
-}
 
 _INT64_MAX = 2**63 - 1
 
@@ -183,14 +120,14 @@ def _canonical_call(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
     """The canonical ``(op, target, args, kwargs)`` of a call node, or None when it already is."""
     if node.op == "call_function" and node.target in _FUNCTION_REWRITES:
         return _FUNCTION_REWRITES[node.target](node)
-    if node.op == "call_function" and node.target in _FUNCTION_ALIASES:
-        target, extra = _FUNCTION_ALIASES[node.target]
+    if node.op == "call_function" and node.target in FUNCTION_ALIASES:
+        target, extra = FUNCTION_ALIASES[node.target]
         if target is node.target and not extra:
             return None
         op = "call_method" if isinstance(target, str) else "call_function"
         return op, target, node.args, {**node.kwargs, **extra}
-    if node.op == "call_method" and node.target in _METHOD_ALIASES:
-        target, extra = _METHOD_ALIASES[node.target]
+    if node.op == "call_method" and node.target in METHOD_ALIASES:
+        target, extra = METHOD_ALIASES[node.target]
         return "call_function", target, node.args, {**node.kwargs, **extra}
     return None
 
@@ -210,7 +147,7 @@ def _expand_linear(gm: fx.GraphModule, node: fx.Node, mod: nn.Linear) -> fx.Node
 def _expand_conv(gm: fx.GraphModule, node: fx.Node, mod: nn.modules.conv._ConvNd) -> fx.Node:
     g = gm.graph
     n = len(mod.kernel_size)
-    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    fn = CONV_FUNCTIONS[n]
     x = _input_of(node)
     w = g.get_attr(f"{node.target}.weight")
     b = g.get_attr(f"{node.target}.bias") if mod.bias is not None else None
@@ -218,7 +155,7 @@ def _expand_conv(gm: fx.GraphModule, node: fx.Node, mod: nn.modules.conv._ConvNd
     if mod.padding_mode != "zeros":
         # the module pads by itself, then convolves with zero padding: do the same
         x = g.call_function(F.pad, (x, tuple(mod._reversed_padding_repeated_twice)), {"mode": mod.padding_mode})
-        x.meta["sfx_module"] = str(node.target)
+        x.meta[meta.MODULE] = str(node.target)
         padding = (0,) * n
     return g.call_function(fn, (x, w, b, tuple(mod.stride), padding, tuple(mod.dilation), mod.groups))
 
@@ -291,7 +228,7 @@ def _expand_mha(gm: fx.GraphModule, node: fx.Node, mod: nn.MultiheadAttention) -
     ow = g.get_attr(f"{name}.out_proj.weight")
     ob = g.get_attr(f"{name}.out_proj.bias") if mod.out_proj.bias is not None else None
     out = g.call_function(F.linear, (merged, ow, ob))
-    out.meta["sfx_module"] = f"{name}.out_proj"
+    out.meta[meta.MODULE] = f"{name}.out_proj"
     if not mod.batch_first:
         out = g.call_method("transpose", (out, 0, 1))
     return g.call_function(tuple, ([out, None],))
@@ -312,7 +249,7 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
     g = gm.graph
     for node in list(g.nodes):
         if node.op == "call_module":
-            node.meta.setdefault("sfx_module", str(node.target))
+            node.meta.setdefault(meta.MODULE, str(node.target))
             mod = gm.get_submodule(str(node.target))
             expand = _MODULE_EXPANSIONS.get(type(mod))
             if type(mod) is nn.MultiheadAttention:
@@ -323,7 +260,7 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
                 expand = _expand_mha
             if expand is None:
                 continue
-            if _has_hooks(mod):
+            if has_hooks(mod):
                 report.kept_as_modules.append((str(node.target), "has hooks; kept as a module call"))
                 continue
             if _is_parametrized(mod):
@@ -334,7 +271,7 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
                 new = expand(gm, node, mod)
             created = anchor.next
             while created is not node:
-                created.meta.setdefault("sfx_module", str(node.target))
+                created.meta.setdefault(meta.MODULE, str(node.target))
                 # AOTAutograd joins stack traces as strings: never store None
                 if node.meta.get("stack_trace") is not None:
                     created.meta.setdefault("stack_trace", node.meta["stack_trace"])
@@ -342,8 +279,8 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
                     created.meta.setdefault("nn_module_stack", node.meta["nn_module_stack"])
                 created = created.next
             new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
-            new.meta.setdefault("sfx_module", str(node.target))
-            new.meta["sfx_module_type"] = type(mod).__name__
+            new.meta.setdefault(meta.MODULE, str(node.target))
+            new.meta[meta.MODULE_TYPE] = type(mod).__name__
             node.replace_all_uses_with(new)
             g.erase_node(node)
             report.expanded += 1
@@ -353,8 +290,8 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
                 node.op, node.target, node.args, node.kwargs = canonical
                 report.renamed += 1
     for node in g.nodes:
-        if "sfx_module" not in node.meta:
-            node.meta["sfx_module"] = module_name_of(node)
+        if meta.MODULE not in node.meta:
+            node.meta[meta.MODULE] = module_name_of(node)
     g.lint()
     gm.recompile()
     return report

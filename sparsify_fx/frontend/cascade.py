@@ -34,7 +34,7 @@ from sparsify_fx.frontend.captured_module import (
     make_graph_module,
 )
 from sparsify_fx.errors import CaptureError
-from sparsify_fx.graph.form import DENSE_LAYER_TYPES, IN_PLACE_OPERATORS, _has_hooks
+from sparsify_fx.graph.form import DENSE_LAYER_TYPES, IN_PLACE_OPERATORS, has_hooks
 
 __all__ = ["Capture", "capture", "structural_copy", "CAPTURE_METHODS"]
 
@@ -132,7 +132,7 @@ class _LeafTracer(fx.Tracer):
         if id(m) in self.extra_leaves:
             return True
         # tracing through a module would silently drop its hooks: keep it a call_module
-        if m._forward_hooks or m._forward_pre_hooks:
+        if has_hooks(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -333,7 +333,7 @@ def _capture_submodules(
                 continue
             if _is_torch_nn_leaf(child) and type(child) not in DENSE_LAYER_TYPES:
                 continue  # torch.nn layers are units; their internals are not rewritable
-            if _has_hooks(child):
+            if has_hooks(child):
                 notes.append(f"{path}: has hooks; kept as Python")
                 continue
             concrete = None

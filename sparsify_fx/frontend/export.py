@@ -20,7 +20,8 @@ from sparsify_fx.frontend.canonical import canonicalize
 from sparsify_fx.frontend.cascade import Capture, _modes
 from sparsify_fx.frontend.captured_module import SharedStateGraphModule, convert_buffers_in_place
 from sparsify_fx.errors import CaptureError, SparsifyError
-from sparsify_fx.graph.form import _has_hooks
+from sparsify_fx.graph import meta
+from sparsify_fx.graph.form import has_hooks
 
 __all__ = ["capture_export", "capture_dynamo", "DynamoCaptured"]
 
@@ -50,7 +51,7 @@ def _restore_mode_ops(gm: fx.GraphModule) -> list[str]:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(path, (node.args[0],))
         new.meta.update(node.meta)
-        new.meta["sfx_module"] = path
+        new.meta[meta.MODULE] = path
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.graph.lint()
@@ -69,7 +70,7 @@ def _counts_batches(node: fx.Node, buffers: dict[str, str]) -> bool:
 
 
 def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Capture:
-    hooked = [name or "(root)" for name, m in model.named_modules() if _has_hooks(m)]
+    hooked = [name or "(root)" for name, m in model.named_modules() if has_hooks(m)]
     if hooked:
         # export runs hooks once while tracing and keeps only their tensor ops: a hook that
         # logs, collects features or counts calls would silently stop running

@@ -4,7 +4,7 @@
 backward stacks the three gradients. ``symbolic_trace`` records it as three
 ``getitem(qkv, i)``: three ``select``s, each of whose backwards zero-fills a tensor of
 ``qkv``'s full shape and copies its gradient in, and two additions. On a GPT-2-style block on
-a 2-core CPU that is +8 ms of a 360 ms step (``docs/benchmarks.md``, session 19).
+a 2-core CPU that is +8 ms of a 360 ms step (``docs/benchmarks.md``).
 :func:`unbind_unpacking` gives such a graph eager's ``unbind`` back. It runs on the rewritten
 graphs, after every pass: the passes' pattern matching keeps reading the ``getitem`` form.
 """
@@ -15,8 +15,10 @@ import operator
 
 import torch.fx as fx
 
+from sparsify_fx.analysis.shapes import tensor_meta
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import is_in_place
-from sparsify_fx.analysis.memory_plan import _is_view
+from sparsify_fx.graph.op_table import is_view
 from sparsify_fx.analysis.segments import call_module_by_ref
 
 __all__ = ["unbind_unpacking"]
@@ -39,7 +41,7 @@ def _written_through(item: fx.Node, gm: fx.GraphModule) -> bool:
             elif user.op == "call_function" and user.target is call_module_by_ref:
                 return True
             # (contiguous() returns its input itself when it already is contiguous)
-            if (_is_view(user) or (user.op == "call_method" and user.target == "contiguous")) and user not in seen:
+            if (is_view(user) or (user.op == "call_method" and user.target == "contiguous")) and user not in seen:
                 seen.add(user)
                 todo.append(user)
     return False
@@ -48,7 +50,7 @@ def _written_through(item: fx.Node, gm: fx.GraphModule) -> bool:
 def _unpacked(node: fx.Node) -> list[fx.Node] | None:
     """``node``'s users when they are ``getitem(node, 0..n-1)``, one each, on a tensor whose
     first dimension is ``n`` (what tracing ``a, b, c = tensor`` records); else None."""
-    meta = node.meta.get("sfx_shape")
+    meta = tensor_meta(node)
     if meta is None or not meta[0]:
         return None
     n = meta[0][0]
@@ -75,7 +77,7 @@ def unbind_unpacking(gm: fx.GraphModule) -> int:
             continue
         with gm.graph.inserting_after(node):
             unbind = gm.graph.call_method("unbind", (node, 0))
-        for key in ("sfx_module", "nn_module_stack", "stack_trace"):
+        for key in (meta.MODULE, "nn_module_stack", "stack_trace"):
             if node.meta.get(key) is not None:
                 unbind.meta[key] = node.meta[key]
         for item in items:

@@ -29,11 +29,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsify_fx.graph import meta
+from sparsify_fx.graph.op_table import CONV_NDIM
+
 __all__ = [
     "DenseOp",
     "IN_PLACE_OPERATORS",
     "dense_op",
     "find_dense_ops",
+    "has_hooks",
     "install_module",
     "is_in_place",
     "module_name_of",
@@ -72,7 +76,7 @@ def is_in_place(node: fx.Node) -> bool:
 
 def module_name_of(node: fx.Node) -> str:
     """Qualified name of the module a node belongs to ('' for the root)."""
-    name = node.meta.get("sfx_module")
+    name = node.meta.get(meta.MODULE)
     if name is not None:
         return name
     if node.op == "call_module":
@@ -196,15 +200,12 @@ def _param_name(gm: fx.GraphModule, node: Any) -> str | None:
     return str(node.target)
 
 
-_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-
-
 def dense_op(gm: fx.GraphModule, node: fx.Node) -> DenseOp | str | None:
     """The :class:`DenseOp` of one ``call_function`` node of a canonical graph; a string saying
     why a matmul-like node is not one (an operand that is not a parameter); None for any other
     node."""
     target = node.target
-    if target is F.linear or target in _CONV_FUNCS:
+    if target is F.linear or target in CONV_NDIM:
         x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         wname = _param_name(gm, w)
         if wname is None:
@@ -213,8 +214,8 @@ def dense_op(gm: fx.GraphModule, node: fx.Node) -> DenseOp | str | None:
             return "bias is not a parameter of the model"
         module = module_name_of(node) or wname.rpartition(".")[0]
         op = DenseOp(node, "linear", x, w, b, wname, module, _module_type_of(gm, module))
-        if target in _CONV_FUNCS:
-            n = _CONV_FUNCS[target]
+        if target in CONV_NDIM:
+            n = CONV_NDIM[target]
             op.kind = "conv"
             op.conv_ndim = n
             op.stride = _tuple(_arg(node, 3, "stride", 1), n)
@@ -288,7 +289,7 @@ def _opaque_module_reason(mod: nn.Module) -> str | None:
     if isinstance(mod, nn.MultiheadAttention):
         return "nn.MultiheadAttention is kept as one module: its projections are not rewritten"
     if isinstance(mod, DENSE_LAYER_TYPES):
-        why = "has hooks" if _has_hooks(mod) else "parametrized weight" if _is_parametrized(mod) else "kept as a module"
+        why = "has hooks" if has_hooks(mod) else "parametrized weight" if _is_parametrized(mod) else "kept as a module"
         return f"{type(mod).__name__} {why}: called as a module, not rewritten"
     if dense:
         return f"{type(mod).__name__} is called as one module: its {len(dense)} dense layer(s) are not rewritten"
@@ -314,12 +315,16 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Point every user of ``old`` at ``new``, carry meta over, and erase ``old``."""
     for key, value in old.meta.items():
         new.meta.setdefault(key, value)
-    new.meta.setdefault("sfx_origin", old.name)
+    new.meta.setdefault(meta.ORIGIN, old.name)
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
 
 
-def _has_hooks(mod: nn.Module) -> bool:
+def has_hooks(mod: nn.Module) -> bool:
+    """True when calling ``mod`` runs hooks: its own forward / pre-forward / backward hooks, or
+    a global module hook (``nn.modules.module.register_module_forward_hook``), which runs on
+    every module call. Such a module stays a module call: expanding or replacing it would
+    drop the hooks. Canonicalize, the capture and every pass ask this one question."""
     return bool(
         mod._forward_hooks
         or mod._forward_pre_hooks
