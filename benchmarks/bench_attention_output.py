@@ -1,4 +1,4 @@
-"""Session 14's two changes to the bf16 forms, A/B on one plan, interleaved in one process.
+"""The bf16 forms' attention output kept and one-pass bf16 copies, A/B on one plan, interleaved.
 
 The plan is built once (``MemoryBudget(fraction=F)``), then each round times four steps back
 to back:

@@ -1,4 +1,4 @@
-"""Session 13's two eager-path fixes, A/B on one plan, interleaved in one process.
+"""Two eager-path costs (Parameters as eager tensors, op dispatch), A/B on one plan, interleaved.
 
 ``old``: the state before them (an ``nn.Parameter`` is not an eager tensor, so the fused
 BatchNorm -> ReLU -> Conv's bf16 rebuild ran its four-pass PyTorch path in a model; every op

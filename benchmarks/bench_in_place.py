@@ -1,4 +1,4 @@
-"""Session 15's in-place changes, A/B on one plan, interleaved in one process.
+"""The in-place residual add and 1-bit ReLU, A/B on one plan, interleaved in one process.
 
 ``old``: the state before them: ``out += identity`` traced as an out-of-place ``add`` (a new
 tensor per residual block) and the rewritten in-place ReLU run out of place. ``new``: the
@@ -27,8 +27,8 @@ __all__ = ["main", "InPlaceSwitch"]
 
 
 class InPlaceSwitch:
-    """Switches one GraphModule between the state before session 15 (its residual ``+=`` as
-    ``+``, its in-place rewritten ReLUs run out of place) and after it; recompiles only on a
+    """Switches one GraphModule between the out-of-place state (its residual ``+=`` as
+    ``+``, its in-place rewritten ReLUs run out of place) and the in-place one; recompiles only on a
     change, outside the timed step."""
 
     def __init__(self, gm: fx.GraphModule):

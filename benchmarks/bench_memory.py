@@ -112,8 +112,7 @@ def interleaved_times(
 
 def paired_ratios(times: dict[str, list[float]], base: str = "dense") -> dict[str, float]:
     """Per variant, the median over rounds of its step over ``base``'s step of the same round:
-    a host whose speed drifts between rounds moves both (this 2-core one moved 10 % between runs
-    in session 13)."""
+    a host whose speed drifts between rounds moves both (this 2-core one moved 10 % between runs)."""
     return {k: statistics.median(a / b for a, b in zip(ts, times[base], strict=True)) for k, ts in times.items()}
 
 

@@ -15,8 +15,8 @@ fp32 and 1.1 ms with the casts.
 * ``"auto"`` (default): bf16 operands where the device has bf16 matrix units, else the input's
   precision. Where a device lacks them, bf16 matmuls are emulated and slower than fp32.
 * ``"bf16"``: bf16 operands on every device (same numbers everywhere; slow where emulated).
-* ``"input"``: the stored input upcast to the input's dtype and the product in that precision,
-  as until session 18.
+* ``"input"``: the stored input upcast to the input's dtype and the product in that precision
+  (the weight gradient autograd would compute from the rounded input).
 
 Only the weight gradient changes. The forward, the input gradient and the bias gradient are
 computed as before. Error: each operand is rounded once (``|v - bf16(v)| <= 2^-8 |v|``) and,
