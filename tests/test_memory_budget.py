@@ -88,9 +88,9 @@ def test_find_blocks_names_repeated_blocks_and_gaps():
                       "blocks.0.layers.0.layers.window_attention"]),
 ])
 def test_blocks_are_the_repeated_modules_not_their_parts_nor_their_stages(name, blocks, first):
-    """Until session 17 a block was the innermost non-layer child of a container: RegNet's
-    ``f.a`` / ``f.b`` / ``f.c`` (88 blocks), ConvNeXt's ``Permute``s (63), so no exact plan held
-    less than 0.6x dense on either; RegNet's crashed on its ``block1-0`` module names."""
+    """A block is not the innermost non-layer child of a container: that would be RegNet's
+    ``f.a`` / ``f.b`` / ``f.c`` (88 blocks), ConvNeXt's ``Permute``s (63), so no exact plan would
+    hold less than 0.6x dense on either; RegNet's would crash on its ``block1-0`` module names."""
     size = 224 if name == "maxvit_t" else 32
     model = torchvision.models.get_model(name, weights=None)
     gm = sfx.capture(model, (torch.randn(1, 3, size, size),)).graphs[""]
@@ -304,9 +304,9 @@ def test_exact_budget_is_met_measured_and_gradients_exact(fraction):
 @pytest.mark.parametrize("exact", [False, True], ids=["any", "exact"])
 @pytest.mark.parametrize("name", ["efficientnet_b0", "swin_t", "densenet121"])
 def test_budget_holds_on_models_whose_saved_tensors_the_plan_once_missed(name, exact):
-    """The plan's fraction, and the budget, are of the measured dense bytes. Until session 17
+    """The plan's fraction, and the budget, are of the measured dense bytes. Without
     EfficientNet-B0's in-place SiLU clones, Swin-T's attention (an opaque module) and DenseNet's
-    average pools were not counted: a 0.25 plan held 0.55-0.70x of Swin-T's real dense bytes."""
+    average pools counted, a 0.25 plan held 0.55-0.70x of Swin-T's real dense bytes."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
     ref = copy.deepcopy(model)
@@ -325,9 +325,9 @@ def test_budget_holds_on_models_whose_saved_tensors_the_plan_once_missed(name, e
 
 
 def test_exact_only_keeps_a_layer_scale_input_exact():
-    """compress-exact left ActivationMemory's ``scale="bf16"`` default on until session 17:
-    ConvNeXt's ``layer_scale * x`` kept a bf16 ``x`` under ``exact_only=True``, and the layer
-    scales' gradients were 1e-3 off."""
+    """compress-exact turns ActivationMemory's ``scale="bf16"`` default off: left on,
+    ConvNeXt's ``layer_scale * x`` keeps a bf16 ``x`` under ``exact_only=True``, and the layer
+    scales' gradients are 1e-3 off."""
     torch.manual_seed(0)
     model = torchvision.models.convnext_tiny()
     ref = copy.deepcopy(model)
@@ -342,9 +342,9 @@ def test_exact_only_keeps_a_layer_scale_input_exact():
 @pytest.mark.parametrize("fraction", [0.6, 0.35])
 def test_units_bytes_add_up_to_the_achieved_bytes(fraction):
     """Each unit's bytes under its choice sum to what the applied plan holds: a recomputed
-    block's outputs are a tuple's items (views of no tensor), and their held bytes, charged to
-    no unit until session 16, left the estimate 0.2x of dense below the truth on ResNet-50's
-    mixed plans, so the solver re-solved under pressure until it overshot the budget."""
+    block's outputs are a tuple's items (views of no tensor), and their held bytes, if charged to
+    no unit, leave the estimate 0.2x of dense below the truth on ResNet-50's
+    mixed plans, so the solver would re-solve under pressure until it overshot the budget."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
@@ -467,25 +467,68 @@ def test_dp_prefers_many_cheap_small_savings_where_greedy_stalls():
     assert t_dp <= t_greedy and t_dp == pytest.approx(t_exact, rel=0.02)
 
 
+def test_calibration_times_every_form_with_the_clock_it_is_given(monkeypatch, tmp_path):
+    """The calibration runs every compressed form and reads ``budget_costs._clock`` around each
+    timed region; with a clock that advances one tick per reading (so no assertion depends on
+    this host's speed) its rates follow exactly: a region timed alone (DropIT's, bf16's and the
+    recompute's sweeps, the reference, the weight gradients) takes one tick per call, over the
+    tensors the call sweeps; a form timed against its dense op adds nothing; per byte, what the
+    six 8 MB tensors take beyond the tiny one (here less: 0); per op, the tiny tensor's time, at
+    least OP_SECONDS."""
+    from sparsify_fx.passes.memory_budget import calibration_cache
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
+    from sparsify_fx.passes.memory_budget.costs import OP_SECONDS
+    from test_budget_determinism import KINDS, TICK, tick_clock
+
+    monkeypatch.setenv(calibration_cache.CACHE_DIR_ENV, str(tmp_path))  # not this machine's cache
+    monkeypatch.setattr(budget_costs, "_RATES", {})
+    monkeypatch.setattr(budget_costs, "_SOURCES", {})
+    monkeypatch.setattr(budget_costs, "_clock", tick_clock())
+    rates = budget_costs.calibrate("cpu", fresh=True)
+    alone = {"dropit", "bf16", "recompute"}
+    assert rates == ({k: 0.0 for k in KINDS} | {f"op:{k}": TICK if k in alone else OP_SECONDS for k in KINDS}
+                     | {"host:reference": TICK, "mm_bf16:linear": 1.0, "mm_bf16:conv": 1.0, "mm_bf16:conv1x1": 1.0})
+    assert budget_costs.calibration_source("cpu").startswith("measured, cached to")
+    # a timed call sweeps all its tensors: each one's seconds are the call's over their number
+    tiny = [torch.randn(2, 8, 8, 8) for _ in range(4)]
+    with monkeypatch.context() as m:
+        m.setattr(budget_costs, "_clock", tick_clock())
+        seconds = budget_costs._calibration_seconds(tiny)
+    assert seconds == {k: TICK / 4 if k in alone else 0.0 for k in KINDS}
+
+
+def test_calibration_rates_are_per_byte_differences_and_per_op_floors(monkeypatch):
+    """What the calibration makes of its timings, fed known ones: per byte, the 8 MB tensors'
+    seconds less the tiny one's over the bytes between them (never below 0); per op, the tiny
+    one's seconds (at least OP_SECONDS); the host reference, the mean of its timings before and
+    after the forms."""
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
+    from sparsify_fx.passes.memory_budget.costs import OP_SECONDS
+
+    def timed(xs):  # "bitmask" costs more on the tiny tensor than on a big one: clamped to 0
+        big = xs[0].numel() > 10**5
+        return {"bf16": 5e-3 if big else 1e-4, "bitmask": 1e-6 if big else 2e-6, "dense": 3e-3 if big else 1e-6}
+
+    references = iter([0.010, 0.014])
+    monkeypatch.setattr(budget_costs, "_calibration_seconds", timed)
+    monkeypatch.setattr(budget_costs, "_reference_seconds", lambda device, dtype, xs=None: next(references))
+    monkeypatch.setattr(budget_costs, "bf16_matmul_ratios", lambda device, dtype: {"mm_bf16:linear": 0.5})
+    rates = budget_costs._measured_rates(torch.device("cpu"), torch.float32)
+    span = (budget_costs._SWEEP_BYTES - 2 * 8 * 8 * 8 * 4)  # one 8 MB tensor less the tiny one
+    assert rates == {"bf16": pytest.approx((5e-3 - 1e-4) / span, rel=1e-12), "bitmask": 0.0,
+                     "dense": pytest.approx((3e-3 - 1e-6) / span, rel=1e-12),
+                     "op:bf16": 1e-4, "op:bitmask": OP_SECONDS, "op:dense": OP_SECONDS,
+                     "host:reference": pytest.approx(0.012), "mm_bf16:linear": 0.5}
+
+
 def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
     """Every rewrite maps to a calibrated rate; the 1-bit ReLU and BatchNorm are priced as what
     their op adds over the dense op (their kernels replace its backward), not as a compress +
     decompress, which cost more than recomputing on ResNet-50."""
-    from sparsify_fx.passes.memory_budget.costs import OP_SECONDS, calibrate
+    from sparsify_fx.passes.memory_budget.costs import OP_SECONDS
+    from test_budget_determinism import RATES
 
-    rates = calibrate("cpu", fresh=True)
-    kinds = {"dropit", "bf16", "recompute", "bitmask", "batchnorm", "dense", "bn_relu_conv", "bn_relu_conv_bf16",
-             "act_linear", "act_linear_bf16", "ln_linear", "ln_linear_bf16"}
-    assert set(rates) == kinds | {f"op:{k}" for k in kinds} | {"host:reference", "mm_bf16:linear", "mm_bf16:conv",
-                                                                "mm_bf16:conv1x1"}
-    assert rates["host:reference"] > 0  # timed with the rates, checked before a cached copy is used
-    # a weight gradient on bf16 operands against fp32 ones: within what any CPU could measure
-    assert all(0.05 < rates[f"mm_bf16:{k}"] < 50 for k in ("linear", "conv", "conv1x1"))
-    assert all(0.0 <= rates[k] < 1e-6 for k in kinds)  # seconds per byte: finite, not absurd
-    assert rates["dropit"] > 0 and rates["bf16"] > 0
-    # seconds per op: at least the floor, and a few milliseconds at most on a CPU (under 1 ms
-    # on a quiet 2-core host; a host shared with other test runs measured over 1 ms)
-    assert all(OP_SECONDS <= rates[f"op:{k}"] < 5e-3 for k in kinds)
+    rates = RATES  # the priced rewrites below set the rates they read
     from sparsify_fx.passes.memory_budget.prices import compress_seconds
     rewrite = sfx.Rewrite("actmem", "bn1", "bn1", "batch_norm", "x", saved_bytes_before=1000,
                           details={"storage": "bf16"})
@@ -502,8 +545,8 @@ def test_calibration_prices_each_form_and_batchnorm_by_its_net_cost():
                         details={"storage": "recompute"})
     fake |= {"bn_relu_conv": 2.0, "op:bn_relu_conv": 0.25}
     assert compress_seconds([fused], _unit, fake, {}) == {"u": 2000.25}
-    # a LayerNorm / GELU fused with its Linear: the fused op's own net cost (until session 12
-    # GELU's re-run alone, which priced an H100 GPT-2 plan 6x low)
+    # a LayerNorm / GELU fused with its Linear: the fused op's own net cost (GELU's re-run
+    # alone priced an H100 GPT-2 plan 6x low)
     for op, storage, kind in [("layer_norm", "recompute", "ln_linear"), ("gelu", "recompute-bf16", "act_linear_bf16")]:
         pair = sfx.Rewrite("actmem", "n", "blocks.0", op, "x", saved_bytes_before=1000, details={"storage": storage})
         assert compress_seconds([pair], _unit, fake | {kind: 3.0, f"op:{kind}": 0.5}, {}) == {"u": 3000.5}
@@ -608,11 +651,17 @@ def test_compress_choice_stores_attention_as_configured():
 
 @functools.cache
 def _resnet18_block_options(weight_grad: str = "auto") -> dict:
-    """Every choice's bytes and seconds for resnet18's ``layer1.1`` (planned once: shared)."""
+    """Every choice's bytes and seconds for resnet18's ``layer1.1`` (planned once: shared),
+    priced with an injected calibration and clock (the seconds are the pricing's, not this
+    host's)."""
+    from test_budget_determinism import inject
+
     torch.manual_seed(0)
     model = torchvision.models.resnet18().train()
-    fast = sfx.sparsify(model, MemoryBudget(fraction=0.9, weight_grad=weight_grad),
-                        example_inputs=(torch.randn(2, 3, 64, 64),))
+    with pytest.MonkeyPatch.context() as m:
+        inject(m)
+        fast = sfx.sparsify(model, MemoryBudget(fraction=0.9, weight_grad=weight_grad),
+                            example_inputs=(torch.randn(2, 3, 64, 64),))
     return sfx.explain(fast).memory_budget["units"]["layer1.1"]["options"]
 
 
@@ -688,7 +737,7 @@ def test_recompute_skips_the_matmul_no_backward_reads(dropout):
     gm, ref, x = _recomputed_vit(dropout)
     segments = [m for m in gm.modules() if isinstance(m, sfx.RecomputedSegment)]
     assert len(segments) == 2 and all(s.replay is not None for s in segments)
-    replaced = [n for s in segments for n in s.replay.graph.nodes if n.target is sfx.segments.grad_only_linear]
+    replaced = [n for s in segments for n in s.replay.graph.nodes if n.target is sfx.grad_only_linear]
     assert len(replaced) == 2  # mlp.3 of each block; mlp.0 feeds GELU, whose backward reads it
     out_ref, g_ref = _train_step(ref, x)
     out, g = _train_step(gm, x)
@@ -709,7 +758,7 @@ def test_grad_only_linear_weight_gradient_in_the_weights_layout():
     w = torch.randn(7, 12, requires_grad=True)
     b = torch.randn(7, requires_grad=True)
     g = torch.randn(3, 5, 7)
-    grads = torch.autograd.grad(sfx.segments.grad_only_linear(x, w, b), (x, w, b), g)
+    grads = torch.autograd.grad(sfx.grad_only_linear(x, w, b), (x, w, b), g)
     ref = torch.autograd.grad(torch.nn.functional.linear(x, w, b), (x, w, b), g)
     assert grads[1].is_contiguous()
     for a, r in zip(grads, ref):
@@ -728,39 +777,47 @@ def test_recompute_under_autocast_re_runs_the_full_block():
 
 def test_measured_prices_run_on_copies_and_only_raise_prices(monkeypatch):
     """measure_steps times whole-model training steps of every choice: the model's buffers,
-    gradients and the RNG state are left as they were, prices are only scaled up, and the
-    plan records what was measured."""
+    gradients and the RNG state are left as they were, each choice's prices are scaled to
+    what it measured, and the plan records what was measured."""
     import sparsify_fx.passes.memory_budget.planner as mb
+    from test_budget_determinism import inject
 
+    # the calibration injected and every timed region one tick long: the estimates are known
+    # and the steps' timings exact (each step one tick to issue, two to finish: none adds any)
+    inject(monkeypatch)
     torch.manual_seed(0)
     model = torchvision.models.resnet18().train()
     x = torch.randn(2, 3, 32, 32)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    # every choice measures 1000 s dearer than dense: far beyond any estimate and the noise
-    # (1 s was not, on a host shared with other test runs: compress-bf16 estimated above it)
-    real = mb.measure_added_seconds
-    calls = []
+    real, real_check = mb.measure_added_seconds, mb._check_prices
+    calls, estimated = [], {}
 
     def slow(gm, variants, rounds):
         rng = torch.get_rng_state()
         measured, noise = real(gm, variants, rounds)
         assert torch.equal(torch.get_rng_state(), rng)  # dropout / DropIT draws were restored
-        calls.append((set(variants), rounds, noise))
-        return {k: 1000.0 for k in measured}, 0.0  # the noise gate is tested on its own below
+        calls.append((set(variants), rounds, measured, noise))
+        return {k: 1.0 for k in measured}, 0.0  # the noise gate is tested on its own below
+
+    def check(gm, units, trials, rounds):  # each choice's total price before the measurement
+        estimated.update({c: sum(u.choices[c].seconds for u in units.values() if c in u.choices) for c in trials})
+        return real_check(gm, units, trials, rounds)
 
     monkeypatch.setattr(mb, "measure_added_seconds", slow)
+    monkeypatch.setattr(mb, "_check_prices", check)
     fast = sfx.sparsify(model, MemoryBudget(fraction=0.5, measure_steps=2), example_inputs=(x,))
-    assert calls == [(set(mb.CHOICES) - {"keep"}, 2, calls[0][2])] and calls[0][2] >= 0
+    choices = set(mb.CHOICES) - {"keep"}
+    assert calls == [(choices, 2, dict.fromkeys(choices, 0.0), 0.0)]
     for k, v in model.named_buffers():
         torch.testing.assert_close(v, buffers[k], rtol=0, atol=0, msg=k)
     assert all(p.grad is None for p in model.parameters())
     plan = sfx.explain(fast).memory_budget
     prices = plan["prices"]
-    assert prices["measured"] and set(prices["price_scale"]) >= {"compress", "recompute"}
+    assert prices["measured"] and set(prices["price_scale"]) == set(estimated) == choices
     for choice, scale in prices["price_scale"].items():
-        assert scale > 1.0, choice
+        assert 0 < estimated[choice] < 1.0 and scale == pytest.approx(1.0 / estimated[choice]), choice
         total = sum(u["options"][choice]["seconds"] for u in plan["units"].values() if choice in u["options"])
-        assert total == pytest.approx(1000.0, rel=1e-6), choice  # scaled to the measurement
+        assert total == pytest.approx(1.0, rel=1e-9), choice  # scaled to the measurement
     assert plan["achieved_fraction"] <= 0.5
 
 
@@ -823,8 +880,8 @@ def test_calibration_is_cached_on_disk_per_machine_torch_threads_and_code(monkey
 
 
 def test_a_cached_calibration_from_a_host_in_another_state_is_measured_again(monkeypatch, tmp_path):
-    """The calibration keeps a host reference (a bf16 round trip) timed with it. Session 17
-    cached one while other processes shared the cores: every rate 10-30x the idle host's, and
+    """The calibration keeps a host reference (a bf16 round trip) timed with it. One cached
+    while other processes shared the cores had every rate 10-30x the idle host's, and
     the budget plans recomputed blocks instead of compressing them (ResNet-50 at 0.5: 1.19x)."""
     from sparsify_fx.passes.memory_budget import costs as budget_costs
     from sparsify_fx.passes.memory_budget import calibration_cache

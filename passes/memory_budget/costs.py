@@ -22,10 +22,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from sparsify_fx import tensor_meta
 from sparsify_fx.passes.memory_budget import calibration_cache
 
 __all__ = ["calibrate", "calibration_source", "bf16_matmul_ratios", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
            "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS"]
+
+#: the clock every timed region reads (seconds); the tests replace it with a deterministic one
+#: so that what they assert is the arithmetic on the timings, not this host's speed
+_clock: Callable[[], float] = time.perf_counter
 
 #: the least fixed cost of a rewritten op (also what makes every compressed form strictly
 #: dearer than keeping, so a budget that fits dense keeps everything)
@@ -54,10 +59,10 @@ def _time(fn, device: torch.device, repeats: int = 5) -> float:
     best = math.inf
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _clock() - t0)
     return best
 
 
@@ -85,7 +90,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     Each form is timed on 8 MB tensors and a tiny one: the tiny one's time is the fixed cost
     per op (dispatch, the small ops around the kernels, on a GPU their launches), the
     difference over the bytes between them the cost per byte. A timed call sweeps six 8 MB
-    tensors, so each is read from memory, not cache. One 32 MB tensor (until session 9) sat at
+    tensors, so each is read from memory, not cache. One 32 MB tensor would sit at
     glibc's largest mmap threshold: in some processes every output was fresh pages that fault
     on first touch, in others recycled heap, and the rates differed 2-5x between processes
     (bf16 0.14-0.71 ns/B); swept 8 MB tensors agree within 1.3x (DropIT) and 1.5x (bf16).
@@ -111,9 +116,9 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
             _RATES[key], path = cached
             _SOURCES[key] = f"cached ({path})"
         else:
-            t0 = time.perf_counter()
+            t0 = _clock()
             _RATES[key] = _measured_rates(device, dtype)
-            path = calibration_cache.store(disk_key, _RATES[key], time.perf_counter() - t0)
+            path = calibration_cache.store(disk_key, _RATES[key], _clock() - t0)
             _SOURCES[key] = "measured" + (f", cached to {path}" if path is not None else " (cache not writable)") + why
     return _RATES[key]
 
@@ -133,7 +138,7 @@ def _sweep_tensors(device: torch.device, dtype: torch.dtype) -> list[torch.Tenso
 def _reference_seconds(device: torch.device, dtype: torch.dtype, xs: list[torch.Tensor] | None = None) -> float:
     """A bf16 round trip over the calibration's swept tensors: memory-bound like most of the
     compressed forms' work, timed with the calibration and again before a cached one is used.
-    Session 17 found a calibration cached while other processes shared the 2 cores: every
+    A calibration cached while other processes shared the 2 cores had every
     rate 10-30x the idle host's, so budget plans recomputed blocks a compression would have
     freed for a tenth of the time (ResNet-50 at 0.5: 1.19x instead of 1.03x)."""
     xs = xs if xs is not None else _sweep_tensors(device, dtype)
@@ -193,7 +198,7 @@ def bf16_matmul_ratios(device: torch.device, dtype: torch.dtype) -> dict[str, fl
         return bf16 / fp32
 
     # a 1x1 Conv's weight gradient is a plain matrix product with less to gain on this path
-    # than a 3x3 one (session 18: 0.55-0.97 against 0.45 on ResNet-50's layers)
+    # than a 3x3 one (0.55-0.97 against 0.45 on ResNet-50's layers, 2-core Sapphire Rapids)
     return {"mm_bf16:linear": linear, "mm_bf16:conv": conv_ratio([(64, 64, 28, 3)]),
             "mm_bf16:conv1x1": conv_ratio([(512, 128, 14, 1), (128, 512, 14, 1)])}
 
@@ -214,8 +219,8 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     grad = torch.randn_like(x0)
     channels = x0.shape[1]
     # the tiny tensor's steps take ~0.1 ms, where one descheduling doubles a time: more pairs
-    # (session 17 cached a BatchNorm -> ReLU -> Conv fixed cost of 0.32 ms; 0.13 ms in 7 other
-    # calibrations, and the ResNet-50 plan at 0.5 took DropIT for it: 1.08x instead of 1.03x)
+    # (one busy calibration priced a BatchNorm -> ReLU -> Conv fixed cost at 0.32 ms, 0.13 ms in 7
+    # others, and the ResNet-50 plan at 0.5 took DropIT for it: 1.08x instead of 1.03x)
     tiny = x0.numel() * x0.element_size() < 2**20
 
     def dropit():
@@ -237,11 +242,11 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
         def step(fn) -> float:
             inputs = [x.detach().requires_grad_() for x in xs]
             sync()
-            t0 = time.perf_counter()
+            t0 = _clock()
             for xr in inputs:
                 fn(xr).backward(out_grad)
             sync()
-            return (time.perf_counter() - t0) / n
+            return (_clock() - t0) / n
 
         step(rewritten), step(dense)  # warm-up
         # a difference of two small times: interleaved, best of ``pairs`` each
@@ -279,8 +284,8 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     # an activation / LayerNorm fused with its Linear (the output recomputed in backward,
     # exact or from a bf16 copy): the fused op's forward + backward less the dense pair's, per
     # byte of what the pair keeps (its input and the Linear's, twice the tensor's: hence / 2).
-    # Priced as GELU's re-run alone until session 12, and on an H100 a GPT-2 plan at 0.5 that
-    # fused LN / GELU -> Linear with bf16 attention measured 7 ms added against 1 ms estimated
+    # Priced as GELU's re-run alone, on an H100 a GPT-2 plan at 0.5 that fused
+    # LN / GELU -> Linear with bf16 attention measured 7 ms added against 1 ms estimated
     rows = x0.numel() // x0.shape[-1]
     linear_w = torch.randn(16, x0.shape[-1], device=device, dtype=dtype, requires_grad=True)
     linear_grad = torch.randn(rows, 16, device=device, dtype=dtype)
@@ -315,24 +320,27 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
 
 
 class _NodeTimer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, device: torch.device):
+    def __init__(self, gm: fx.GraphModule, device: torch.device, untimed: frozenset[str] = frozenset()):
         super().__init__(gm)
         self.seconds: dict[str, float] = {}
+        self.untimed = untimed
         # CUDA runs kernels asynchronously: without a synchronisation on both sides a node's
         # time would be its launch, and recomputing a GPU block would look nearly free
         self.sync = synchronizer(device)
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.untimed:
+            return super().run_node(n)
         self.sync()
-        t0 = time.perf_counter()
+        t0 = _clock()
         out = super().run_node(n)
         self.sync()
-        self.seconds[n.name] = min(self.seconds.get(n.name, math.inf), time.perf_counter() - t0)
+        self.seconds[n.name] = min(self.seconds.get(n.name, math.inf), _clock() - t0)
         return out
 
 
 def example_input(node: fx.Node, device: torch.device) -> Any:
-    meta = node.meta.get("sfx_shape")
+    meta = tensor_meta(node)
     if meta is None:
         return None
     shape, dtype = meta
@@ -375,13 +383,13 @@ def train_step_seconds(gm: fx.GraphModule, args: list) -> tuple[float, float]:
         p.grad = None
     sync = synchronizer(next((p.device for p in gm.parameters()), torch.device("cpu")))
     sync()
-    t0 = time.perf_counter()
+    t0 = _clock()
     out = gm(*args)
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
-    issued = time.perf_counter() - t0
+    issued = _clock() - t0
     sync()
-    return issued, time.perf_counter() - t0
+    return issued, _clock() - t0
 
 
 def measure_added_seconds(
@@ -427,15 +435,20 @@ def host_share(gm: fx.GraphModule, rounds: int = 3) -> float:
     return min(1.0, statistics.median(shares))
 
 
-def node_seconds(gm: fx.GraphModule) -> dict[str, float]:
+def node_seconds(gm: fx.GraphModule, same_as: dict[str, str] | None = None) -> dict[str, float]:
     """Forward time of each node on random inputs of the recorded shapes, as the re-run in
     backward runs it: training mode, grad enabled (BatchNorm's batch statistics, the
-    autograd graph and its saved tensors), on a copy with its own buffers."""
+    autograd graph and its saved tensors), on a copy with its own buffers.
+
+    ``same_as`` maps a node to the node whose time it takes (``prices.timing_twins``: the
+    same op on the same shapes in an identical block); such a node runs untimed, so the
+    identical blocks of a model get one price, not one draw of the host's noise each."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    same_as = same_as or {}
     with rng_kept(device):
         args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
         copy_ = with_own_buffers(gm).train()
-        timer = _NodeTimer(copy_, device)
+        timer = _NodeTimer(copy_, device, frozenset(same_as))
         try:
             with torch.enable_grad():
                 for _ in range(2):
@@ -446,4 +459,7 @@ def node_seconds(gm: fx.GraphModule) -> dict[str, float]:
             with torch.no_grad():
                 for _ in range(2):
                     timer.run(*args)
+    for name, twin in same_as.items():
+        if twin in timer.seconds:
+            timer.seconds[name] = timer.seconds[twin]
     return timer.seconds

@@ -6,6 +6,12 @@ units and their choices).
 rounded up so the plan always fits; ``solve`` takes greedy's plan instead where that rounding
 lost a faster one that fits. ``solve_greedy`` (most bytes saved per second first) and
 ``solve_exact`` (brute force, the tests' reference) are kept for comparison.
+
+Plans of equal time are told apart the same way whatever the prices' values: the DP adds
+whole tenths of a picosecond (integers: a sum does not depend on its order) and a plan's
+total is :func:`plan_seconds` (``math.fsum``). With float sums in the order each path took,
+the plan for 6 identical blocks priced alike recomputed blocks 0 and 4, or 0 and 5, depending
+on the price's value.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Choice", "solve", "solve_dp", "solve_greedy", "solve_exact"]
+__all__ = ["Choice", "plan_seconds", "solve", "solve_dp", "solve_greedy", "solve_exact"]
+
+#: the DP's unit of time (seconds): 0.1 ps tells apart the smallest floored prices (1e-10 s),
+#: and int64 holds sums of prices up to 4e5 s
+_QUANTUM = 1e-13
+#: the DP's "no plan": above any sum of prices, and far enough below int64's end to add one
+_NONE = 2**62
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,11 @@ class Choice:
     name: str
     bytes: float
     seconds: float
+
+
+def plan_seconds(plan: list[Choice]) -> float:
+    """A plan's added seconds, the same for any order of its choices (``math.fsum``)."""
+    return math.fsum(c.seconds for c in plan)
 
 
 def _pareto(choices: list[Choice]) -> list[Choice]:
@@ -94,25 +111,25 @@ def solve_dp(units: list[list[Choice]], budget: float, resolution: int = 4096) -
             return math.ceil(c.bytes / cell - 1e-9)
         return 0 if c.bytes <= 0 else resolution + 1
 
-    inf = float("inf")
-    # best[c]: least time of the units so far in at most c cells; how[u][c]: the choice it took
-    best = torch.zeros(resolution + 1, dtype=torch.float64)
+    # best[c]: least time (in _QUANTUM) of the units so far in at most c cells; how[u][c]: the
+    # choice it took. Integers: equal plans tie exactly, and the first choice and cell keep them
+    best = torch.zeros(resolution + 1, dtype=torch.int64)
     how: list[torch.Tensor] = []
     for front in fronts:
-        nxt = torch.full((resolution + 1,), inf, dtype=torch.float64)
+        nxt = torch.full((resolution + 1,), _NONE, dtype=torch.int64)
         arg = torch.zeros(resolution + 1, dtype=torch.int64)
         for j, c in enumerate(front):
             w = cells(c)
             if w > resolution:
                 continue
-            cand = torch.full((resolution + 1,), inf, dtype=torch.float64)
-            cand[w:] = best[: resolution + 1 - w] + c.seconds
+            cand = torch.full((resolution + 1,), _NONE, dtype=torch.int64)
+            cand[w:] = best[: resolution + 1 - w] + round(c.seconds / _QUANTUM)
             better = cand < nxt
             nxt = torch.where(better, cand, nxt)
             arg = torch.where(better, torch.full_like(arg, j), arg)
-        best = nxt
+        best = nxt.clamp(max=_NONE)
         how.append(arg)
-    if not math.isfinite(float(best[resolution])):
+    if int(best[resolution]) >= _NONE:
         return smallest  # every fitting plan is lost to the rounding: the smallest one fits
     picked: list[Choice] = []
     c = resolution
@@ -130,7 +147,7 @@ def solve(units: list[list[Choice]], budget: float) -> list[Choice]:
     dp, greedy = solve_dp(units, budget), solve_greedy(units, budget)
 
     def key(plan: list[Choice]) -> tuple[bool, float]:
-        return (sum(c.bytes for c in plan) > budget, sum(c.seconds for c in plan))
+        return (math.fsum(c.bytes for c in plan) > budget, plan_seconds(plan))
 
     return min((dp, greedy), key=key)
 
