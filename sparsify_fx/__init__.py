@@ -34,13 +34,30 @@ from sparsify_fx.graph.form import (
     module_name_of,
     replace_node,
 )
-from sparsify_fx.analysis.memory_plan import MemoryPlan, TensorLiveness, compressed_bytes_of, memory_plan
+from sparsify_fx.analysis.memory_plan import (
+    MemoryPlan,
+    TensorLiveness,
+    compressed_bytes_of,
+    memory_plan,
+    overwritten_in_place,
+)
 from sparsify_fx.optim import extend_optimizer, new_parameters
-from sparsify_fx.infra.pass_base import PassContext, PassResult, Rewrite, Skip
+from sparsify_fx.graph import meta
+from sparsify_fx.graph.op_module import OpModule
+from sparsify_fx.infra.pass_base import (
+    PassContext,
+    PassPlan,
+    PassResult,
+    PlanOption,
+    PlanUnit,
+    Rewrite,
+    Skip,
+    run_pass,
+)
 from sparsify_fx.infra.recipes import parse_recipe, resolve_recipe
 from sparsify_fx.infra.registry import register_pass, registered
 from sparsify_fx.report.explain import ExplainReport, PassSummary, explain, graph_diff
-from sparsify_fx.analysis.segments import Block, RecomputedSegment, find_blocks, recompute_segment
+from sparsify_fx.analysis.segments import Block, RecomputedSegment, find_blocks, grad_only_linear, recompute_segment
 from sparsify_fx.analysis.slice_groups import (
     ForbiddenSliceGroup,
     SliceConsumer,
@@ -59,12 +76,13 @@ __all__ = [
     "new_parameters", "extend_optimizer",
     "Capture", "CAPTURE_METHODS", "VerifyReport", "ExplainReport", "SparsifyRecord",
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
+    "run_pass", "PassPlan", "PlanUnit", "PlanOption", "OpModule", "meta",
     "parse_recipe", "resolve_recipe", "check_range",
     "DenseOp", "dense_op", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
     "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
-    "memory_plan", "compressed_bytes_of", "MemoryPlan", "TensorLiveness",
-    "find_blocks", "Block", "recompute_segment", "RecomputedSegment",
+    "memory_plan", "compressed_bytes_of", "overwritten_in_place", "MemoryPlan", "TensorLiveness",
+    "find_blocks", "Block", "recompute_segment", "RecomputedSegment", "grad_only_linear",
     "DropIT",
     "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",
 ]

@@ -12,11 +12,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsify_fx.analysis.shapes import ShapeRecorder
-from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture
+from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, quiet_fx_traceback
 from sparsify_fx.infra.config import PassConfig
 from sparsify_fx.errors import CaptureError, ConfigError
 from sparsify_fx.graph.form import OPS_CONTAINER
-from sparsify_fx.infra.pass_base import PassResult, Rewrite, Skip, dense_layer_order, run_passes
+from sparsify_fx.graph.op_module import OpModule
+from sparsify_fx.graph import meta
+from sparsify_fx.infra.pass_base import PassPlan, PassResult, Rewrite, Skip, dense_layer_order, run_passes
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
 from sparsify_fx.frontend.unpack import unbind_unpacking
 from sparsify_fx.verify import VerifyReport
@@ -41,6 +43,7 @@ class SparsifyRecord:
     passes: list[tuple[str, int, int]] = field(default_factory=list)  # name, rewritten, skipped
     verification: VerifyReport | None = None
     graphs: list[str] = field(default_factory=list)
+    plans: list[PassPlan] = field(default_factory=list)  # the passes' whole-graph plans
 
 
 class _NodeTracker(fx.Interpreter):
@@ -63,7 +66,7 @@ def _failing_node(gm: fx.GraphModule, args: tuple, kwargs: dict) -> str:
     except Exception:  # noqa: BLE001 - the error itself is reported by the caller
         node = tracker.current
         if node is not None:
-            where = node.meta.get("sfx_module")
+            where = node.meta.get(meta.MODULE)
             return f" at node {node.format_node()}" + (f" (module {where!r})" if where else "")
     return ""
 
@@ -91,7 +94,8 @@ def _record_shapes(cap: Capture, args: tuple, kwargs: dict) -> list[str]:
         cap.graph_module.eval()
         with torch.no_grad():
             try:
-                cap.graph_module(*args, **kwargs)
+                with quiet_fx_traceback():  # the error below says it all, once
+                    cap.graph_module(*args, **kwargs)
             except Exception as e:
                 where = _failing_node(cap.graph_module, args, kwargs) if isinstance(
                     cap.graph_module, fx.GraphModule) else ""
@@ -210,6 +214,7 @@ def sparsify(
         for config, result in zip(configs, results):
             record.rewrites += result.rewrites
             record.skips += result.skips
+            record.plans += result.plans
             record.passes.append((config.describe(), len(result.rewrites), len(result.skips)))
         module = cap.graph_module
         for gm in cap.graphs.values():
@@ -224,6 +229,10 @@ def sparsify(
         verify = args is not None
     if verify:
         record.verification = verify_outputs(model, module, args, kwargs, rtol=rtol, atol=atol)
+    # after verification: op modules verified with a function-preserving init draw their own
+    for sub in module.modules():
+        if isinstance(sub, OpModule):
+            sub.reinitialize()
     return module
 
 

@@ -132,7 +132,7 @@ def _isoflop_under_dynamo():
 
 
 def _rigl_without_masks():
-    from sparsify_fx.passes.iso_flop.rewrite import RigL
+    from sparsify_fx.passes.iso_flop import RigL
 
     RigL(_mlp())
 

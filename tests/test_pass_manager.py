@@ -80,3 +80,67 @@ def test_custom_pass_example_runs():
     from pathlib import Path
 
     runpy.run_path(str(Path(__file__).parent.parent / "examples" / "custom_pass.py"), run_name="__main__")
+
+
+@dataclass(frozen=True)
+class SiluInNewModule(sfx.PassConfig):
+    """Returns a brand-new GraphModule: ReLU -> SiLU, and the output doubled by a module that
+    only the new GraphModule holds."""
+
+    broken: bool = False
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@sfx.register_pass(SiluInNewModule, name="silu_in_new_module")
+def _silu_in_new_module(gm, config, ctx):
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            out = env[node.args[0]]
+            doubled = graph.call_module("twice", (out,))
+            graph.output(doubled if not config.broken else node.args[0])  # broken: a foreign node
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.target in (F.relu, torch.relu):
+            env[node].target = F.silu
+    root = torch.nn.Module()  # gm's children plus one only the new module holds
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    root.twice = _Double()
+    new = fx.GraphModule(root, graph)
+    return sfx.PassResult(new, modified=True)
+
+
+def test_pass_returning_a_new_graph_module_changes_the_result():
+    model, x = mlp(), torch.randn(4, 8)
+    silu = torch.nn.Sequential(*[torch.nn.SiLU() if isinstance(m, torch.nn.ReLU) else m for m in model])
+    fast = sfx.sparsify(model, [SiluInNewModule(), sfx.DropIT(keep=1.0)], (x,), verify=False)
+    torch.testing.assert_close(fast(x), 2 * silu(x))
+    # the manager moved the new graph into the module it gave the pass: the later pass saw it
+    assert isinstance(fast.twice, _Double)
+    assert [r.pass_name for r in sfx.explain(fast).rewrites] == ["dropit"] * 2
+
+
+def test_run_pass_rolls_back_a_broken_new_graph_module():
+    gm = sfx.capture(mlp()).graph_module
+    before = gm.code
+    with pytest.raises(sfx.PassError, match="silu_in_new_module") as info:
+        sfx.run_pass(gm, SiluInNewModule(broken=True))
+    assert info.value.pass_name == "silu_in_new_module"
+    assert gm.code == before and not hasattr(gm, "twice")
+
+
+def test_run_pass_adopts_a_new_graph_module_in_place():
+    model, x = mlp(), torch.randn(2, 8)
+    gm = sfx.capture(model).graph_module
+    result = sfx.run_pass(gm, SiluInNewModule())
+    assert result.graph_module is gm and result.modified
+    assert isinstance(gm.twice, _Double) and "silu" in gm.code
+    assert gm(x).shape == model(x).shape

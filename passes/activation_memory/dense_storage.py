@@ -137,7 +137,7 @@ def _saves_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.element_size() > 2 and not torch.is_autocast_enabled(x.device.type))
 
 
-class Bf16InputLinear(nn.Module):
+class Bf16InputLinear(sfx.OpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` like the op it replaced.
 
     ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"); eval mode, autocast and

@@ -17,9 +17,9 @@ It is what ``ActivationMemory(maxpool="indices")`` installs.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsify_fx import OpModule
 from sparsify_fx.passes.activation_memory.modules import _recording
 from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
 
@@ -71,7 +71,7 @@ def _backward(ctx, grad_out, _grad_indices):
 actmem_max_pool2d = register_autograd(_actmem_max_pool2d, _backward, _setup)
 
 
-class ActMemMaxPool2d(nn.Module):
+class ActMemMaxPool2d(OpModule):
     """Parameter-free ``max_pool2d`` keeping only narrow indices for backward; eval, ``no_grad``
     and non-float inputs run ``F.max_pool2d``."""
 

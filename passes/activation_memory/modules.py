@@ -62,7 +62,7 @@ def _channels(shape) -> int:
     return shape[1] if len(shape) > 1 else 1
 
 
-class ActMemReLU(nn.Module):
+class ActMemReLU(sfx.OpModule):
     """Parameter-free ReLU / LeakyReLU saving a 1-bit mask; eval runs the original op."""
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
@@ -86,7 +86,7 @@ class ActMemReLU(nn.Module):
         return F.leaky_relu(x, self.negative_slope, inplace=self.inplace)
 
 
-class ActMemActivation(nn.Module):
+class ActMemActivation(sfx.OpModule):
     """Parameter-free GELU / SiLU saving a compressed input; eval runs the original op."""
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
@@ -110,7 +110,7 @@ class ActMemActivation(nn.Module):
         return F.silu(x, inplace=self.inplace)
 
 
-class ActMemActLinear(nn.Module):
+class ActMemActLinear(sfx.OpModule):
     """Parameter-free ``linear(act(h), weight, bias)`` whose backward keeps only ``h``.
 
     The activation's output, which the Linear would keep, is recomputed in backward; eval,
@@ -139,7 +139,7 @@ class ActMemActLinear(nn.Module):
         return F.linear(_activation(h, self.kind, self.approximate), weight, bias)
 
 
-class ActMemLnLinear(nn.Module):
+class ActMemLnLinear(sfx.OpModule):
     """Parameter-free ``linear(layer_norm(x), weight, bias)`` whose backward keeps ``x`` and the
     row statistics only: the normalised tensor the Linear would keep is recomputed.
     ``weight_grad`` (with ``store="bf16"``): ``passes/bf16_matmul.py``."""
@@ -177,7 +177,7 @@ class ActMemLnLinear(nn.Module):
         return F.linear(F.layer_norm(x, self.normalized_shape, ln_weight, ln_bias, self.eps), weight, bias)
 
 
-class ActMemScale(nn.Module):
+class ActMemScale(sfx.OpModule):
     """Parameter-free ``x * scale`` (``scale`` a learned parameter) saving a compressed ``x``
     for the parameter's gradient; eval, ``no_grad`` and a frozen scale run the plain product."""
 
@@ -199,7 +199,7 @@ class ActMemScale(nn.Module):
         return x * scale
 
 
-class ActMemAttention(nn.Module):
+class ActMemAttention(sfx.OpModule):
     """Parameter-free ``scaled_dot_product_attention(q, k, v)`` (no mask, no dropout) keeping
     bf16/int8 q, k, v for backward; eval and no-grad run the original op.
 
@@ -236,7 +236,7 @@ class ActMemAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
 
 
-class ActMemBatchNorm(nn.Module):
+class ActMemBatchNorm(sfx.OpModule):
     """Parameter-free BatchNorm: ``forward(x, weight, bias, running_mean, running_var,
     num_batches_tracked)`` with the original module's tensors, updating its running stats
     exactly as ``nn.BatchNorm`` does."""
@@ -299,7 +299,7 @@ def _copy_stats(running_mean, running_var, new_mean, new_var) -> None:
         running_var.copy_(new_var)
 
 
-class ActMemLayerNorm(nn.Module):
+class ActMemLayerNorm(sfx.OpModule):
     """Parameter-free LayerNorm: ``forward(x, weight, bias)`` with the original's tensors."""
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)

@@ -342,7 +342,8 @@ class _NodeTimer(fx.Interpreter):
 def example_input(node: fx.Node, device: torch.device) -> Any:
     meta = tensor_meta(node)
     if meta is None:
-        return None
+        # a non-tensor argument: the graph was captured with (and checks) its default
+        return node.args[0] if node.op == "placeholder" and node.args else None
     shape, dtype = meta
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype, device=device)

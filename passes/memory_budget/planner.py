@@ -47,7 +47,7 @@ applied to a copy, measured with the liveness analysis, and re-solved with the e
 to the pressure until it fits, then with the pressure bisected back towards the budget (seven
 rounds at most), so the achieved bytes, not the estimate, meet the budget without a plan
 well under it. ``solve_exact`` is the brute-force optimum the tests compare with; ``solve_greedy``
-(most bytes saved per second first, the solver until session 7) is kept for comparison.
+(most bytes saved per second first) is kept for comparison.
 """
 
 from __future__ import annotations
@@ -59,8 +59,17 @@ import torch
 import torch.fx as fx
 
 import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, Skip, check_range
-from sparsify_fx.infra.registry import lookup
+from sparsify_fx import (
+    ConfigError,
+    PassConfig,
+    PassPlan,
+    PassResult,
+    PlanOption,
+    PlanUnit,
+    Rewrite,
+    Skip,
+    check_range,
+)
 
 from sparsify_fx.passes.activation_memory.rewrite import ActivationMemory
 from sparsify_fx.passes.kernels.bf16_matmul import WEIGHT_GRAD, bf16_weight_grad
@@ -71,8 +80,8 @@ from sparsify_fx.passes.memory_budget.costs import (
     measure_added_seconds,
     node_seconds,
 )
-from sparsify_fx.passes.memory_budget.prices import compress_seconds, floored
-from sparsify_fx.passes.memory_budget.solver import Choice, solve, solve_dp, solve_exact, solve_greedy
+from sparsify_fx.passes.memory_budget.prices import compress_seconds, floored, timing_twins
+from sparsify_fx.passes.memory_budget.solver import Choice, plan_seconds, solve, solve_dp, solve_exact, solve_greedy
 from sparsify_fx.passes.dropit import DropIT
 
 __all__ = ["MemoryBudget", "Choice", "solve", "solve_dp", "solve_greedy", "solve_exact", "calibrate", "CHOICES"]
@@ -183,7 +192,7 @@ def _compress_configs(choice: str, config: MemoryBudget, in_units) -> list[PassC
     if choice == "compress-exact":
         # exact forms only: 1-bit ReLU masks, GELU/SiLU/LayerNorm outputs recomputed for their
         # Linear, BatchNorm -> ReLU outputs recomputed for their Conv; every other form off
-        # (``scale`` defaults to bf16: until session 17 ConvNeXt's layer scale kept a bf16
+        # (``scale`` defaults to bf16: left on, ConvNeXt's layer scale keeps a bf16
         # input under exact_only=True, its gradient 1e-3 off)
         return [ActivationMemory(relu="bitmask", gelu="recompute", silu="recompute", batchnorm="recompute",
                                  layernorm="recompute", scale="off", attention="off", dense="off",
@@ -224,10 +233,9 @@ def _apply(gm: fx.GraphModule, plan: dict[str, str], units: dict[str, _Unit], co
             return _unit_of(qualified, units, ctx) in chosen
 
         for inner in _compress_configs(choice, config, in_units):
-            spec = lookup(inner)
-            inner_ctx = sfx.PassContext(prefix=ctx.prefix, first_last=ctx.first_last, pass_name=spec.name)
-            result = spec.transform(gm, inner, inner_ctx)
-            rewrites += result.rewrites
+            # through the manager: each inner pass is linted and rolled back on its own, and an
+            # error names it (inside this pass's own error)
+            rewrites += sfx.run_pass(gm, inner, ctx).rewrites
     gm.graph.lint()
     gm.recompile()
     return rewrites
@@ -255,7 +263,7 @@ def _trial(gm, plan, units, config, ctx) -> tuple[dict[str, float], float, list[
     trial = sfx.structural_copy(gm)
     rewrites = _apply(trial, plan, units, config, ctx)
     compressed = sfx.compressed_bytes_of(rewrites)
-    mplan = sfx.memory_plan(trial, compressed)
+    mplan = sfx.memory_plan(trial, compressed, inputs_require_grad=bool(ctx.prefix) or None)
     per_unit = {name: 0.0 for name in units}
     nodes = {n.name: n for n in trial.graph.nodes}
     # each held storage once, as memory_plan counts it (q, k, v of one projection once; a
@@ -324,7 +332,9 @@ def _units_of(gm: fx.GraphModule) -> dict[str, _Unit]:
 def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ctx,
            result: PassResult) -> dict[str, Any]:
     """Fill every unit's choices (bytes, estimated seconds); returns how the prices were made."""
-    per_node = node_seconds(gm)
+    # identical blocks take the first one's node times: one price per structure, so which of
+    # them a plan picks does not depend on each one's draw of the host's noise
+    per_node = node_seconds(gm, timing_twins(gm, [u.block.nodes for u in units.values() if u.block is not None]))
     param = next(gm.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -357,7 +367,7 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
             # what backward re-runs: the block less the Linears whose value nothing reads
             skipped = {n.name for m in trial.modules() if isinstance(m, sfx.RecomputedSegment)
                        and m.replay is not None for n in m.replay.graph.nodes
-                       if n.target is sfx.segments.grad_only_linear}
+                       if n.target is sfx.grad_only_linear}
             for name in recomputable:
                 fwd = sum(per_node.get(n.name, 0.0) for n in units[name].block.nodes if n.name not in skipped)
                 units[name].offer("recompute", per_unit[name], fwd)
@@ -398,7 +408,7 @@ def _solve_to_fit(gm: fx.GraphModule, units: dict[str, _Unit], budget: float, co
         picked = solve([list(units[n].choices.values()) for n in names], pressure)
         candidate = {n: c.name for n, c in zip(names, picked)}
         measured = achieved_by(candidate)
-        seconds = sum(c.seconds for c in picked)
+        seconds = plan_seconds(picked)  # (the same for plans of the same choices in any order)
         fits = measured <= budget
         key = (fits, -seconds if fits else -measured)
         if best is None or key > (best[0], best[1]):
@@ -419,24 +429,25 @@ def _solve_to_fit(gm: fx.GraphModule, units: dict[str, _Unit], budget: float, co
     return achieved, plan
 
 
-def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], summary: dict[str, Any],
+def _plan_units(units: dict[str, _Unit], plan: dict[str, str]) -> tuple[PlanUnit, ...]:
+    # (seconds: the price the solver compared, estimated_seconds: the estimate before the
+    # floor, below zero where bf16 weight gradients save more than the casts cost)
+    return tuple(
+        PlanUnit(name, plan[name],
+                 {k: PlanOption(int(v.bytes), v.seconds, unit.estimates[k]) for k, v in unit.choices.items()},
+                 dict(unit.reasons))
+        for name, unit in units.items()
+    )
+
+
+def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], summary: PassPlan,
             inner: list[Rewrite], config: MemoryBudget, ctx) -> None:
-    """The plan as rewrites (one per unit changed, then the inner passes' own) and skips."""
-    result.rewrites.append(Rewrite(
-        ctx.pass_name, "(plan)", ctx.prefix.rstrip("."), "plan", "", details=summary,
-    ))
+    """The plan, one rewrite per unit changed (then the inner passes' own), and skips."""
+    result.plans.append(summary)
     for name, unit in units.items():
         choice = plan[name]
         c = unit.choices[choice]
         module = ctx.qualified(unit.block.name) if unit.block and not unit.block.gap else name
-        summary["units"][name] = {
-            "choice": choice, "bytes": int(c.bytes), "estimated_seconds": unit.estimates[choice],
-            # (seconds: the price the solver compared, estimated_seconds: the estimate before
-            # the floor, below zero where bf16 weight gradients save more than the casts cost)
-            "options": {k: {"bytes": int(v.bytes), "seconds": v.seconds,
-                            "estimated_seconds": unit.estimates[k]} for k, v in unit.choices.items()},
-            "unavailable": dict(unit.reasons),
-        }
         if choice == "keep":
             others = ", ".join(f"{k}: {_mib(v.bytes)} {unit.estimates[k] * 1e3:+.1f} ms"
                                for k, v in unit.choices.items() if k != "keep")
@@ -454,8 +465,8 @@ def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], s
                      "bytes_after": int(c.bytes)},
         ))
     result.rewrites += inner
-    if not summary["reachable"]:
-        achieved, budget, dense = summary["achieved_bytes"], summary["budget_bytes"], summary["dense_bytes"]
+    if not summary.reachable:
+        achieved, budget, dense = summary.achieved_bytes, summary.budget_bytes, summary.dense_bytes
         result.skips.append(Skip(ctx.pass_name, "(plan)", ctx.prefix.rstrip("."), "plan",
                                  f"budget {_mib(budget)} not reachable with "
                                  f"{'exact ' if config.exact_only else ''}choices; smallest plan "
@@ -466,25 +477,25 @@ def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], s
 @sfx.register_pass(MemoryBudget, name="budget")
 def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassResult:
     result = PassResult(gm, modified=False)
-    if not any("sfx_shape" in n.meta for n in gm.graph.nodes):
+    if not any(sfx.meta.SHAPE in n.meta for n in gm.graph.nodes):
         result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
                                  "no recorded shapes: call sparsify with example_inputs"))
         return result
-    dense = float(sfx.memory_plan(gm).total_bytes)
+    # (a submodule's graph takes activations, which require grad; the root takes data)
+    dense = float(sfx.memory_plan(gm, inputs_require_grad=bool(ctx.prefix) or None).total_bytes)
     budget = float(config.bytes) if config.bytes is not None else config.fraction * dense
     units = _units_of(gm)
     prices = _price(gm, units, config, ctx, result)
     achieved, plan = _solve_to_fit(gm, units, budget, config, ctx)
     inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
-    summary = {
-        "dense_bytes": int(dense), "budget_bytes": int(budget), "achieved_bytes": int(achieved),
-        "achieved_fraction": achieved / dense if dense else 0.0,
-        "reachable": achieved <= budget * 1.05,
-        "exact_only": config.exact_only,
-        "estimated_seconds": sum(units[n].estimates[plan[n]] for n in units),
-        "prices": prices,
-        "units": {},
-    }
+    summary = PassPlan(
+        ctx.pass_name, ctx.prefix.rstrip("."),
+        dense_bytes=int(dense), budget_bytes=int(budget), achieved_bytes=int(achieved),
+        reachable=achieved <= budget * 1.05,
+        estimated_seconds=sum(units[n].estimates[plan[n]] for n in units),
+        units=_plan_units(units, plan),
+        details={"exact_only": config.exact_only, "prices": prices},
+    )
     _report(result, units, plan, summary, inner, config, ctx)
     result.modified = any(c != "keep" for c in plan.values())
     return result

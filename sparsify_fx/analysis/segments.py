@@ -35,7 +35,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import install_module, is_in_place, module_name_of
+from sparsify_fx.graph.op_module import OpModule
 
 __all__ = ["Block", "find_blocks", "recompute_segment", "RecomputedSegment", "call_module_by_ref", "grad_only_linear"]
 
@@ -113,7 +115,7 @@ def _module_roles(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
         elif isinstance(module, RecomputedSegment):
             # a block already recomputed keeps its name (its outputs carry its stack), though
             # its parameters are now inputs of a parameter-free call
-            parts = str(node.meta.get("sfx_module", "")).split(".")
+            parts = str(node.meta.get(meta.MODULE, "")).split(".")
             weighted.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     items: dict[str, dict[object, int]] = {}  # container -> item type -> parametrised items
     for path, kind in types.items():
@@ -197,7 +199,7 @@ def _segment_reason(nodes: list[fx.Node]) -> str | None:
     inside = set(nodes)
     for n in nodes:
         escapes = any(u not in inside for u in n.users)
-        if escapes and "sfx_shape" not in n.meta:
+        if escapes and meta.SHAPE not in n.meta:
             return f"node {n.name} leaves the block with a non-tensor (or unrecorded) value"
         if n.op == "call_method" and n.target.endswith("_"):
             return f"in-place method {n.target} at {n.name}"
@@ -363,7 +365,7 @@ class _Recompute(torch.autograd.Function):
         return (None, *[a.grad if isinstance(a, torch.Tensor) else None for a in args])
 
 
-class RecomputedSegment(nn.Module):
+class RecomputedSegment(OpModule):
     """Calls a parameter-free sub-graph; in training keeps only its inputs for backward.
 
     ``keeps_dense_inputs`` tells the memory plan that the inputs are what backward holds.
@@ -441,7 +443,7 @@ def recompute_segment(gm: fx.GraphModule, block: Block) -> fx.Node:
     with gm.graph.inserting_before(nodes[-1].next):
         module_nodes = [gm.graph.get_attr(t) for t in module_args]
         call = gm.graph.call_module(target, (*inputs, *module_nodes))
-        call.meta["sfx_module"] = block.name
+        call.meta[meta.MODULE] = block.name
         for i, o in enumerate(outputs):
             item = gm.graph.call_function(operator.getitem, (call, i))
             item.meta = dict(o.meta)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import DenseOp
 
 __all__ = ["ShapeRecorder", "tensor_meta", "dense_op_flops", "tensor_bytes", "conv_output_spatial"]
@@ -23,14 +24,14 @@ class ShapeRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
-            n.meta["sfx_shape"] = (tuple(result.shape), result.dtype)
+            n.meta[meta.SHAPE] = (tuple(result.shape), result.dtype)
         return result
 
 
 def tensor_meta(node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
     """The recorded (shape, dtype) of a node's tensor output, or None if unknown."""
     if isinstance(node, fx.Node):
-        return node.meta.get("sfx_shape")
+        return node.meta.get(meta.SHAPE)
     return None
 
 

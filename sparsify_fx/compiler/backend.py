@@ -14,7 +14,7 @@ How a graph is made ready for the passes and handed back:
   so each op module takes the mode of the model's module it replaced (read from the frame
   Dynamo is compiling; Dynamo guards on that mode and recompiles when it changes), or the
   grad mode where the module cannot be found.
-* Op modules that must run in Python on every training call (``sfx_host_side = True``:
+* Op modules that must run in Python on every training call (``OpModule.host_side``:
   SliceOut's window draw) would be traced once by AOTAutograd and their first result baked
   into the compiled code, so a training graph holding one is refused for ``aot_eager`` /
   ``inductor`` / ``cudagraphs`` (``inner="eager"`` runs it; so does compiling ``sfx.sparsify``'s result, where
@@ -36,7 +36,9 @@ import torch.nn as nn
 
 from sparsify_fx.frontend.canonical import canonicalize
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER
+from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.infra.pass_base import dense_layer_order, run_passes
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
 
@@ -131,8 +133,8 @@ def _lift_parameters(
         lifted.append((node, qualified))
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
-        if stack and "sfx_module" not in node.meta:
-            node.meta["sfx_module"] = _clean_dynamo_path(str(list(stack.values())[-1][0]))
+        if stack and meta.MODULE not in node.meta:
+            node.meta[meta.MODULE] = _clean_dynamo_path(str(list(stack.values())[-1][0]))
     gm.graph.lint()
     gm.recompile()
     return lifted
@@ -241,7 +243,7 @@ def backend(recipe: Recipe = DEFAULT_RECIPE, inner: str = "inductor") -> Callabl
         if inner == "eager":
             return gm.forward
         _lower_parameters(gm, lifted)
-        host_side = [n for n, m in gm.named_modules() if getattr(m, "sfx_host_side", False) and m.training]
+        host_side = [n for n, m in gm.named_modules() if isinstance(m, OpModule) and m.host_side and m.training]
         if host_side:
             raise ConfigError(
                 f"sfx.backend(inner={inner!r}): {host_side[0]} must run in Python on every training "
@@ -276,6 +278,7 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
         for config, result in zip(configs, results):
             record.rewrites += result.rewrites
             record.skips += result.skips
+            record.plans += result.plans
             record.passes.append((config.describe(), len(result.rewrites), len(result.skips)))
         return gm
 

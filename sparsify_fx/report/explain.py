@@ -11,9 +11,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsify_fx.analysis.shapes import tensor_bytes
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER
 from sparsify_fx.analysis.memory_plan import MemoryPlan, compressed_bytes_of, memory_plan
-from sparsify_fx.infra.pass_base import Rewrite, Skip
+from sparsify_fx.infra.pass_base import PassPlan, Rewrite, Skip
 from sparsify_fx.sparsify import SparsifyRecord, record_of
 
 if TYPE_CHECKING:  # networkx is only needed by to_networkx
@@ -39,6 +40,11 @@ def _fmt_flops(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} FLOP"
+
+
+#: colour of each plan choice in the rich report (unknown choices print plain)
+_CHOICE_COLOURS = {"keep": "white", "compress-exact": "cyan", "compress-light": "green", "compress-fused": "green4",
+                   "compress-bf16": "bright_green", "compress": "yellow", "recompute": "magenta"}
 
 
 @dataclass
@@ -73,6 +79,8 @@ class ExplainReport:
         recipe: the passes applied, as recipe strings.
         rewrites: every node replaced (:class:`~sparsify_fx.Rewrite`).
         skipped: every candidate left alone, with its reason (:class:`~sparsify_fx.Skip`).
+        plans: the whole-graph plans passes made (:class:`~sparsify_fx.PassPlan`, one per graph
+            a budget pass planned).
         saved_bytes_before / saved_bytes_after: estimated bytes the rewritten layers save for
             backward, dense vs rewritten (only layers with recorded shapes count).
         flops_before / flops_after: forward FLOPs of the rewritten layers.
@@ -89,6 +97,7 @@ class ExplainReport:
     skipped: list[Skip] = field(default_factory=list)
     passes: list[tuple[str, int, int]] = field(default_factory=list)
     verification: str | None = None
+    plans: list[PassPlan] = field(default_factory=list)
     graph_modules: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -109,11 +118,9 @@ class ExplainReport:
 
     @property
     def memory_budget(self) -> dict[str, Any] | None:
-        """The ``MemoryBudget`` plan (dense / budget / achieved bytes, per-unit choices), if any."""
-        for r in self.rewrites:
-            if r.op == "plan" and "budget_bytes" in r.details:
-                return r.details
-        return None
+        """The first memory-budget plan (dense / budget / achieved bytes, per-unit choices) as
+        plain data (:meth:`PassPlan.to_dict`), if a pass made one."""
+        return self.plans[0].to_dict() if self.plans else None
 
     @property
     def pass_summaries(self) -> list[PassSummary]:
@@ -148,6 +155,7 @@ class ExplainReport:
             skipped=list(record.skips),
             passes=list(record.passes),
             verification=record.verification.summary() if record.verification else None,
+            plans=list(record.plans),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +165,7 @@ class ExplainReport:
         data["memory_plan"] = self._memory_plan_dict()
         data["rewrites"] = [asdict(r) for r in self.rewrites]
         data["skipped"] = [asdict(s) for s in self.skipped]
+        data["plans"] = [p.to_dict() for p in self.plans]
         data["capture_notes"] = list(self.capture_notes)
         data["capture_failures"] = dict(self.capture_failures)
         data["recipe"] = list(self.recipe)
@@ -174,9 +183,10 @@ class ExplainReport:
         """Saved-tensor liveness of each graph with recorded shapes (see ``memory_plan``)."""
         compressed = compressed_bytes_of(self.rewrites)
         return {
-            prefix: memory_plan(gm, compressed)
+            # a submodule's graph takes activations (they require grad); the root takes data
+            prefix: memory_plan(gm, compressed, inputs_require_grad=bool(prefix) or None)
             for prefix, gm in self.graph_modules.items()
-            if any("sfx_shape" in n.meta for n in gm.graph.nodes)
+            if any(meta.SHAPE in n.meta for n in gm.graph.nodes)
         }
 
     def _memory_plan_dict(self) -> dict[str, Any]:
@@ -224,17 +234,17 @@ class ExplainReport:
 
             for n in gm.graph.nodes:
                 rewrite = self.rewrite_of(prefix, n)
-                shape_dtype = n.meta.get("sfx_shape")
+                shape_dtype = n.meta.get(meta.SHAPE)
                 graph.add_node(
                     node_id(n),
                     name=n.name,
                     op=n.op,
                     target=_target_str(n),
-                    module=_qualified(prefix, str(n.meta.get("sfx_module", ""))),
+                    module=_qualified(prefix, str(n.meta.get(meta.MODULE, ""))),
                     graph=prefix,
                     **{"pass": rewrite.pass_name if rewrite else None},
                     rewrite=rewrite.op if rewrite else None,
-                    origin=n.meta.get("sfx_origin"),
+                    origin=n.meta.get(meta.ORIGIN),
                     shape=tuple(shape_dtype[0]) if shape_dtype else None,
                     dtype=str(shape_dtype[1]).replace("torch.", "") if shape_dtype else None,
                     bytes=tensor_bytes(n),
@@ -291,24 +301,22 @@ class ExplainReport:
             for s in self.skipped:
                 skipped.add_row(s.module or s.node, s.op, s.pass_name, s.reason)
             yield skipped
-        budget = self.memory_budget
-        if budget is not None:
+        for budget in self.plans:
             yield Text(
-                f"memory budget: {_fmt_bytes(budget['budget_bytes'])} of {_fmt_bytes(budget['dense_bytes'])} "
-                f"dense; plan holds {_fmt_bytes(budget['achieved_bytes'])} "
-                f"({budget['achieved_fraction']:.3f}x), est. {budget['estimated_seconds'] * 1e3:+.1f} ms per step"
-                + ("" if budget["reachable"] else "  (budget NOT reachable)"),
-                style=None if budget["reachable"] else "red",
+                f"memory budget: {_fmt_bytes(budget.budget_bytes)} of {_fmt_bytes(budget.dense_bytes)} "
+                f"dense; plan holds {_fmt_bytes(budget.achieved_bytes)} "
+                f"({budget.achieved_fraction:.3f}x), est. {budget.estimated_seconds * 1e3:+.1f} ms per step"
+                + ("" if budget.reachable else "  (budget NOT reachable)"),
+                style=None if budget.reachable else "red",
             )
-            units = Table(title="memory budget plan (per block)")
+            units = Table(title="memory budget plan (per block)" + (f" of {budget.graph}" if budget.graph else ""))
             for col in ("block", "choice", "bytes", "est. time", "other options"):
                 units.add_column(col, overflow="fold")
-            colours = {"keep": "white", "compress-exact": "cyan", "compress-light": "green", "compress-fused": "green4", "compress-bf16": "bright_green", "compress": "yellow", "recompute": "magenta"}
-            for name, u in budget["units"].items():
-                other = "; ".join(f"{k} {_fmt_bytes(v['bytes'])} {v.get('estimated_seconds', v['seconds']) * 1e3:+.1f} ms"
-                                  for k, v in u["options"].items() if k != u["choice"])
-                units.add_row(name, Text(u["choice"], style=colours.get(u["choice"])), _fmt_bytes(u["bytes"]),
-                              f"{u['estimated_seconds'] * 1e3:+.1f} ms", other)
+            for u in budget.units:
+                other = "; ".join(f"{k} {_fmt_bytes(o.bytes)} {o.estimated_seconds * 1e3:+.1f} ms"
+                                  for k, o in u.options.items() if k != u.choice)
+                units.add_row(u.name, Text(u.choice, style=_CHOICE_COLOURS.get(u.choice)), _fmt_bytes(u.bytes),
+                              f"{u.estimated_seconds * 1e3:+.1f} ms", other)
             yield units
         plan = self._memory_plan_dict()
         if plan["held_bytes"] or plan["compressed_bytes"]:
@@ -373,7 +381,7 @@ def _module_order(report: ExplainReport) -> list[str]:
     order: dict[str, None] = {}
     for prefix, gm in report.graph_modules.items():
         for n in gm.graph.nodes:
-            order.setdefault(_qualified(prefix, str(n.meta.get("sfx_module", ""))), None)
+            order.setdefault(_qualified(prefix, str(n.meta.get(meta.MODULE, ""))), None)
     return list(order)
 
 
