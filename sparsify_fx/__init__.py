@@ -30,6 +30,7 @@ from sparsify_fx.graph.form import (
     DenseOp,
     dense_op,
     find_dense_ops,
+    has_hooks,
     install_module,
     module_name_of,
     replace_node,
@@ -42,7 +43,7 @@ from sparsify_fx.analysis.memory_plan import (
     overwritten_in_place,
 )
 from sparsify_fx.optim import extend_optimizer, new_parameters
-from sparsify_fx.graph import meta
+from sparsify_fx.graph import meta, op_table
 from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.infra.pass_base import (
     PassContext,
@@ -76,7 +77,7 @@ __all__ = [
     "new_parameters", "extend_optimizer",
     "Capture", "CAPTURE_METHODS", "VerifyReport", "ExplainReport", "SparsifyRecord",
     "PassConfig", "PassResult", "PassContext", "Rewrite", "Skip", "register_pass", "registered",
-    "run_pass", "PassPlan", "PlanUnit", "PlanOption", "OpModule", "meta",
+    "run_pass", "PassPlan", "PlanUnit", "PlanOption", "OpModule", "meta", "op_table", "has_hooks",
     "parse_recipe", "resolve_recipe", "check_range",
     "DenseOp", "dense_op", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
     "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",

@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, overwritten_in_place
-from sparsify_fx.graph.form import has_hooks
+from sparsify_fx import has_hooks
 from sparsify_fx.graph.op_table import BATCH_NORM_MODULES
 
 # the ops live in actmem_ops.py and their modules in actmem_modules.py; the names tests and
