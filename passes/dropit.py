@@ -22,6 +22,10 @@ Backward scatters the kept values into a zero tensor to compute ``grad_weight``;
 
 The ops are ``torch.library.custom_op`` with registered autograd and fake kernels (every
 saved shape is static), so they work in eager, FX, ``torch.export`` and ``torch.compile``.
+
+One module of ~580 lines, in reading order: the config, the two selection rules, the two
+custom ops, their op modules, the pass. ``activation_memory`` and ``memory_budget`` reuse the
+selection and the Linear / Conv gradient helpers from here by name.
 """
 
 from __future__ import annotations

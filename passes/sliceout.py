@@ -18,6 +18,10 @@ on the window only and writes it into one zero-filled full-size tensor (which au
 adopts as ``.grad``). Plain ``W[rows][:, cols]`` / ``torch.cat`` indexing would instead build
 one zero-filled full-size temporary per slice (two for a weight narrowed on both sides,
 three for the fused q/k/v rows of an attention projection) and sum them.
+
+One module of ~570 lines, in reading order: the config and window width, the window
+gradients, the two custom ops, the op modules, the pass and its node rewrites. The slice
+groups it rewrites come from the core (``sparsify_fx.analysis.slice_groups``).
 """
 
 from __future__ import annotations

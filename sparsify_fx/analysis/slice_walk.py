@@ -6,6 +6,10 @@ consumers that read them, or to the node that forbids narrowing them.
 Each canonical op has a category (the tables below: one per function target or Tensor method
 name), and :class:`_Walk` one rule (``_on_<category>``) per category. ``slice_groups.py`` runs
 one walk per producer, joins the producers whose tensors meet, and builds the groups.
+
+The module is ~700 lines because :class:`_Walk` is one state machine: its rules share the
+tracked positions and the queue, and each sits next to the others of its kind. The op
+categories themselves are data in ``sparsify_fx.graph.op_table``.
 """
 
 from __future__ import annotations
