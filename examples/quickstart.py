@@ -8,7 +8,7 @@ import sparsify_fx as sfx
 model = torchvision.models.resnet18()
 x = torch.randn(4, 3, 64, 64)
 
-fast = sfx.sparsify(model, sfx.DropIT(keep=0.1), example_inputs=(x,))  # verified in eval mode
+fast = sfx.sparsify(model, [sfx.DropIT(keep=0.1), sfx.ActivationMemory()], example_inputs=(x,))
 print(sfx.explain(fast))  # what was rewritten, what was skipped and why, bytes and FLOPs
 
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)  # parameters are shared

@@ -237,3 +237,123 @@ def test_inspect_bad_model_or_recipe_exit_2(model, recipe, message, model_file, 
     err = capsys.readouterr().err
     assert err.startswith("sparsify-fx inspect: error:") and message in err
     assert not html.exists()
+
+
+# ------------------------------------------------------------------ the honest headline
+
+
+class _ResBlockNet(nn.Module):
+    """ResNet-style: conv -> BN -> ReLU, a residual block, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(h)))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _sparsify_recording(recipe: str):
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = sfx.sparsify(_ResBlockNet(), recipe, example_inputs=(torch.randn(2, 3, 8, 8),))
+    return fast, [str(w.message) for w in caught if issubclass(w.category, UserWarning)
+                  and "sparsify:" in str(w.message)]
+
+
+def test_dropit_alone_on_conv_relu_warns_naming_holder_and_fix():
+    _, messages = _sparsify_recording("dropit:keep=0.1")
+    assert len(messages) == 1, messages
+    msg = messages[0]
+    assert re.search(r"kept by (relu|.*bn)\w* backward", msg), msg
+    assert "add actmem" in msg and "'dropit+actmem'" in msg
+
+
+def test_dropit_with_actmem_does_not_warn():
+    _, messages = _sparsify_recording("dropit:keep=0.1+actmem")
+    assert messages == []
+
+
+def test_headline_is_the_memory_plan_and_matches_measured():
+    from sparsify_fx.bench import saved_tensor_bytes
+
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    model = _ResBlockNet()
+    dense = saved_tensor_bytes(model, (x,))
+    ratios = {}
+    for recipe in ("dropit:keep=0.1", "dropit:keep=0.1+actmem"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = sfx.sparsify(model, recipe, example_inputs=(x,))
+        report = sfx.explain(fast)
+        b0, b1 = report.held_bytes_before, report.held_bytes_after
+        assert b0 and b1
+        measured = saved_tensor_bytes(fast, (x,)) / dense
+        assert abs(b1 / b0 - measured) < 0.05, (recipe, b1 / b0, measured)
+        ratios[recipe] = b1 / b0
+        text = report.render(width=100)
+        # the whole model's held bytes come first, before any per-layer figure
+        assert text.splitlines()[2].startswith("held for backward after the forward:")
+        assert text.index("held for backward") < text.index("per layer")
+        assert report.to_dict()["headline"] == report.headline
+    # the per-rewrite sum says ~0.1x for DropIT alone; the whole model holds about as much
+    assert ratios["dropit:keep=0.1"] > 0.95
+    assert ratios["dropit:keep=0.1+actmem"] < 0.7
+    report.measured_bytes_before, report.measured_bytes_after = dense, dense // 2
+    assert "measured" in report.headline and "(0.500x)" in report.headline
+
+
+def test_report_lists_compressed_copies_still_held_dense():
+    fast, _ = _sparsify_recording("dropit:keep=0.1")
+    report = sfx.explain(fast)
+    doubled = report.false_savings()
+    assert doubled and all(f.holders and f.compressed_by for f in doubled)
+    assert report.to_dict()["memory_plan"]["compressed_but_kept_dense"]
+    assert "add actmem" in report.render(width=120)
+
+
+def test_html_leads_with_headline_and_has_memory_plan():
+    fast, _ = _sparsify_recording("dropit:keep=0.1")
+    page = render_html(fast)
+    assert page.index("held for backward after the forward") < page.index("<h2>Passes</h2>")
+    assert "<h2>Memory plan</h2>" in page and "kept by" in page and "add actmem" in page
+
+
+def test_tables_show_only_non_default_fields():
+    from sparsify_fx.infra.describe import short_description, short_recipe
+
+    assert short_description(sfx.DropIT(keep=0.3)) == "dropit:keep=0.3"
+    assert short_description(sfx.ActivationMemory()) == "actmem"
+    assert short_recipe(sfx.DropIT(keep=0.3).describe()) == "dropit:keep=0.3"
+    fast, _ = _sparsify_recording("dropit:keep=0.3+actmem")
+    text = sfx.explain(fast).render(width=80)
+    assert "recipe: dropit:keep=0.3 + actmem" in text
+    assert "block_size" not in text and "weight_grad" not in text  # actmem's defaults
+
+
+def test_meta_model_verify_skips_and_to_empty_works():
+    with torch.device("meta"):
+        model = SmallCNN()
+    x = torch.randn(2, 3, 8, 8, device="meta")
+    fast = sfx.sparsify(model, "dropit:keep=0.5+actmem", example_inputs=(x,))
+    summary = sfx.explain(fast).verification
+    assert summary.startswith("skipped:") and "meta device" in summary and "to_empty" in summary
+    report = sfx.verify(model, fast, (x,))
+    assert report.ok and report.skipped
+    real = fast.to_empty(device="cpu")
+    real.train()
+    real(torch.randn(2, 3, 8, 8)).sum().backward()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
+import textwrap
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,27 +33,64 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"input shape must look like 2,3,224,224, got {text!r}") from e
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (one timed step per repeat), got {value}")
+    return value
+
+
+def _recipe_help() -> str:
+    """Recipe syntax and the registered passes, for --help."""
+    from sparsify_fx.infra.registry import registered
+
+    lines = ["recipes:", "  PASS[:FIELD=VALUE,...][+PASS...]   values are Python literals (0.1, True, 'a*',",
+             "  ['x','y']); leave fields out for their defaults. e.g. dropit:keep=0.1+actmem,",
+             "  budget:fraction=0.5, sliceout:p=0.25,include=['layer1.*']", "", "passes:"]
+    for name, spec in sorted(registered().items()):
+        doc = (spec.config_type.__doc__ or "").strip().splitlines()
+        text = f"{spec.config_type.__name__}: {doc[0].replace('``', '') if doc else ''}"
+        lines += textwrap.wrap(text, 78, initial_indent=f"  {name:<9} ", subsequent_indent=" " * 12)
+    lines.append("  (fields and defaults: python -c \"import sparsify_fx as sfx; help(sfx.DropIT)\")")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsify-fx", description="Rewrite models for cheaper training.")
+    from sparsify_fx.cli.models import INPUT_SYNTAX
+
+    epilog = _recipe_help()
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="sparsify-fx", description="Rewrite models for cheaper training.",
+                                epilog=epilog, formatter_class=raw)
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on the embedded default (resnet18, DropIT)")
-    demo.add_argument("--recipe", default=DEMO_RECIPE)
-    demo.add_argument("--repeats", type=int, default=3)
+    demo = sub.add_parser("demo", help="the main job on the embedded default (resnet18, DropIT)",
+                          epilog=epilog, formatter_class=raw)
+    demo.add_argument("--recipe", default=DEMO_RECIPE, help=f"default {DEMO_RECIPE} (syntax below)")
+    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed steps per config (>= 1)")
     demo.add_argument("--out", default="results", help="folder for the JSON results")
     for name, helptext in (("inspect", "capture + rewrite + report"), ("verify", "eval-mode check"),
                            ("bench", "dense vs rewritten training step")):
-        sp = sub.add_parser(name, help=helptext)
+        sp = sub.add_parser(name, help=helptext, epilog=epilog + "\n\ninputs:\n" + INPUT_SYNTAX, formatter_class=raw)
         sp.add_argument("model", help="torchvision:NAME | package.module:factory | path/file.py:factory")
-        sp.add_argument("--recipe", required=True, help="e.g. dropit:keep=0.1 (join passes with +)")
-        sp.add_argument("--input-shape", type=_shape, default=None, help="default 2,3,224,224")
+        sp.add_argument("--recipe", required=True, help="e.g. dropit:keep=0.1+actmem (syntax and passes below)")
+        sp.add_argument("--input-shape", type=_shape, default=None,
+                        help="one float input of this shape (default 2,3,224,224)")
+        sp.add_argument("--input", dest="inputs", action="append", default=None, metavar="[NAME=]DTYPE[SHAPE][:RANGE]",
+                        help="an example input (repeat for several; NAME= for a keyword input), "
+                             "e.g. int64[2,16]:0-1000 for token ids; see below")
         if name == "bench":
-            sp.add_argument("--repeats", type=int, default=5)
-            sp.add_argument("--out", default="results")
+            sp.add_argument("--repeats", type=_positive_int, default=5, help="timed steps per config (>= 1)")
+            sp.add_argument("--out", default="results", help="folder for the JSON results")
         if name == "inspect":
-            sp.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+            sp.add_argument("--json", dest="json_path", default=None,
+                            help="write the report as JSON (a file, or a folder: FOLDER/report.json)")
             sp.add_argument("--diff", action="store_true", help="print what each pass replaced, by module")
             sp.add_argument("--html", dest="html_path", default=None,
-                            help="write a self-contained HTML report (tables, graph, memory bars)")
+                            help="write a self-contained HTML report (tables, graph, memory plan; "
+                                 "a file, or a folder: FOLDER/report.html)")
             sp.add_argument("--plot", dest="plot_path", default=None,
                             help="write saved-activation bytes per layer as a PNG (needs matplotlib)")
     return p
@@ -71,16 +111,65 @@ def _stage(console: Any, what: str) -> Iterator[None]:
     console.print(f"[dim]{what}: {time.perf_counter() - start:.1f} s[/dim]", highlight=False)
 
 
+@contextmanager
+def _warnings_to(console: Any) -> Iterator[None]:
+    """sparsify's warnings (a saving the memory plan shows is not real) as console lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield
+    for w in caught:
+        console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+
+
+def _out_file(path: str, default_name: str, flag: str) -> Path:
+    """Where ``--json`` / ``--html`` writes: the file named, or ``default_name`` inside a folder
+    (one that exists, or a path ending in a separator). Checked before the (slow) run."""
+    target = Path(path)
+    if target.is_dir() or path.endswith((os.sep, "/")):
+        target = target / default_name
+    parent = target.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise SparsifyError(f"{flag} {path!r}: {str(existing)!r} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise SparsifyError(f"{flag} {path!r}: folder {str(existing)!r} is not writable")
+    if target.is_dir():
+        raise SparsifyError(f"{flag} {path!r}: {str(target)!r} is a folder; name a file")
+    return target
+
+
+def _inputs(args: argparse.Namespace) -> tuple[tuple, dict]:
+    from sparsify_fx.cli.models import default_input, make_inputs, parse_input
+
+    if args.inputs:
+        if args.input_shape is not None:
+            raise SparsifyError("give either --input-shape or --input, not both")
+        return make_inputs([parse_input(t) for t in args.inputs])
+    return (default_input(args.model, args.input_shape),), {}
+
+
 def _prepare(args: argparse.Namespace, console: Any = None):
     from sparsify_fx import sparsify
-    from sparsify_fx.cli.models import default_input, load_model
+    from sparsify_fx.cli.models import load_model
     from sparsify_fx.infra.recipes import resolve_recipe
 
-    configs = resolve_recipe(args.recipe)  # bad recipes fail before the model is built
+    configs = resolve_recipe(args.recipe)  # bad recipes and inputs fail before the model is built
+    inputs, kwargs = _inputs(args)
     with _stage(console or _console(), f"building {args.model}"):
         model = load_model(args.model)
-    x = default_input(args.model, args.input_shape)
-    return model, x, configs, sparsify
+    return model, inputs, kwargs, configs, sparsify
+
+
+def _recipe_name(configs: list) -> str:
+    from sparsify_fx.infra.describe import short_description
+
+    return "+".join(short_description(c) for c in configs)
+
+
+def _describe_inputs(inputs: tuple, kwargs: dict) -> str:
+    parts = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in inputs]
+    parts += [f"{k}={str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for k, t in kwargs.items()]
+    return ", ".join(parts)
 
 
 def _bench_table(console, measures, title: str) -> list[dict]:
@@ -110,13 +199,23 @@ def _write(out: str, name: str, data: object) -> Path:
     return target
 
 
-def _run_bench(console, modules: dict, x, repeats: int, out: str, fname: str) -> list[dict]:
+def _measure(console, modules: dict, inputs: tuple, kwargs: dict, repeats: int) -> list:
     from sparsify_fx.bench import compare_training_step
 
     with console.status("timing dense and rewritten training steps (interleaved)..."):
-        measures = compare_training_step(modules, (x,), repeats=repeats)
-    rows = _bench_table(console, measures, f"one training step, median of {repeats}, {tuple(x.shape)}")
-    target = _write(out, fname, {"input_shape": list(x.shape), "threads": torch.get_num_threads(), "rows": rows})
+        return compare_training_step(modules, inputs, kwargs, repeats=repeats)
+
+
+def _report_bench(console, measures: list, inputs: tuple, kwargs: dict, repeats: int, out: str,
+                  fname: str, report: Any) -> list[dict]:
+    rows = _bench_table(console, measures, f"one training step, median of {repeats}, {_describe_inputs(inputs, kwargs)}")
+    target = _write(out, fname, {
+        "input_shape": list(inputs[0].shape) if inputs else None,
+        "inputs": _describe_inputs(inputs, kwargs), "threads": torch.get_num_threads(), "rows": rows,
+        "headline": report.headline,
+        "held_bytes_estimated": [report.held_bytes_before, report.held_bytes_after],
+        "held_bytes_measured": [report.measured_bytes_before, report.measured_bytes_after],
+    })
     console.print(f"results written to {target}")
     return rows
 
@@ -124,18 +223,27 @@ def _run_bench(console, modules: dict, x, repeats: int, out: str, fname: str) ->
 def _demo(args: argparse.Namespace) -> int:
     from sparsify_fx import explain, sparsify
     from sparsify_fx.cli.models import DEMO_INPUT_SHAPE, DEMO_MODEL, default_input, load_model
+    from sparsify_fx.infra.recipes import resolve_recipe
 
     console = _console()
     torch.manual_seed(0)
-    console.rule(f"sparsify-fx demo: {DEMO_MODEL} at {DEMO_INPUT_SHAPE}, recipe {args.recipe}")
+    configs = resolve_recipe(args.recipe)
+    name = _recipe_name(configs)
+    console.rule(f"sparsify-fx demo: {DEMO_MODEL} at {DEMO_INPUT_SHAPE}, recipe {name}")
     model = load_model(DEMO_MODEL)
     x = default_input(DEMO_MODEL, DEMO_INPUT_SHAPE)
     with console.status("capturing, rewriting and verifying..."):
-        fast = sparsify(model, args.recipe, example_inputs=(x,))
-        dropit_only = sparsify(model, "dropit:keep=0.1", example_inputs=(x,))
-    console.print(explain(fast))
-    _run_bench(console, {"dense": model, "dropit:keep=0.1 alone": dropit_only, args.recipe: fast},
-               x, args.repeats, args.out, "demo.json")
+        fast = sparsify(model, configs, example_inputs=(x,))
+        with warnings.catch_warnings():
+            # shown on purpose: DropIT alone keeps ReLU outputs dense beside its compressed copies
+            warnings.simplefilter("ignore", UserWarning)
+            dropit_only = sparsify(model, "dropit:keep=0.1", example_inputs=(x,))
+    measures = _measure(console, {"dense": model, "dropit:keep=0.1 alone": dropit_only, name: fast},
+                        (x,), {}, args.repeats)
+    report = explain(fast)
+    report.measured_bytes_before, report.measured_bytes_after = measures[0].saved_bytes, measures[-1].saved_bytes
+    console.print(report)
+    _report_bench(console, measures, (x,), {}, args.repeats, args.out, "demo.json", report)
     return 0
 
 
@@ -170,9 +278,11 @@ def _inspect(args: argparse.Namespace) -> int:
               "(pip install matplotlib); --html draws the same bars without it", file=sys.stderr)
         return 2
     console = _console()
-    model, x, configs, sparsify = _prepare(args, console)
-    with _stage(console, f"capturing and rewriting {args.model}"):
-        fast = sparsify(model, configs, example_inputs=(x,), verify=False)
+    json_path = _out_file(args.json_path, "report.json", "--json") if args.json_path else None
+    html_path = _out_file(args.html_path, "report.html", "--html") if args.html_path else None
+    model, inputs, kwargs, configs, sparsify = _prepare(args, console)
+    with _stage(console, f"capturing and rewriting {args.model}"), _warnings_to(console):
+        fast = sparsify(model, configs, example_inputs=inputs, example_kwargs=kwargs, verify=False)
     report = explain(fast)
     console.print(report)
     if args.diff:
@@ -181,15 +291,16 @@ def _inspect(args: argparse.Namespace) -> int:
         styles = {"-": "red", "+": "green", "~": "yellow"}
         for line in report.graph_diff(width=min(console.width, 80)).splitlines():
             console.print(Text(line, style=styles.get(line.lstrip()[:1], "bold" if line and line[0] != " " else "")))
-    if args.json_path:
-        Path(args.json_path).write_text(report.to_json(indent=2))
-        console.print(f"report written to {args.json_path}")
-    if args.html_path:
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(report.to_json(indent=2))
+        console.print(f"report written to {json_path}", soft_wrap=True, highlight=False)
+    if html_path:
         from sparsify_fx.report.html import write_html
 
         with _stage(console, "writing the HTML report"):
-            write_html(report, args.html_path, title=f"sparsify_fx: {args.model} with {args.recipe}")
-        console.print(f"HTML report written to {args.html_path}", soft_wrap=True, highlight=False)
+            write_html(report, html_path, title=f"sparsify_fx: {args.model} with {_recipe_name(configs)}")
+        console.print(f"HTML report written to {html_path}", soft_wrap=True, highlight=False)
     if args.plot_path:
         with _stage(console, "plotting saved bytes per layer"):
             _plot_memory(report, args.plot_path)
@@ -201,22 +312,28 @@ def _verify(args: argparse.Namespace) -> int:
     from sparsify_fx.verify import verify
 
     console = _console()
-    model, x, configs, sparsify = _prepare(args, console)
-    with _stage(console, f"capturing and rewriting {args.model}"):
-        fast = sparsify(model, configs, example_inputs=(x,), verify=False)
+    model, inputs, kwargs, configs, sparsify = _prepare(args, console)
+    with _stage(console, f"capturing and rewriting {args.model}"), _warnings_to(console):
+        fast = sparsify(model, configs, example_inputs=inputs, example_kwargs=kwargs, verify=False)
     with _stage(console, "comparing eval-mode outputs"):
-        report = verify(model, fast, (x,), raise_on_mismatch=False)
+        report = verify(model, fast, inputs, kwargs, raise_on_mismatch=False)
     console.print(("[green]" if report.ok else "[red]") + report.summary())
     return 0 if report.ok else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from sparsify_fx import explain
+
     console = _console()
-    model, x, configs, sparsify = _prepare(args, console)
-    with _stage(console, f"capturing, rewriting and verifying {args.model}"):
-        fast = sparsify(model, configs, example_inputs=(x,))
+    model, inputs, kwargs, configs, sparsify = _prepare(args, console)
+    with _stage(console, f"capturing, rewriting and verifying {args.model}"), _warnings_to(console):
+        fast = sparsify(model, configs, example_inputs=inputs, example_kwargs=kwargs)
     name = args.model.replace(":", "_").replace("/", "_")
-    _run_bench(console, {"dense": model, args.recipe: fast}, x, args.repeats, args.out, f"bench_{name}.json")
+    measures = _measure(console, {"dense": model, _recipe_name(configs): fast}, inputs, kwargs, args.repeats)
+    report = explain(fast)
+    report.measured_bytes_before, report.measured_bytes_after = measures[0].saved_bytes, measures[-1].saved_bytes
+    console.print(report.headline, style="bold", highlight=False)
+    _report_bench(console, measures, inputs, kwargs, args.repeats, args.out, f"bench_{name}.json", report)
     return 0
 
 

@@ -48,6 +48,10 @@ def convert_buffers_in_place(module: nn.Module, fn: Callable) -> None:
                 if buf is not None:
                     new = fn(buf)
                     if new is not buf:
+                        if buf.is_meta != new.is_meta:
+                            # to_empty() of a meta model: a meta tensor has no storage to
+                            # share, and set_data refuses it; _apply replaces the buffer
+                            continue
                         buf.data = new
 
 

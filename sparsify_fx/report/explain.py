@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 import torch.nn as nn
 
+from sparsify_fx.analysis.held import FalseSaving, false_savings, plan_graphs
+from sparsify_fx.analysis.memory_plan import MemoryPlan
 from sparsify_fx.analysis.shapes import tensor_bytes
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER
-from sparsify_fx.analysis.memory_plan import MemoryPlan, compressed_bytes_of, memory_plan
+from sparsify_fx.infra.describe import short_recipe
 from sparsify_fx.infra.pass_base import PassPlan, Rewrite, Skip
 from sparsify_fx.sparsify import SparsifyRecord, record_of
 
@@ -31,6 +33,10 @@ def _fmt_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _ratio(before: int, after: int) -> str:
+    return f" ({after / before:.3f}x)" if before else ""
 
 
 def _fmt_flops(n: int | None) -> str:
@@ -81,8 +87,16 @@ class ExplainReport:
         skipped: every candidate left alone, with its reason (:class:`~sparsify_fx.Skip`).
         plans: the whole-graph plans passes made (:class:`~sparsify_fx.PassPlan`, one per graph
             a budget pass planned).
-        saved_bytes_before / saved_bytes_after: estimated bytes the rewritten layers save for
-            backward, dense vs rewritten (only layers with recorded shapes count).
+        held_bytes_before / held_bytes_after: the headline: bytes the whole model's backward
+            holds after the forward (dense plus compressed copies), from the memory plan of the
+            captured graph and of the rewritten one (None without recorded shapes). Unlike the
+            per-layer figures, these count every holder: a compressed copy of a tensor that
+            another op keeps dense adds bytes.
+        measured_bytes_before / measured_bytes_after: the same, measured over one training
+            step (``sfx.bench.saved_tensor_bytes``), where a caller ran one (the demo, bench).
+        saved_bytes_before / saved_bytes_after: per-layer detail: estimated bytes the rewritten
+            layers save for backward, dense vs rewritten (only layers with recorded shapes
+            count; other holders of the same tensors are ignored).
         flops_before / flops_after: forward FLOPs of the rewritten layers.
         verification: summary line of the eval-mode check, if one ran.
         graph_modules: the rewritten graph(s) by qualified name ('' for the root); kept for
@@ -98,6 +112,10 @@ class ExplainReport:
     passes: list[tuple[str, int, int]] = field(default_factory=list)
     verification: str | None = None
     plans: list[PassPlan] = field(default_factory=list)
+    held_bytes_before: int | None = None
+    held_bytes_after: int | None = None
+    measured_bytes_before: int | None = None
+    measured_bytes_after: int | None = None
     graph_modules: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -115,6 +133,34 @@ class ExplainReport:
     @property
     def flops_after(self) -> int:
         return sum(r.flops_after or 0 for r in self.rewrites)
+
+    @property
+    def headline(self) -> str:
+        """The whole model's held bytes before -> after: estimated, and measured when known."""
+        b0, b1 = self.held_bytes_before, self.held_bytes_after
+        if b1 is None:
+            text = "held for backward: not estimated (no recorded shapes: pass example_inputs)"
+        elif b0 is None:
+            text = f"held for backward after the forward: {_fmt_bytes(b1)} (memory plan; dense not estimated)"
+        else:
+            text = (f"held for backward after the forward: {_fmt_bytes(b0)} -> {_fmt_bytes(b1)}"
+                    f"{_ratio(b0, b1)} (memory plan estimate)")
+        m0, m1 = self.measured_bytes_before, self.measured_bytes_after
+        if m0 is not None and m1 is not None:
+            text += f"; measured {_fmt_bytes(m0)} -> {_fmt_bytes(m1)}{_ratio(m0, m1)}"
+        return text
+
+    def false_savings(self) -> list[FalseSaving]:
+        """Tensors a rewrite stores compressed while another backward keeps them dense (their
+        compressed copy adds bytes), largest first."""
+        return false_savings(self.graph_modules, self.rewrites, self.memory_plans())
+
+    def fix_hint(self) -> str:
+        """What makes the compressions :meth:`false_savings` lists real."""
+        recipe = "+".join(short_recipe(r) for r in self.recipe)
+        if not any(r.partition(":")[0] == "actmem" for r in self.recipe):
+            return f"add actmem (recipe {recipe + '+actmem'!r}), which compresses those holders too"
+        return "compress what those holders keep too, or leave their consumers dense (exclude=[...])"
 
     @property
     def memory_budget(self) -> dict[str, Any] | None:
@@ -156,6 +202,8 @@ class ExplainReport:
             passes=list(record.passes),
             verification=record.verification.summary() if record.verification else None,
             plans=list(record.plans),
+            held_bytes_before=record.held_bytes_before,
+            held_bytes_after=record.held_bytes_after,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +211,7 @@ class ExplainReport:
         # not asdict(self): it would deep-copy the GraphModules
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph_modules"}
         data["memory_plan"] = self._memory_plan_dict()
+        data["headline"] = self.headline
         data["rewrites"] = [asdict(r) for r in self.rewrites]
         data["skipped"] = [asdict(s) for s in self.skipped]
         data["plans"] = [p.to_dict() for p in self.plans]
@@ -181,13 +230,7 @@ class ExplainReport:
 
     def memory_plans(self) -> dict[str, MemoryPlan]:
         """Saved-tensor liveness of each graph with recorded shapes (see ``memory_plan``)."""
-        compressed = compressed_bytes_of(self.rewrites)
-        return {
-            # a submodule's graph takes activations (they require grad); the root takes data
-            prefix: memory_plan(gm, compressed, inputs_require_grad=bool(prefix) or None)
-            for prefix, gm in self.graph_modules.items()
-            if any(meta.SHAPE in n.meta for n in gm.graph.nodes)
-        }
+        return plan_graphs(self.graph_modules, self.rewrites)
 
     def _memory_plan_dict(self) -> dict[str, Any]:
         plans = self.memory_plans()
@@ -197,6 +240,10 @@ class ExplainReport:
             "compressed_bytes": sum(p.compressed_bytes for p in plans.values()),
             "still_dense": [{"node": t.node, "module": t.module, "bytes": t.bytes, "reason": t.reason}
                             for t in dense[:50]],
+            "compressed_but_kept_dense": [
+                {"node": f.tensor, "module": f.module, "bytes": f.bytes, "reason": f.reason,
+                 "compressed_by": list(f.compressed_by)}
+                for f in false_savings(self.graph_modules, self.rewrites, plans)[:50]],
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -268,13 +315,23 @@ class ExplainReport:
         from rich.text import Text
 
         yield Text(f"sparsify_fx report  (captured by {self.capture_method})", style="bold")
-        yield Text(f"recipe: {' + '.join(self.recipe)}")
+        yield Text(f"recipe: {' + '.join(short_recipe(r) for r in self.recipe)}")
+        grew = (self.held_bytes_before is not None and self.held_bytes_after is not None
+                and self.held_bytes_after >= 0.95 * self.held_bytes_before and self.rewrites)
+        yield Text(self.headline, style="bold red" if grew else "bold")
+        doubled = self.false_savings()
+        if doubled:
+            f = doubled[0]
+            yield Text(
+                f"{len(doubled)} compressed tensor(s) are still kept dense by another backward (e.g. "
+                f"{f.tensor}: {f.reason}), so their compressed copies add bytes. Fix: {self.fix_hint()}",
+                style="red")
         summary = Table(title="passes", show_lines=False)
         summary.add_column("pass", overflow="fold")
         for col in ("rewritten", "skipped", "FLOPs before -> after", "saved before -> after"):
             summary.add_column(col, justify="right")
         for s in self.pass_summaries:
-            summary.add_row(s.name, str(s.rewritten), str(s.skipped),
+            summary.add_row(short_recipe(s.name), str(s.rewritten), str(s.skipped),
                             f"{_fmt_flops(s.flops_before)} -> {_fmt_flops(s.flops_after)}"
                             if s.flops_before or s.flops_after else "-",
                             f"{_fmt_bytes(s.saved_bytes_before)} -> {_fmt_bytes(s.saved_bytes_after)}")
@@ -282,7 +339,8 @@ class ExplainReport:
         b0, b1 = self.saved_bytes_before, self.saved_bytes_after
         ratio = f" ({b1 / b0:.3f}x)" if b0 else ""
         yield Text(
-            f"saved-for-backward inputs of rewritten layers: {_fmt_bytes(b0)} -> {_fmt_bytes(b1)}{ratio}; "
+            f"per layer: saved-for-backward inputs of the rewritten layers alone (other holders not "
+            f"counted): {_fmt_bytes(b0)} -> {_fmt_bytes(b1)}{ratio}; "
             f"forward FLOPs {_fmt_flops(self.flops_before)} -> {_fmt_flops(self.flops_after)}"
         )
         if self.verification:
@@ -491,6 +549,13 @@ def explain(module: nn.Module) -> ExplainReport:
         graph_source = cap.graph_module
     report = ExplainReport.from_record(record)
     report.graph_modules = _graph_modules_of(graph_source, record)
+    if report.held_bytes_after is None:
+        # graphs rewritten lazily (Dynamo) or a module sparsify did not make: plan what is there
+        plans = report.memory_plans()
+        if plans:
+            report.held_bytes_after = sum(p.total_bytes for p in plans.values())
+            if not report.rewrites:
+                report.held_bytes_before = report.held_bytes_after
     return report
 
 

@@ -14,7 +14,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from sparsify_fx.report.explain import ExplainReport, PassSummary, _fmt_bytes, _fmt_flops, _module_order, explain
+from sparsify_fx.infra.describe import short_recipe
+from sparsify_fx.report.explain import (
+    ExplainReport,
+    PassSummary,
+    _fmt_bytes,
+    _fmt_flops,
+    _module_order,
+    explain,
+)
 
 __all__ = ["render_html", "write_html", "layered_layout", "PASS_COLOURS"]
 
@@ -285,8 +293,8 @@ document.getElementById('collapse-all') && document.getElementById('collapse-all
 
 
 def _pass_cell(s: PassSummary, palette: _Palette) -> _Raw:
-    # the recipe string of a pass lists every field; commas get spaces so the cell can wrap
-    _, _, params = s.name.partition(":")
+    # only the fields that differ from their defaults; commas get spaces so the cell can wrap
+    _, _, params = short_recipe(s.name).partition(":")
     return _Raw(f'<span class="swatch" style="background:{palette.of(s.pass_name)}"></span>'
                 f'<b>{_e(s.pass_name)}</b> <span class="dim small">{_e(params.replace(",", ", "))}</span>')
 
@@ -321,6 +329,38 @@ def _budget_section(report: ExplainReport) -> list[str]:
             _table(["block", "choice", "bytes held", "est. time", "other options"], rows, "budget")]
 
 
+def _memory_plan_section(report: ExplainReport) -> list[str]:
+    """The memory plan: what the backward holds after the forward, dense and compressed, the
+    largest tensors still held dense and why, and compressed tensors still kept dense."""
+    plans = report.memory_plans()
+    if not plans:
+        return ["<h2>Memory plan</h2>", "<p>No memory plan: no recorded shapes (run sparsify with "
+                "example_inputs).</p>"]
+    dense = sum(p.held_bytes for p in plans.values())
+    compressed = sum(p.compressed_bytes for p in plans.values())
+    still = sorted(((prefix, t) for prefix, p in plans.items() for t in p.still_dense()),
+                   key=lambda pt: -(pt[1].bytes or 0))
+    rows = [[_qualified_node(prefix, t.node), t.module or "(root)", _fmt_bytes(t.bytes), t.reason]
+            for prefix, t in still[:25]]
+    out = ["<h2>Memory plan</h2>",
+           f'<p>after the forward the backward holds <b>{_fmt_bytes(dense)}</b> dense + '
+           f'<b>{_fmt_bytes(compressed)}</b> compressed ({len(still)} tensor(s) held dense)</p>']
+    doubled = report.false_savings()
+    if doubled:
+        out += [f'<p class="bad">{len(doubled)} compressed tensor(s) are still kept dense by another '
+                f"backward: their compressed copies add bytes. Fix: {_e(report.fix_hint())}</p>",
+                _table(["tensor", "module", "bytes", "why still dense", "compressed by"],
+                       [[_qualified_node(f.graph, f.tensor), f.module or "(root)", _fmt_bytes(f.bytes), f.reason,
+                         ", ".join(f.compressed_by)] for f in doubled[:25]], "doubled")]
+    out += ["<h3>Largest tensors still held dense, and why</h3>",
+            _table(["tensor", "module", "bytes", "why"], rows, "still-dense")]
+    return out
+
+
+def _qualified_node(prefix: str, node: str) -> str:
+    return f"{prefix}:{node}" if prefix else node
+
+
 def render_html(source: nn.Module | ExplainReport, title: str | None = None) -> str:
     """The HTML report of a module made by :func:`sparsify_fx.sparsify` (or of its report).
 
@@ -350,15 +390,18 @@ def render_html(source: nn.Module | ExplainReport, title: str | None = None) -> 
     body = [
         f"<h1>{_e(title)}</h1>",
         f'<p class="dim">captured by {_e(report.capture_method)} \u00b7 recipe: '
-        f'{_e(" + ".join(report.recipe) or "(none)")}</p>',
-        f'<p class="totals"><b>{len(report.rewrites)}</b> nodes rewritten, <b>{len(report.skipped)}</b> '
-        f"candidates kept \u00b7 saved for backward by the rewritten layers: <b>{_fmt_bytes(b0)} \u2192 "
-        f"{_fmt_bytes(b1)}</b>{ratio} \u00b7 forward FLOPs {_fmt_flops(report.flops_before)} \u2192 "
+        f'{_e(" + ".join(short_recipe(r) for r in report.recipe) or "(none)")}</p>',
+        f'<p class="totals headline"><b>{_e(report.headline.replace("->", chr(0x2192)))}</b></p>',
+        f'<p class="dim"><b>{len(report.rewrites)}</b> nodes rewritten, <b>{len(report.skipped)}</b> '
+        f"candidates kept \u00b7 per layer, saved for backward by the rewritten layers alone (other "
+        f"holders not counted): {_fmt_bytes(b0)} \u2192 "
+        f"{_fmt_bytes(b1)}{ratio} \u00b7 forward FLOPs {_fmt_flops(report.flops_before)} \u2192 "
         f"{_fmt_flops(report.flops_after)}</p>",
         verification,
         "<h2>Passes</h2>",
         _table(["pass", "rewritten", "skipped", "FLOPs before \u2192 after", "saved before \u2192 after"],
                pass_rows, "passes"),
+        *_memory_plan_section(report),
         *_budget_section(report),
         '<div class="cols"><div><h2>Graph</h2>', _graph_section(report, palette), "</div>",
         "<div><h2>Saved activations per layer</h2>", _memory_bars(report, palette), "</div></div>",
