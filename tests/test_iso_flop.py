@@ -9,9 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
-
-import sparsify_fx as sfx
 from sparsify_fx.passes.iso_flop import (
     RigL,
     apply_masks_,
@@ -20,6 +17,9 @@ from sparsify_fx.passes.iso_flop import (
     masked_weights,
     parallel_branches,
 )
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsify_fx as sfx
 
 KINDS = ["parallel", "wide", "factorized", "doped"]
 SPARSITIES = [0.5, 0.75, 0.9]
@@ -91,6 +91,11 @@ def _within(after: int, before: int, tol: float = 0.02) -> bool:
         ({"init": "zeros"}, "init"),
         ({"skip_first_last": 1}, "skip_first_last"),
         ({"seed": 1.5}, "seed"),
+        ({"dynamic": 1}, "dynamic"),
+        ({"update_every": 0}, "update_every"),
+        ({"drop_fraction": 0.0}, "drop_fraction"),
+        ({"stop_at": 0}, "stop_at"),
+        ({"factorized_norm": "ln"}, "factorized_norm"),
     ],
 )
 def test_config_validation_names_field_and_value(kwargs, field):
@@ -102,7 +107,8 @@ def test_config_validation_names_field_and_value(kwargs, field):
 
 def test_config_defaults_and_recipe_name():
     config = sfx.IsoFLOP()
-    assert (config.kind, config.sparsity, config.init, config.skip_first_last) == ("parallel", 0.5, "preserve", True)
+    assert (config.kind, config.sparsity, config.init, config.skip_first_last) == ("parallel", 0.5, "random", True)
+    assert (config.dynamic, config.update_every, config.drop_fraction, config.stop_at) == (True, 100, 0.3, None)
     assert config.recipe_name == "isoflop"
     assert sfx.IsoFLOP(sparsity=0).sparsity == 0
 
@@ -183,7 +189,7 @@ def test_flop_accounting_matches_flop_counter(model_name, kind):
 def test_preserving_init_is_exact(model_name, kind, sparsity):
     x = _inputs(model_name)
     model = MODELS[model_name]()
-    fast = _rewrite(model, x, kind=kind, sparsity=sparsity, verify=True)
+    fast = _rewrite(model, x, kind=kind, sparsity=sparsity, init="preserve", verify=True)
     assert sfx.verify(model, fast, x).ok
     for r in sfx.explain(fast).rewrites:
         assert r.details["exact"] is True
@@ -195,7 +201,7 @@ def test_preserving_init_is_exact(model_name, kind, sparsity):
 def test_parallel_is_inexact_when_branches_cannot_cover_the_weight():
     x = _inputs("mlp")
     # round(1 / 0.4) = 2 branches at density 0.4 hold only 80% of the weights
-    fast = _rewrite(_mlp(), x, kind="parallel", sparsity=0.6)
+    fast = _rewrite(_mlp(), x, kind="parallel", sparsity=0.6, init="preserve")
     for r in sfx.explain(fast).rewrites:
         assert r.details["exact"] is False and r.details["divergence"] > 0
         assert "why_inexact" in r.details
@@ -205,7 +211,7 @@ def test_parallel_is_inexact_when_branches_cannot_cover_the_weight():
 def test_approximate_kinds_record_divergence(kind):
     x = _inputs("mlp")
     model = _mlp()
-    fast = _rewrite(model, x, kind=kind, sparsity=0.5)
+    fast = _rewrite(model, x, kind=kind, sparsity=0.5, init="preserve")
     for r in sfx.explain(fast).rewrites:
         assert r.details["exact"] is False
         assert isinstance(r.details["divergence"], float) and r.details["divergence"] >= 0
@@ -215,7 +221,7 @@ def test_approximate_kinds_record_divergence(kind):
 
 def test_doped_preserve_is_better_than_dropping_the_low_rank_part():
     x = _inputs("mlp")
-    preserve = _rewrite(_mlp(), x, kind="doped", sparsity=0.5)
+    preserve = _rewrite(_mlp(), x, kind="doped", sparsity=0.5, init="preserve")
     for r in sfx.explain(preserve).rewrites:
         assert r.details["divergence_rel"] < 0.5
 
@@ -257,8 +263,7 @@ def test_masked_weights_stay_zero_through_optimizer_steps(kind):
         fast(*x).square().mean().backward()
         opt.step()
     for name, m in masked_weights(fast):
-        assert torch.all(m.weight[~m.mask] == 0), name
-        assert torch.all(m.weight.grad[~m.mask] == 0), name
+        assert torch.all(m.full()[~m.mask] == 0), name
     assert apply_masks_(fast) == 0
 
 
@@ -266,17 +271,18 @@ def test_masked_weights_stay_zero_through_optimizer_steps(kind):
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_one_training_step_gives_finite_gradients(model_name, kind):
     x = _inputs(model_name)
-    fast = _rewrite(MODELS[model_name](), x, kind=kind, sparsity=0.5)
+    model = MODELS[model_name]()
+    fast = _rewrite(model, x, kind=kind, sparsity=0.5)
     report = sfx.explain(fast)
-    unused = {n for r in report.rewrites for n in r.details["unused_parameters"]}
+    # every original parameter is a live part of the model (the replaced weights included)
+    assert all(r.details["unused_parameters"] == [] for r in report.rewrites)
     fast.train()
     opt = torch.optim.SGD(fast.parameters(), lr=0.01)
     loss = fast(*x).square().mean()
     loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for original {name}"
     for name, p in fast.named_parameters():
-        if name in unused:
-            assert p.grad is None, f"{name} is reported unused but got a gradient"
-            continue
         assert p.grad is not None, f"no gradient for {name}"
         assert torch.isfinite(p.grad).all(), name
     opt.step()
@@ -288,7 +294,7 @@ def test_one_training_step_gives_finite_gradients(model_name, kind):
 
 def _rigl_run(seed_data: int) -> tuple[nn.Module, list[dict[str, int]], int]:
     x = _inputs("cnn")
-    fast = _rewrite(_cnn(), x, kind="factorized", sparsity=0.75, init="random")
+    fast = _rewrite(_cnn(), x, kind="factorized", sparsity=0.75)
     opt = torch.optim.SGD(fast.parameters(), lr=0.05, momentum=0.9)
     rigl = RigL(fast, drop_fraction=0.3, update_every=2, stop_fraction=0.75, total_steps=12, optimizer=opt)
     counts = []
@@ -313,7 +319,7 @@ def test_rigl_keeps_per_layer_sparsity_exact_and_is_deterministic():
     moved = [n for n, m in masked_weights(fast) if not torch.equal(m.mask, initial[n])]
     assert moved, "RigL never changed a mask"
     for name, m in masked_weights(fast):
-        assert torch.all(m.weight[~m.mask] == 0), name
+        assert torch.all(m.full()[~m.mask] == 0), name
         assert m.dense_grad is None  # not kept after the last update
     again, _, _ = _rigl_run(0)
     for (name, a), (_, b) in zip(masked_weights(fast), masked_weights(again)):
@@ -373,3 +379,185 @@ def test_wide_without_a_widenable_chain_is_skipped_with_reason():
     reasons = {s.module: s.reason for s in report.skipped}
     assert "no widenable chain" in reasons["b"] and "operator.add" in reasons["b"]
     assert [r.module for r in report.rewrites] == []
+
+
+# ---------------------------------------------------------------- defaults: the paper's way
+
+
+def _train(fast: nn.Module, x: tuple, steps: int, lr: float = 0.05) -> list[float]:
+    opt = torch.optim.SGD(fast.parameters(), lr=lr)
+    fast.train()
+    g = torch.Generator().manual_seed(7)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        xb = torch.randn(x[0].shape, generator=g)
+        loss = fast(xb).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_masks_evolve_after_update_every_training_steps(kind):
+    x = _inputs("mlp")
+    fast = _rewrite(_mlp(), x, kind=kind)
+    layers = masked_weights(fast)
+    assert layers and all(m.dynamic and m.update_every == 100 for _, m in layers)
+    before = {n: m.mask.clone() for n, m in layers}
+    _train(fast, x, 100)
+    # step 100 kept its dense gradient; the update happens at the next training forward
+    assert all(torch.equal(m.mask, before[n]) for n, m in layers)
+    _train(fast, x, 1)
+    moved = [n for n, m in layers if not torch.equal(m.mask, before[n])]
+    assert moved, "no mask changed after update_every training steps"
+    for n, m in layers:
+        assert m.nnz == int(before[n].sum()), n  # RigL keeps each layer's count
+        assert int(m.rigl_step) == 101
+
+
+def test_static_masks_with_dynamic_false_and_eval_forwards_do_not_count():
+    x = _inputs("mlp")
+    fast = _rewrite(_mlp(), x, kind="doped", dynamic=False, update_every=1)
+    before = {n: m.mask.clone() for n, m in masked_weights(fast)}
+    _train(fast, x, 3)
+    assert all(torch.equal(m.mask, before[n]) for n, m in masked_weights(fast))
+    dyn = _rewrite(_mlp(), x, kind="doped", update_every=1)
+    dyn.eval()
+    with torch.no_grad():
+        dyn(*x)
+    assert all(int(m.rigl_step) == 0 for _, m in masked_weights(dyn))
+
+
+def test_stop_at_anneals_and_freezes():
+    fast = _rewrite(_mlp(), _inputs("mlp"), kind="parallel", update_every=2, stop_at=8)
+    _, m = masked_weights(fast)[0]
+    assert m.drop_fraction_at(0) == pytest.approx(0.3) and m.drop_fraction_at(4) == pytest.approx(0.15)
+    assert m.drop_fraction_at(8) == 0.0
+    _train(fast, _inputs("mlp"), 9)
+    frozen = {n: w.mask.clone() for n, w in masked_weights(fast)}
+    _train(fast, _inputs("mlp"), 6)
+    assert all(torch.equal(w.mask, frozen[n]) for n, w in masked_weights(fast))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip_restores_masks_and_rigl_step(kind):
+    x = _inputs("mlp")
+    fast = _rewrite(_mlp(), x, kind=kind, update_every=3)
+    _train(fast, x, 7)  # two updates done, one dense gradient pending
+    state = fast.state_dict()
+    resumed = _rewrite(_mlp(), x, kind=kind, update_every=3, seed=5)
+    resumed.load_state_dict(state)
+    for (n, a), (_, b) in zip(masked_weights(fast), masked_weights(resumed)):
+        assert torch.equal(a.mask, b.mask), n
+        assert int(b.rigl_step) == 7
+    # the resumed run continues the schedule (its next update is at step 9) without re-drawing
+    for a, b in ((fast, resumed),):
+        _train(a, x, 3)
+        _train(b, x, 3)
+    assert all(int(m.rigl_step) == 10 for _, m in masked_weights(resumed))
+    torch.testing.assert_close(fast.eval()(*x), resumed.eval()(*x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_default_verifies_with_preserving_init_then_reinitialises(model_name, kind):
+    x = _inputs(model_name)
+    model = MODELS[model_name]()
+    fast = _rewrite(model, x, kind=kind, verify=True)  # raises if verification fails
+    report = sfx.explain(fast)
+    assert str(report.verification).startswith("ok")
+    for r in report.rewrites:
+        assert r.details["exact"] is True and r.details["divergence"] < 1e-5
+        assert "then re-initialised: random" in r.details["reinitialized"]
+    # after verification the configured random init is in place: no longer the dense function
+    for _, m in masked_weights(fast):
+        assert m.nnz == m.target_nnz
+    with torch.no_grad():
+        assert not torch.allclose(fast.eval()(*x), model.eval()(*x), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_training_differs_from_dense(kind):
+    x = _inputs("mlp")
+    dense = _train(_mlp(), x, 5)
+    sparse = _train(_rewrite(_mlp(), x, kind=kind), x, 5)
+    assert dense != sparse
+
+
+@pytest.mark.parametrize("kind", ["parallel", "doped", "factorized"])
+def test_preserve_keeps_function_then_rigl_moves_masks(kind):
+    x = _inputs("mlp")
+    model = _mlp()
+    fast = _rewrite(model, x, kind=kind, init="preserve", update_every=2)
+    if kind == "parallel":
+        torch.testing.assert_close(fast.eval()(*x), model.eval()(*x))
+    before = {n: m.mask.clone() for n, m in masked_weights(fast)}
+    _train(fast, x, 3)
+    assert any(not torch.equal(m.mask, before[n]) for n, m in masked_weights(fast))
+
+
+@pytest.mark.parametrize("norm", ["bn", "bn_relu"])
+def test_factorized_norm_between_factors(norm):
+    x = _inputs("cnn")
+    model = _cnn()
+    fast = _rewrite(model, x, kind="factorized", factorized_norm=norm, verify=True)
+    norms = [m for m in fast.modules() if type(m).__name__ == "FactorNorm"]
+    assert norms and all(isinstance(n.bn, nn.BatchNorm2d) and n.relu == (norm == "bn_relu") for n in norms)
+    _train(fast, x, 2)
+
+
+def test_doped_low_rank_on_the_input_when_cheaper():
+    from sparsify_fx.passes.iso_flop.layers import lowrank_on_input
+
+    assert lowrank_on_input(4, 64, 96) and not lowrank_on_input(4096, 64, 96)
+    x = _inputs("mlp")
+    fast = _rewrite(_mlp(), x, kind="doped")
+    for big in (torch.randn(4, 16), torch.randn(4096, 16)):
+        with FlopCounterMode(display=False) as counter:
+            fast.eval()(big)
+        assert counter.get_total_flops() > 0
+    # the two paths are the same function
+    layer = next(m for m in fast.modules() if type(m).__name__ == "SparseDoped")
+    h = torch.randn(8, layer.down.shape[1])
+    w = layer.sparse()
+    ref = torch.nn.functional.linear(h, w + layer.up @ layer.down)
+    torch.testing.assert_close(layer(h), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_new_parameters_warning_names_count_and_extend_optimizer():
+    x = _inputs("mlp")
+    with pytest.warns(UserWarning, match=r"IsoFLOP created \d+ new parameters.*sfx.extend_optimizer"):
+        _rewrite(_mlp(), x, kind="doped")
+
+
+def test_parallel_after_batchnorm_has_a_batchnorm_per_branch_and_folds_in_eval():
+    from sparsify_fx.passes.iso_flop.layers import SparseParallelBN
+
+    x = _inputs("cnn")
+    model = _cnn()
+    fast = _rewrite(model, x, kind="parallel", init="preserve", verify=True)  # exact in eval
+    (layer,) = [m for m in fast.modules() if isinstance(m, SparseParallelBN)]
+    assert len(layer.bns) == len(layer.branches) == 2 and layer.bns[0].weight is model.bn1.weight
+    assert "bn1" not in fast.code  # the replacement stands for conv1 -> bn1
+    # training: each branch its own conv and batch statistics; eval: one folded conv
+    fast.train()
+    fast(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    for bn in layer.bns:
+        assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+    fast.eval()
+    with FlopCounterMode(display=False) as folded:
+        fast(*x)
+    fast.train()
+    with torch.no_grad(), FlopCounterMode(display=False) as branches:
+        fast(*x)
+    assert branches.get_total_flops() > folded.get_total_flops()
+
+
+def test_factorized_bn_relu_verified_without_relu_then_turned_on():
+    x = _inputs("cnn")
+    fast = _rewrite(_cnn(), x, kind="factorized", factorized_norm="bn_relu", verify=True)
+    norms = [m for m in fast.modules() if type(m).__name__ == "FactorNorm"]
+    assert norms and all(n.relu_on for n in norms)
+    assert any("verified_without_relu" in r.details for r in sfx.explain(fast).rewrites)

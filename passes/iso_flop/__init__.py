@@ -5,24 +5,33 @@ For a dense layer ``W`` of shape ``[D_out, D_in]`` (``D_in = c_in * kh * kw`` fo
 sparsity ``s``:
 
 * ``parallel``: ``n = round(1 / (1 - s))`` sparse branches of ``W``'s shape, each at density
-  ``1 - s``, summed (the branches share the input, so the sum of their outputs is the op
-  applied once to the sum of their masked weights: that is how it is computed).
+  ``1 - s``, summed. A conv followed by a BatchNorm gets one BatchNorm per branch, summed
+  after normalisation (RepVGG-style, folded into one conv in eval); otherwise the branches
+  share the input, so the op runs once on the sum of their masked weights.
 * ``factorized``: ``W -> V @ U`` with hidden width ``d = ceil(D_in D_out / ((1-s)(D_in+D_out)))``;
   ``U`` is the original op (kxk conv / linear) to ``d`` outputs, ``V`` a 1x1 conv / linear.
 * ``doped``: a sparse full matrix plus a dense rank-``r`` product ``B @ A`` with
-  ``r = floor(s D_in D_out / (D_in + D_out))``.
+  ``r = floor(s D_in D_out / (D_in + D_out))``, applied to the input when that is cheaper.
 * ``wide``: in ``dense -> elementwise ops / BatchNorm -> dense`` chains, the inner width is
   multiplied by ``k = sqrt(1 / (1 - s))``; each widened layer is masked to the dense layer's
   number of weights (density ``1 - s`` when both of its dims are widened).
 
 Masks are boolean buffers applied in forward (``weight * mask``), so weights outside the mask
-get zero gradient and stay zero under SGD / Adam; :func:`apply_masks_` re-zeroes the stored
-weights (after loading a checkpoint or after an optimizer with stale state). :class:`RigL`
-updates the masks during training (drop smallest ``|w|``, grow largest dense ``|grad|``).
+get zero gradient. By default (``dynamic=True``) they evolve during training by RigL, run
+inside the rewritten modules: every ``update_every`` training forwards each masked weight
+drops its smallest ``|w|`` and grows the largest dense ``|grad|`` (the schedule's step counter
+is a buffer, so it survives ``state_dict`` and resumption; updates are deterministic and
+identical on DDP ranks). :class:`RigL` is the same update stepped by hand.
 
-``init="preserve"`` starts from the dense weights: exact for ``parallel`` (when
-``round(1/(1-s)) * (1-s) >= 1``) and ``wide``; best-effort for ``factorized`` (truncated SVD,
-then magnitude masking) and ``doped`` (truncated SVD plus the residual's largest entries);
+The replaced layer's own weight stays a live part of the replacement (parallel's branch 0,
+doped's sparse matrix, wide's kept block, one factor's leading block of factorized), so every
+original parameter gets a gradient and plain DDP works.
+
+``sparsify`` verifies every rewrite with a function-preserving initialisation (exact for every
+kind with ``init="random"``), then each module draws the configured init (``init="random"``,
+the default and the paper's setting: uniform random masks, kaiming-uniform new weights).
+``init="preserve"`` keeps the dense function for fine-tuning: exact for ``parallel`` (when
+``round(1/(1-s)) * (1-s) >= 1``) and ``wide``; best-effort for ``factorized`` and ``doped``;
 each Rewrite records ``details["exact"]`` and the measured ``details["divergence"]``.
 
 Modules: ``config`` (the config and the width formulas), ``masks`` (masked weights),
@@ -41,9 +50,11 @@ from sparsify_fx.passes.iso_flop.config import (
     wide_factor,
 )
 from sparsify_fx.passes.iso_flop.layers import (
+    FactorNorm,
     SparseDoped,
     SparseFactorized,
     SparseParallel,
+    SparseParallelBN,
     SparseWide,
 )
 from sparsify_fx.passes.iso_flop.masks import MaskedWeight, apply_masks_, masked_weights
@@ -54,6 +65,8 @@ __all__ = [
     "ISO_FLOP_KINDS",
     "MaskedWeight",
     "SparseParallel",
+    "SparseParallelBN",
+    "FactorNorm",
     "SparseFactorized",
     "SparseDoped",
     "SparseWide",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 import sparsify_fx as sfx
 from sparsify_fx.graph.op_table import (
@@ -19,7 +20,7 @@ from sparsify_fx.graph.op_table import (
     ZERO_SAFE_UNARY_METHODS,
 )
 
-__all__ = ["Chain", "follow_chain", "widened_batchnorm"]
+__all__ = ["Chain", "follow_chain", "widened_batchnorm", "WideBatchNorm"]
 
 # per element and finite at 0 (the inert channels a preserved widening adds are zeros), or
 # the same values in another dtype / layout: neither cares how wide the channel dim is
@@ -84,19 +85,49 @@ def follow_chain(
     return chain, ""
 
 
-def widened_batchnorm(bn: nn.modules.batchnorm._BatchNorm, features: int) -> nn.Module:
-    new = type(bn)(features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=bn.track_running_stats)
-    new = new.to(device=next(iter(bn.buffers()), torch.empty(0)).device)
-    c = bn.num_features
-    with torch.no_grad():
+class WideBatchNorm(nn.Module):
+    """A BatchNorm over more channels whose first ones are the replaced BatchNorm's own affine
+    parameters (live, so they get gradients); the new channels' affine parameters and every
+    channel's running statistics are its own."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, features: int):
+        super().__init__()
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.track_running_stats = bn.track_running_stats
+        extra = features - bn.num_features
+        device = next(iter(bn.buffers()), torch.empty(0)).device
+        self.weight_kept = bn.weight if bn.affine else None
+        self.bias_kept = bn.bias if bn.affine else None
         # new channels are fed zeros by inert units: mean 0 / var 1 / gamma 1 / beta 0 keeps
         # them at zero in both modes
-        if bn.affine:
-            new.weight[:c] = bn.weight
-            new.bias[:c] = bn.bias
+        self.weight_extra = nn.Parameter(torch.ones(extra, device=device)) if bn.affine else None
+        self.bias_extra = nn.Parameter(torch.zeros(extra, device=device)) if bn.affine else None
         if bn.track_running_stats:
-            new.running_mean[:c] = bn.running_mean
-            new.running_var[:c] = bn.running_var
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return new
+            c = bn.num_features
+            self.register_buffer("running_mean", torch.zeros(features, device=device))
+            self.register_buffer("running_var", torch.ones(features, device=device))
+            self.register_buffer("num_batches_tracked", bn.num_batches_tracked.clone())
+            with torch.no_grad():
+                self.running_mean[:c] = bn.running_mean
+                self.running_var[:c] = bn.running_var
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = bias = None
+        if self.weight_kept is not None:
+            weight = torch.cat([self.weight_kept, self.weight_extra])
+            bias = torch.cat([self.bias_kept, self.bias_extra])
+        momentum = 0.0 if self.momentum is None else self.momentum
+        use_batch = self.training or self.running_mean is None
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm does
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running = (None, None) if (self.training and not self.track_running_stats) else (self.running_mean, self.running_var)
+        return F.batch_norm(x, *running, weight, bias, use_batch, momentum, self.eps)
+
+
+def widened_batchnorm(bn: nn.modules.batchnorm._BatchNorm, features: int) -> nn.Module:
+    """``bn`` widened to ``features`` channels (:class:`WideBatchNorm`)."""
+    return WideBatchNorm(bn, features)

@@ -19,6 +19,7 @@ __all__ = [
 
 ISO_FLOP_KINDS = ("wide", "parallel", "factorized", "doped")
 _INITS = ("preserve", "random")
+_FACTOR_NORMS = (None, "bn", "bn_relu")
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,25 @@ class IsoFLOP(PassConfig):
     Args:
         kind: ``"wide"``, ``"parallel"``, ``"factorized"`` or ``"doped"``.
         sparsity: fraction of zero weights in each sparse factor, in [0, 1).
-        init: ``"preserve"`` (start from the dense weights; exact for parallel and wide) or
-            ``"random"`` (kaiming-uniform weights and uniform random masks, the paper's setting).
+        init: ``"random"`` (the paper's setting for training from scratch: uniform random
+            masks at the layer's density, kaiming-uniform new weights; the replaced layer's
+            own weight, a live part of the replacement, keeps its values) or ``"preserve"``
+            (start from the dense weights, for fine-tuning a trained model; exact for parallel
+            and wide). Either way sparsify verifies the rewrite with a function-preserving
+            initialisation and draws ``"random"`` after verification.
         skip_first_last: keep the model's first and last dense layers dense (the paper's
             default: stem and head stay dense).
         seed: seed of the random masks / weights (identical on every rank).
+        dynamic: evolve the masks during training by RigL (Evci et al. 2020), built into the
+            rewritten module: no object to step. ``False`` keeps the masks static.
+        update_every: training forwards between mask updates (RigL's delta T).
+        drop_fraction: fraction of each layer's active weights replaced per update, in (0, 1].
+        stop_at: training forward after which masks freeze; the drop fraction is annealed by a
+            cosine from ``drop_fraction`` to 0 at ``stop_at``. The paper stops at 75% of
+            training: pass ``int(0.75 * total_steps)``. ``None``: masks evolve throughout, at a
+            constant ``drop_fraction`` (the total is not known at rewrite time).
+        factorized_norm: ``kind="factorized"`` only: ``None``, ``"bn"`` or ``"bn_relu"``
+            between the two factors (the paper's optional normalisation).
 
     Example:
         >>> import torch, sparsify_fx as sfx
@@ -46,9 +61,14 @@ class IsoFLOP(PassConfig):
 
     kind: str = "parallel"
     sparsity: float = 0.5
-    init: str = "preserve"
+    init: str = "random"
     skip_first_last: bool = True
     seed: int = 0
+    dynamic: bool = True
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    stop_at: int | None = None
+    factorized_norm: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +81,19 @@ class IsoFLOP(PassConfig):
             raise ConfigError(f"IsoFLOP.skip_first_last must be a bool, got {self.skip_first_last!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"IsoFLOP.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.dynamic, bool):
+            raise ConfigError(f"IsoFLOP.dynamic must be a bool, got {self.dynamic!r}")
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ConfigError(f"IsoFLOP.update_every must be a positive int, got {self.update_every!r}")
+        check_range(self, "drop_fraction", self.drop_fraction, 0.0, 1.0, low_open=True)
+        if self.stop_at is not None and (
+            isinstance(self.stop_at, bool) or not isinstance(self.stop_at, int) or self.stop_at < 1
+        ):
+            raise ConfigError(f"IsoFLOP.stop_at must be a positive int or None, got {self.stop_at!r}")
+        if self.factorized_norm not in _FACTOR_NORMS:
+            raise ConfigError(
+                f"IsoFLOP.factorized_norm must be one of {list(_FACTOR_NORMS)}, got {self.factorized_norm!r}"
+            )
 
 
 # ---------------------------------------------------------------- formulas

@@ -4,6 +4,7 @@ by the module its kind builds (``build.py``), recording counts, FLOPs and diverg
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -14,13 +15,16 @@ from sparsify_fx.passes.iso_flop.build import (
     build_factorized,
     build_parallel,
     build_wide,
+    set_schedules,
 )
 from sparsify_fx.passes.iso_flop.chain import Chain, follow_chain, widened_batchnorm
 from sparsify_fx.passes.iso_flop.config import IsoFLOP, widened_width
 from sparsify_fx.passes.iso_flop.flops import dense_kernel_flops, divergence, weight_counts
+from sparsify_fx.passes.iso_flop.layers import SparseParallelBN
 
 import sparsify_fx as sfx
 from sparsify_fx import PassResult, Rewrite
+from sparsify_fx.graph.op_table import BATCH_NORM_MODULES
 
 __all__: list[str] = []  # registers the pass; its config is IsoFLOP (config.py)
 
@@ -59,7 +63,6 @@ def _attr(gm: fx.GraphModule, target: str) -> object:
 def _layer_of(gm: fx.GraphModule, op: sfx.DenseOp) -> DenseLayer:
     weight = gm.get_parameter(op.weight_name)
     bias = gm.get_parameter(str(op.bias.target)) if op.bias is not None else None
-    w = weight.t() if op.weight_transposed else weight
     geometry: dict[str, Any] = {}
     if op.kind == "conv":
         geometry = {
@@ -74,7 +77,25 @@ def _layer_of(gm: fx.GraphModule, op: sfx.DenseOp) -> DenseLayer:
         shape = out[0]
         channels = shape[1] if op.kind == "conv" else (shape[-1] if shape else 1)
         positions = math.prod(shape) // max(1, channels)
-    return DenseLayer(op, w, bias, geometry, positions, sfx.tensor_meta(op.input))
+    return DenseLayer(op, weight, bool(op.weight_transposed), bias, geometry, positions, sfx.tensor_meta(op.input))
+
+
+def _following_batchnorm(gm: fx.GraphModule, op: sfx.DenseOp) -> fx.Node | None:
+    """The BatchNorm module call that is the conv's only user (RepVGG-style branches)."""
+    if op.kind != "conv" or len(op.node.users) != 1:
+        return None
+    (user,) = op.node.users
+    if user.op != "call_module" or not user.args or user.args[0] is not op.node or len(user.args) > 1 or user.kwargs:
+        return None
+    bn = gm.get_submodule(str(user.target))
+    if not isinstance(bn, BATCH_NORM_MODULES) or sfx.has_hooks(bn):
+        return None
+    if sum(n.op == "call_module" and n.target == user.target for n in gm.graph.nodes) != 1:
+        return None  # one BatchNorm module called twice: splitting one call would untie them
+    meta = sfx.tensor_meta(op.node)
+    if meta is not None and (len(meta[0]) < 2 or meta[0][1] != bn.num_features):
+        return None
+    return user
 
 
 def _live_input(op: sfx.DenseOp) -> fx.Node:
@@ -92,6 +113,7 @@ def _isoflop_pass(gm: fx.GraphModule, config: IsoFLOP, ctx: Any) -> PassResult:
         result.skips.append(ctx.skip(node, why))
     gen = torch.Generator().manual_seed(config.seed)
     candidates: list[sfx.DenseOp] = []
+    originals = {id(p) for p in gm.parameters()}
     for op in ops:
         reason = _candidate_reason(gm, op, config, ctx)
         if reason is not None:
@@ -132,7 +154,22 @@ def _isoflop_pass(gm: fx.GraphModule, config: IsoFLOP, ctx: Any) -> PassResult:
         except Exception as e:
             e.sfx_node = op.node  # type: ignore[attr-defined]
             raise
+    _warn_new_parameters(gm, originals, ctx)
     return result
+
+
+def _warn_new_parameters(gm: fx.GraphModule, originals: set[int], ctx: Any) -> None:
+    new = [p for p in gm.parameters() if id(p) not in originals]
+    if not new:
+        return
+    warnings.warn(
+        f"IsoFLOP created {len(new)} new parameters ({sum(p.numel() for p in new)} values) in "
+        f"{ctx.qualified('') or 'the model'}: an optimizer built on the original model does not "
+        "train them. Build the optimizer on the rewritten module "
+        "(torch.optim.AdamW(fast.parameters())) or call sfx.extend_optimizer(optimizer, fast).",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _rewrite(
@@ -147,8 +184,11 @@ def _rewrite(
 ) -> None:
     op = layer.op
     extra_in = 0
+    bn_node = None
     if config.kind == "parallel":
-        module, details = build_parallel(layer, config, gen)
+        bn_node = _following_batchnorm(gm, op)
+        bn = gm.get_submodule(str(bn_node.target)) if bn_node is not None else None
+        module, details = build_parallel(layer, config, gen, bn)
     elif config.kind == "factorized":
         module, details = build_factorized(layer, config, gen)
     elif config.kind == "doped":
@@ -157,20 +197,27 @@ def _rewrite(
         module, details = build_wide(layer, config, gen, widen_in, chain is not None)
         if widen_in:
             extra_in = widened_width(layer.weight.shape[1], config.sparsity) - layer.weight.shape[1]
-    # .to(dtype) casts floating tensors only: the bool masks stay bool
-    module = module.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    set_schedules(module, config)
+    # .to(dtype) casts floating tensors only: the bool masks stay bool (and the shared
+    # original parameters already have this device and dtype)
+    module = module.to(device=layer.weight.device, dtype=layer.weight.dtype).train(gm.training)
     target = sfx.install_module(gm, f"isoflop_{op.module_name or op.node.name}", module)
     x = _live_input(op)
     args = (x,) if config.kind == "wide" else (x, op.bias)
     with gm.graph.inserting_before(op.node):
         new = gm.graph.call_module(target, args)
     flops_before = sfx.dense_op_flops(op, gm.get_parameter(op.weight_name).shape)
-    unused = [op.weight_name]
-    if config.kind == "wide" and op.bias is not None:
-        unused.append(str(op.bias.target))
+    live = {id(p) for p in module.parameters()}
+    unused = [op.weight_name] if id(layer.param) not in live else []
     # erasing the dense node clears what op.weight / op.bias point to: keep the nodes first
     params = (op.weight, op.bias) if config.kind == "wide" else (op.weight,)
-    sfx.replace_node(op.node, new)
+    if bn_node is not None:
+        # the replacement computes conv + BatchNorm per branch: it stands for the BatchNorm
+        sfx.replace_node(bn_node, new)
+        new.meta.update({k: v for k, v in op.node.meta.items() if k not in new.meta})
+        gm.graph.erase_node(op.node)
+    else:
+        sfx.replace_node(op.node, new)
     for attr in params:
         if attr is not None and not attr.users:
             gm.graph.erase_node(attr)
@@ -189,14 +236,29 @@ def _rewrite(
             "nnz_after": nnz,
             "numel_after": numel,
             "dense_kernel_flops": dense_kernel_flops(module, layer),
+            "train_kernel_flops_factor": len(module.bns) if isinstance(module, SparseParallelBN) else 1,
             "divergence": max_error,
             "divergence_rel": max_error_rel,
-            "divergence_input": "seeded randn of the recorded input shape, eval mode",
+            "divergence_input": "seeded randn of the recorded input shape, eval mode, "
+            "with the initialisation sparsify verifies",
             "unused_parameters": [ctx.qualified(n) for n in unused],
-            "note": "replaced dense parameters stay in the model (state_dict keys kept) "
-            "but the rewritten forward no longer reads them",
+            "verification_init": "function-preserving" + (" (exact)" if details["exact"] else " (inexact)"),
+            "mask_evolution": (
+                f"RigL every {config.update_every} training forwards, drop fraction "
+                f"{config.drop_fraction:g}" + (f" cosine-annealed to 0 at step {config.stop_at}"
+                                               if config.stop_at else " (constant, no stop_at)")
+                if config.dynamic else "static masks (dynamic=False)"
+            ),
         }
     )
+    if config.init == "random":
+        details["reinitialized"] = (
+            "verified with the function-preserving init, then re-initialised: random (uniform "
+            "random masks at the layer's density, kaiming-uniform new weights; the replaced "
+            "layer's own weight keeps its values)"
+        )
+    if unused:
+        details["note"] = "the replaced weight stays in the model (state_dict key kept) but is not read"
     name = f"conv{op.conv_ndim}d" if op.kind == "conv" else op.kind
     result.rewrites.append(
         Rewrite(
@@ -217,7 +279,6 @@ def _widen_chain(
         target = sfx.install_module(gm, f"isoflop_{bn_node.target}", wide_bn)
         with gm.graph.inserting_before(bn_node):
             new = gm.graph.call_module(target, bn_node.args, bn_node.kwargs)
-        unused.extend(f"{bn_node.target}.{n}" for n, _ in bn.named_parameters())
         widened[widened.index(bn_node)] = new
         sfx.replace_node(bn_node, new)
     for node in widened:

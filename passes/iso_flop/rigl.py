@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
-from sparsify_fx.passes.iso_flop.masks import MaskedWeight, masked_weights
+from sparsify_fx.passes.iso_flop.masks import MaskedWeight, masked_weights, rigl_update_
 
 from sparsify_fx import ConfigError, check_range
 
@@ -14,7 +14,11 @@ __all__ = ["RigL"]
 
 
 class RigL:
-    """RigL mask updates (Evci et al. 2020) for every :class:`MaskedWeight` of a model.
+    """RigL mask updates (Evci et al. 2020) for every :class:`MaskedWeight` of a model, stepped
+    by hand after each optimizer step (the optimizer-state reset below needs the optimizer).
+
+    ``IsoFLOP`` runs the same updates inside the rewritten modules by default
+    (``dynamic=True``); building this object turns that off for the layers it drives.
 
     Every ``update_every`` steps until ``stop_fraction * total_steps``, each masked weight
     drops its ``f * nnz`` active weights of smallest ``|w|`` and grows as many inactive ones of
@@ -42,7 +46,7 @@ class RigL:
         >>> from sparsify_fx.passes.iso_flop import RigL
         >>> m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
         ...                         torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        >>> fast = sfx.sparsify(m, sfx.IsoFLOP(kind="doped", init="random"), verify=False)
+        >>> fast = sfx.sparsify(m, sfx.IsoFLOP(kind="doped", dynamic=False), verify=False)
         >>> opt = torch.optim.SGD(fast.parameters(), lr=0.1)
         >>> rigl = RigL(fast, update_every=1, total_steps=4)
         >>> fast(torch.randn(4, 8)).sum().backward(); opt.step(); rigl.step()
@@ -67,6 +71,8 @@ class RigL:
         self.layers = masked_weights(model)
         if not self.layers:
             raise ConfigError("RigL found no masked weights in the model; rewrite it with sfx.IsoFLOP first")
+        for _, m in self.layers:
+            m.dynamic = False  # this object drives the schedule instead of the modules
         self.drop_fraction = drop_fraction
         self.update_every = update_every
         self.stop_step = max(1, int(stop_fraction * total_steps))
@@ -103,35 +109,18 @@ class RigL:
             self.updates += 1
         self._arm()
 
-    @torch.no_grad()
     def _update(self, m: MaskedWeight, fraction: float) -> None:
         grad = m.dense_grad
         if grad is None:
             return  # the layer did not run this step
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            grad = grad.clone()
-            torch.distributed.all_reduce(grad)
-            grad /= torch.distributed.get_world_size()
-        mask = m.mask.flatten()
-        active = int(mask.sum())
-        k = min(int(fraction * active), mask.numel() - active)
-        if k <= 0:
-            return
-        weight = m.weight.detach().flatten()
-        inf = torch.tensor(float("inf"), device=weight.device)
-        drop_score = torch.where(mask, weight.abs().float(), inf)
-        dropped = torch.argsort(drop_score, stable=True)[:k]
-        new_mask = mask.clone()
-        new_mask[dropped] = False
-        grow_score = torch.where(new_mask, -inf, grad.flatten().abs().float())
-        grown = torch.argsort(-grow_score, stable=True)[:k]
-        new_mask[grown] = True
-        m.weight.view(-1)[grown] = 0
-        m.weight.mul_(new_mask.view_as(m.weight))
-        m.mask.copy_(new_mask.view_as(m.mask))
-        if self.optimizer is not None:
-            changed = torch.cat([dropped, grown])
-            for value in self.optimizer.state.get(m.weight, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == m.weight.shape:
-                    value.view(-1)[changed] = 0
+        changed = rigl_update_(m, grad, fraction)
         m.dense_grad = None
+        if changed is None or self.optimizer is None:
+            return
+        changed_mask = torch.zeros(m.mask.numel(), dtype=torch.bool, device=m.mask.device)
+        changed_mask[torch.cat(changed)] = True
+        with torch.no_grad():
+            for param, sel in m.in_storage(changed_mask.view(m.mask.shape)):
+                for value in self.optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.masked_fill_(sel, 0)
