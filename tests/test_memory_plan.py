@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 import sparsify_fx as sfx
-from sparsify_fx.bench import saved_tensor_bytes
 from sparsify_fx.analysis.memory_plan import memory_plan
+from sparsify_fx.bench import saved_tensor_bytes
 
 
 class ConvReluConv(nn.Module):
@@ -131,7 +131,7 @@ def test_plan_agrees_with_measured_saved_bytes_on_a_small_vit():
 
 
 class _SavedTensorRules(nn.Module):
-    """One of each op whose saved tensors the plan missed until session 17: average pooling
+    """One of each op whose saved tensors need a rule of their own: average pooling
     (keeps its input; adaptive pooling too unless to 1 x 1), dropout (its mask), in-place SiLU
     (a clone of its input), Sigmoid / Hardswish modules, BatchNorm statistics of the
     compressed BatchNorms."""
@@ -224,3 +224,128 @@ def test_an_opaque_module_is_probed_for_what_it_saves_without_side_effects():
     torch.testing.assert_close(fast.get_submodule("block.norm").running_mean, stats, rtol=0, atol=0)
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert plan.total_bytes == saved_tensor_bytes(fast, (x,), loss_fn=_sum)
+
+
+# ---------------------------------------------------------------- holders the plan must not
+# miss or double-count: each a small model of a pattern found in held-out models
+
+
+class _FrozenParts(nn.Module):
+    """A frozen stem (conv, BatchNorm) fed by data: a grad-free region; a frozen linear and a
+    frozen conv fed by activations that require grad; a product with a grad-free gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.frozen_conv, self.gate = nn.Conv2d(8, 8, 1), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+        for m in (self.stem, self.bn, self.frozen_conv, self.gate):
+            m.requires_grad_(False)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))  # no gradient flows here: nothing is saved
+        s = torch.sigmoid(h.mean((2, 3)))[:, :, None, None]  # grad-free too
+        h = F.relu(self.mid(h))  # mid keeps h (its weight trains)
+        h = self.frozen_conv(h) * s  # a conv keeps its input even for a frozen weight; * keeps s only
+        t = self.gate(F.gelu(h.mean((2, 3))))  # a frozen linear keeps nothing of its input
+        return self.head(F.gelu(t))
+
+
+class _IdentityAlias(nn.Module):
+    """``nn.Identity`` returns its input: b and c hold one storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.ident = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4), nn.Identity()
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + self.c(self.ident(h))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a BatchNorm2d whose forward also applies its activation, in
+    place (so it keeps its input for the batch norm and its output for the activation)."""
+
+    def __init__(self, num_features: int, act: type[nn.Module] = nn.SiLU):
+        super().__init__(num_features)
+        self.drop, self.act = nn.Identity(), act(inplace=True)
+
+    def forward(self, x):
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class _ConvBNAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)))
+
+
+class _TrainReturnsNone(_Opaque):
+    """An override of ``train()`` that returns None (a value the probe must not use)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+
+
+class _WithTrainReturningNone(_WithOpaque):
+    def __init__(self):
+        super().__init__()
+        self.block = _TrainReturnsNone()
+
+
+@pytest.mark.parametrize("model, shape", [
+    (_FrozenParts, (2, 3, 8, 8)),
+    (_IdentityAlias, (4, 6, 8)),
+    (_ConvBNAct, (2, 3, 8, 8)),
+    (_WithTrainReturningNone, (3, 10, 8)),
+], ids=["frozen-and-grad-free", "identity-alias", "batchnorm-act", "train-returns-none"])
+def test_plan_holds_what_autograd_saves_for_held_out_patterns(model, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    fast = sfx.sparsify(model(), sfx.DropIT(keep=1.0, include=("nothing",)), (x,))
+    plan = _plan(fast)
+    assert not plan.unknown
+    measured = saved_tensor_bytes(fast, (x,), loss_fn=_sum)
+    torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0.05, atol=0)
+
+
+def test_frozen_and_grad_free_holders_are_not_counted():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    fast = sfx.sparsify(_FrozenParts(), sfx.DropIT(keep=1.0, include=("nothing",)), (x,))
+    by_node = _plan(fast).by_node()
+    # the frozen stem keeps nothing (its input is data, its weights frozen), nor its BatchNorm
+    # and ReLU, nor the gate's sigmoid (no gradient flows there)
+    assert not by_node["x"].held and not by_node["conv2d"].held and not by_node["bn"].held
+    assert by_node["relu"].holders == ["conv2d_1"]  # mid's weight trains: it keeps its input
+    assert by_node["sigmoid"].holders == ["mul"]  # kept for the other factor's gradient
+    assert sorted(by_node["relu_1"].holders) == ["conv2d_2", "relu_1"]  # a frozen conv keeps its input
+    assert not by_node["conv2d_2"].held  # (the product does not keep it: s needs no gradient)
+    assert not by_node["gelu"].held  # the frozen gate keeps nothing
+
+
+def test_identity_output_is_its_inputs_storage():
+    x = torch.randn(4, 6, 8)
+    fast = sfx.sparsify(_IdentityAlias(), sfx.DropIT(keep=1.0, include=("nothing",)), (x,))
+    plan = _plan(fast)
+    by_node = plan.by_node()
+    assert by_node["ident"].storage == "linear"
+    assert plan.held_bytes == 4 * 6 * 8 * 4 + 4 * 6 * 16 * 4  # x (held by a) and h, once
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_probed():
+    x = torch.randn(2, 3, 8, 8)
+    fast = sfx.sparsify(_ConvBNAct(), sfx.DropIT(keep=1.0, include=("nothing",)), (x,))
+    (bn,) = [n for n in fast.graph.nodes if n.op == "call_module" and n.target == "bn"]
+    held = _plan(fast).by_node()
+    # the batch norm keeps its input, the in-place SiLU a clone of the batch norm's output
+    assert held[bn.args[0].name].held

@@ -10,6 +10,16 @@ Views share storage (``reshape``, ``transpose``, ``getitem`` of a ``chunk``...),
 an in-place op's result (``out += identity``, ``relu(x, inplace=True)``): holders of a
 view hold its base, so tensors are grouped by storage with a union-find before counting.
 The graph of tensors and holders is a ``networkx.DiGraph`` (``plan.graph``).
+
+Autograd saves nothing where no gradient flows: a tensor requires grad when an input that
+requires grad or a trainable parameter feeds it (a model's inputs are data unless said
+otherwise), and an op whose output does not require grad keeps nothing (a frozen backbone,
+a ``torch.no_grad()`` region of an exported graph). Where it does, an op keeps only what
+the gradients it owes need: ``F.linear`` keeps its input only for a trainable weight, ``a * b``
+keeps ``a`` only when ``b`` requires grad; a convolution keeps its input whenever it runs
+with grad. ``nn.Identity`` returns its input (the same storage), and a torch.nn module whose
+class overrides ``forward`` (a BatchNorm that also applies its activation in place) is not
+matched by its base class's rule: it is probed (``saved_probe``).
 """
 
 from __future__ import annotations
@@ -25,14 +35,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsify_fx.analysis.saved_probe import probe
 from sparsify_fx.analysis.shapes import tensor_bytes, tensor_meta
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER, is_in_place
 from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.graph.op_table import VIEW_METHODS, is_view
-from sparsify_fx.analysis.saved_probe import probe
 
-__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "SAVES"]
+__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "SAVES",
+           "requires_grad"]
 
 _INPUT, _OUTPUT, _OPERANDS = "input", "output", "operands"
 
@@ -90,6 +101,7 @@ _CLONE_INPUT_IN_PLACE = {F.silu, F.hardswish, F.hardtanh, F.relu6, F.hardsigmoid
 _KEEPS_NOTHING_METHODS = VIEW_METHODS | {"mean", "sum", "size", "dim", "contiguous", "add", "sub",
                                           "add_", "neg", "float", "to", "type_as"}
 # torch.nn modules kept as calls, and what their backward keeps
+# (matched only when the module runs torch's own forward: see _torch_forward)
 _MODULE_SAVES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.batchnorm._BatchNorm, _INPUT),
     (nn.LayerNorm, _INPUT),
@@ -170,6 +182,126 @@ class MemoryPlan:
         return sorted((t for t in self.tensors if t.held), key=lambda t: -(t.bytes or 0))
 
 
+# modules whose output may be their input's storage (Identity returns its input itself)
+_ALIAS_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Flatten, nn.Unflatten)
+# matmul-like ops whose backward keeps each operand only for the other's gradient
+_KEEPS_THE_OTHER = {torch.matmul, torch.bmm, operator.mul, torch.mul, operator.imul}
+# a / b: a's gradient needs b; b's gradient needs a and b
+_DIVISIONS = {operator.truediv, operator.itruediv}
+# grad-mode switches an exported graph records for ``with torch.no_grad()``
+_SET_GRAD_ENABLED = {torch._C._set_grad_enabled}
+# ops whose result never requires grad, whatever their inputs
+_NO_GRAD_METHODS = {"detach", "size", "dim"}
+# ops autocast runs at its lower precision (on CPU and CUDA): each keeps its operands cast to
+# that dtype, an activation's cast a copy of its own per call (not the operand's storage), a
+# trainable weight's one copy per step (autocast's weight cache), both held until backward
+_AUTOCAST_LOW = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.bmm, torch.addmm,
+                 F.scaled_dot_product_attention}
+
+
+def _autocast_copies(n: fx.Node, gm: fx.GraphModule, kept: list[fx.Node], grad: dict[str, bool],
+                     dtype: torch.dtype, weights: set[str]) -> tuple[list[fx.Node], int]:
+    """(the tensors ``n`` keeps as they are, bytes of the casts it keeps instead) under autocast."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def weight_cast(w: Any, key: str) -> int:
+        value = operator.attrgetter(str(w.target))(gm) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or key in weights:
+            return 0
+        weights.add(key)
+        return value.numel() * itemsize
+
+    if n.op == "call_module" and str(n.target).startswith(OPS_CONTAINER + "."):
+        # a rewritten Linear / Conv (a fused or compressing op module) still keeps its weight's
+        # cast; a recomputed segment re-casts in backward and keeps none
+        from sparsify_fx.analysis.segments import RecomputedSegment  # (segments is the heavier module)
+        mod = gm.get_submodule(str(n.target))
+        if not isinstance(mod, OpModule) or isinstance(mod, RecomputedSegment):
+            return kept, 0
+        return kept, sum(weight_cast(a, str(a.target)) for a in n.all_input_nodes
+                         if a.op == "get_attr" and _trainable(gm, a) and len(getattr(
+                             operator.attrgetter(str(a.target))(gm), "shape", ())) >= 2)
+    if n.op != "call_function" or n.target not in _AUTOCAST_LOW:
+        return kept, 0
+    same, copies = [], 0
+    for t in kept:
+        shape = tensor_meta(t)
+        if t is not n and shape is not None and shape[1] == torch.float32:
+            copies += math.prod(shape[0]) * itemsize
+        else:
+            same.append(t)
+    # the weight of a Linear / Conv, kept for the input's gradient (a convolution keeps it always)
+    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    x = n.args[0] if n.args else n.kwargs.get("input")
+    conv = n.target in (F.conv1d, F.conv2d, F.conv3d)
+    if n.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) and isinstance(w, fx.Node) and w.op == "get_attr" \
+            and (conv or (isinstance(x, fx.Node) and grad.get(x.name, False))):
+        # (a frozen weight is not in autocast's cache: cast, and kept, per call)
+        copies += weight_cast(w, str(w.target) if _trainable(gm, w) else f"{w.target}@{n.name}")
+    return same, copies
+
+
+def _torch_forward(mod: nn.Module) -> bool:
+    """True when ``mod`` runs torch.nn's own forward: a subclass that overrides it (timm's
+    ``BatchNormAct2d`` applies an activation after its batch norm) is another op."""
+    return getattr(type(mod).forward, "__module__", "").startswith("torch.nn.")
+
+
+def _aliases_input(n: fx.Node, gm: fx.GraphModule) -> bool:
+    if n.op != "call_module" or str(n.target).startswith(OPS_CONTAINER + "."):
+        return False
+    mod = gm.get_submodule(str(n.target))
+    return isinstance(mod, _ALIAS_MODULES) and _torch_forward(mod)
+
+
+def _placeholder_grad(n: fx.Node, inputs_require_grad: bool | None) -> bool:
+    shape = tensor_meta(n)
+    if shape is not None and not (shape[1].is_floating_point or shape[1].is_complex):
+        return False  # token ids, masks: never differentiable
+    if inputs_require_grad is not None:
+        return inputs_require_grad
+    value = n.meta.get("example_value", n.meta.get("val"))
+    # a Dynamo graph's placeholders carry their example (an activation after a graph break
+    # requires grad); anything else is the model's own input: data
+    return bool(getattr(value, "requires_grad", False))
+
+
+def requires_grad(gm: fx.GraphModule, inputs_require_grad: bool | None = None) -> dict[str, bool]:
+    """Which nodes' outputs require grad in a training forward (node name -> bool).
+
+    Args:
+        inputs_require_grad: whether the graph's floating-point inputs require grad; None
+            reads a Dynamo graph's example values and otherwise takes them as data (False).
+    """
+    grad: dict[str, bool] = {}
+    enabled = True
+
+    def of(a: fx.Node) -> bool:
+        return _trainable(gm, a) if a.op == "get_attr" else grad.get(a.name, False)
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            grad[n.name] = _placeholder_grad(n, inputs_require_grad)
+            continue
+        if n.op == "call_function" and n.target in _SET_GRAD_ENABLED:
+            enabled = bool(n.args[0]) if n.args else enabled
+            grad[n.name] = False
+            continue
+        if n.op in ("get_attr", "output"):
+            grad[n.name] = n.op == "get_attr" and _trainable(gm, n)
+            continue
+        shape = tensor_meta(n)
+        if not enabled or (n.op == "call_method" and n.target in _NO_GRAD_METHODS) or (
+                shape is not None and not (shape[1].is_floating_point or shape[1].is_complex)):
+            grad[n.name] = False
+            continue
+        flows = any(of(a) for a in n.all_input_nodes)
+        if not flows and n.op == "call_module":
+            flows = any(p.requires_grad for p in gm.get_submodule(str(n.target)).parameters())
+        grad[n.name] = flows
+    return grad
+
+
 def _root(parent: dict[str, str], name: str) -> str:
     while parent[name] != name:
         parent[name] = parent[parent[name]]
@@ -204,11 +336,18 @@ def _is_stochastic_depth(target: object) -> bool:
         getattr(target, "__name__", "") in ("StochasticDepth", "stochastic_depth")
 
 
-def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bool]:
+def _kept_by(node: fx.Node, gm: fx.GraphModule, grad: dict[str, bool]) -> tuple[list[fx.Node], bool, bool]:
     """(tensors this node's backward keeps dense, keeps-compressed?, known op?)"""
     acts = [a for a in node.all_input_nodes if _is_activation(a)]
     if not acts and meta.SHAPE not in node.meta:
         return [], False, True  # shape arithmetic and other non-tensor values keep nothing
+    if not grad.get(node.name, True):
+        return [], False, True  # no gradient flows through it: autograd records nothing
+
+    def needs(a: Any) -> bool:  # does a gradient flow into this operand?
+        if not isinstance(a, fx.Node):
+            return False
+        return _trainable(gm, a) if a.op == "get_attr" else grad.get(a.name, True)
     if node.op == "call_module":
         if str(node.target).startswith(OPS_CONTAINER + "."):
             mod = gm.get_submodule(str(node.target))
@@ -220,7 +359,7 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
         mod = gm.get_submodule(str(node.target))
         if _is_stochastic_depth(type(mod)):
             return [], False, True  # keeps its (N, 1, ...) mask: _side_bytes
-        for klass, kind in _MODULE_SAVES:
+        for klass, kind in _MODULE_SAVES if _torch_forward(mod) else ():
             if isinstance(mod, klass):
                 if kind == "adaptive":
                     kind = "nothing" if _pools_to_one(node) else _INPUT
@@ -237,17 +376,27 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], bool, bo
             kind = _INPUT
         if _is_stochastic_depth(target):
             return [], False, True
+        if target is F.linear:
+            # linear keeps its input only for its weight's gradient (a frozen weight: nothing),
+            # and a weight that is an activation only for the input's
+            x = node.args[0] if node.args else node.kwargs.get("input")
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            return [t for t, other in ((x, w), (w, x)) if t in acts and needs(other)], False, True
         if kind == _INPUT:
-            return acts[:1], False, True
+            return acts[:1], False, True  # (a convolution keeps it even for a frozen weight)
         if kind == _OUTPUT:
             return [node], False, True
         if kind == _OPERANDS:
-            if target is operator.mul or target is torch.mul or target is operator.truediv:
-                learned = any(isinstance(a, fx.Node) and a.op == "get_attr" and _trainable(gm, a)
-                              for a in node.args)
-                if len(acts) < 2 and not learned:
-                    return [], False, True  # scaling by a constant keeps nothing
-                # x * parameter keeps x for the parameter's gradient
+            if target is torch.addmm:  # addmm(bias, a, b): as a @ b
+                a, b = (list(node.args[1:3]) + [None, None])[:2]
+                return [t for t, other in ((a, b), (b, a)) if t in acts and needs(other)], False, True
+            if target in _KEEPS_THE_OTHER or target in _DIVISIONS:
+                a, b = (list(node.args[:2]) + [None, None])[:2]
+                # each operand is kept for the other's gradient; a divisor for its own too
+                kept = [a] if a in acts and needs(b) else []
+                if b in acts and (needs(a) or (target in _DIVISIONS and needs(b))):
+                    kept.append(b)
+                return kept, False, True  # (scaling by a constant keeps nothing)
             kept = list(acts)
             if target is F.scaled_dot_product_attention:
                 kept.append(node)
@@ -276,6 +425,8 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
     size = meta[0]
     numel = math.prod(size)
     mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+    if mod is not None and not isinstance(mod, OpModule) and not _torch_forward(mod):
+        return 0  # a module of its own forward is probed: its statistics are in the probe's bytes
     first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
     if isinstance(mod, OpModule):
         # an op module's statistics (a compressed BatchNorm's invstd, a LayerNorm's rstd)
@@ -349,7 +500,8 @@ def compressed_bytes_of(rewrites) -> dict[str, int]:
     return found
 
 
-def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = None) -> MemoryPlan:
+def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = None, *,
+                inputs_require_grad: bool | None = None, autocast: torch.dtype | None = None) -> MemoryPlan:
     """Liveness of every tensor of a canonical graph with recorded shapes.
 
     Args:
@@ -357,6 +509,13 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
             ``meta["sfx_shape"]`` (recorded when example inputs were given).
         compressed_bytes: bytes each compressing op node keeps (node name, or its op module's
             target -> bytes); :func:`compressed_bytes_of` reads them from rewrite records.
+        inputs_require_grad: whether the graph's floating-point inputs require grad (True for
+            a graph of a submodule, whose inputs are activations); None takes a Dynamo graph's
+            example values, and otherwise the inputs as data (False).
+        autocast: the autocast dtype the training forward runs at (None: the graph's
+            ``gm.meta[meta.AUTOCAST]``, set by ``MemoryBudget``; absent: no autocast). Under it,
+            Linear / Conv / matmul / attention keep their operands cast to it (a copy of an fp32
+            activation per call, one per trainable weight), counted as that node's side bytes.
 
     Example:
         >>> import torch, sparsify_fx as sfx
@@ -370,7 +529,7 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
     parent = {n.name: n.name for n in nodes}
     for n in nodes:
         # an in-place op's result is its first operand's storage, as a view's is its base's
-        if (is_view(n) or is_in_place(n)) and n.args and isinstance(n.args[0], fx.Node) \
+        if (is_view(n) or is_in_place(n) or _aliases_input(n, gm)) and n.args and isinstance(n.args[0], fx.Node) \
                 and n.args[0].name in parent:
             parent[_root(parent, n.name)] = _root(parent, n.args[0].name)
     info = {
@@ -383,10 +542,21 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
     compressed_total = 0
     extra = 0
     side_bytes: dict[str, int] = {}
+    grad = requires_grad(gm, inputs_require_grad)
+    low = autocast if autocast is not None else getattr(gm, "meta", {}).get(meta.AUTOCAST)
+    cast_weights: set[str] = set()
     for n in nodes:
         graph.add_node(n.name, module=info[n.name].module, bytes=info[n.name].bytes)
-        kept, compresses, known = _kept_by(n, gm)
-        if not known and (measured := probe(n, gm)) is not None:
+        kept, compresses, known = _kept_by(n, gm, grad)
+        if not grad.get(n.name, True):
+            continue  # no autograd node: no saved tensors, no statistics, no compressed copy
+        if low is not None:
+            kept, copies = _autocast_copies(n, gm, kept, grad, low, cast_weights)
+            if copies:
+                side_bytes[n.name] = side_bytes.get(n.name, 0) + copies
+                extra += copies
+        grads = tuple(grad.get(a.name, True) for a in n.all_input_nodes if a.op != "get_attr")
+        if not known and (measured := probe(n, gm, grads)) is not None:
             # an op with no rule, run once on its recorded shapes (saved_probe)
             inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
             kept = [inputs[i] for i in measured.inputs] + ([n] if measured.output else [])

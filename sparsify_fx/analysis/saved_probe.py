@@ -10,8 +10,10 @@ swin_t's bytes and a budget's fraction was of the wrong total.
 (the real parameters and buffers), under ``saved_tensors_hooks``, and sorts each saved
 storage into: an input's (the op keeps that input), the output's (it keeps its output), a
 parameter's or buffer's (not counted), or its own (``internal`` bytes, counted beside the
-activations like normalisation statistics). The RNG state is restored, and a module runs
-as a copy with buffers of its own. Results are cached per module (or function) and argument
+activations like normalisation statistics). Inputs require grad as the graph's would
+(``grads``: a frozen module fed by data saves nothing). The RNG state is restored, and a
+module runs as a copy with buffers of its own (put in training mode by ``train()``, whose
+return value is not used: an override may return None). Results are cached per module (or function) and argument
 shapes, so a planner that analyses many rewrites of one graph measures each op once.
 """
 
@@ -85,9 +87,10 @@ def _device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def _run(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
+def _run(node: fx.Node, gm: fx.GraphModule, grads: tuple[bool, ...] | None) -> SavedProbe | None:
     device = _device(gm)
     inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    grad_of = dict(zip(inputs, grads)) if grads is not None else {}
     made: dict[fx.Node, torch.Tensor] = {}
     constants: list[torch.Tensor] = []
 
@@ -101,7 +104,7 @@ def _run(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
         if a not in made:
             shape, dtype = tensor_meta(a)
             if dtype.is_floating_point or dtype.is_complex:
-                made[a] = torch.randn(shape, dtype=dtype, device=device).requires_grad_()
+                made[a] = torch.randn(shape, dtype=dtype, device=device).requires_grad_(grad_of.get(a, True))
             else:  # indices and masks: zeros are in range for any index
                 made[a] = torch.zeros(shape, dtype=dtype, device=device)
         return made[a]
@@ -111,7 +114,8 @@ def _run(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
         # a copy sharing the parameters, with buffers of its own: a forward in training
         # updates running statistics, which planning must not touch
         original = gm.get_submodule(str(node.target))
-        module = copy.deepcopy(original, {id(p): p for p in original.parameters()}).train()
+        module = copy.deepcopy(original, {id(p): p for p in original.parameters()})
+        module.train()
 
     saved: dict[int, int] = {}
 
@@ -154,9 +158,12 @@ def _run(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
     return SavedProbe(tuple(sorted(kept_inputs)), output, internal)
 
 
-def probe(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
+def probe(node: fx.Node, gm: fx.GraphModule, grads: tuple[bool, ...] | None = None) -> SavedProbe | None:
     """What ``node``'s op saves for backward, measured (cached); None when it cannot be run
-    on its recorded shapes (an argument with no recorded shape, an op that raises)."""
+    on its recorded shapes (an argument with no recorded shape, an op that raises).
+
+    ``grads``: whether each input node (``node.all_input_nodes`` less ``get_attr`` nodes)
+    requires grad; None: every floating-point input does."""
     if node.op not in ("call_module", "call_function", "call_method") or tensor_meta(node) is None:
         return None
     if is_in_place(node):
@@ -164,6 +171,7 @@ def probe(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
     signature = _signature(node, gm)
     if signature is None:
         return None
+    signature = (*signature, grads)
     if node.op == "call_module":
         cache = _BY_MODULE.setdefault(gm.get_submodule(str(node.target)), {})
         key: tuple = signature
@@ -172,5 +180,5 @@ def probe(node: fx.Node, gm: fx.GraphModule) -> SavedProbe | None:
         if len(cache) > _MAX_FUNCTIONS:
             cache.clear()
     if key not in cache:
-        cache[key] = _run(node, gm)
+        cache[key] = _run(node, gm, grads)
     return cache[key]

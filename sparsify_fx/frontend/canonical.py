@@ -7,7 +7,8 @@ the helpers that read it):
   ``METHOD_ALIASES`` of ``sparsify_fx/graph/op_table.py``: the "before -> after" table, plus
   the argument-rewriting rules below);
 * stateless layer modules (Linear, ConvNd, activations, unmasked MultiheadAttention) are
-  expanded into functional calls on ``get_attr`` parameters;
+  expanded into functional calls on ``get_attr`` parameters, and ``x @ W.T`` against a 2-D
+  parameter becomes ``F.linear(x, W)``;
 * mode-dependent layers stay modules, and every node gets ``node.meta["sfx_module"]``.
 """
 
@@ -131,6 +132,58 @@ def _canonical_call(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
         return "call_function", target, node.args, {**node.kwargs, **extra}
     return None
 
+
+
+def _swaps_two_dims(dims: tuple) -> bool:
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % 2 for d in dims} == {0, 1}
+
+
+# spellings of "the transpose of a 2-D tensor" (after the renames above): (op, target) ->
+# does it transpose, given the arguments after the tensor
+_TRANSPOSES: dict[tuple[str, Any], Callable[[tuple], bool]] = {
+    ("call_function", getattr): lambda rest: rest in (("T",), ("mT",)),  # w.T, w.mT
+    ("call_function", torch.t): lambda rest: rest == (),  # torch.t(w)
+    ("call_function", aten.numpy_T.default): lambda rest: rest == (),  # what export leaves for w.T
+    ("call_function", aten.numpy_T): lambda rest: rest == (),  # and Dynamo (the overload packet)
+    ("call_function", torch.transpose): _swaps_two_dims,  # torch.transpose(w, 0, 1)
+    ("call_method", "t"): lambda rest: rest == (),  # w.t() (and aten.t)
+    ("call_method", "transpose"): _swaps_two_dims,  # w.transpose(0, 1) (and aten.transpose)
+    ("call_method", "permute"): lambda rest: _swaps_two_dims(tuple(rest[0]) if len(rest) == 1
+                                                             and isinstance(rest[0], (list, tuple)) else rest),
+}
+
+
+def _transposed_parameter(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The ``get_attr`` of a 2-D parameter when ``node`` is its transpose, else None."""
+    if not isinstance(node, fx.Node) or node.kwargs or not node.args:
+        return None
+    weight = node.args[0]
+    rule = _TRANSPOSES.get((node.op, node.target))
+    if rule is None or not isinstance(weight, fx.Node) or weight.op != "get_attr" or not rule(tuple(node.args[1:])):
+        return None
+    try:
+        return weight if gm.get_parameter(str(weight.target)).dim() == 2 else None
+    except AttributeError:
+        return None
+
+
+def _fold_transposed_weights(gm: fx.GraphModule) -> int:
+    """``x @ W.T`` against a 2-D parameter (Falcon's linear) -> ``F.linear(x, W)``: the same
+    op (aten's linear without bias is ``matmul(x, W.t())``), which the passes know as a dense
+    layer. Returns how many were folded."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.matmul or node.kwargs or len(node.args) != 2:
+            continue
+        x, transposed = node.args
+        weight = _transposed_parameter(gm, transposed)
+        if weight is None or not isinstance(x, fx.Node):
+            continue
+        node.target, node.args = F.linear, (x, weight)
+        if not transposed.users:
+            gm.graph.erase_node(transposed)
+        folded += 1
+    return folded
 
 
 def _input_of(node: fx.Node) -> Any:
@@ -289,6 +342,7 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalizeReport:
             if canonical is not None:
                 node.op, node.target, node.args, node.kwargs = canonical
                 report.renamed += 1
+    report.renamed += _fold_transposed_weights(gm)
     for node in g.nodes:
         if meta.MODULE not in node.meta:
             node.meta[meta.MODULE] = module_name_of(node)

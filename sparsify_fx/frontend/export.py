@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsify_fx.frontend.canonical import canonicalize
-from sparsify_fx.frontend.cascade import Capture, _modes
+from sparsify_fx.frontend.cascade import Capture, CapturedArguments, _modes
 from sparsify_fx.frontend.captured_module import SharedStateGraphModule, convert_buffers_in_place
 from sparsify_fx.errors import CaptureError, SparsifyError
 from sparsify_fx.graph import meta
@@ -32,11 +32,30 @@ _MODE_OPS = {
 }
 
 
+def _module_call_region(gm: fx.GraphModule, node: fx.Node, key: str) -> tuple[list[fx.Node], fx.Node, fx.Node] | None:
+    """The nodes one module call (``key`` of ``nn_module_stack``) made, its one input and
+    its one output; None when the call does not have exactly one of each."""
+    region = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
+              and key in (n.meta.get("nn_module_stack") or {})]
+    inside = set(region)
+    inputs = {a for n in region for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    if node not in inside or len(inputs) != 1 or len(outputs) != 1:
+        return None
+    return region, next(iter(inputs)), outputs[0]
+
+
 def _restore_mode_ops(gm: fx.GraphModule) -> list[str]:
-    """export bakes train/eval flags: put BatchNorm / Dropout back as module calls."""
+    """export bakes train/eval flags: put BatchNorm / Dropout back as module calls.
+
+    A module that runs torch's own BatchNorm / Dropout forward replaces just its op. A
+    subclass with a forward of its own (timm's ``BatchNormAct2d``: batch norm, then its
+    activation in place) replaces every node its call made: calling it in place of the
+    batch norm alone would run the activation twice."""
     unresolved = []
+    erased: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _MODE_OPS:
+        if node in erased or node.op != "call_function" or node.target not in _MODE_OPS:
             continue
         want, _ = _MODE_OPS[node.target]
         stack = node.meta.get("nn_module_stack") or {}
@@ -48,12 +67,22 @@ def _restore_mode_ops(gm: fx.GraphModule) -> list[str]:
         if not isinstance(mod, want):
             unresolved.append(node.format_node())
             continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (node.args[0],))
+        region, x, out = [node], node.args[0], node
+        if not getattr(type(mod).forward, "__module__", "").startswith("torch.nn."):
+            found = _module_call_region(gm, node, list(stack)[-1])
+            if found is None:
+                unresolved.append(f"{node.format_node()} (in {type(mod).__name__} {path}, a forward of its own "
+                                  "whose call has not exactly one tensor input and output)")
+                continue
+            region, x, out = found
+        with gm.graph.inserting_after(out):
+            new = gm.graph.call_module(path, (x,))
         new.meta.update(node.meta)
         new.meta[meta.MODULE] = path
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        out.replace_all_uses_with(new)
+        for n in reversed(region):
+            gm.graph.erase_node(n)
+            erased.add(n)
     gm.graph.lint()
     gm.recompile()
     return unresolved
@@ -98,6 +127,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
     gm = SharedStateGraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)
     for name, m in model._modules.items():
         gm._modules[name] = m
+    gm.register_forward_pre_hook(CapturedArguments(model, args, kwargs or {}), with_kwargs=True)
     gm.register_forward_pre_hook(_ShapeGuard(args, kwargs or {}), with_kwargs=True)
     # export's own input guard is a module whose forward is a local function: it cannot be
     # pickled, and the shape guard above already rejects inputs the graph was not made for
