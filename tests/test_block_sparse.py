@@ -10,8 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import mlp
-
-import sparsify_fx as sfx
 from sparsify_fx.passes.block_sparse.rewrite import (
     BlockSparseConv1x1,
     BlockSparseLinear,
@@ -20,6 +18,8 @@ from sparsify_fx.passes.block_sparse.rewrite import (
     compress_blocks,
     decompress_blocks,
 )
+
+import sparsify_fx as sfx
 
 _EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -75,6 +75,50 @@ def test_keeps_the_strongest_blocks():
     torch.testing.assert_close(dense, torch.where(x == 5.0, x, torch.zeros(())), rtol=0, atol=0)
     assert blocks.values.shape == (1, 16, 16)
     assert blocks.row_idx.dtype == torch.int16 and blocks.col_ptr.dtype == torch.int32
+
+
+@pytest.mark.parametrize("rows,cols,block,density", [(64, 48, 16, 0.5), (37, 50, 16, 0.25), (100, 85, 16, 0.75)])
+def test_sampled_blocks_are_unbiased_exact_count_and_same_bytes(rows, cols, block, density):
+    # "sample": exactly as many blocks as top-k (same stored bytes), each a kept block of x
+    # scaled by 1/p; the average over draws is x itself (top-k's average is its own subset)
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols) * torch.rand(1, cols) * 3
+    grid = block_grid(rows, cols, block, density)
+    draws = 4000
+    mean = torch.zeros_like(x)
+    for _ in range(draws):
+        blocks = compress_blocks(x, block, density, "l2", "sample")
+        assert blocks.nbytes() == grid.compressed_bytes(4)
+        assert all((t[1:] > t[:-1]).all() for t in (blocks.bottom_cols.long(), blocks.right_rows.long()))
+        mean += decompress_blocks(blocks, rows, cols, block)
+    mean /= draws
+    assert float((mean - x).abs().mean()) < 0.05 * float(x.abs().mean())
+    topk = decompress_blocks(compress_blocks(x, block, density), rows, cols, block)
+    assert float((topk - x).abs().mean()) > 0.1 * float(x.abs().mean())
+
+
+def test_sampling_always_keeps_dominant_blocks_unscaled():
+    x = torch.full((64, 64), 0.01)
+    x[16:32, :16] = 50.0  # one dominant block: its probability saturates at 1
+    for _ in range(20):
+        dense = decompress_blocks(compress_blocks(x, 16, 0.25, "l1", "sample"), 64, 64, 16)
+        torch.testing.assert_close(dense[16:32, :16], x[16:32, :16], rtol=0, atol=0)
+        assert int((dense != 0).sum()) == 4 * 16 * 16  # 4 of 16 blocks, no more
+
+
+def test_sampled_weight_grad_is_unbiased_through_the_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(64, 32)
+    dense_grad = torch.autograd.grad(model(x).square().sum(), model[2].weight)[0]
+    fast = sfx.sparsify(model, sfx.BlockSparseActivations(block_size=16, density=0.5), example_inputs=(x,))
+    assert sfx.explain(fast).rewrites[0].details["selection"] == "sample"
+    mean = sum(torch.autograd.grad(fast(x).square().sum(), model[2].weight)[0] for _ in range(800)) / 800
+    assert float((mean - dense_grad).norm() / dense_grad.norm()) < 0.1
+    topk = sfx.sparsify(model, sfx.BlockSparseActivations(block_size=16, density=0.5, selection="topk"),
+                        example_inputs=(x,))
+    biased = torch.autograd.grad(topk(x).square().sum(), model[2].weight)[0]
+    assert float((biased - dense_grad).norm() / dense_grad.norm()) > 0.2
 
 
 @pytest.mark.parametrize("rows,cols,block", [(37, 50, 16), (64, 48, 16), (10, 70, 32)])
@@ -175,10 +219,11 @@ def test_eval_and_no_grad_run_the_dense_op():
         torch.testing.assert_close(op.train()(x, w, b), F.linear(x, w, b), rtol=0, atol=0)
 
 
-def test_op_survives_fake_tensor_tracing():
+@pytest.mark.parametrize("selection", ["sample", "topk"])
+def test_op_survives_fake_tensor_tracing(selection):
     x, w = torch.randn(37, 50), torch.randn(11, 50)
     torch.library.opcheck(torch.ops.sparsify_fx.block_sparse_dense.default,
-                          (x, w, None, 16, 0.5, "l2", "linear", []),
+                          (x, w, None, 16, 0.5, "l2", selection, "linear", []),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -191,6 +236,7 @@ def test_op_survives_fake_tensor_tracing():
     ({"density": 0.0}, "density"),
     ({"density": 1.5}, "density"),
     ({"norm": "linf"}, "norm"),
+    ({"selection": "random"}, "selection"),
     ({"skip_first_last": "yes"}, "skip_first_last"),
 ])
 def test_config_validation_names_field_and_value(kwargs, field):

@@ -59,8 +59,8 @@ POKES = ["nan", "inf", "-inf", "nan-row"]
 LINEAR_FORMS = {
     "dropit-threshold": lambda x, w: ops.dropit_linear(x, w, None, 0.1, 64, "threshold", False)[0],
     "dropit-topk": lambda x, w: ops.dropit_linear(x, w, None, 0.1, 64, "topk", False)[0],
-    "bsr-l2": lambda x, w: ops.block_sparse_dense(x, w, None, 4, 0.25, "l2", "linear", [])[0],
-    "bsr-l1": lambda x, w: ops.block_sparse_dense(x, w, None, 4, 0.25, "l1", "linear", [])[0],
+    "bsr-l2": lambda x, w: ops.block_sparse_dense(x, w, None, 4, 0.25, "l2", "sample", "linear", [])[0],
+    "bsr-l1": lambda x, w: ops.block_sparse_dense(x, w, None, 4, 0.25, "l1", "sample", "linear", [])[0],
 }
 
 

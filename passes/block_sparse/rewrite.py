@@ -3,8 +3,13 @@
 Linear / matmul-against-a-parameter / 1x1 convolutions keep a *block-sparse* copy of the
 input they save for backward. Forward is exact. The saved input, seen as a 2-D matrix
 ``[rows, in_features]`` (leading dims flattened; channels-last for a 1x1 conv), is cut into
-``b x b`` blocks, each block is scored by its L1 or L2 norm, and only the top ``density``
-fraction of blocks is stored. Backward computes ``grad_weight`` from the kept blocks only
+``b x b`` blocks, each block is scored by its L1 or L2 norm, and ``density`` of the blocks
+are stored. By default (``selection="sample"``) block ``i`` is drawn with probability
+``p_i = min(1, c * score_i)`` and stored scaled by ``1 / p_i``, which makes the weight
+gradient an unbiased estimate (the strongest blocks saturate at ``p = 1`` and are always
+kept); ``selection="topk"`` keeps the strongest blocks unscaled, the paper's rule, whose
+gradient is biased towards the same blocks every step. Backward computes ``grad_weight``
+from the kept blocks only
 (per block column, one GEMM of its kept blocks side by side with their stacked rows of
 ``grad_out``; the dense input is never rebuilt);
 ``grad_input = grad_out @ W`` and ``grad_bias`` never read ``x`` and are exact. In eval mode
@@ -41,13 +46,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsify_fx.passes.block_sparse.triton_kernel import bsc_weight_grad_triton, kernel_for
+from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
 from sparsify_fx.graph.op_table import CONV_FUNCTIONS
-
-from sparsify_fx.passes.block_sparse.triton_kernel import bsc_weight_grad_triton, kernel_for
-from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
 
 __all__ = [
     "BlockSparseActivations",
@@ -62,6 +66,7 @@ __all__ = [
 ]
 
 _NORMS = ("l1", "l2")
+_SELECTIONS = ("sample", "topk")
 #: grad_out at least this many blocks wide takes one GEMM per kept block instead of gathers
 _PER_BLOCK_MIN_WIDTH = 32
 _INT16_LIMIT = 32767
@@ -75,6 +80,14 @@ class BlockSparseActivations(PassConfig):
         block_size: side ``b`` of the square blocks, 1..4096 (the paper uses 16..64).
         density: fraction of blocks kept, in (0, 1]; 1.0 keeps every block (exact gradients).
         norm: block score, ``"l1"`` (sum of ``|x|``) or ``"l2"`` (Frobenius norm).
+        selection: how the kept blocks are chosen from their scores. ``"sample"`` (default):
+            block ``i`` is kept with probability ``p_i = min(1, c * score_i)`` (``c`` set so
+            that exactly the kept count is drawn, by systematic sampling) and stored scaled by
+            ``1 / p_i``, so the weight gradient is unbiased; strong blocks are kept for sure,
+            weak ones by chance. ``"topk"``: the paper's rule, the strongest blocks always win;
+            the gradient is then biased towards the same blocks every step (low-norm inputs
+            never contribute), which costs accuracy where block norms are alike (LayerNorm
+            outputs): see docs/block_sparse.md.
         skip_first_last: leave the model's first and last dense layers dense (the first
             layer's input is the data, which the caller holds anyway; the head is small).
 
@@ -91,6 +104,7 @@ class BlockSparseActivations(PassConfig):
     block_size: int = 32
     density: float = 0.5
     norm: str = "l2"
+    selection: str = "sample"
     skip_first_last: bool = True
 
     def __post_init__(self) -> None:
@@ -102,6 +116,8 @@ class BlockSparseActivations(PassConfig):
         check_range(self, "density", self.density, 0.0, 1.0, low_open=True)
         if self.norm not in _NORMS:
             raise ConfigError(f"{name}.norm must be one of {list(_NORMS)}, got {self.norm!r}")
+        if self.selection not in _SELECTIONS:
+            raise ConfigError(f"{name}.selection must be one of {list(_SELECTIONS)}, got {self.selection!r}")
         if not isinstance(self.skip_first_last, bool):
             raise ConfigError(f"{name}.skip_first_last must be a bool, got {self.skip_first_last!r}")
 
@@ -211,8 +227,61 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, sorted=False).indices.sort().values
 
 
-def compress_blocks(x2: torch.Tensor, block: int, density: float, norm: str = "l2") -> CompressedBlocks:
-    """Keep the top-``density`` blocks (by ``norm``) of a 2-D ``[rows, cols]`` matrix."""
+def _sample(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly ``k`` of ``n`` blocks, block ``i`` with probability ``p_i = min(1, c s_i)``
+    (``sum p = k``), and ``1 / p_i`` per drawn block (ascending indices; no host sync).
+
+    Systematic sampling: ``k`` points ``u, u+1, ...`` on the cumulative sum of ``p`` each land
+    in one block's interval; every interval is at most 1 long, so no block is drawn twice.
+    """
+    n = scores.numel()
+    s = scores.to(torch.float64)
+    # a block holding inf/nan outscores all finite ones together, so it is kept (p ~ 1), as
+    # top-k keeps it: the gradient shows the non-finite input instead of masking it
+    finite = torch.isfinite(s)
+    s = torch.where(finite, s, 0.0)
+    s = torch.where(finite, s, s.sum() * (n + 1) + 1.0)
+    # every block gets a nonzero chance (all-zero scores: uniform), so k distinct ones exist
+    s = s + (s.max() * 1e-6 + 1e-30)
+    # water-filling: the largest scores saturate at p = 1 first; t saturated blocks leave
+    # c = (k - t) / (sum of the rest), the first t where the next block is unsaturated holds
+    sorted_s, order = s.sort(descending=True)
+    tail = sorted_s.flip(0).cumsum(0).flip(0)[:k]
+    c = (k - torch.arange(k, device=s.device, dtype=s.dtype)) / tail
+    first = (c * sorted_s[:k] <= 1).to(torch.int8).argmax()
+    p = torch.empty_like(s)
+    p[order] = (c[first] * sorted_s).clamp(max=1.0)
+    cum = p.cumsum(0)
+    cum = cum * (k / cum[-1])
+    points = torch.rand((), dtype=s.dtype, device=s.device) + torch.arange(k, dtype=s.dtype, device=s.device)
+    idx = torch.searchsorted(cum, points, right=True).clamp(max=n - 1)
+    return idx, p.index_select(0, idx).reciprocal()
+
+
+def _select(scores: torch.Tensor, k: int, selection: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices (ascending) of the ``k`` kept blocks and their storage scale (None: 1)."""
+    n = scores.numel()
+    if selection == "topk" or k >= n or k == 0:
+        return _top(scores, k), None
+    return _sample(scores, k)
+
+
+def _scaled(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is None:
+        return values
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return (values.to(scale.dtype) * scale.view(shape)).to(values.dtype)
+
+
+def compress_blocks(
+    x2: torch.Tensor, block: int, density: float, norm: str = "l2", selection: str = "topk",
+) -> CompressedBlocks:
+    """Keep ``density`` of the blocks of a 2-D ``[rows, cols]`` matrix, scored by ``norm``.
+
+    ``selection="topk"`` keeps the strongest blocks as they are; ``"sample"`` draws blocks
+    with probability proportional to their score (capped at 1) and stores each drawn block
+    scaled by ``1 / p``, so ``decompress_blocks`` is an unbiased estimate of ``x2``.
+    """
     x2 = x2.detach().contiguous()
     rows, cols = x2.shape
     g = block_grid(rows, cols, block, density)
@@ -222,23 +291,23 @@ def compress_blocks(x2: torch.Tensor, block: int, density: float, norm: str = "l
     # One contiguous copy (transient, freed when the op returns) makes scoring and the gather
     # of kept blocks sequential: both ran ~10x slower on the strided view
     full = x2[:rf, :cf].view(g.n_r, b, g.n_c, b).permute(2, 0, 1, 3).reshape(-1, b, b)
-    idx = _top(_score(full, norm), g.k_full)
+    idx, scale = _select(_score(full, norm), g.k_full, selection)
     cols_of = torch.div(idx, max(g.n_r, 1), rounding_mode="floor")
     rows_of = idx - cols_of * g.n_r
-    values = full.index_select(0, idx)
+    values = _scaled(full.index_select(0, idx), scale)
     del full
     col_ptr = torch.zeros(g.n_c + 1, dtype=torch.int32, device=x2.device)
     col_ptr[1:] = torch.bincount(cols_of, minlength=g.n_c).cumsum(0)
 
     bottom = x2[rf:, :cf].view(g.rem_r, g.n_c, b).permute(1, 0, 2)
-    bottom_idx = _top(_score(bottom, norm), g.k_bottom)
+    bottom_idx, bottom_scale = _select(_score(bottom, norm), g.k_bottom, selection)
     right = x2[:rf, cf:].view(g.n_r, b, g.rem_c)
-    right_idx = _top(_score(right, norm), g.k_right)
+    right_idx, right_scale = _select(_score(right, norm), g.k_right, selection)
     corner = x2[rf:, cf:].clone()
     return CompressedBlocks(
         values, col_ptr, rows_of.to(g.index_dtype),
-        bottom[bottom_idx], bottom_idx.to(g.index_dtype),
-        right[right_idx], right_idx.to(g.index_dtype),
+        _scaled(bottom[bottom_idx], bottom_scale), bottom_idx.to(g.index_dtype),
+        _scaled(right[right_idx], right_scale), right_idx.to(g.index_dtype),
         corner,
     )
 
@@ -394,6 +463,7 @@ def _block_sparse_dense(
     block: int,
     density: float,
     norm: str,
+    selection: str,
     kind: str,
     dilation: list[int],
 ) -> tuple[
@@ -401,7 +471,7 @@ def _block_sparse_dense(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 ]:
     out = owned(_dense(x, weight, bias, kind, dilation))
-    return (out, *compress_blocks(_rows_view(x, kind), block, density, norm))
+    return (out, *compress_blocks(_rows_view(x, kind), block, density, norm, selection))
 
 
 def _in_features(x: torch.Tensor, kind: str) -> int:
@@ -409,7 +479,7 @@ def _in_features(x: torch.Tensor, kind: str) -> int:
 
 
 @_block_sparse_dense.register_fake
-def _(x, weight, bias, block, density, norm, kind, dilation):
+def _(x, weight, bias, block, density, norm, selection, kind, dilation):
     if kind == "conv":
         out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
     else:
@@ -432,7 +502,7 @@ def _(x, weight, bias, block, density, norm, kind, dilation):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, block, density, norm, kind, dilation = inputs
+    x, weight, bias, block, density, norm, selection, kind, dilation = inputs
     # only the compressed blocks (and the weight, a parameter) are kept for backward
     ctx.save_for_backward(*output[1:], weight)
     cols = _in_features(x, kind)
@@ -474,7 +544,7 @@ def _backward(ctx, grad_out, *_grad_blocks):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
             grad_w = block_sparse_weight_grad(CompressedBlocks(*parts), g2, ctx.rows, ctx.cols, ctx.block,
                                               transposed=kind == "linear")
-    return grad_x, grad_w, grad_b, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 block_sparse_dense = register_autograd(_block_sparse_dense, _backward, _setup)
@@ -493,19 +563,21 @@ class BlockSparseLinear(sfx.OpModule):
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
     keeps_dense_inputs = False
 
-    def __init__(self, block: int, density: float, norm: str, kind: str = "linear"):
+    def __init__(self, block: int, density: float, norm: str, kind: str = "linear", selection: str = "topk"):
         super().__init__()
         self.block, self.density, self.norm, self.kind = block, density, norm, kind
+        self.selection = selection
 
     def extra_repr(self) -> str:
-        return f"block={self.block}, density={self.density}, norm={self.norm}, kind={self.kind}"
+        return (f"block={self.block}, density={self.density}, norm={self.norm}, "
+                f"selection={self.selection}, kind={self.kind}")
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
                 return block_sparse_dense(
                     cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
-                    self.kind, [],
+                    self.selection, self.kind, [],
                 )[0]
         return _dense(x, weight, bias, self.kind, [])
 
@@ -516,21 +588,22 @@ class BlockSparseConv1x1(sfx.OpModule):
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
     keeps_dense_inputs = False
 
-    def __init__(self, block: int, density: float, norm: str, dilation: tuple[int, ...]):
+    def __init__(self, block: int, density: float, norm: str, dilation: tuple[int, ...],
+                 selection: str = "topk"):
         super().__init__()
-        self.block, self.density, self.norm = block, density, norm
+        self.block, self.density, self.norm, self.selection = block, density, norm, selection
         self.dilation = list(dilation)
         self._functional = CONV_FUNCTIONS[len(self.dilation)]
 
     def extra_repr(self) -> str:
-        return f"block={self.block}, density={self.density}, norm={self.norm}"
+        return f"block={self.block}, density={self.density}, norm={self.norm}, selection={self.selection}"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
                 return block_sparse_dense(
                     cast(x), cast(weight), cast(bias), self.block, self.density, self.norm,
-                    "conv", self.dilation,
+                    self.selection, "conv", self.dilation,
                 )[0]
         return self._functional(x, weight, bias, 1, 0, self.dilation, 1)
 
@@ -555,12 +628,13 @@ def _conv_reason(op: sfx.DenseOp, weight: torch.Tensor) -> str | None:
 def _rewrite_one(gm, op: sfx.DenseOp, config: BlockSparseActivations, ctx) -> Rewrite:
     weight = gm.get_parameter(op.weight_name)
     if op.kind == "conv":
-        module: nn.Module = BlockSparseConv1x1(config.block_size, config.density, config.norm, op.dilation)
+        module: nn.Module = BlockSparseConv1x1(config.block_size, config.density, config.norm, op.dilation,
+                                                    config.selection)
         op_name = f"conv{op.conv_ndim}d(1x1)"
         in_features = weight.shape[1]
     else:
         kind = "addmm" if op.node.target is torch.addmm else op.kind
-        module = BlockSparseLinear(config.block_size, config.density, config.norm, kind)
+        module = BlockSparseLinear(config.block_size, config.density, config.norm, kind, config.selection)
         op_name = kind
         in_features = weight.shape[0] if op.weight_transposed else weight.shape[1]
     # read operands and shapes before replace_node: DenseOp reads them off the (erased) node
@@ -569,6 +643,7 @@ def _rewrite_one(gm, op: sfx.DenseOp, config: BlockSparseActivations, ctx) -> Re
     after = None
     kernel, why = kernel_for(weight.device, config.block_size, weight.dtype)
     details: dict = {"block_size": config.block_size, "density": config.density, "norm": config.norm,
+                     "selection": config.selection,
                      "kernel": kernel, "kernel_reason": why}
     meta = sfx.tensor_meta(x)
     if meta is not None:
