@@ -11,7 +11,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+import warnings
+
+from sparsify_fx.analysis.held import false_savings, held_bytes, plan_graphs
 from sparsify_fx.analysis.shapes import ShapeRecorder
+from sparsify_fx.infra.describe import short_description
 from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, quiet_fx_traceback
 from sparsify_fx.infra.config import PassConfig
 from sparsify_fx.errors import CaptureError, ConfigError
@@ -44,6 +48,10 @@ class SparsifyRecord:
     verification: VerifyReport | None = None
     graphs: list[str] = field(default_factory=list)
     plans: list[PassPlan] = field(default_factory=list)  # the passes' whole-graph plans
+    # the memory plan's bytes the backward holds after the forward, over the graphs with
+    # recorded shapes: the captured model and the rewritten one (None: no shapes)
+    held_bytes_before: int | None = None
+    held_bytes_after: int | None = None
 
 
 class _NodeTracker(fx.Interpreter):
@@ -208,6 +216,8 @@ def sparsify(
     else:
         if args is not None:
             record.capture_notes += _record_shapes(cap, args, kwargs)
+        # before the passes, which rewrite the graphs in place
+        record.held_bytes_before = _planned(record, lambda: held_bytes(cap.graphs))
         order = dense_layer_order(cap.graphs)
         first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
         results: list[PassResult] = run_passes(cap.graphs, configs, first_last)
@@ -224,6 +234,7 @@ def sparsify(
                     unbind_unpacking(sub)
             gm.graph.lint()
             gm.recompile()
+        _check_savings(cap.graphs, configs, record)
     setattr(module, RECORD_ATTR, record)
     if verify is None:
         verify = args is not None
@@ -234,6 +245,64 @@ def sparsify(
         if isinstance(sub, OpModule):
             sub.reinitialize()
     return module
+
+
+#: op kinds whose backward keeps a tensor dense that ActivationMemory stores compressed
+_ACTMEM_HOLDERS = ("relu", "batchnorm", "batch_norm", "gelu", "silu", "layernorm", "layer_norm",
+                   "maxpool", "max_pool")
+
+
+def _check_savings(graphs: dict[str, fx.GraphModule], configs: list[PassConfig], record: SparsifyRecord) -> None:
+    """Record the rewritten model's held bytes; warn where a compressed copy is held beside a
+    dense one (another op's backward keeps the same tensor), naming the holder and the fix."""
+    if record.held_bytes_before is None:
+        return
+    plans = _planned(record, lambda: plan_graphs(graphs, record.rewrites))
+    if plans is None:
+        return
+    record.held_bytes_after = sum(p.total_bytes for p in plans.values())
+    doubled = false_savings(graphs, record.rewrites, plans)
+    if not doubled:
+        return
+    targets = {(prefix, n.name): str(n.target) for prefix, gm in graphs.items() for n in gm.graph.nodes
+               if n.op == "call_module"}
+    by_target = {r.replacement: r.pass_name for r in record.rewrites}
+    passes = sorted({by_target.get(targets.get((f.graph, c), ""), "?") for f in doubled for c in f.compressed_by})
+    first = doubled[0]
+    holder, kind = first.holders[0]
+    kinds = sorted({k for f in doubled for _, k in f.holders})
+    recipe = "+".join(short_description(c) for c in configs)
+    if "actmem" not in {c.recipe_name for c in configs} and any(
+            w in k.lower() for k in kinds for w in _ACTMEM_HOLDERS):
+        fix = (f"add actmem, which stores those {'/'.join(kinds)} tensors compressed too: "
+               f"recipe {recipe + '+actmem'!r}")
+    else:
+        fix = (f"compress what {'/'.join(kinds)} keeps too, or leave the consumers of those tensors "
+               f"dense (exclude=[...])")
+    b0, b1 = record.held_bytes_before, record.held_bytes_after
+    ratio = f" ({b1 / b0:.3f}x)" if b0 else ""
+    where = f" in module {first.module!r}" if first.module else ""
+    warnings.warn(
+        f"sparsify: {'/'.join(passes)} stores {len(doubled)} tensor(s) compressed that another "
+        f"backward still keeps dense: for those the compressed copy is held beside the dense tensor "
+        f"and saves nothing (whole model, memory plan: {_bytes(b0)} -> {_bytes(b1)} held{ratio}); e.g. {first.tensor}{where} "
+        f"is kept by {holder} backward ({kind}). Fix: {fix}.",
+        UserWarning, stacklevel=3,
+    )
+
+
+def _planned(record: SparsifyRecord, make: Any) -> Any:
+    """``make()``, or None with a note: the memory plan is an estimate, and an op it cannot
+    analyse must not fail the rewrite."""
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - reported in the record's notes
+        record.capture_notes.append(f"memory plan not made ({type(e).__name__}: {e}); held bytes not estimated")
+        return None
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
 
 
 def _refuse_rewritten(model: Any) -> None:

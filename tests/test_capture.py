@@ -322,3 +322,110 @@ def test_multihead_attention_with_mask_stays_a_module_and_is_reported():
     assert report.rewrites == []
     assert "MultiheadAttention" in report.skipped[0].reason
     assert any("attn_mask given" in n for n in report.capture_notes)
+
+
+# ---------------------------------------------------------------- non-tensor arguments
+
+
+class KeywordOnly(nn.Module):
+    """A keyword-only scale and an optional mask (non-tensor values are fixed at capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, *, scale=1.0, mask=None):
+        h = torch.relu(self.a(x)) * scale
+        if mask is not None:
+            h = h * mask
+        return self.b(h)
+
+
+def test_keyword_only_argument_is_captured_and_callable_by_name():
+    import io
+
+    model, x = KeywordOnly(), torch.randn(3, 8)
+    fast = sfx.sparsify(model, "dropit:keep=0.1+actmem", (x,), {"scale": 0.5})  # verified with scale=0.5
+    assert sfx.explain(fast).capture_method == "symbolic_trace"
+    fast.eval()
+    expected = model(x, scale=0.5)
+    torch.testing.assert_close(fast(x, scale=0.5), expected)
+    # a keyword passed at capture may be left out later: the captured value is used
+    torch.testing.assert_close(fast(x), expected)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for module in (fast, loaded):  # the check survives pickling
+        with pytest.raises(sfx.CaptureError, match=r"captured with scale=0\.5.*passed scale=2\.0: capture "
+                                                   r"with example_kwargs=\{'scale': 2\.0\}"):
+            module(x, scale=2.0)
+
+
+def test_optional_argument_given_at_call_time_is_a_capture_error_naming_it():
+    model, x = KeywordOnly(), torch.randn(3, 8)
+    fast = sfx.sparsify(model, "dropit:keep=0.1+actmem", (x,))
+    # not torch.fx's bare AssertionError: the argument, both values and the fix
+    with pytest.raises(sfx.CaptureError, match=r"captured with mask=None.*passed mask=a Tensor\[3, 8\]: "
+                                               r"capture with example_kwargs=\{'mask': <a tensor like it>\}"):
+        fast(x, mask=torch.ones(3, 8))
+    with pytest.raises(sfx.CaptureError, match=r"scale=1\.0.*scale=3"):
+        fast(x, scale=3)
+    # captured with the mask: a graph input, any value works
+    mask = (torch.rand(3, 8) > 0.5).float()
+    fast = sfx.sparsify(model, "dropit:keep=0.1+actmem", (x,), {"mask": mask})
+    fast.eval()
+    other = torch.ones(3, 8)
+    torch.testing.assert_close(fast(x, mask=other), model(x, mask=other))
+
+
+class ExportWithFlag(ShapeBranchRawParam):
+    """Needs export (shape branch on raw parameters) and takes a non-tensor keyword."""
+
+    def forward(self, x, use_cache=True):
+        y = super().forward(x)
+        return (y, y.sum()) if use_cache else (y,)
+
+
+def test_exported_graph_checks_and_defaults_its_fixed_arguments():
+    model, x = ExportWithFlag(), torch.randn(4, 8)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (x,), {"use_cache": False},
+                        capture_methods=("export",))
+    fast.eval()
+    (expected,) = model(x, use_cache=False)
+    # left out: the captured value (export made it a constant; it used to be a TypeError)
+    torch.testing.assert_close(fast(x)[0], expected)
+    torch.testing.assert_close(fast(x, use_cache=False)[0], expected)
+    # another value used to be ignored silently
+    with pytest.raises(sfx.CaptureError, match=r"captured with use_cache=False.*example_kwargs=\{'use_cache': True\}"):
+        fast(x, use_cache=True)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (x,), capture_methods=("export",))
+    with pytest.raises(sfx.CaptureError, match=r"captured without the argument 'use_cache'.*example_kwargs"):
+        fast(x, use_cache=False)
+
+
+def test_budget_plans_a_model_with_non_tensor_defaults():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            x = x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal))
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    model, x = Attention(), torch.randn(2, 8, 16)
+    # the cost probe used to feed None to `is_causal` ("specialized to have value False")
+    fast = sfx.sparsify(model, "budget:fraction=0.5", (x,))
+    fast.train()
+    fast(x).sum().backward()
+    assert model.fc1.weight.grad is not None
+
+
+def test_wrong_example_inputs_print_no_fx_traceback(capfd):
+    with pytest.raises(sfx.CaptureError, match="does not run on the example inputs"):
+        sfx.sparsify(mlp(), "dropit:keep=0.1+actmem", (torch.randn(2, 5),))
+    err = capfd.readouterr().err
+    assert "FX-traced Module" not in err and "Traceback" not in err, err

@@ -55,6 +55,22 @@ class ShapeBranch(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class Scaled(nn.Module):
+    """A keyword-only non-tensor argument: a constant of the captured graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, *, scale=1.0):
+        return self.lin(x) * scale
+
+
+def _call_other_fixed_argument():
+    fast = sfx.sparsify(Scaled(), sfx.DropIT(keep=0.5), (_x(),), {"scale": 0.5})
+    fast(_x(), scale=2.0)
+
+
 @dataclass(frozen=True)
 class FailsAtNode(sfx.PassConfig):
     """A pass that fails half-way, naming the node it was working on."""
@@ -236,6 +252,9 @@ ROWS = {
     "export-other-shape": (_export_other_shape, sfx.CaptureError,
                            r"^Sequential was captured by torch\.export for input shapes \[\(2, 4\)\]; got "
                            r"\[\(3, 4\)\]\. Call sparsify with example inputs of the shape you train with\.$"),
+    "call-other-fixed-argument": (_call_other_fixed_argument, sfx.CaptureError,
+                                  r"^Scaled\.forward was captured with scale=0\.5, fixed in the captured graph; "
+                                  r"this call passed scale=2\.0: capture with example_kwargs=\{'scale': 2\.0\}"),
     # ---- passes and verification
     "pass-failed": (lambda: _sparsify([sfx.DropIT(keep=0.5), FailsAtNode()], (_x(),)), sfx.PassError,
                     r"^pass 'fails_at_node' failed on graph \(root\) at node %linear_2 : .* \(module '4'\): RuntimeError: "

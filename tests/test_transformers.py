@@ -157,3 +157,95 @@ def test_hf_model_every_recipe(hf_model, recipe):
             torch.testing.assert_close(_first_tensor(fast(*args, **kwargs)),
                                        _first_tensor(model(*args, **kwargs)), rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- default configs
+
+
+def _gpt2_default():
+    config = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+                           eos_token_id=0)
+    return tf.GPT2LMHeadModel(config), (torch.randint(0, 64, (2, 8)),), {}
+
+
+def _llama_default(kv_heads: int = 4):
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=kv_heads, intermediate_size=64, max_position_embeddings=32,
+                            bos_token_id=0, eos_token_id=0)
+    return tf.LlamaForCausalLM(config), (torch.randint(0, 64, (2, 8)),), {}
+
+
+def _t5_default():
+    config = tf.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                         num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return (tf.T5ForConditionalGeneration(config), (torch.randint(0, 64, (2, 8)),),
+            {"decoder_input_ids": torch.randint(0, 64, (2, 6))})
+
+
+def _whisper_default():
+    config = tf.WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
+                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16,
+                              pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    return (tf.WhisperForConditionalGeneration(config), (torch.randn(2, 8, 32),),
+            {"decoder_input_ids": torch.randint(0, 64, (2, 6))})
+
+
+# model -> (builder, tensors verification compares: the key/value caches tensor by tensor, 2 per
+# layer and attention, beside the logits / hidden states)
+DEFAULTS = {
+    "gpt2": (_gpt2_default, 1 + 2 * 2),
+    "llama": (_llama_default, 1 + 2 * 2),
+    "gqa": (lambda: _llama_default(kv_heads=2), 1 + 2 * 2),  # Mistral / Qwen style: 4 query heads, 2 kv
+    "bert": (_bert, 2),
+    "t5": (_t5_default, 1 + 2 * 2 * 2 + 1),  # logits, self- and cross-attention caches, encoder output
+    "vit": (_vit, 1),
+    "whisper": (_whisper_default, 1 + 2 * 2 * 2 + 1),
+}
+# each of these takes a minute or more on a 2-core CPU (three Dynamo compilations of a
+# many-graph model); the Llama architecture is covered quickly by its GQA form
+SLOW_DEFAULTS = {"llama", "t5", "whisper"}
+
+
+@pytest.mark.parametrize("recipe", ["dropit:keep=0.1+actmem", "budget:fraction=0.5"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_DEFAULTS else n
+                                  for n in DEFAULTS])
+def test_default_config_verifies_and_trains(name, recipe):
+    torch.manual_seed(0)
+    build, n_tensors = DEFAULTS[name]
+    model, args, kwargs = build()  # use_cache as the config defaults it (True for the decoders)
+    torch._dynamo.reset()
+    fast = sfx.sparsify(model, recipe, args, kwargs)
+    report = fast.sfx_record.verification
+    # caches used to be compared as objects: "DynamicCache(...) != DynamicCache(...)"
+    assert report.ok and report.n_outputs == n_tensors, report.summary()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fast.train()
+    _first_tensor(fast(*args, **kwargs)).float().pow(2).mean().backward()
+    with_grad = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(with_grad) >= len(before) // 2, f"{name}/{recipe}: only {len(with_grad)} grads"
+    opt.step()
+    assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+    torch._dynamo.reset()
+
+
+def test_use_cache_passed_at_capture_may_be_left_out_later():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8))
+    # export capture (Llama): use_cache is a constant of the graph, the captured value is the default
+    model, _, _ = _llama_default(kv_heads=2)
+    fast = sfx.sparsify(model, "dropit:keep=0.1+actmem", (ids,), {"use_cache": False})
+    assert sfx.explain(fast).capture_method == "export"
+    fast.eval()
+    out = fast(ids)  # was: TypeError: forward() missing 1 required positional argument: 'use_cache'
+    torch.testing.assert_close(out.logits, model.eval()(ids, use_cache=False).logits)
+    with pytest.raises(sfx.CaptureError, match=r"use_cache=False.*example_kwargs=\{'use_cache': True\}"):
+        fast(ids, use_cache=True)  # was: silently returned no cache
+    # Dynamo capture (GPT-2): every call runs the model's own forward, re-captured per value
+    torch._dynamo.reset()
+    model, _, _ = _gpt2_default()
+    fast = sfx.sparsify(model, "dropit:keep=0.1+actmem", (ids,), {"use_cache": False})
+    fast.eval()
+    torch.testing.assert_close(fast(ids).logits, model.eval()(ids).logits)
+    torch._dynamo.reset()

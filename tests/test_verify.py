@@ -96,3 +96,84 @@ def test_explicit_tolerances():
     assert sfx.verify(a, Shifted(), (torch.randn(2, 3),), atol=1e-2, rtol=0).ok
     assert not sfx.verify(a, Shifted(), (torch.randn(2, 3),), atol=1e-5, rtol=0,
                           raise_on_mismatch=False).ok
+
+
+# ---------------------------------------------------------------- outputs holding objects
+
+
+class _Layer:
+    """Stands for a cache layer: tensors held as attributes, plus plain fields."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values, self.is_initialized, self.device = keys, values, True, keys.device
+
+
+class _Cache:
+    """Stands for a key/value cache object (compared by identity before: two calls, two objects)."""
+
+    __slots__ = ("layers", "seen")
+
+    def __init__(self, layers):
+        self.layers, self.seen = layers, len(layers)
+
+
+class _Output(dict):
+    """Stands for a ``ModelOutput``: a dict with attribute access."""
+
+
+class CacheModel(nn.Module):
+    def __init__(self, shift: float = 0.0):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.shift = shift
+
+    def forward(self, x):
+        k = self.lin(x)
+        layers = [_Layer(k, k * 2), _Layer(k * 3, (k * 4) + self.shift)]
+        return _Output(logits=k.sum(-1), past_key_values=_Cache(layers))
+
+
+def test_cache_objects_are_compared_by_the_tensors_they_hold():
+    model, x = CacheModel(), torch.randn(2, 4)
+    same = CacheModel()
+    same.lin = model.lin
+    report = sfx.verify(model, same, (x,))
+    # logits and 2 layers x (keys, values): every tensor compared, none as an object
+    assert report.ok and report.n_outputs == 5
+
+
+def test_mismatch_inside_a_cache_names_where_it_is():
+    model, x = CacheModel(), torch.randn(2, 4)
+    shifted = CacheModel(shift=1.0)
+    shifted.lin = model.lin
+    with pytest.raises(sfx.VerificationError) as info:
+        sfx.verify(model, shifted, (x,))
+    (mismatch,) = info.value.report.mismatches
+    assert mismatch.startswith("output past_key_values.layers[1].values: "), mismatch
+
+
+def test_cache_of_another_shape_is_a_structure_mismatch():
+    class Shorter(CacheModel):
+        def forward(self, x):
+            out = super().forward(x)
+            out["past_key_values"].layers.pop()
+            return out
+
+    report = sfx.verify(CacheModel(), Shorter(), (torch.randn(2, 4),), raise_on_mismatch=False)
+    assert not report.ok and "structure" in report.mismatches[0]
+    assert "past_key_values.layers[1].keys" in report.mismatches[0]
+
+
+def test_cyclic_and_opaque_objects_do_not_hang_or_mismatch():
+    class Node:
+        def __init__(self, t):
+            self.t, self.me, self.fn = t, None, torch.relu
+
+    class Cyclic(nn.Module):
+        def forward(self, x):
+            n = Node(x * 2)
+            n.me = n  # a cycle
+            return n, (lambda: None)
+
+    report = sfx.verify(Cyclic(), Cyclic(), (torch.randn(3),))
+    assert report.ok and report.n_outputs == 1

@@ -8,7 +8,7 @@ torch's own keys (``nn_module_stack``, ``stack_trace``, ``val``) and survive gra
 
 from __future__ import annotations
 
-__all__ = ["SHAPE", "MODULE", "MODULE_TYPE", "ORIGIN"]
+__all__ = ["SHAPE", "MODULE", "MODULE_TYPE", "ORIGIN", "AUTOCAST"]
 
 #: ``(shape tuple, dtype)`` of the tensor the node computes. Written by
 #: :class:`~sparsify_fx.ShapeRecorder` (``sparsify(example_inputs=...)``) and kept current by
@@ -27,3 +27,9 @@ MODULE_TYPE = "sfx_module_type"
 #: ``verify`` and the memory plan to match rewritten nodes to the original graph, and shown by
 #: ``explain``.
 ORIGIN = "sfx_origin"
+
+#: a GraphModule-level key (``gm.meta``, not ``node.meta``): the autocast dtype the recorded
+#: shapes were taken under and the training forward runs at. Written by ``MemoryBudget``
+#: (``passes/memory_budget/planner.py``); read by ``memory_plan``, which then counts the
+#: copies autocast saves (matmul inputs and weights cast to this dtype).
+AUTOCAST = "sfx_autocast"
