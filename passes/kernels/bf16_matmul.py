@@ -87,11 +87,39 @@ def linear_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, transposed: bool
     return (x2.t() @ g2 if transposed else g2.t() @ x2).to(dtype)
 
 
+#: convolution shapes whose bf16 weight gradient came back non-finite on finite operands:
+#: they take the fp32 path from then on. oneDNN on a CPU returns inf / nan for some Conv3d
+#: shapes (kernel (3, 1, 1), padding (1, 0, 0), two frames), reproducible with plain aten.
+_BROKEN_SHAPES: set[tuple] = set()
+#: shapes whose bf16 result was checked once and found finite
+_CHECKED_SHAPES: set[tuple] = set()
+
+
 def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: tuple) -> torch.Tensor:
     """A convolution's weight gradient on bf16 operands, returned in ``weight``'s dtype;
-    ``conv`` is ``(stride, padding, dilation, groups)``."""
+    ``conv`` is ``(stride, padding, dilation, groups)``.
+
+    The first call per shape checks the result is finite where the operands are; where it is
+    not (a backend bug), that shape computes it from ``x`` upcast to ``weight``'s dtype."""
+    stride, padding, dilation, groups = conv
+    key = (x.device.type, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
+           groups)
+    if key in _BROKEN_SHAPES:
+        return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
+    out = _conv_weight_grad_in(grad_out, x, weight, conv, torch.bfloat16)
+    if key not in _CHECKED_SHAPES:
+        _CHECKED_SHAPES.add(key)
+        if (not bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad_out).all())
+                and bool(torch.isfinite(x).all())):
+            _BROKEN_SHAPES.add(key)
+            return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
+    return out
+
+
+def _conv_weight_grad_in(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: tuple,
+                         dtype: torch.dtype) -> torch.Tensor:
     stride, padding, dilation, groups = conv
     return torch.ops.aten.convolution_backward(
-        grad_out.to(torch.bfloat16).contiguous(), x.to(torch.bfloat16), weight.detach().to(torch.bfloat16), None,
+        grad_out.to(dtype).contiguous(), x.to(dtype), weight.detach().to(dtype), None,
         stride, padding, dilation, False, [0] * len(stride), groups, [False, True, False],
     )[1].to(weight.dtype)

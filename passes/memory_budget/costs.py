@@ -26,7 +26,7 @@ from sparsify_fx import tensor_meta
 from sparsify_fx.passes.memory_budget import calibration_cache
 
 __all__ = ["calibrate", "calibration_source", "bf16_matmul_ratios", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
-           "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS"]
+           "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS", "UNKNOWN"]
 
 #: the clock every timed region reads (seconds); the tests replace it with a deterministic one
 #: so that what they assert is the arithmetic on the timings, not this host's speed
@@ -253,8 +253,9 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
         timed = [(step(rewritten), step(dense)) for _ in range(pairs)]
         return max(0.0, min(a for a, _ in timed) - min(b for _, b in timed))
 
-    stats = (torch.zeros(channels, device=device, dtype=torch.float32),
-             torch.ones(channels, device=device, dtype=torch.float32))
+    # (running statistics in the tensor's dtype, as a BatchNorm of a float64 model keeps them)
+    stats = (torch.zeros(channels, device=device, dtype=dtype),
+             torch.ones(channels, device=device, dtype=dtype))
     weight = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
     bias = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
     bitmask = net(lambda t: actmem_relu(t, 0.0)[0], torch.relu)
@@ -319,16 +320,48 @@ def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
             "ln_linear": ln_linear("exact"), "ln_linear_bf16": ln_linear("bf16")}
 
 
+class _Unknown:
+    """A value the timer cannot make: a placeholder without a recorded shape or a usable
+    default (a dict of tensors; an argument with no default fixed at capture)."""
+
+    def __repr__(self) -> str:
+        return "<unknown>"
+
+
+#: what :func:`example_input` returns where it cannot make an input
+UNKNOWN = _Unknown()
+
+#: the checks a capture adds on an argument fixed at capture (``is_causal=False``): they
+#: compare the placeholder with the captured value, and the timer's stand-in (the signature's
+#: default) need not be that value ("is_causal has been specialized to have value False"), so
+#: they are not run (they do no tensor work)
+_FIXED_ARGUMENT_CHECKS = frozenset({"_assert", "_assert_is_none", "check_fixed_argument"})
+
+
+def _is_unknown(value: Any) -> bool:
+    return any(v is UNKNOWN for v in torch.utils._pytree.tree_leaves(value))
+
+
 class _NodeTimer(fx.Interpreter):
+    """Times each node. A node reading an unknown input is not timed: its output is a random
+    tensor of its recorded shape (a ``getitem`` of a dict input), else unknown too."""
+
     def __init__(self, gm: fx.GraphModule, device: torch.device, untimed: frozenset[str] = frozenset()):
         super().__init__(gm)
         self.seconds: dict[str, float] = {}
         self.untimed = untimed
+        self.device = device
         # CUDA runs kernels asynchronously: without a synchronisation on both sides a node's
         # time would be its launch, and recomputing a GPU block would look nearly free
         self.sync = synchronizer(device)
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in _FIXED_ARGUMENT_CHECKS:
+            return None
+        if n.op not in ("placeholder", "output"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if _is_unknown((args, kwargs)):
+                return example_input(n, self.device)
         if n.name in self.untimed:
             return super().run_node(n)
         self.sync()
@@ -340,10 +373,14 @@ class _NodeTimer(fx.Interpreter):
 
 
 def example_input(node: fx.Node, device: torch.device) -> Any:
+    """A random tensor of ``node``'s recorded shape and dtype; for a placeholder without one
+    (a non-tensor argument fixed at capture) its default, the captured value; else
+    :data:`UNKNOWN`."""
     meta = tensor_meta(node)
     if meta is None:
-        # a non-tensor argument: the graph was captured with (and checks) its default
-        return node.args[0] if node.op == "placeholder" and node.args else None
+        if node.op == "placeholder" and node.args:
+            return node.args[0]
+        return UNKNOWN
     shape, dtype = meta
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype, device=device)
@@ -370,7 +407,13 @@ def _inputs_with_state_kept(gm: fx.GraphModule) -> Iterator[list]:
     grads = {name: p.grad for name, p in gm.named_parameters()}
     try:
         with rng_kept(device), torch.enable_grad():
-            yield [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+            args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+            unknown = [n.name for n, a in zip((n for n in gm.graph.nodes if n.op == "placeholder"), args)
+                       if _is_unknown(a)]
+            if unknown:
+                raise ValueError(f"no recorded shape or default for input(s) {', '.join(unknown)}: "
+                                 "whole-model steps need every input")
+            yield args
     finally:
         for name, p in gm.named_parameters():
             p.grad = grads[name]
@@ -426,6 +469,8 @@ def host_share(gm: fx.GraphModule, rounds: int = 3) -> float:
     about their price. So the planner charges ``share`` of each fixed cost."""
     if next((p.device for p in gm.parameters()), torch.device("cpu")).type != "cuda":
         return 1.0
+    if any(_is_unknown(example_input(n, torch.device("meta"))) for n in gm.graph.nodes if n.op == "placeholder"):
+        return 1.0  # (an input it cannot make, a dict of tensors: each fixed cost charged in full)
     model = with_own_buffers(gm).train()
     shares: list[float] = []
     with _inputs_with_state_kept(gm) as args:

@@ -8,6 +8,7 @@ A config is a frozen dataclass ("recipe item"). Technique configs subclass
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -36,6 +37,9 @@ def check_range(
         raise ConfigError(
             f"{type(config).__name__}.{name} must be a number, got {value!r} ({type(value).__name__})"
         )
+    if not math.isfinite(value):
+        # (NaN compares False with every bound, so the range check alone would pass it)
+        raise ConfigError(f"{type(config).__name__}.{name} must be a finite number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
