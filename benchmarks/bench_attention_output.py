@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import statistics
 
+from sparsify_fx.passes.activation_memory.modules import ActMemAttention
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
+
 from benchmarks.bench_eager_ops import ab_rounds, one_plan, write_result
 from benchmarks.device import timed_step
-from sparsify_fx.passes.kernels import cpu as cpu_kernels
-from sparsify_fx.passes.activation_memory.modules import ActMemAttention
 
 __all__ = ["main"]
 

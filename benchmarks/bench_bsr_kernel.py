@@ -23,8 +23,11 @@ import json
 from pathlib import Path
 
 import torch
-
-from sparsify_fx.passes.block_sparse.rewrite import block_sparse_weight_grad, compress_blocks, decompress_blocks
+from sparsify_fx.passes.block_sparse.rewrite import (
+    block_sparse_weight_grad,
+    compress_blocks,
+    decompress_blocks,
+)
 from sparsify_fx.passes.block_sparse.triton_kernel import launch, launch_config, triton_available
 
 __all__ = ["SHAPES", "main"]

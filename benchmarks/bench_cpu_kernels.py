@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
 
 import sparsify_fx as sfx
 from benchmarks.bench_memory import MODELS, interleaved_times
 from benchmarks.device import timed_step
-from sparsify_fx.passes.kernels import cpu as cpu_kernels
 
 __all__ = ["main"]
 

@@ -19,13 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from sparsify_fx.passes.kernels import cache, op_autograd
 
 import sparsify_fx as sfx
 from benchmarks.bench_budget import MODELS
 from benchmarks.bench_memory import interleaved_times, paired_ratios
 from benchmarks.device import timed_step
-from sparsify_fx.passes.kernels import cache
-from sparsify_fx.passes.kernels import op_autograd
 
 __all__ = ["main", "one_plan", "ab_rounds", "write_result"]
 

@@ -16,12 +16,12 @@ import operator
 import statistics
 
 import torch.fx as fx
+from sparsify_fx.passes.activation_memory.modules import ActMemReLU
 
 import sparsify_fx as sfx
 from benchmarks.bench_eager_ops import ab_rounds, one_plan, write_result
 from benchmarks.bench_memory import paired_ratios
 from benchmarks.device import timed_step
-from sparsify_fx.passes.activation_memory.modules import ActMemReLU
 
 __all__ = ["main", "InPlaceSwitch"]
 

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsify_fx.passes.iso_flop import RigL
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.iso_flop import RigL
 
 __all__ = ["train_and_eval", "main"]
 

@@ -36,16 +36,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
-from sparsify_fx.graph.op_table import CONV_FUNCTIONS
-
 from sparsify_fx.passes.kernels import cpu as cpu_kernels
 from sparsify_fx.passes.kernels import sync
 from sparsify_fx.passes.kernels.bitpack import pack_bits, unpack_bits
 from sparsify_fx.passes.kernels.cache import cached
 from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
+
+import sparsify_fx as sfx
+from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, autocast_region, check_range
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS
 
 __all__ = [
     "DropIT", "compress", "decompress", "compress_topk", "decompress_topk", "compress_threshold",

@@ -33,12 +33,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
 import sparsify_fx as sfx
 from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, check_range
 from sparsify_fx.graph.op_table import CONV_FUNCTIONS
-
-from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
 __all__ = ["SliceOut", "SliceWindow", "SliceOutDense", "SliceOutBatchNorm", "window_width"]
 

@@ -13,11 +13,36 @@ from __future__ import annotations
 from typing import Any
 
 from sparsify_fx.amp import autocast_region
-from sparsify_fx.analysis.shapes import ShapeRecorder, conv_output_spatial, dense_op_flops, tensor_bytes, tensor_meta
+from sparsify_fx.analysis.memory_plan import (
+    MemoryPlan,
+    TensorLiveness,
+    compressed_bytes_of,
+    memory_plan,
+    overwritten_in_place,
+)
+from sparsify_fx.analysis.segments import (
+    Block,
+    RecomputedSegment,
+    find_blocks,
+    grad_only_linear,
+    recompute_segment,
+)
+from sparsify_fx.analysis.shapes import (
+    ShapeRecorder,
+    conv_output_spatial,
+    dense_op_flops,
+    tensor_bytes,
+    tensor_meta,
+)
+from sparsify_fx.analysis.slice_groups import (
+    ForbiddenSliceGroup,
+    SliceConsumer,
+    SliceGroup,
+    SliceGroupAnalysis,
+    SliceProducer,
+    find_slice_groups,
+)
 from sparsify_fx.compiler.backend import backend
-from sparsify_fx.frontend.canonical import canonicalize
-from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, structural_copy
-from sparsify_fx.infra.config import PassConfig, check_range
 from sparsify_fx.errors import (
     CaptureError,
     ConfigError,
@@ -26,6 +51,9 @@ from sparsify_fx.errors import (
     SparsifyError,
     VerificationError,
 )
+from sparsify_fx.frontend.canonical import canonicalize
+from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, structural_copy
+from sparsify_fx.graph import meta, op_table
 from sparsify_fx.graph.form import (
     DenseOp,
     dense_op,
@@ -35,16 +63,8 @@ from sparsify_fx.graph.form import (
     module_name_of,
     replace_node,
 )
-from sparsify_fx.analysis.memory_plan import (
-    MemoryPlan,
-    TensorLiveness,
-    compressed_bytes_of,
-    memory_plan,
-    overwritten_in_place,
-)
-from sparsify_fx.optim import extend_optimizer, new_parameters
-from sparsify_fx.graph import meta, op_table
 from sparsify_fx.graph.op_module import OpModule
+from sparsify_fx.infra.config import PassConfig, check_range
 from sparsify_fx.infra.pass_base import (
     PassContext,
     PassPlan,
@@ -57,16 +77,8 @@ from sparsify_fx.infra.pass_base import (
 )
 from sparsify_fx.infra.recipes import parse_recipe, resolve_recipe
 from sparsify_fx.infra.registry import register_pass, registered
+from sparsify_fx.optim import extend_optimizer, new_parameters
 from sparsify_fx.report.explain import ExplainReport, PassSummary, explain, graph_diff
-from sparsify_fx.analysis.segments import Block, RecomputedSegment, find_blocks, grad_only_linear, recompute_segment
-from sparsify_fx.analysis.slice_groups import (
-    ForbiddenSliceGroup,
-    SliceConsumer,
-    SliceGroup,
-    SliceGroupAnalysis,
-    SliceProducer,
-    find_slice_groups,
-)
 from sparsify_fx.sparsify import SparsifyRecord, sparsify
 from sparsify_fx.verify import VerifyReport, verify
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,20 +12,25 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import warnings
-
 from sparsify_fx.analysis.held import false_savings, held_bytes, plan_graphs
 from sparsify_fx.analysis.shapes import ShapeRecorder
-from sparsify_fx.infra.describe import short_description
-from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, quiet_fx_traceback
-from sparsify_fx.infra.config import PassConfig
 from sparsify_fx.errors import CaptureError, ConfigError
+from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, quiet_fx_traceback
+from sparsify_fx.frontend.unpack import unbind_unpacking
+from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER
 from sparsify_fx.graph.op_module import OpModule
-from sparsify_fx.graph import meta
-from sparsify_fx.infra.pass_base import PassPlan, PassResult, Rewrite, Skip, dense_layer_order, run_passes
+from sparsify_fx.infra.config import PassConfig
+from sparsify_fx.infra.describe import short_description
+from sparsify_fx.infra.pass_base import (
+    PassPlan,
+    PassResult,
+    Rewrite,
+    Skip,
+    dense_layer_order,
+    run_passes,
+)
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
-from sparsify_fx.frontend.unpack import unbind_unpacking
 from sparsify_fx.verify import VerifyReport
 from sparsify_fx.verify import verify as verify_outputs
 

@@ -13,9 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from conftest import grads_of as _grads
-
-import sparsify_fx as sfx
-from benchmarks.memory import saved_tensor_bytes
 from sparsify_fx.passes.activation_memory.rewrite import (
     GRAD_ERROR_BOUNDS,
     ActMemActivation,
@@ -28,6 +25,9 @@ from sparsify_fx.passes.activation_memory.rewrite import (
     unpack_bits,
 )
 from sparsify_fx.passes.kernels.bitpack import unpack_bits_as
+
+import sparsify_fx as sfx
+from benchmarks.memory import saved_tensor_bytes
 
 BF16_UNIT = 2.0**-9  # bf16 round-to-nearest relative error
 

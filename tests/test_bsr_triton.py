@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-import sparsify_fx as sfx
 from sparsify_fx.passes.block_sparse.rewrite import block_sparse_weight_grad, compress_blocks
 from sparsify_fx.passes.block_sparse.triton_kernel import kernel_for, triton_available
+
+import sparsify_fx as sfx
 
 _ROOT = Path(__file__).resolve().parent.parent
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

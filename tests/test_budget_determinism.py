@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-
-import sparsify_fx as sfx
 from sparsify_fx.passes.memory_budget import calibration_cache
 from sparsify_fx.passes.memory_budget import costs as budget_costs
 from sparsify_fx.passes.memory_budget.planner import MemoryBudget
 from sparsify_fx.passes.memory_budget.prices import timing_twins, unit_signature
 from sparsify_fx.passes.memory_budget.solver import Choice, plan_seconds, solve
 from test_memory_budget import _TinyViT
+
+import sparsify_fx as sfx
 
 #: the calibrated forms (``budget_costs.calibrate``'s rates)
 KINDS = ("dropit", "bf16", "recompute", "bitmask", "dense", "batchnorm", "bn_relu_conv", "bn_relu_conv_bf16",

@@ -4,7 +4,6 @@ inputs, float64 models, budgets no plan reaches; the bf16 Conv3d weight gradient
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import math
 import typing

@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from conftest import grads_of as _grads
+from sparsify_fx.passes.activation_memory.dense_storage import Bf16InputConv, Bf16InputLinear
 
 import sparsify_fx as sfx
 from benchmarks.memory import saved_tensor_bytes
-from sparsify_fx.passes.activation_memory.dense_storage import Bf16InputConv, Bf16InputLinear
 
 BF16_UNIT = 2.0**-8  # bf16 relative rounding error bound (round to nearest: half of it)
 

@@ -14,10 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import SmallCNN, mlp
-
-import sparsify_fx as sfx
 from sparsify_fx.passes import dropit
-from sparsify_fx.passes.kernels import cpu as cpu_kernels
 from sparsify_fx.passes.dropit import (
     DropITConv,
     DropITLinear,
@@ -29,6 +26,9 @@ from sparsify_fx.passes.dropit import (
     decompress_threshold,
     decompress_topk,
 )
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
+
+import sparsify_fx as sfx
 
 
 def _grads(fn, *tensors):

@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
+from sparsify_fx.passes.iso_flop import parallel_branches
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.iso_flop import parallel_branches
 from sparsify_fx.graph.form import DENSE_LAYER_TYPES
 
 settings.register_profile(

@@ -12,9 +12,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from sparsify_fx.passes.memory_budget.planner import (
+    Choice,
+    MemoryBudget,
+    solve,
+    solve_dp,
+    solve_exact,
+    solve_greedy,
+)
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.memory_budget.planner import Choice, MemoryBudget, solve, solve_dp, solve_exact, solve_greedy
 from sparsify_fx.bench import saved_tensor_bytes
 
 
@@ -825,8 +832,8 @@ def test_calibration_is_cached_on_disk_per_machine_torch_threads_and_code(monkey
     """A second process (here: a cleared in-process cache) reuses the calibration measured on
     the same machine instead of spending its seconds again; another thread count, ``fresh``,
     a corrupt file or another key measure again; an unwritable directory still calibrates."""
-    from sparsify_fx.passes.memory_budget import costs as budget_costs
     from sparsify_fx.passes.memory_budget import calibration_cache
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
 
     measured: list[int] = []
 
@@ -883,8 +890,8 @@ def test_a_cached_calibration_from_a_host_in_another_state_is_measured_again(mon
     """The calibration keeps a host reference (a bf16 round trip) timed with it. One cached
     while other processes shared the cores had every rate 10-30x the idle host's, and
     the budget plans recomputed blocks instead of compressing them (ResNet-50 at 0.5: 1.19x)."""
-    from sparsify_fx.passes.memory_budget import costs as budget_costs
     from sparsify_fx.passes.memory_budget import calibration_cache
+    from sparsify_fx.passes.memory_budget import costs as budget_costs
 
     host = {"seconds": 0.010}  # what the reference takes on the host now
     measured: list[float] = []
@@ -914,7 +921,6 @@ def test_a_cached_calibration_from_a_host_in_another_state_is_measured_again(mon
 
 def test_memory_budget_reports_where_its_calibration_came_from(monkeypatch):
     from conftest import mlp
-
     from sparsify_fx.passes.memory_budget import costs as budget_costs
 
     with pytest.raises(sfx.ConfigError, match="calibration must be 'cached' or 'fresh'"):

@@ -8,8 +8,8 @@ import importlib
 import pkgutil
 
 import pytest
-
 import sparsify_fx.passes as passes
+
 import sparsify_fx
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsify_fx.passes.activation_memory.rewrite import NONFINITE_CODE, compress, decompress
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.activation_memory.rewrite import NONFINITE_CODE, compress, decompress
 
 INF, NAN = float("inf"), float("nan")
 ops = torch.ops.sparsify_fx

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sparsify_fx.passes.kernels import op_autograd
+from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
 import passes  # noqa: F401  (registers the sparsify_fx ops)
 import sparsify_fx as sfx
-from sparsify_fx.passes.kernels import op_autograd
-from sparsify_fx.passes.kernels.op_autograd import owned, register_autograd
 
 seen: list[tuple] = []
 

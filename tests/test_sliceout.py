@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsify_fx.passes.sliceout import SliceOutBatchNorm, SliceOutDense, SliceWindow, window_width
 
 import sparsify_fx as sfx
-from sparsify_fx.passes.sliceout import SliceOutBatchNorm, SliceOutDense, SliceWindow, window_width
 
 # ---------------------------------------------------------------- small models
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 import torchvision
 from conftest import SmallCNN
+from sparsify_fx.passes import dropit
+from sparsify_fx.passes.activation_memory.rewrite import compress as actmem_compress
+from sparsify_fx.passes.dropit import compress_threshold, decompress_threshold
+from sparsify_fx.passes.kernels import sync
 from torch.profiler import ProfilerActivity, profile
 
 import sparsify_fx as sfx
-from sparsify_fx.passes import dropit
-from sparsify_fx.passes.kernels import sync
-from sparsify_fx.passes.activation_memory.rewrite import compress as actmem_compress
-from sparsify_fx.passes.dropit import compress_threshold, decompress_threshold
 
 #: ops that wait for the device and copy a value to the host
 _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select"}

@@ -23,11 +23,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-import sparsify_fx as sfx
-
-from sparsify_fx.graph.op_table import CONV_FUNCTIONS
-from sparsify_fx.passes.kernels import cpu as cpu_kernels
 from sparsify_fx.passes.activation_memory.modules import (
     _bn_factor,
     _channels,
@@ -36,10 +31,23 @@ from sparsify_fx.passes.activation_memory.modules import (
     _recording,
     _stat_bytes,
 )
-from sparsify_fx.passes.activation_memory.ops import _bf16_copy, _channel_view, bn_backward_from_payload, bn_payload
-from sparsify_fx.passes.kernels.bf16_matmul import bf16_weight_grad, check_weight_grad, conv_weight_grad
+from sparsify_fx.passes.activation_memory.ops import (
+    _bf16_copy,
+    _channel_view,
+    bn_backward_from_payload,
+    bn_payload,
+)
 from sparsify_fx.passes.dropit import conv_forward
+from sparsify_fx.passes.kernels import cpu as cpu_kernels
+from sparsify_fx.passes.kernels.bf16_matmul import (
+    bf16_weight_grad,
+    check_weight_grad,
+    conv_weight_grad,
+)
 from sparsify_fx.passes.kernels.op_autograd import in_backward, register_autograd
+
+import sparsify_fx as sfx
+from sparsify_fx.graph.op_table import CONV_FUNCTIONS
 
 __all__ = ["ActMemBnReLUConv"]
 

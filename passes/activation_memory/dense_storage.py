@@ -26,17 +26,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-
-import sparsify_fx as sfx
-from sparsify_fx import PassResult, Rewrite
-
-from sparsify_fx.passes.kernels.bf16_matmul import (
-    bf16_weight_grad,
-    check_weight_grad,
-    conv_weight_grad,
-    kernel_details,
-    linear_weight_grad,
-)
 from sparsify_fx.passes.dropit import (
     ConvOpModule,
     conv_forward,
@@ -45,7 +34,17 @@ from sparsify_fx.passes.dropit import (
     linear_grads,
     saved_input_reason,
 )
+from sparsify_fx.passes.kernels.bf16_matmul import (
+    bf16_weight_grad,
+    check_weight_grad,
+    conv_weight_grad,
+    kernel_details,
+    linear_weight_grad,
+)
 from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
+
+import sparsify_fx as sfx
+from sparsify_fx import PassResult, Rewrite
 
 __all__ = ["Bf16InputLinear", "Bf16InputConv", "rewrite_dense_inputs"]
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from sparsify_fx import OpModule
 from sparsify_fx.passes.activation_memory.modules import _recording
 from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
+
+from sparsify_fx import OpModule
 
 __all__ = ["ActMemMaxPool2d", "index_dtype"]
 

@@ -11,10 +11,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import sparsify_fx as sfx
-from sparsify_fx import autocast_region
-
 from sparsify_fx.passes.activation_memory.ops import (
     _activation,
     _compressible,
@@ -30,6 +26,9 @@ from sparsify_fx.passes.activation_memory.ops import (
     actmem_silu,
 )
 from sparsify_fx.passes.kernels.bf16_matmul import bf16_weight_grad, check_weight_grad
+
+import sparsify_fx as sfx
+from sparsify_fx import autocast_region
 
 __all__ = [
     "ActMemReLU",

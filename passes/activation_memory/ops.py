@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from sparsify_fx.passes.kernels import cpu as cpu_kernels
 from sparsify_fx.passes.kernels import sync
 from sparsify_fx.passes.kernels.bf16_matmul import linear_weight_grad

@@ -83,11 +83,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-
-import sparsify_fx as sfx
-from sparsify_fx import ConfigError, PassConfig, PassResult, Rewrite, overwritten_in_place
-from sparsify_fx import has_hooks
-from sparsify_fx.graph.op_table import BATCH_NORM_MODULES
+from sparsify_fx.passes.activation_memory.bn_relu_conv import ActMemBnReLUConv
+from sparsify_fx.passes.activation_memory.max_pool import ActMemMaxPool2d, index_dtype
 
 # the ops live in actmem_ops.py and their modules in actmem_modules.py; the names tests and
 # users import from here stay
@@ -104,8 +101,17 @@ from sparsify_fx.passes.activation_memory.modules import (
 from sparsify_fx.passes.activation_memory.ops import NONFINITE_CODE, compress, decompress
 from sparsify_fx.passes.kernels.bf16_matmul import WEIGHT_GRAD, kernel_details
 from sparsify_fx.passes.kernels.bitpack import pack_bits, unpack_bits
-from sparsify_fx.passes.activation_memory.bn_relu_conv import ActMemBnReLUConv
-from sparsify_fx.passes.activation_memory.max_pool import ActMemMaxPool2d, index_dtype
+
+import sparsify_fx as sfx
+from sparsify_fx import (
+    ConfigError,
+    PassConfig,
+    PassResult,
+    Rewrite,
+    has_hooks,
+    overwritten_in_place,
+)
+from sparsify_fx.graph.op_table import BATCH_NORM_MODULES
 
 # listed, not built from actmem_ops.__all__: tools (ruff's unused-import fix) only see a literal
 __all__ = [

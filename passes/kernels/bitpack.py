@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from sparsify_fx.passes.kernels.cache import cached, eager
 
 __all__ = ["pack_bits", "unpack_bits", "unpack_bits_as"]

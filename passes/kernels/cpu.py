@@ -58,7 +58,6 @@ import shutil
 import warnings
 
 import torch
-
 from sparsify_fx.passes.kernels import sync
 from sparsify_fx.passes.kernels.cache import eager
 

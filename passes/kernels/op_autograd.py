@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
 from sparsify_fx.passes.kernels.cache import eager
 
 __all__ = ["register_autograd", "in_backward", "owned", "eager_call"]

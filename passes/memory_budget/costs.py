@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from sparsify_fx.passes.memory_budget import calibration_cache
 
 from sparsify_fx import tensor_meta
-from sparsify_fx.passes.memory_budget import calibration_cache
 
 __all__ = ["calibrate", "calibration_source", "bf16_matmul_ratios", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
            "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS", "UNKNOWN"]
@@ -206,11 +206,11 @@ def bf16_matmul_ratios(device: torch.device, dtype: torch.dtype) -> dict[str, fl
 def _calibration_seconds(xs: list[torch.Tensor]) -> dict[str, float]:
     """Seconds each compressed form adds on one tensor like ``xs[0]`` (see :func:`calibrate`):
     each timed call sweeps all of ``xs`` and is divided by their number."""
-    from sparsify_fx.passes.activation_memory.rewrite import compress, decompress
-    from sparsify_fx.passes.activation_memory.modules import ActMemActLinear, ActMemLnLinear
-    from sparsify_fx.passes.activation_memory.ops import actmem_batch_norm, actmem_relu
     from sparsify_fx.passes.activation_memory.bn_relu_conv import ActMemBnReLUConv
     from sparsify_fx.passes.activation_memory.dense_storage import bf16in_linear
+    from sparsify_fx.passes.activation_memory.modules import ActMemActLinear, ActMemLnLinear
+    from sparsify_fx.passes.activation_memory.ops import actmem_batch_norm, actmem_relu
+    from sparsify_fx.passes.activation_memory.rewrite import compress, decompress
     from sparsify_fx.passes.dropit import compress_threshold, decompress_threshold, dropit_conv
 
     x0 = xs[0]

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from sparsify_fx.passes.memory_budget.costs import OP_SECONDS
 
 from sparsify_fx import Rewrite, tensor_meta
-
-from sparsify_fx.passes.memory_budget.costs import OP_SECONDS
 
 __all__ = ["compress_seconds", "floored", "rate_kind", "unit_signature", "timing_twins", "DENSE_OPS"]
 

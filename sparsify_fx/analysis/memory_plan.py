@@ -214,7 +214,9 @@ def _autocast_copies(n: fx.Node, gm: fx.GraphModule, kept: list[fx.Node], grad: 
     if n.op == "call_module" and str(n.target).startswith(OPS_CONTAINER + "."):
         # a rewritten Linear / Conv (a fused or compressing op module) still keeps its weight's
         # cast; a recomputed segment re-casts in backward and keeps none
-        from sparsify_fx.analysis.segments import RecomputedSegment  # (segments is the heavier module)
+        from sparsify_fx.analysis.segments import (
+            RecomputedSegment,  # (segments is the heavier module)
+        )
         mod = gm.get_submodule(str(n.target))
         if not isinstance(mod, OpModule) or isinstance(mod, RecomputedSegment):
             return kept, 0

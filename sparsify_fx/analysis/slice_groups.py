@@ -40,7 +40,6 @@ import math
 
 import torch.fx as fx
 
-from sparsify_fx.graph.form import _arg, find_dense_ops, module_name_of
 from sparsify_fx.analysis.slice_group_types import (
     ForbiddenSliceGroup,
     SliceConsumer,
@@ -57,6 +56,7 @@ from sparsify_fx.analysis.slice_walk import (
     _upstream_producers,
     _Walk,
 )
+from sparsify_fx.graph.form import _arg, find_dense_ops, module_name_of
 
 __all__ = [
     "SliceProducer",

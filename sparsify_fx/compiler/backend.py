@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from sparsify_fx.frontend.canonical import canonicalize
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.frontend.canonical import canonicalize
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER
 from sparsify_fx.graph.op_module import OpModule

@@ -15,11 +15,11 @@ import operator
 
 import torch.fx as fx
 
+from sparsify_fx.analysis.segments import call_module_by_ref
 from sparsify_fx.analysis.shapes import tensor_meta
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import is_in_place
 from sparsify_fx.graph.op_table import is_view
-from sparsify_fx.analysis.segments import call_module_by_ref
 
 __all__ = ["unbind_unpacking"]
 

@@ -10,8 +10,8 @@ import ast
 from collections.abc import Sequence
 from typing import Any
 
-from sparsify_fx.infra.config import PassConfig
 from sparsify_fx.errors import ConfigError, RecipeError
+from sparsify_fx.infra.config import PassConfig
 from sparsify_fx.infra.registry import lookup, lookup_name
 
 __all__ = ["Recipe", "resolve_recipe", "parse_recipe"]

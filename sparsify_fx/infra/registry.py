@@ -10,8 +10,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sparsify_fx.infra.config import PassConfig
 from sparsify_fx.errors import RecipeError
+from sparsify_fx.infra.config import PassConfig
 
 __all__ = ["PassSpec", "register_pass", "lookup", "lookup_name", "registered", "load_builtin_passes"]
 
