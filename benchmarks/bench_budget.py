@@ -21,6 +21,10 @@ cross-entropy + backward. Prints a table and writes ``results/bench_budget.json`
     python -m benchmarks.bench_budget                        # vit_b_16, resnet50, gpt2
     python -m benchmarks.bench_budget --models resnet50 --repeats 5 --fractions 0.5 0.25
     python -m benchmarks.bench_budget --repeats 7 --block 3 --fractions 0.5   # warm steps
+    python -m benchmarks.bench_budget --amp bf16 --fractions 0.5 0.25 --no-exact   # bf16 autocast
+
+Under ``--amp bf16`` the saved bytes are measured, and the budgets planned, inside
+``torch.autocast``: dense is what autocast keeps, and the fraction is of that.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from benchmarks.device import (
     add_device_args,
     check_device,
     cuda_step_memory,
+    autocast,
     device_meta,
     timed_step,
 )
@@ -124,7 +129,7 @@ def checkpoint_blocks(model: nn.Module, containers: str) -> nn.Module:
 
 def bench_model(
     name: str, repeats: int, fractions: list[float], measure_steps: int = 0, *,
-    device: str = "cpu", amp: str = "off", batch: int | None = None, block: int = 1,
+    device: str = "cpu", amp: str = "off", batch: int | None = None, block: int = 1, exact: bool = True,
 ) -> dict:
     """Measure dense, checkpointing and the budget plans on one model."""
     torch.manual_seed(0)
@@ -134,26 +139,33 @@ def bench_model(
     x, target = make_x(batch).to(device), make_target(batch).to(device)
     model.train()
     variants: dict[str, nn.Module] = {"dense": model, "checkpoint": checkpoint_blocks(model, containers)}
-    saved = {k: saved_tensor_bytes(m, (x,), count_inputs=False) for k, m in variants.items()}
+    # under --amp the bytes autocast keeps (bf16 copies of matmul inputs and weights), and the
+    # budget planned inside the same autocast context (MemoryBudget.autocast="auto")
+    with autocast(device, amp):
+        saved = {k: saved_tensor_bytes(m, (x,), count_inputs=False) for k, m in variants.items()}
     ckpt_fraction = saved["checkpoint"] / saved["dense"]
     plans: dict[str, dict] = {}
     budgets = [(f"budget {f:g}", f, False) for f in fractions]
-    budgets += [(f"budget {f:g} exact", f, True) for f in fractions]
-    budgets.append(("budget @ckpt exact", round(ckpt_fraction, 4), True))
+    if exact:
+        budgets += [(f"budget {f:g} exact", f, True) for f in fractions]
+        budgets.append(("budget @ckpt exact", round(ckpt_fraction, 4), True))
     for label, fraction, exact in budgets:
         start = time.perf_counter()
         config = sfx.MemoryBudget(fraction=fraction, exact_only=exact, measure_steps=measure_steps)
-        fast = sfx.sparsify(model, config, example_inputs=(x,))
+        with autocast(device, amp):
+            fast = sfx.sparsify(model, config, example_inputs=(x,))
         plan = sfx.explain(fast).memory_budget
         plans[label] = {
             "fraction": fraction, "exact_only": exact, "planning_s": time.perf_counter() - start,
             "planned_fraction": plan["achieved_fraction"], "reachable": plan["reachable"],
             "estimated_added_s": plan["estimated_seconds"], "prices": plan["prices"],
             "choices": {u: d["choice"] for u, d in plan["units"].items()},
+            "autocast": (plan.get("details") or {}).get("autocast"),
         }
         fast.train()
         variants[label] = fast
-        saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
+        with autocast(device, amp):
+            saved[label] = saved_tensor_bytes(fast, (x,), count_inputs=False)
         print(f"  {label}: planned {plan['achieved_fraction']:.3f}, measured {saved[label] / saved['dense']:.3f}, "
               f"planning {plans[label]['planning_s']:.1f} s", flush=True)
     times = interleaved_times(variants, lambda m: timed_step(m, x, target, device, amp), repeats, block=block)
@@ -213,6 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: each model's CPU size)")
     parser.add_argument("--block", type=int, default=1,
                         help="consecutive steps of each configuration per round; > 1 times the warm ones")
+    parser.add_argument("--no-exact", action="store_true",
+                        help="leave out the exact_only plans and the plan at checkpointing's fraction")
     parser.add_argument("--out", default="results/bench_budget.json")
     add_device_args(parser)
     args = parser.parse_args(argv)
@@ -225,7 +239,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.models:
         print(f"{name}:", flush=True)
         rows.append(bench_model(name, args.repeats, args.fractions, args.measure_steps,
-                                device=args.device, amp=args.amp, batch=args.batch, block=args.block))
+                                device=args.device, amp=args.amp, batch=args.batch, block=args.block,
+                                exact=not args.no_exact))
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(rows))
     out = Path(args.out)

@@ -52,6 +52,8 @@ well under it. ``solve_exact`` is the brute-force optimum the tests compare with
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,7 @@ import sparsify_fx as sfx
 from sparsify_fx import (
     ConfigError,
     PassConfig,
+    PassError,
     PassPlan,
     PassResult,
     PlanOption,
@@ -90,6 +93,9 @@ CHOICES = ("keep", "compress-exact", "compress-light", "compress-fused", "compre
 _COMPRESSED = ("compress-exact", "compress-light", "compress-fused", "compress-bf16", "compress")
 _EXACT = ("keep", "compress-exact", "recompute")
 _REST = "(outside blocks)"
+#: ``MemoryBudget.autocast`` -> dtype ("auto": the context active at sparsify)
+_AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {
+    "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None, None: None}
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,14 @@ class MemoryBudget(PassConfig):
             choices cheaper than their casts alone (ViT-B/16 keeping every input as bf16
             stepped in 0.85x the dense time on a 2-core Sapphire Rapids); priced with a
             calibrated ratio of the two weight gradients' times.
+        autocast: the autocast dtype the training forward will run at, which the plan is made
+            for: ``"auto"`` (default) that of a ``torch.autocast`` context active at
+            ``sfx.sparsify`` (none: no autocast), or ``"bf16"`` / ``"fp16"``, or ``None`` /
+            ``"off"``. Under it the shapes and dtypes are recorded again inside
+            ``torch.autocast`` and the memory plan counts what autocast really keeps (the
+            bf16 copies of matmul inputs and weights), so the fraction is of the autocast
+            dense bytes, a bf16 form of an already-bf16 tensor saves nothing, and the
+            planner recomputes where compression has nothing left to halve.
 
     Example:
         >>> import torch, torchvision, sparsify_fx as sfx
@@ -143,6 +157,10 @@ class MemoryBudget(PassConfig):
     measure_steps: int = 0
     calibration: str = "cached"
     weight_grad: str = "auto"
+    autocast: str | None = "auto"
+    #: where no plan holds the budget (+5 %): ``"warn"`` returns the smallest plan found with a
+    #: UserWarning naming its fraction, ``"raise"`` refuses with a PassError naming it
+    on_unreachable: str = "warn"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,8 +180,12 @@ class MemoryBudget(PassConfig):
             raise ConfigError(f"MemoryBudget.attention must be 'bf16', 'int8' or 'off', got {self.attention!r}")
         if self.weight_grad not in WEIGHT_GRAD:
             raise ConfigError(f"MemoryBudget.weight_grad must be one of {list(WEIGHT_GRAD)}, got {self.weight_grad!r}")
+        if self.autocast not in _AUTOCAST_DTYPES:
+            raise ConfigError(f"MemoryBudget.autocast must be one of {list(_AUTOCAST_DTYPES)}, got {self.autocast!r}")
         if self.calibration not in ("cached", "fresh"):
             raise ConfigError(f"MemoryBudget.calibration must be 'cached' or 'fresh', got {self.calibration!r}")
+        if self.on_unreachable not in ("warn", "raise"):
+            raise ConfigError(f"MemoryBudget.on_unreachable must be 'warn' or 'raise', got {self.on_unreachable!r}")
 
 
 # ---------------------------------------------------------------- trial rewrites
@@ -319,6 +341,36 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _autocast_of(config: MemoryBudget, device: torch.device) -> torch.dtype | None:
+    """The dtype the training forward will run at: the config's, or the context's at sparsify."""
+    if config.autocast != "auto":
+        return _AUTOCAST_DTYPES[config.autocast]
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    # (enabled=False where the plan is for no autocast: a context around sparsify with
+    # autocast="off" must not change what the planner times and probes)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _record_under_autocast(gm: fx.GraphModule, dtype: torch.dtype, device: torch.device) -> None:
+    """Record shapes and dtypes again as autocast computes them (a Linear's output in bf16,
+    the residual stream in fp32), on random inputs of the recorded shapes."""
+    from sparsify_fx.passes.memory_budget.costs import example_input, rng_kept
+    args = [example_input(n, device) for n in gm.graph.nodes if n.op == "placeholder"]
+    modes = {name: m.training for name, m in gm.named_modules()}
+    try:
+        gm.eval()
+        with torch.no_grad(), rng_kept(device), _autocast(device, dtype):
+            sfx.ShapeRecorder(gm).run(*args)
+    finally:
+        for name, m in gm.named_modules():
+            m.training = modes.get(name, m.training)
+
+
 def _units_of(gm: fx.GraphModule) -> dict[str, _Unit]:
     units: dict[str, _Unit] = {_REST: _Unit(_REST, None)}
     for block in sfx.find_blocks(gm, gaps=True):
@@ -338,7 +390,8 @@ def _price(gm: fx.GraphModule, units: dict[str, _Unit], config: MemoryBudget, ct
     param = next(gm.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    rates = calibrate(device, dtype, fresh=config.calibration == "fresh")
+    with torch.autocast(device.type, enabled=False):  # (the cached calibration is of plain ops)
+        rates = calibrate(device, dtype, fresh=config.calibration == "fresh")
     bf16_mm = bf16_weight_grad(config.weight_grad, torch.empty(0, device=device, dtype=dtype))
 
     names = list(units)
@@ -481,21 +534,58 @@ def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassRe
         result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
                                  "no recorded shapes: call sparsify with example_inputs"))
         return result
-    # (a submodule's graph takes activations, which require grad; the root takes data)
-    dense = float(sfx.memory_plan(gm, inputs_require_grad=bool(ctx.prefix) or None).total_bytes)
-    budget = float(config.bytes) if config.bytes is not None else config.fraction * dense
-    units = _units_of(gm)
-    prices = _price(gm, units, config, ctx, result)
-    achieved, plan = _solve_to_fit(gm, units, budget, config, ctx)
-    inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
+    param = next(gm.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    low = _autocast_of(config, device)
+    if low is not None:
+        try:
+            _record_under_autocast(gm, low, device)
+            gm.meta[sfx.meta.AUTOCAST] = low
+        except Exception as e:  # noqa: BLE001  (the fp32 shapes still make a plan)
+            low = None
+            result.skips.append(Skip(ctx.pass_name, "(autocast)", ctx.prefix.rstrip("."), "plan",
+                                     f"shapes not recorded under autocast ({type(e).__name__}: {e}); "
+                                     "planned without autocast"))
+    if low is None:
+        gm.meta.pop(sfx.meta.AUTOCAST, None)
+    with _autocast(device, low):  # node times, probes and trial steps as the training step runs them
+        # (a submodule's graph takes activations, which require grad; the root takes data)
+        dense = float(sfx.memory_plan(gm, inputs_require_grad=bool(ctx.prefix) or None).total_bytes)
+        budget = float(config.bytes) if config.bytes is not None else config.fraction * dense
+        units = _units_of(gm)
+        prices = _price(gm, units, config, ctx, result)
+        achieved, plan = _solve_to_fit(gm, units, budget, config, ctx)
+        inner = _apply(gm, {n: c for n, c in plan.items() if c != "keep"}, units, config, ctx)
     summary = PassPlan(
         ctx.pass_name, ctx.prefix.rstrip("."),
         dense_bytes=int(dense), budget_bytes=int(budget), achieved_bytes=int(achieved),
         reachable=achieved <= budget * 1.05,
         estimated_seconds=sum(units[n].estimates[plan[n]] for n in units),
         units=_plan_units(units, plan),
-        details={"exact_only": config.exact_only, "prices": prices},
+        details={"exact_only": config.exact_only, "prices": prices,
+                 "autocast": str(low).removeprefix("torch.") if low is not None else None},
     )
+    if not summary.reachable:
+        _unreachable(summary, config, ctx)
     _report(result, units, plan, summary, inner, config, ctx)
     result.modified = any(c != "keep" for c in plan.values())
     return result
+
+
+def _unreachable(summary: PassPlan, config: MemoryBudget, ctx) -> None:
+    """Refuse (``on_unreachable="raise"``) or warn: a plan over its budget must not pass
+    as one that holds it (the skip in the report alone went unseen)."""
+    smallest = summary.achieved_bytes / summary.dense_bytes if summary.dense_bytes else 1.0
+    asked = summary.budget_bytes / summary.dense_bytes if summary.dense_bytes else 0.0
+    where = ctx.prefix.rstrip(".") or "(root)"
+    choices = "exact choices (exact_only=True)" if config.exact_only else "its choices"
+    message = (f"MemoryBudget: the budget {asked:.3f}x of dense ({_mib(summary.budget_bytes)}) of graph {where} "
+               f"is not reachable with {choices}; the smallest plan found holds {smallest:.3f}x "
+               f"({_mib(summary.achieved_bytes)}): the block inputs and what no rewrite compresses. Ask for "
+               f"fraction >= {math.ceil(smallest * 100) / 100:.2f}" + ("" if not config.exact_only else
+                                                                       " or allow approximate choices") +
+               (", or pass on_unreachable='warn' to accept the smallest plan" if config.on_unreachable == "raise"
+                else " (on_unreachable='raise' refuses instead)"))
+    if config.on_unreachable == "raise":
+        raise PassError(message, pass_name=ctx.pass_name)
+    warnings.warn(message, UserWarning, stacklevel=2)
