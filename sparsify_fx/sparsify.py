@@ -15,7 +15,8 @@ import torch.nn as nn
 from sparsify_fx.analysis.held import false_savings, held_bytes, plan_graphs
 from sparsify_fx.analysis.shapes import ShapeRecorder
 from sparsify_fx.errors import CaptureError, ConfigError
-from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture, quiet_fx_traceback
+from sparsify_fx.frontend.arguments import quiet_fx_traceback
+from sparsify_fx.frontend.cascade import CAPTURE_METHODS, Capture, capture
 from sparsify_fx.frontend.unpack import unbind_unpacking
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import OPS_CONTAINER

@@ -17,9 +17,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsify_fx.errors import CaptureError, SparsifyError
+from sparsify_fx.frontend.arguments import CapturedArguments
 from sparsify_fx.frontend.canonical import canonicalize
 from sparsify_fx.frontend.captured_module import SharedStateGraphModule, convert_buffers_in_place
-from sparsify_fx.frontend.cascade import Capture, CapturedArguments, _modes
+from sparsify_fx.frontend.cascade import Capture, _modes
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import has_hooks
 
