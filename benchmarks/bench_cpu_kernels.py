@@ -1,4 +1,4 @@
-"""CPU training step with and without the fused C++ kernels (passes/cpu_kernels.py), same run.
+"""CPU training step with and without the fused C++ kernels (passes/kernels/cpu.py), same run.
 
 For each model and recipe, three variants are timed interleaved (one step of each per round,
 median of ``--repeats`` after a warm-up round): the dense model, the rewritten model with

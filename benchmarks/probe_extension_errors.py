@@ -3,7 +3,7 @@
 On the lent H100's image (torch 2.11 built by gcc-toolset-13, extensions built by the system's
 g++ 13.3) every variant below died with SIGSEGV at its first ``TORCH_CHECK`` that failed, while
 the same calls that succeed returned normally; on the CPU hosts (torch 2.11 and 2.15, g++ 12.2)
-every variant raised ``RuntimeError``. The kernels (``passes/cpu_kernels.py``) throw only on
+every variant raised ``RuntimeError``. The kernels (``passes/kernels/cpu.py``) throw only on
 inconsistent arguments, which the library never passes; their refusal tests skip where this
 probe fails (``tests/test_dropit.py``).
 

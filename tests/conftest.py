@@ -22,7 +22,7 @@ def _libc_malloc_trim():
 
 _MALLOC_TRIM = _libc_malloc_trim()
 
-# the memory budget's calibration is cached on disk (passes/calibration_cache.py): the suite
+# the memory budget's calibration is cached on disk (passes/memory_budget/calibration_cache.py): the suite
 # (and the example scripts it runs, which inherit the environment) share a directory of its
 # own, so it neither reads nor writes the user's cache
 os.environ.setdefault("SPARSIFY_FX_CACHE_DIR", tempfile.mkdtemp(prefix="sparsify-fx-test-cache-"))

@@ -692,7 +692,7 @@ def test_fused_bf16_compiled_matches_eager(case, weight_grad):
 
 @pytest.mark.parametrize("case", ["resnet18", "preact", "vit", "gpt"])
 def test_fused_bf16_weight_grad_on_bf16_operands_changes_only_the_fused_weights(case):
-    """weight_grad="bf16" (passes/bf16_matmul.py) rounds grad_out for the fused Linear / Conv
+    """weight_grad="bf16" (passes/kernels/bf16_matmul.py) rounds grad_out for the fused Linear / Conv
     weight gradients only: every other gradient is the "input" mode's bit for bit."""
     model, x = _fused_bf16_case(case)
     runs = {}

@@ -1,4 +1,4 @@
-"""The Triton weight-gradient kernel of BlockSparseActivations (passes/bsr_triton.py).
+"""The Triton weight-gradient kernel of BlockSparseActivations (passes/block_sparse/triton_kernel.py).
 
 Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors),
 in a subprocess because the variable is read when kernels are defined. The CUDA tests run the

@@ -266,7 +266,7 @@ def test_config_validation():
 @pytest.mark.parametrize("weight_grad", ["input", "bf16"])
 def test_weight_grad_reaches_the_bf16_choices(weight_grad, monkeypatch):
     """MemoryBudget.weight_grad is what every bf16-input rewrite of the plan runs with
-    (passes/bf16_matmul.py), and the plan still fits."""
+    (passes/kernels/bf16_matmul.py), and the plan still fits."""
     # compress-bf16 the only way to save: whatever this host's prices, the plan takes it
     monkeypatch.setattr("sparsify_fx.passes.memory_budget.planner.CHOICES", ("keep", "compress-bf16"))
     torch.manual_seed(0)
@@ -688,7 +688,7 @@ def test_compress_bf16_halves_a_block_with_bf16_conv_inputs():
     """compress-bf16 adds the Linear / Conv inputs no fusion took in bf16 to compress-fused: a
     ResNet basic block's held bytes fall to about half of keep (the ReLU masks go below), below
     light's, at more time where the weight gradients keep the input's precision (on bf16
-    operands a device with bf16 matrix units makes them cheaper: passes/bf16_matmul.py)."""
+    operands a device with bf16 matrix units makes them cheaper: passes/kernels/bf16_matmul.py)."""
     block = _resnet18_block_options("input")
     assert block["compress-bf16"]["bytes"] < block["compress-light"]["bytes"]
     assert block["compress-bf16"]["bytes"] <= 0.55 * block["keep"]["bytes"]

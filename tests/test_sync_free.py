@@ -1,4 +1,4 @@
-"""The read-free paths the custom ops take on accelerators (passes/sync.py), checked on CPU.
+"""The read-free paths the custom ops take on accelerators (passes/kernels/sync.py), checked on CPU.
 
 ``sparsify_fx.passes.kernels.sync.sync_free`` is patched to say yes, so the CPU runs the code a GPU would. A
 training step is profiled and must contain no op that reads a value back to the host

@@ -11,7 +11,7 @@ forward and ``grad_input`` are the dense op's, bit for bit; ``grad_bias`` is exa
 This is the storage mixed-precision training gives every layer; here the forward stays in the
 input's precision. With ``weight_grad="auto"`` on a device with bf16 matrix units (or
 ``"bf16"``) the weight gradient runs on the bf16 input and a bf16 ``grad_out``
-(``passes/bf16_matmul.py``: ``3 * 2^-8 * sum|grad_out| * |x|`` to first order, and 2-4x faster
+(``passes/kernels/bf16_matmul.py``: ``3 * 2^-8 * sum|grad_out| * |x|`` to first order, and 2-4x faster
 there).
 
 Saved only when it frees something: a layer whose input is a graph input (the data batch,
@@ -140,7 +140,7 @@ class Bf16InputLinear(sfx.OpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` like the op it replaced.
 
     ``kind`` is the replaced spelling ("linear", "matmul" or "addmm"); eval mode, autocast and
-    half-precision inputs run exactly that op. ``weight_grad``: ``passes/bf16_matmul.py``.
+    half-precision inputs run exactly that op. ``weight_grad``: ``passes/kernels/bf16_matmul.py``.
     """
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
@@ -163,7 +163,7 @@ class Bf16InputLinear(sfx.OpModule):
 
 class Bf16InputConv(ConvOpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d.
-    ``weight_grad``: ``passes/bf16_matmul.py``."""
+    ``weight_grad``: ``passes/kernels/bf16_matmul.py``."""
 
     storage = "bf16"
 

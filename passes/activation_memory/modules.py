@@ -1,5 +1,5 @@
 """The parameter-free op modules ``ActivationMemory`` installs: each calls its custom op from
-``passes/actmem_ops.py`` in training (with grad recording) and runs the exact original op in
+``passes/activation_memory/ops.py`` in training (with grad recording) and runs the exact original op in
 eval mode or without grad; the BatchNorm module also updates the running statistics as
 ``nn.BatchNorm`` does.
 """
@@ -114,7 +114,7 @@ class ActMemActLinear(sfx.OpModule):
 
     The activation's output, which the Linear would keep, is recomputed in backward; eval,
     ``no_grad`` and recording off run the two original ops. ``weight_grad`` (with
-    ``store="bf16"``): ``passes/bf16_matmul.py``.
+    ``store="bf16"``): ``passes/kernels/bf16_matmul.py``.
     """
 
     def __init__(self, kind: str, approximate: str = "none", store: str = "exact", weight_grad: str = "auto"):
@@ -141,7 +141,7 @@ class ActMemActLinear(sfx.OpModule):
 class ActMemLnLinear(sfx.OpModule):
     """Parameter-free ``linear(layer_norm(x), weight, bias)`` whose backward keeps ``x`` and the
     row statistics only: the normalised tensor the Linear would keep is recomputed.
-    ``weight_grad`` (with ``store="bf16"``): ``passes/bf16_matmul.py``."""
+    ``weight_grad`` (with ``store="bf16"``): ``passes/kernels/bf16_matmul.py``."""
 
     def __init__(self, normalized_shape: tuple[int, ...], eps: float, store: str = "exact",
                  weight_grad: str = "auto"):
@@ -268,7 +268,7 @@ class ActMemBatchNorm(sfx.OpModule):
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
 
 
-# shared with the BatchNorm -> ReLU -> Conv op module (passes/bn_relu_conv.py): what
+# shared with the BatchNorm -> ReLU -> Conv op module (passes/activation_memory/bn_relu_conv.py): what
 # nn.BatchNorm does around its kernel
 
 

@@ -1,12 +1,12 @@
 """The custom ops of ``ActivationMemory``.
 
 What each op saves, and the gradient error each storage gives, is documented with the pass
-(``passes/activation_memory.py``); this module is the implementation: the value compression
+(``passes/activation_memory/rewrite.py``); this module is the implementation: the value compression
 (bf16 / int8 with per-block scales), then one section per op family, each a
 ``torch.library.custom_op`` with its fake kernel and autograd formula
 (``op_autograd.register_autograd``). The op modules the pass installs, which call these ops
 in training and run the exact original op in eval mode or without grad, are in
-``passes/actmem_modules.py``.
+``passes/activation_memory/modules.py``.
 """
 
 from __future__ import annotations

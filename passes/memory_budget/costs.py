@@ -1,6 +1,6 @@
 """What the memory budget's choices cost in time, measured on this device: a calibration of
 each compressed form (fixed seconds per op + seconds per byte, cached per device and dtype)
-and the forward time of each node for recompute (``passes/memory_budget.py`` combines them
+and the forward time of each node for recompute (``passes/memory_budget/planner.py`` combines them
 with the bytes of trial rewrites).
 
 Whole training steps, for the measured-prices check and the host's share of a GPU step
@@ -71,7 +71,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     """Seconds added by each compressed form, cached per device and dtype: per input byte
     (``"dropit"``, ``"bf16"``, ...) and per op (``"op:dropit"``, ``"op:bf16"``, ...).
 
-    Cached in this process and on disk (``passes/calibration_cache.py``: reused on the same
+    Cached in this process and on disk (``passes/memory_budget/calibration_cache.py``: reused on the same
     machine, torch, threads and code; :func:`calibration_source` says which), measured
     afresh with ``fresh=True``.
 
@@ -172,7 +172,7 @@ def _measured_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float
 def bf16_matmul_ratios(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """``{"mm_bf16:linear": r, "mm_bf16:conv": r, "mm_bf16:conv1x1": r}``: a weight gradient's
     time on bf16 operands (``grad_out`` cast here, the input already bf16:
-    ``passes/bf16_matmul.py``) over its time on ``dtype`` operands, for a Linear, a 3x3 Conv
+    ``passes/kernels/bf16_matmul.py``) over its time on ``dtype`` operands, for a Linear, a 3x3 Conv
     and 1x1 Convs (a channel-reducing and a channel-expanding one) of mid-sized layers. Below
     1 where the device has bf16 matrix units (a 2-core Sapphire Rapids: about 0.3 for a Linear,
     0.45 for a 3x3 Conv, 0.7-0.95 for 1x1 Convs), above where bf16 is emulated."""

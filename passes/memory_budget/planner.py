@@ -28,17 +28,17 @@ compress         DropIT(keep) on Linear/Conv + ``ActivationMemory(attention=  ap
 recompute        the block re-runs in backward (``sfx.recompute_segment``)     exact
 ===============  ===========================================================  ==============
 
-Cost model (times: ``passes/budget_costs.py``). Bytes come from the liveness analysis
+Cost model (times: ``passes/memory_budget/costs.py``). Bytes come from the liveness analysis
 (``sfx.memory_plan``) of a trial rewrite with one choice applied to every unit, each held
 storage charged to the unit of its last holder (a block's output to the next block, so the
 units' bytes add up across mixed choices). Time: a recompute costs the block's forward, timed
 node by node on the example shapes (synchronised around each node on CUDA); a compression
 costs its compress + decompress work, ``fixed seconds per op + bytes x seconds-per-byte`` from
 a calibration of each compressed form on this device at two sizes (once per device and dtype,
-cached on disk: ``passes/calibration_cache.py``). The fixed part is what dominates on a GPU in
+cached on disk: ``passes/memory_budget/calibration_cache.py``). The fixed part is what dominates on a GPU in
 eager mode.
 
-Solver (``passes/budget_solver.py``). Per unit, choices that are no smaller and no faster than another are dropped (a
+Solver (``passes/memory_budget/solver.py``). Per unit, choices that are no smaller and no faster than another are dropped (a
 compressed form slower than recomputing for the same bytes is never chosen). Then a dynamic
 program over bytes (``solve_dp``, a multiple-choice knapsack in cells of budget/4096, each
 choice rounded up so the plan always fits) finds the least estimated time; ``solve`` takes
@@ -122,12 +122,12 @@ class MemoryBudget(PassConfig):
             and the RNG state are restored.
         calibration: ``"cached"`` (default) reuses this machine's calibration of the
             compressed forms from an earlier run (same device, dtype, torch, threads and
-            code; ``passes/calibration_cache.py``), measuring it where there is none:
+            code; ``passes/memory_budget/calibration_cache.py``), measuring it where there is none:
             planning ViT-B/16 on a 2-core CPU took 7 s instead of 12.6, and a budget gets the
             same prices run after run. ``"fresh"`` measures it again and replaces the file.
         weight_grad: how the approximate choices that keep a Linear / Conv input as bf16
             (compress-fused, compress-bf16) compute its weight gradient
-            (``ActivationMemory.weight_grad``, ``passes/bf16_matmul.py``): ``"auto"`` (default)
+            (``ActivationMemory.weight_grad``, ``passes/kernels/bf16_matmul.py``): ``"auto"`` (default)
             on bf16 operands where the device has bf16 matrix units, which makes those
             choices cheaper than their casts alone (ViT-B/16 keeping every input as bf16
             stepped in 0.85x the dense time on a 2-core Sapphire Rapids); priced with a

@@ -1,10 +1,10 @@
 """What a compressed choice of the memory budget adds to a training step, estimated from the
-rewrites a trial applied (``passes/memory_budget.py`` runs the trials):
+rewrites a trial applied (``passes/memory_budget/planner.py`` runs the trials):
 
-* each rewrite's calibrated form (``passes/budget_costs.py``: fixed seconds per op + seconds
+* each rewrite's calibrated form (``passes/memory_budget/costs.py``: fixed seconds per op + seconds
   per byte) times its bytes;
 * the attention forward that a compressed attention's backward re-runs;
-* what a weight gradient on bf16 operands saves (``passes/bf16_matmul.py``): the dense op's
+* what a weight gradient on bf16 operands saves (``passes/kernels/bf16_matmul.py``): the dense op's
   forward time times the calibrated ratio - 1, negative where the device has bf16 matrix units.
 
 :func:`floored` turns such an estimate into the price the solver compares.

@@ -1,5 +1,5 @@
 """The memory budget's solver: one choice per unit (keep, a compressed form, recompute) that
-holds at most the budget at the least added step time (``passes/memory_budget.py`` builds the
+holds at most the budget at the least added step time (``passes/memory_budget/planner.py`` builds the
 units and their choices).
 
 ``solve_dp`` is a multiple-choice knapsack over bytes in cells of budget/4096, each choice

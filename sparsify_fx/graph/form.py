@@ -1,7 +1,7 @@
 """The canonical graph form every pass works on, and the helpers passes use to read it.
 
 Whatever captured a model (``symbolic_trace`` with module calls, ``torch.export`` with aten
-ops, Dynamo with torch functions), ``canonicalize`` (``sparsify_fx/canonical.py``) brings the
+ops, Dynamo with torch functions), ``canonicalize`` (``sparsify_fx/frontend/canonical.py``) brings the
 graph to one form:
 
 * **stateless layers are functions**: ``nn.Linear`` / ``nn.ConvNd`` / activation modules and
