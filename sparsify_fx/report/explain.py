@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -14,38 +13,22 @@ from sparsify_fx.analysis.held import FalseSaving, false_savings, plan_graphs
 from sparsify_fx.analysis.memory_plan import MemoryPlan
 from sparsify_fx.analysis.shapes import tensor_bytes
 from sparsify_fx.graph import meta
-from sparsify_fx.graph.form import OPS_CONTAINER
 from sparsify_fx.infra.describe import short_recipe
 from sparsify_fx.infra.pass_base import PassPlan, Rewrite, Skip
+from sparsify_fx.report.formatting import fmt_bytes as _fmt_bytes
+from sparsify_fx.report.formatting import fmt_flops as _fmt_flops
+from sparsify_fx.report.formatting import ratio as _ratio
+from sparsify_fx.report.graph_diff import is_op_call as _is_op_call
+from sparsify_fx.report.graph_diff import qualified as _qualified
+from sparsify_fx.report.graph_diff import render_graph_diff as _graph_diff
+from sparsify_fx.report.graph_diff import rewrite_index as _rewrite_index
+from sparsify_fx.report.graph_diff import target_str as _target_str
 from sparsify_fx.sparsify import SparsifyRecord, record_of
 
 if TYPE_CHECKING:  # networkx is only needed by to_networkx
     import networkx
 
 __all__ = ["ExplainReport", "PassSummary", "explain", "graph_diff"]
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _ratio(before: int, after: int) -> str:
-    return f" ({after / before:.3f}x)" if before else ""
-
-
-def _fmt_flops(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} FLOP"
 
 
 #: colour of each plan choice in the rich report (unknown choices print plain)
@@ -403,95 +386,6 @@ class ExplainReport:
 
     def __str__(self) -> str:
         return self.render()
-
-
-def _is_op_call(node: fx.Node) -> bool:
-    return node.op == "call_module" and str(node.target).startswith(OPS_CONTAINER + ".")
-
-
-def _qualified(prefix: str, name: str) -> str:
-    return ".".join(p for p in (prefix, name) if p)
-
-
-def _target_str(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, str):
-        return target
-    return getattr(target, "__name__", None) or str(target)
-
-
-def _rewrite_index(report: ExplainReport) -> dict[tuple[str, str], Rewrite]:
-    """(graph prefix, op-module target) -> the Rewrite that installed it."""
-    # op-module targets are unique within one graph only; a rewrite's qualified module
-    # name tells which graph it belongs to (the longest matching prefix wins)
-    prefixes = sorted(report.graph_modules, key=len, reverse=True)
-    index: dict[tuple[str, str], Rewrite] = {}
-    for r in report.rewrites:
-        for prefix in prefixes:
-            if not prefix or r.module == prefix or r.module.startswith(prefix + "."):
-                index.setdefault((prefix, r.replacement), r)
-                break
-    return index
-
-
-def _module_order(report: ExplainReport) -> list[str]:
-    """Qualified module names in graph order (so the diff reads like the model)."""
-    order: dict[str, None] = {}
-    for prefix, gm in report.graph_modules.items():
-        for n in gm.graph.nodes:
-            order.setdefault(_qualified(prefix, str(n.meta.get(meta.MODULE, ""))), None)
-    return list(order)
-
-
-def _graph_diff(report: ExplainReport, width: int) -> str:
-    nodes: dict[tuple[str, str], fx.Node] = {}
-    for prefix, gm in report.graph_modules.items():
-        for n in gm.graph.nodes:
-            if _is_op_call(n):
-                nodes[(prefix, str(n.target))] = n
-    by_target = {id(r): key for key, r in _rewrite_index(report).items()}
-    changes: dict[str, list[tuple[str, str, str]]] = {}
-    for r in report.rewrites:
-        key = by_target.get(id(r))
-        node = nodes.get(key) if key else None
-        if node is not None:
-            args = ", ".join(f"%{a.name}" if isinstance(a, fx.Node) else repr(a) for a in node.args)
-            plus = f"%{node.name} = {r.replacement}({args})"
-        else:
-            plus = f"{r.replacement} (replaced again by a later pass)"
-        cost = []
-        if r.saved_bytes_before is not None or r.saved_bytes_after is not None:
-            cost.append(f"saved {_fmt_bytes(r.saved_bytes_before)} -> {_fmt_bytes(r.saved_bytes_after)}")
-        if r.flops_before is not None:
-            cost.append(f"FLOPs {_fmt_flops(r.flops_before)} -> {_fmt_flops(r.flops_after)}")
-        changes.setdefault(r.module, []).extend([
-            ("-", f"%{r.node}: {r.op}  [{r.pass_name}]", ""),
-            ("+", plus, "; ".join(cost)),
-        ])
-    for sk in report.skipped:
-        changes.setdefault(sk.module or sk.node, []).append(
-            ("~", f"%{sk.node}: {sk.op} kept by {sk.pass_name}", sk.reason))
-    order = [m for m in _module_order(report) if m in changes]
-    order += [m for m in changes if m not in order]
-
-    def wrap(text: str, first: str, rest: str) -> list[str]:
-        return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest,
-                             break_on_hyphens=False) or [first.rstrip()]
-
-    lines = wrap(
-        f"graph diff: {len(report.rewrites)} node(s) replaced, {len(report.skipped)} candidate(s) "
-        f"kept, {len(order)} module(s)", "", "  ")
-    lines += wrap("- original node   + replacement (op module)   ~ kept, with the reason", "", "  ")
-    if not order:
-        lines.append("(no rewrites and no skipped candidates)")
-    for module in order:
-        lines.append("")
-        lines += wrap(module or "(root)", "", "  ")
-        for sign, text, extra in changes[module]:
-            lines += wrap(text, f"  {sign} ", "      ")
-            if extra:
-                lines += wrap(extra, "      ", "      ")
-    return "\n".join(lines) + "\n"
 
 
 def _graph_modules_of(module: nn.Module, record: SparsifyRecord | None) -> dict[str, fx.GraphModule]:

@@ -15,14 +15,10 @@ from typing import Any
 import torch.nn as nn
 
 from sparsify_fx.infra.describe import short_recipe
-from sparsify_fx.report.explain import (
-    ExplainReport,
-    PassSummary,
-    _fmt_bytes,
-    _fmt_flops,
-    _module_order,
-    explain,
-)
+from sparsify_fx.report.explain import ExplainReport, PassSummary, explain
+from sparsify_fx.report.formatting import fmt_bytes as _fmt_bytes
+from sparsify_fx.report.formatting import fmt_flops as _fmt_flops
+from sparsify_fx.report.graph_diff import module_order as _module_order
 
 __all__ = ["render_html", "write_html", "layered_layout", "PASS_COLOURS"]
 
