@@ -6,6 +6,9 @@ with the bytes of trial rewrites).
 Whole training steps, for the measured-prices check and the host's share of a GPU step
 (:func:`measure_added_seconds`, :func:`host_share`): random inputs of the recorded shapes,
 copies with their own buffers, the RNG state and the gradients kept.
+
+About 510 lines: the calibration, the per-node timing and the whole-step measurement share the
+timing seam (``_clock``), the example inputs and the device syncs, so they stay in one module.
 """
 
 from __future__ import annotations

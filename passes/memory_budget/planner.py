@@ -48,6 +48,10 @@ to the pressure until it fits, then with the pressure bisected back towards the 
 rounds at most), so the achieved bytes, not the estimate, meet the budget without a plan
 well under it. ``solve_exact`` is the brute-force optimum the tests compare with; ``solve_greedy``
 (most bytes saved per second first) is kept for comparison.
+
+About 590 lines, in pipeline order: the config, the units (blocks and gaps), the trials that
+price each choice, solving to fit, and the plan it reports; the prices, the solver, the timings
+and the calibration cache are the modules beside it.
 """
 
 from __future__ import annotations
