@@ -99,9 +99,14 @@ def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     """A convolution's weight gradient on bf16 operands, returned in ``weight``'s dtype;
     ``conv`` is ``(stride, padding, dilation, groups)``.
 
-    The first call per shape checks the result is finite where the operands are; where it is
-    not (a backend bug), that shape computes it from ``x`` upcast to ``weight``'s dtype."""
+    A 3-D convolution on the CPU always computes it from ``x`` upcast to ``weight``'s dtype:
+    oneDNN's bf16 Conv3d weight gradient returns non-finite values for some shapes (kernel
+    (3, 1, 1), padding (1, 0, 0), two frames), and not on every call, so no one-time check can
+    guard it. Elsewhere the first call per shape checks the result is finite where the operands
+    are; where it is not (a backend bug), that shape takes the same upcast path from then on."""
     stride, padding, dilation, groups = conv
+    if x.device.type == "cpu" and len(stride) == 3:
+        return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
     key = (x.device.type, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
            groups)
     if key in _BROKEN_SHAPES:
