@@ -79,8 +79,10 @@ def test_conv_forward_and_input_grad_exact(dims, weight_grad):
     torch.testing.assert_close(gb, rgb, rtol=0, atol=0)
     xr = x.detach().to(torch.bfloat16).float().requires_grad_()
     wr = w.detach().requires_grad_()
-    conv(xr, wr, None, 2, 1, 1, 2).backward(g.to(torch.bfloat16).float() if weight_grad == "bf16" else g)
-    torch.testing.assert_close(gw, wr.grad, rtol=1e-5 if weight_grad == "input" else 2.0**-8, atol=1e-5)
+    # a CPU Conv3d computes the weight gradient upcast (oneDNN's bf16 Conv3d backward is unreliable)
+    bf16_operands = weight_grad == "bf16" and dims != 3
+    conv(xr, wr, None, 2, 1, 1, 2).backward(g.to(torch.bfloat16).float() if bf16_operands else g)
+    torch.testing.assert_close(gw, wr.grad, rtol=2.0**-8 if bf16_operands else 1e-5, atol=1e-5)
     # |dgrad_weight| <= unit * (the weight gradient of |x| against |grad_out|)
     xa = x.detach().abs().requires_grad_(False)
     wa = w.detach().requires_grad_()
