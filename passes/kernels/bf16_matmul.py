@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from sparsify_fx.passes.kernels.cache import eager
 
 import sparsify_fx as sfx
 
@@ -102,8 +103,10 @@ def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     A 3-D convolution on the CPU always computes it from ``x`` upcast to ``weight``'s dtype:
     oneDNN's bf16 Conv3d weight gradient returns non-finite values for some shapes (kernel
     (3, 1, 1), padding (1, 0, 0), two frames), and not on every call, so no one-time check can
-    guard it. Elsewhere the first call per shape checks the result is finite where the operands
-    are; where it is not (a backend bug), that shape takes the same upcast path from then on."""
+    guard it. Elsewhere the first eager call per shape on the CPU checks the result is finite
+    where the operands are; where it is not (a backend bug), that shape takes the same upcast
+    path from then on. Traced calls (fake tensors under torch.compile) and accelerators are not
+    checked: the check reads a value back to the host."""
     stride, padding, dilation, groups = conv
     if x.device.type == "cpu" and len(stride) == 3:
         return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
@@ -112,7 +115,7 @@ def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     if key in _BROKEN_SHAPES:
         return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
     out = _conv_weight_grad_in(grad_out, x, weight, conv, torch.bfloat16)
-    if key not in _CHECKED_SHAPES:
+    if key not in _CHECKED_SHAPES and x.device.type == "cpu" and eager(x):
         _CHECKED_SHAPES.add(key)
         if (not bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad_out).all())
                 and bool(torch.isfinite(x).all())):
