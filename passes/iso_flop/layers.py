@@ -78,7 +78,10 @@ class IsoFLOPOp(OpModule):
         return rows
 
     def reinitialize(self) -> None:
-        """Draw the configured initialisation (``init="random"``) once; no-op for preserve."""
+        """Draw the configured initialisation (``init="random"``) once; no-op for preserve.
+
+        ``sfx.sparsify`` calls it after verification. Forward never does: the passes after
+        IsoFLOP (a budget's trial steps) run the module, and must not see its weights change."""
         if self._ready:
             return
         gen = torch.Generator().manual_seed(self.seed)
@@ -95,10 +98,6 @@ class IsoFLOPOp(OpModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.initialized)
 
-    def _check_ready(self) -> None:
-        if not self._ready and self.training and torch.is_grad_enabled():
-            self.reinitialize()
-
     def extra_repr(self) -> str:
         geo = "linear" if self.conv_ndim == 0 else (
             f"conv{self.conv_ndim}d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}")
@@ -114,7 +113,6 @@ class SparseParallel(IsoFLOPOp):
         self.branches = nn.ModuleList(branches)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_ready()
         # the branches share their input, so summing the weights first is the same function
         # (and the same gradients) at the cost of one dense op instead of n
         weight = self.branches[0]()
@@ -139,7 +137,6 @@ class SparseParallelBN(SparseParallel):
         self.bns = nn.ModuleList(bns)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_ready()
         if self.training or any(bn.running_mean is None for bn in self.bns):
             out = None
             for i, (branch, bn) in enumerate(zip(self.branches, self.bns)):
@@ -204,7 +201,6 @@ class SparseFactorized(IsoFLOPOp):
         self.norm = norm
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_ready()
         h = self._op(x, self.u(), None)
         if self.norm is not None:
             h = self.norm(h)
@@ -230,7 +226,6 @@ class SparseDoped(IsoFLOPOp):
         self.down = nn.Parameter(down) if down is not None else None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_ready()
         weight = self.sparse()
         if self.up is None or self.down is None:
             return self._op(x, weight, bias)
@@ -266,7 +261,6 @@ class SparseWide(IsoFLOPOp):
         return torch.cat([self.bias_kept, self.bias_extra])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_ready()
         return self._op(x, self.masked(), self.bias())
 
     @torch.no_grad()

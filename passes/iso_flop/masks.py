@@ -60,6 +60,10 @@ class MaskedWeight(nn.Module):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.kept = kept
+        if kept is not None and kept.numel() == self.weight.numel():
+            # the replaced weight is the whole layout (a factor no larger than the layer): ``weight``
+            # is never read, so it is frozen, not left a trainable parameter that gets no gradient
+            self.weight.requires_grad_(False)
         self.transposed = transposed
         self.register_buffer("mask", mask.to(torch.bool))
         self.register_buffer("rigl_step", torch.zeros((), dtype=torch.long))
