@@ -27,7 +27,8 @@ RECIPES = {
     "actmem_recompute": sfx.ActivationMemory(gelu="recompute", layernorm="recompute"),
     "bsr": sfx.BlockSparseActivations(block_size=4, density=0.5, skip_first_last=False),
     "sliceout": sfx.SliceOut(p=0.5, align=1, skip_first_last=False),
-    "isoflop_wide": sfx.IsoFLOP(kind="wide", sparsity=0.5, skip_first_last=False),
+    # function-preserving, so eval equals the original (init="random" re-draws after verifying)
+    "isoflop_wide": sfx.IsoFLOP(kind="wide", sparsity=0.5, init="preserve", skip_first_last=False),
     "isoflop_parallel": sfx.IsoFLOP(kind="parallel", sparsity=0.5, init="random", skip_first_last=False),
     "isoflop_factorized": sfx.IsoFLOP(kind="factorized", sparsity=0.5, skip_first_last=False),
     "isoflop_doped": sfx.IsoFLOP(kind="doped", sparsity=0.5, skip_first_last=False),
@@ -184,11 +185,25 @@ def test_pass_writing_a_shared_tensor_in_place_is_named():
         sfx.sparsify(model, MutatesAndSucceeds(), (x,))
 
 
+@dataclass(frozen=True)
+class _DoublesTheOutput(sfx.PassConfig):
+    """A pass whose rewrite is not exact: verification must catch it."""
+
+
+@sfx.register_pass(_DoublesTheOutput, name="test_doubles_the_output")
+def _double_the_output(gm, config, ctx):
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        doubled = gm.graph.call_function(torch.mul, (output.args[0], 2.0))
+    output.args = (doubled,)
+    return sfx.PassResult(gm, modified=True)
+
+
 def test_failed_verification_leaves_the_model_untouched():
     model, x = _net()
     state = _state(model)
     with pytest.raises(sfx.VerificationError):
-        sfx.sparsify(model, sfx.IsoFLOP(kind="doped", init="random", skip_first_last=False), (x,))
+        sfx.sparsify(model, _DoublesTheOutput(), (x,))
     _assert_same_state(model, state)
 
 
