@@ -555,6 +555,19 @@ def test_parallel_after_batchnorm_has_a_batchnorm_per_branch_and_folds_in_eval()
     assert branches.get_total_flops() > folded.get_total_flops()
 
 
+def test_conv_batchnorm_replacement_is_named_after_the_conv_for_later_passes():
+    """The fused conv + BatchNorm branch stands for the conv: a later pass's "already
+    rewritten" skip names the conv (the report accounts for every dense layer)."""
+    x = _inputs("cnn")
+    fast = sfx.sparsify(_cnn(), [sfx.IsoFLOP(kind="parallel"), sfx.BlockSparseActivations(skip_first_last=False)],
+                        example_inputs=x, verify=False)
+    report = sfx.explain(fast)
+    iso = {r.module for r in report.rewrites if r.pass_name == "isoflop"}
+    bsr = {s.module: s.reason for s in report.skipped if s.pass_name == "bsr"}
+    assert "conv1" in iso and "bn1" not in bsr
+    assert "already rewritten" in bsr["conv1"] and "SparseParallelBN" in bsr["conv1"]
+
+
 def test_factorized_bn_relu_verified_without_relu_then_turned_on():
     x = _inputs("cnn")
     fast = _rewrite(_cnn(), x, kind="factorized", factorized_norm="bn_relu", verify=True)

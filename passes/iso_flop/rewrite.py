@@ -215,6 +215,10 @@ def _rewrite(
         # the replacement computes conv + BatchNorm per branch: it stands for the BatchNorm
         sfx.replace_node(bn_node, new)
         new.meta.update({k: v for k, v in op.node.meta.items() if k not in new.meta})
+        # named after the dense layer it replaces, as its Rewrite is: a later pass's
+        # "already rewritten" skip then names that layer, not the BatchNorm
+        if sfx.meta.MODULE in op.node.meta:
+            new.meta[sfx.meta.MODULE] = op.node.meta[sfx.meta.MODULE]
         gm.graph.erase_node(op.node)
     else:
         sfx.replace_node(op.node, new)
