@@ -59,6 +59,9 @@ class SparsifyRecord:
     # recorded shapes: the captured model and the rewritten one (None: no shapes)
     held_bytes_before: int | None = None
     held_bytes_after: int | None = None
+    # Dynamo captures: calls that ran the un-rewritten model (Dynamo gave up re-capturing)
+    dense_fallback_calls: int = 0
+    dense_fallback_reason: str | None = None
 
 
 class _NodeTracker(fx.Interpreter):

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from sparsify_fx.passes.memory_budget import calibration_cache
 
-from sparsify_fx import tensor_meta
+from sparsify_fx import meta, tensor_meta
 
 __all__ = ["calibrate", "calibration_source", "bf16_matmul_ratios", "host_share", "node_seconds", "train_step_seconds", "measure_added_seconds", "example_input",
            "with_own_buffers", "rng_kept", "synchronizer", "OP_SECONDS", "UNKNOWN"]
@@ -377,14 +377,16 @@ class _NodeTimer(fx.Interpreter):
 
 def example_input(node: fx.Node, device: torch.device) -> Any:
     """A random tensor of ``node``'s recorded shape and dtype; for a placeholder without one
-    (a non-tensor argument fixed at capture) its default, the captured value; else
-    :data:`UNKNOWN`."""
-    meta = tensor_meta(node)
-    if meta is None:
+    its recorded number (a Dynamo graph's dynamic size) or its default (a non-tensor argument
+    fixed at capture); else :data:`UNKNOWN`."""
+    recorded = tensor_meta(node)
+    if recorded is None:
+        if node.op == "placeholder" and meta.VALUE in node.meta:
+            return node.meta[meta.VALUE]
         if node.op == "placeholder" and node.args:
             return node.args[0]
         return UNKNOWN
-    shape, dtype = meta
+    shape, dtype = recorded
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -534,6 +534,10 @@ def _report(result: PassResult, units: dict[str, _Unit], plan: dict[str, str], s
 @sfx.register_pass(MemoryBudget, name="budget")
 def _memory_budget_pass(gm: fx.GraphModule, config: MemoryBudget, ctx) -> PassResult:
     result = PassResult(gm, modified=False)
+    if gm.meta.get(sfx.meta.NO_GRAD):
+        result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
+                                 "graph captured with grad disabled: it holds nothing for backward"))
+        return result
     if not any(sfx.meta.SHAPE in n.meta for n in gm.graph.nodes):
         result.skips.append(Skip(ctx.pass_name, "(graph)", ctx.prefix.rstrip("."), "graph",
                                  "no recorded shapes: call sparsify with example_inputs"))

@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from sparsify_fx.graph import meta
-from sparsify_fx.graph.form import install_module, is_in_place, module_name_of
+from sparsify_fx.graph.form import clean_module_path, install_module, is_in_place, module_name_of
 from sparsify_fx.graph.op_module import OpModule
 
 __all__ = ["Block", "find_blocks", "recompute_segment", "RecomputedSegment", "call_module_by_ref", "grad_only_linear"]
@@ -80,7 +80,8 @@ def _is_container(kind: object) -> bool:
 def _stack(node: fx.Node) -> list[tuple[str, object]]:
     stack = node.meta.get("nn_module_stack") or {}
     entries = [v if isinstance(v, tuple) else (str(v), object) for v in stack.values()]
-    return [(re.sub(r"@\d+$", "", str(path)), kind) for path, kind in entries]
+    cleaned = [(clean_module_path(re.sub(r"@\d+$", "", str(path))), kind) for path, kind in entries]
+    return [(path, kind) for path, kind in cleaned if path]  # Dynamo lists the root module too
 
 
 def _candidates(entries: list[tuple[str, object]]) -> list[tuple[str, object]]:

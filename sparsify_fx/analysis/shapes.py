@@ -11,7 +11,7 @@ import torch.fx as fx
 from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import DenseOp
 
-__all__ = ["ShapeRecorder", "tensor_meta", "dense_op_flops", "tensor_bytes", "conv_output_spatial"]
+__all__ = ["ShapeRecorder", "record_shapes_fake", "tensor_meta", "dense_op_flops", "tensor_bytes", "conv_output_spatial"]
 
 
 class ShapeRecorder(fx.Interpreter):
@@ -25,7 +25,38 @@ class ShapeRecorder(fx.Interpreter):
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta[meta.SHAPE] = (tuple(result.shape), result.dtype)
+        elif n.op == "placeholder" and isinstance(result, (int, float)):
+            n.meta[meta.VALUE] = result
         return result
+
+
+def record_shapes_fake(gm: fx.GraphModule, example_inputs: list) -> bool:
+    """Record shapes by running ``gm`` on fake copies of ``example_inputs`` (a Dynamo graph's:
+    real tensors, and SymInts for dynamic sizes, taken at their current value).
+
+    Fake tensors leave no trace: a Dynamo graph bakes in training mode, and running it for
+    real would update BatchNorm's running statistics and draw dropout masks. Returns whether
+    the graph ran; where an op has no fake kernel nothing is recorded and the passes that need
+    shapes say so.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def concrete(v: Any) -> Any:
+        if isinstance(v, torch.SymInt):
+            return int(v.node.hint) if v.node.hint is not None else v
+        return v
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode, torch.no_grad():
+            inputs = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else concrete(v) for v in example_inputs]
+            ShapeRecorder(gm).run(*inputs)
+    except Exception:  # noqa: BLE001 - an op without a fake kernel: no shapes, said by the passes
+        for n in gm.graph.nodes:
+            n.meta.pop(meta.SHAPE, None)
+            n.meta.pop(meta.VALUE, None)
+        return False
+    return True
 
 
 def tensor_meta(node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:

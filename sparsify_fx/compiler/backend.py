@@ -34,10 +34,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from sparsify_fx.analysis.shapes import record_shapes_fake
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.frontend.canonical import canonicalize
 from sparsify_fx.graph import meta
-from sparsify_fx.graph.form import OPS_CONTAINER
+from sparsify_fx.graph.form import OPS_CONTAINER, clean_module_path
 from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.infra.pass_base import dense_layer_order, run_passes
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
@@ -53,14 +54,6 @@ INNER_BACKENDS = ("eager", "aot_eager", "inductor", "cudagraphs")
 
 # L['self']._modules['layer1']._modules['0']._parameters['weight'] -> layer1.0.weight
 _SOURCE_STEP = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_0-9]+)|\[(\d+)\]|\['([^']+)'\]")
-
-
-def _clean_dynamo_path(path: str) -> str:
-    path = re.sub(r"^[LG]\['[^']*'\]", "", path)
-    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path.strip(".")
 
 
 def _source_name(node: fx.Node) -> str | None:
@@ -113,7 +106,7 @@ def _lift_parameters(
         if not isinstance(value, nn.Parameter):
             continue
         source = _source_name(node)
-        qualified = names.get(id(value)) or (_clean_dynamo_path(source) if source else "") or node.name
+        qualified = names.get(id(value)) or (clean_module_path(source) if source else "") or node.name
         *path, leaf = qualified.split(".")
         owner: nn.Module = gm
         for part in path:
@@ -129,12 +122,14 @@ def _lift_parameters(
             owner.register_parameter(leaf, value)
         with gm.graph.inserting_after(node):
             attr = gm.graph.get_attr(qualified)
+        # the module stack says which block a parameter belongs to (the budget's segments)
+        attr.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(attr)
         lifted.append((node, qualified))
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack and meta.MODULE not in node.meta:
-            node.meta[meta.MODULE] = _clean_dynamo_path(str(list(stack.values())[-1][0]))
+            node.meta[meta.MODULE] = clean_module_path(str(list(stack.values())[-1][0]))
     gm.graph.lint()
     gm.recompile()
     return lifted
@@ -188,6 +183,8 @@ def rewrite_dynamo_graph(
     """
     _lift_parameters(gm, example_inputs, names or {})
     canonicalize(gm)
+    record_shapes_fake(gm, example_inputs)
+    gm.meta[meta.NO_GRAD] = not torch.is_grad_enabled()  # Dynamo guards on it: fixed per graph
     order = dense_layer_order({"": gm})
     first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
     results = run_passes({"": gm}, configs, first_last)
@@ -232,6 +229,8 @@ def backend(recipe: Recipe = DEFAULT_RECIPE, inner: str = "inductor") -> Callabl
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
         lifted = _lift_parameters(gm, example_inputs, {})
         canonicalize(gm)
+        record_shapes_fake(gm, example_inputs)
+        gm.meta[meta.NO_GRAD] = not torch.is_grad_enabled()
         order = dense_layer_order({"": gm})
         first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
         results = run_passes({"": gm}, configs, first_last)
@@ -282,4 +281,8 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
             record.passes.append((config.describe(), len(result.rewrites), len(result.skips)))
         return gm
 
-    return DynamoCaptured(model, transform)
+    def on_fallback(cause: str) -> None:
+        record.dense_fallback_calls += 1
+        record.dense_fallback_reason = record.dense_fallback_reason or cause
+
+    return DynamoCaptured(model, transform, on_fallback)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,11 @@ from sparsify_fx.graph import meta
 from sparsify_fx.graph.form import has_hooks
 
 __all__ = ["capture_export", "capture_dynamo", "DynamoCaptured"]
+
+# renamed from ``fail_on_cache_limit_hit`` (both spellings exist on the torch versions we support)
+_FAIL_ON_LIMIT = ("fail_on_recompile_limit_hit" if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
+                  else "fail_on_cache_limit_hit")
+_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None) or torch._dynamo.exc.FailOnCacheLimitHit
 
 
 _MODE_OPS = {
@@ -171,15 +177,23 @@ class DynamoCaptured(nn.Module):
     """A model captured by Dynamo: graphs are made (and rewritten) lazily on each new call.
 
     ``graph_transform(gm, example_inputs) -> gm`` is applied to every graph Dynamo hands over;
-    ``self.graphs`` lists the graphs captured so far.
+    ``self.graphs`` lists the graphs captured so far. Dims whose size changes between calls
+    (batch, sequence length) become dynamic on the first recompile (Dynamo's automatic dynamic
+    shapes), so variable-length training reuses one rewritten graph per mode. Where Dynamo
+    would still give up (its recompile limit), the call runs the un-rewritten model, warns
+    once naming the cause and is counted in ``self.dense_calls`` (and by ``on_fallback``).
     """
 
-    def __init__(self, model: nn.Module, graph_transform: Callable | None = None):
+    def __init__(self, model: nn.Module, graph_transform: Callable | None = None,
+                 on_fallback: Callable[[str], None] | None = None):
         super().__init__()
         self.model = model
         self.graphs: list[fx.GraphModule] = []
+        self.dense_calls = 0
+        self.fallback_reason: str | None = None
         self._transform = graph_transform
-        self._compiled = torch.compile(model, backend=self._backend, dynamic=False)
+        self._on_fallback = on_fallback
+        self._compiled = torch.compile(model, backend=self._backend, dynamic=None)
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if self._transform is not None:
@@ -189,13 +203,32 @@ class DynamoCaptured(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._compiled(*args, **kwargs)
+            # Dynamo's own fallback at its recompile limit runs the eager forward with a log
+            # line only: raised instead, and taken below where it is counted and warned
+            with torch._dynamo.config.patch(_FAIL_ON_LIMIT, True):
+                return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # our own errors (a refused rewrite) are the user's to see, not Dynamo's wrapper
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, SparsifyError):
                 raise inner from None
             raise
+        except _LIMIT_HIT as e:
+            return self._dense_call(str(e).splitlines()[0] if str(e) else type(e).__name__, args, kwargs)
+
+    def _dense_call(self, cause: str, args: tuple, kwargs: dict) -> Any:
+        self.dense_calls += 1
+        if self.fallback_reason is None:
+            self.fallback_reason = cause
+            warnings.warn(
+                f"sparsify: {type(self.model).__name__} ran un-rewritten (dense): Dynamo gave up "
+                f"re-capturing it after {len(self.graphs)} graph(s) ({cause}). This and later calls "
+                "Dynamo cannot capture save no memory; counted in sfx.explain(...).dense_fallback_calls. "
+                "Keep the input shapes and train/eval switches to a few, or raise "
+                "torch._dynamo.config.recompile_limit.", UserWarning, stacklevel=3)
+        if self._on_fallback is not None:
+            self._on_fallback(cause)
+        return self.model(*args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # keys of the original model
         return self.model.state_dict(*args, **kwargs)

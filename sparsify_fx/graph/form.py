@@ -21,6 +21,7 @@ and matmul-against-a-parameter as a :class:`DenseOp`, whatever its spelling was.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from sparsify_fx.graph.op_table import CONV_NDIM
 
 __all__ = [
     "DenseOp",
+    "clean_module_path",
     "IN_PLACE_OPERATORS",
     "dense_op",
     "find_dense_ops",
@@ -87,15 +89,24 @@ def module_name_of(node: fx.Node) -> str:
     if stack:
         last = list(stack.values())[-1]
         path = last[0] if isinstance(last, tuple) else str(last)
-        return _clean_stack_path(path)
+        return clean_module_path(path)
     return ""
 
 
-def _clean_stack_path(path: str) -> str:
-    # export/dynamo stacks spell paths like "L__self___layer1_0" or "layer1.0"; keep dotted ones
-    if path.startswith("L__self__") or path.startswith("L['self']"):
+def clean_module_path(path: str) -> str:
+    """A module path as an ``nn_module_stack`` entry spells it, as a dotted qualified name.
+
+    Dynamo spells ``L['self'].encoder.layer[0]`` or ``L['self']._modules['encoder']``; export
+    and symbolic_trace spell dotted names already. Old flat spellings (``L__self___layer1_0``)
+    cannot be split back: ''.
+    """
+    if path.startswith("L__self__"):
         return ""
-    return path
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
 
 
 def _module_type_of(gm: fx.GraphModule, name: str) -> str:

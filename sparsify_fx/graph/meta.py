@@ -8,12 +8,17 @@ torch's own keys (``nn_module_stack``, ``stack_trace``, ``val``) and survive gra
 
 from __future__ import annotations
 
-__all__ = ["SHAPE", "MODULE", "MODULE_TYPE", "ORIGIN", "AUTOCAST"]
+__all__ = ["SHAPE", "MODULE", "MODULE_TYPE", "ORIGIN", "AUTOCAST", "NO_GRAD", "VALUE"]
 
 #: ``(shape tuple, dtype)`` of the tensor the node computes. Written by
 #: :class:`~sparsify_fx.ShapeRecorder` (``sparsify(example_inputs=...)``) and kept current by
 #: passes that change a shape (IsoFLOP's widened layers); absent when no inputs were given.
 SHAPE = "sfx_shape"
+
+#: the number a placeholder took in the recorded run, where it is not a tensor (a Dynamo
+#: graph's dynamic size, passed as a SymInt). Written by ``ShapeRecorder`` beside ``SHAPE``;
+#: read where a graph is run on inputs made from the record (MemoryBudget's trial steps).
+VALUE = "sfx_value"
 
 #: qualified name, relative to the graph, of the model module the node comes from ('' for
 #: top-level code). Written by canonicalize, the export / Dynamo captures and the compile
@@ -33,3 +38,8 @@ ORIGIN = "sfx_origin"
 #: (``passes/memory_budget/planner.py``); read by ``memory_plan``, which then counts the
 #: copies autocast saves (matmul inputs and weights cast to this dtype).
 AUTOCAST = "sfx_autocast"
+
+#: a GraphModule-level key: True on a graph Dynamo captured with grad disabled (an eval or
+#: ``torch.no_grad()`` call), whose run saves nothing for backward. Written by the Dynamo
+#: rewrite (``compiler/backend.py``); ``MemoryBudget`` skips such graphs instead of planning.
+NO_GRAD = "sfx_no_grad"

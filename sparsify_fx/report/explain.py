@@ -77,6 +77,8 @@ class ExplainReport:
             another op keeps dense adds bytes.
         measured_bytes_before / measured_bytes_after: the same, measured over one training
             step (``sfx.bench.saved_tensor_bytes``), where a caller ran one (the demo, bench).
+        dense_fallback_calls / dense_fallback_reason: Dynamo captures only: calls so far that
+            ran the un-rewritten model because Dynamo gave up re-capturing it, and why.
         saved_bytes_before / saved_bytes_after: per-layer detail: estimated bytes the rewritten
             layers save for backward, dense vs rewritten (only layers with recorded shapes
             count; other holders of the same tensors are ignored).
@@ -99,6 +101,8 @@ class ExplainReport:
     held_bytes_after: int | None = None
     measured_bytes_before: int | None = None
     measured_bytes_after: int | None = None
+    dense_fallback_calls: int = 0
+    dense_fallback_reason: str | None = None
     graph_modules: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -187,6 +191,8 @@ class ExplainReport:
             plans=list(record.plans),
             held_bytes_before=record.held_bytes_before,
             held_bytes_after=record.held_bytes_after,
+            dense_fallback_calls=record.dense_fallback_calls,
+            dense_fallback_reason=record.dense_fallback_reason,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -371,6 +377,9 @@ class ExplainReport:
             for t in plan["still_dense"][:8]:
                 dense.add_row(t["node"], t["module"], _fmt_bytes(t["bytes"]), t["reason"])
             yield dense
+        if self.dense_fallback_calls:
+            yield Text(f"warning: {self.dense_fallback_calls} call(s) ran the un-rewritten model "
+                       f"(dense): {self.dense_fallback_reason}", style="bold red")
         for note in self.capture_notes:
             yield Text(f"note: {note}", style="dim")
         for method, why in self.capture_failures.items():
