@@ -63,6 +63,25 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from sparsify_fx.passes.activation_memory.rewrite import ActivationMemory
+from sparsify_fx.passes.dropit import DropIT
+from sparsify_fx.passes.kernels.bf16_matmul import WEIGHT_GRAD, bf16_weight_grad
+from sparsify_fx.passes.memory_budget.costs import (
+    calibrate,
+    calibration_source,
+    host_share,
+    measure_added_seconds,
+    node_seconds,
+)
+from sparsify_fx.passes.memory_budget.prices import compress_seconds, floored, timing_twins
+from sparsify_fx.passes.memory_budget.solver import (
+    Choice,
+    plan_seconds,
+    solve,
+    solve_dp,
+    solve_exact,
+    solve_greedy,
+)
 
 import sparsify_fx as sfx
 from sparsify_fx import (
@@ -77,19 +96,6 @@ from sparsify_fx import (
     Skip,
     check_range,
 )
-
-from sparsify_fx.passes.activation_memory.rewrite import ActivationMemory
-from sparsify_fx.passes.kernels.bf16_matmul import WEIGHT_GRAD, bf16_weight_grad
-from sparsify_fx.passes.memory_budget.costs import (
-    calibrate,
-    calibration_source,
-    host_share,
-    measure_added_seconds,
-    node_seconds,
-)
-from sparsify_fx.passes.memory_budget.prices import compress_seconds, floored, timing_twins
-from sparsify_fx.passes.memory_budget.solver import Choice, plan_seconds, solve, solve_dp, solve_exact, solve_greedy
-from sparsify_fx.passes.dropit import DropIT
 
 __all__ = ["MemoryBudget", "Choice", "solve", "solve_dp", "solve_greedy", "solve_exact", "calibrate", "CHOICES"]
 
