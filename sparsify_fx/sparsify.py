@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from sparsify_fx.analysis.held import false_savings, held_bytes, plan_graphs
+from sparsify_fx.analysis.held import false_savings, held_bytes, holder_kind, plan_graphs
 from sparsify_fx.analysis.shapes import ShapeRecorder
 from sparsify_fx.errors import CaptureError, ConfigError
 from sparsify_fx.frontend.arguments import quiet_fx_traceback
@@ -257,6 +257,39 @@ def sparsify(
     return module
 
 
+def _check_companion(graphs: dict[str, fx.GraphModule], configs: list[PassConfig], record: SparsifyRecord,
+                     plans: dict) -> None:
+    """Warn when a recipe leaves most of the held bytes with activation / norm / pool
+    backwards that ``actmem`` would store compressed (BSR alone on a residual MLP: the GELU
+    keeps its 4x-wide input dense), naming the share and the fix."""
+    names = {c.recipe_name for c in configs}
+    b0, b1 = record.held_bytes_before, record.held_bytes_after
+    # the passes whose point is activation memory; IsoFLOP / SliceOut are about compute
+    if not names & {"dropit", "bsr"} or names & {"actmem", "budget"}:
+        return
+    if not record.rewrites or not b0 or b1 is None or b1 < 0.7 * b0:
+        return
+    kept: dict[str, int] = {}
+    for prefix, plan in plans.items():
+        for t in plan.tensors:
+            kinds = [holder_kind(graphs[prefix], h) for h in t.holders]
+            if t.bytes and kinds and all(any(w in k.lower() for w in _ACTMEM_HOLDERS) for k in kinds):
+                for k in set(kinds):
+                    kept[k] = kept.get(k, 0) + t.bytes // len(set(kinds))
+    share = sum(kept.values()) / b1 if b1 else 0.0
+    if share < 0.25:
+        return
+    recipe = "+".join(short_description(c) for c in configs)
+    top = ", ".join(k for k, _ in sorted(kept.items(), key=lambda kv: -kv[1])[:3])
+    warnings.warn(
+        f"sparsify: {recipe} leaves {b1 / b0:.3f}x of the dense bytes held for backward (memory plan: "
+        f"{_bytes(b0)} -> {_bytes(b1)}); {share:.0%} of what remains is kept dense by {top} backward, "
+        f"which this recipe does not compress. Fix: add actmem, which stores those tensors compressed: "
+        f"recipe {recipe + '+actmem'!r}.",
+        UserWarning, stacklevel=4,
+    )
+
+
 #: op kinds whose backward keeps a tensor dense that ActivationMemory stores compressed
 _ACTMEM_HOLDERS = ("relu", "batchnorm", "batch_norm", "gelu", "silu", "layernorm", "layer_norm",
                    "maxpool", "max_pool")
@@ -273,6 +306,7 @@ def _check_savings(graphs: dict[str, fx.GraphModule], configs: list[PassConfig],
     record.held_bytes_after = sum(p.total_bytes for p in plans.values())
     doubled = false_savings(graphs, record.rewrites, plans)
     if not doubled:
+        _check_companion(graphs, configs, record, plans)
         return
     targets = {(prefix, n.name): str(n.target) for prefix, gm in graphs.items() for n in gm.graph.nodes
                if n.op == "call_module"}

@@ -285,6 +285,44 @@ def test_dropit_with_actmem_does_not_warn():
     assert messages == []
 
 
+class _ResMLP(nn.Module):
+    """Residual pre-norm MLP blocks: the GELU keeps its 4x-wide input dense for backward."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.stem = nn.Linear(32, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(3))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("recipe", ["bsr", "bsr+actmem"])
+def test_bsr_alone_on_a_residual_mlp_says_it_needs_actmem(recipe):
+    import warnings
+
+    from sparsify_fx.bench import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    model, x = _ResMLP(), torch.randn(32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = sfx.sparsify(model, recipe, example_inputs=(x,))
+    messages = [str(w.message) for w in caught if "sparsify:" in str(w.message)]
+    measured = saved_tensor_bytes(fast, (x,)) / saved_tensor_bytes(model, (x,))
+    if recipe == "bsr":
+        assert len(messages) == 1, messages
+        assert "gelu" in messages[0] and "'bsr+actmem'" in messages[0], messages[0]
+        assert measured > 0.7  # what the warning is about: most of the bytes stay
+    else:
+        assert messages == [] and measured < 0.6, (messages, measured)
+
+
 def test_headline_is_the_memory_plan_and_matches_measured():
     from sparsify_fx.bench import saved_tensor_bytes
 

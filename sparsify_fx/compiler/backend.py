@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from sparsify_fx.analysis.held import held_bytes
 from sparsify_fx.analysis.shapes import record_shapes_fake
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.frontend.canonical import canonicalize
@@ -43,8 +44,8 @@ from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.infra.pass_base import dense_layer_order, run_passes
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
 
-__all__ = ["backend", "default_backend", "DEFAULT_RECIPE", "INNER_BACKENDS", "rewrite_dynamo_graph",
-           "rewrite_lazily"]
+__all__ = ["backend", "default_backend", "DEFAULT_RECIPE", "INNER_BACKENDS", "prepare_dynamo_graph",
+           "rewrite_prepared", "rewrite_dynamo_graph", "rewrite_lazily"]
 
 #: recipe of ``backend="sparsify_fx"``: DropIT keeping 10% of each saved dense-layer input.
 DEFAULT_RECIPE = "dropit:keep=0.1"
@@ -173,23 +174,35 @@ def _set_op_modes(gm: fx.GraphModule, frame: dict[str, dict] | None) -> None:
         gm.get_submodule(str(node.target)).training = fallback if mode is None else mode
 
 
-def rewrite_dynamo_graph(
-    gm: fx.GraphModule, example_inputs: list, configs: list, names: dict[int, str] | None = None
-) -> tuple[fx.GraphModule, list]:
-    """Canonicalize and rewrite one Dynamo graph in place; returns it and the pass results.
+def prepare_dynamo_graph(gm: fx.GraphModule, example_inputs: list, names: dict[int, str] | None = None) -> list:
+    """Put one Dynamo graph in the canonical form, in place, with recorded shapes.
 
     Parameters become ``get_attr`` nodes of ``gm`` (named by ``names[id(param)]``, else by
-    their Dynamo source); installed op modules take the mode of the modules they replaced.
+    their Dynamo source). Returns the lifted (placeholder, name) pairs.
     """
-    _lift_parameters(gm, example_inputs, names or {})
+    lifted = _lift_parameters(gm, example_inputs, names or {})
     canonicalize(gm)
     record_shapes_fake(gm, example_inputs)
     gm.meta[meta.NO_GRAD] = not torch.is_grad_enabled()  # Dynamo guards on it: fixed per graph
+    return lifted
+
+
+def rewrite_prepared(gm: fx.GraphModule, configs: list) -> list:
+    """Run the recipe on a prepared Dynamo graph; installed op modules take the mode of the
+    modules they replaced. Returns the pass results."""
     order = dense_layer_order({"": gm})
     first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
     results = run_passes({"": gm}, configs, first_last)
     _set_op_modes(gm, _dynamo_frame())
-    return gm, results
+    return results
+
+
+def rewrite_dynamo_graph(
+    gm: fx.GraphModule, example_inputs: list, configs: list, names: dict[int, str] | None = None
+) -> tuple[fx.GraphModule, list]:
+    """Canonicalize and rewrite one Dynamo graph in place; returns it and the pass results."""
+    prepare_dynamo_graph(gm, example_inputs, names)
+    return gm, rewrite_prepared(gm, configs)
 
 
 def _refuse_added_parameters(gm: fx.GraphModule, configs: list, results: list, why: str) -> None:
@@ -227,15 +240,9 @@ def backend(recipe: Recipe = DEFAULT_RECIPE, inner: str = "inductor") -> Callabl
         raise ValueError(f"inner must be one of {', '.join(map(repr, INNER_BACKENDS))}, got {inner!r}")
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
-        lifted = _lift_parameters(gm, example_inputs, {})
-        canonicalize(gm)
-        record_shapes_fake(gm, example_inputs)
-        gm.meta[meta.NO_GRAD] = not torch.is_grad_enabled()
-        order = dense_layer_order({"": gm})
-        first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
-        results = run_passes({"": gm}, configs, first_last)
+        lifted = prepare_dynamo_graph(gm, example_inputs)
+        results = rewrite_prepared(gm, configs)
         compile_graph.results.append(results)
-        _set_op_modes(gm, _dynamo_frame())
         _refuse_added_parameters(gm, configs, results, "a torch.compile backend cannot hand them to your "
                                  "optimizer; use torch.compile(sfx.sparsify(model, recipe, example_inputs), "
                                  "...) instead")
@@ -261,6 +268,13 @@ def default_backend(gm: fx.GraphModule, example_inputs: list) -> Any:
     return backend(DEFAULT_RECIPE, inner="inductor")(gm, example_inputs)
 
 
+def _held_or_none(graphs: dict, rewrites: list = ()) -> int | None:
+    try:
+        return held_bytes(graphs, rewrites)
+    except Exception:  # noqa: BLE001 - an estimate: an op the plan cannot analyse leaves it out
+        return None
+
+
 def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
     """For a Dynamo capture: a module that rewrites each graph Dynamo makes, on first use."""
     from sparsify_fx.frontend.export import DynamoCaptured
@@ -269,7 +283,13 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
     names = {id(p): n for n, p in model.named_parameters()}
 
     def transform(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
-        gm, results = rewrite_dynamo_graph(gm, example_inputs, configs, names)
+        prepare_dynamo_graph(gm, example_inputs, names)
+        training = not gm.meta[meta.NO_GRAD]
+        before = _held_or_none({"": gm}) if training else None
+        results = rewrite_prepared(gm, configs)
+        if before is not None:  # the headline: the newest graph that trains
+            record.held_bytes_before = before
+            record.held_bytes_after = _held_or_none({"": gm}, [r for res in results for r in res.rewrites])
         _refuse_added_parameters(gm, configs, results, "this model could only be captured by Dynamo, whose graphs "
                                  "are made per input shape and train/eval mode (each would get its own new "
                                  "parameters); make it capturable by export (e.g. no mode-dependent attention "
