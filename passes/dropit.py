@@ -312,6 +312,7 @@ def _dropit_linear(
     selection: str,
     transposed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight, bias = _to_compute(weight, x), _to_compute(bias, x)
     out = owned(F.linear(x, weight.t() if transposed else weight, bias))
     values, index = compress(x, keep, chunk, selection)
     return out, values, index
@@ -322,6 +323,15 @@ def _(x, weight, bias, keep, chunk, selection, transposed):
     out_features = weight.shape[1] if transposed else weight.shape[0]
     out = x.new_empty(*x.shape[:-1], out_features)
     return (out, *_fake_payload(x, keep, chunk, selection))
+
+
+def _to_compute(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``t`` in ``like``'s dtype: under autocast the op modules pass the fp32 weight and the
+    op casts it, in forward and again in backward, so the backward keeps the parameter (held
+    anyway) and not a low-precision copy of it."""
+    if t is None or t.dtype == like.dtype or not like.is_floating_point():
+        return t
+    return t.to(like.dtype)
 
 
 def _linear_setup(ctx, inputs, output) -> None:
@@ -347,14 +357,15 @@ def linear_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, restore_x: C
     ``need_weight=False``: no weight gradient (the caller computes it another way)."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_w = need_w and need_weight
-    w = weight.t() if ctx.transposed else weight  # [out, in]
+    low = _to_compute(weight, grad_out)
+    w = low.t() if ctx.transposed else low  # [out, in]
     grad_x = grad_out @ w if need_x else None
     grad_w = grad_b = None
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     if need_w:
         x = restore_x()
         x2 = x.reshape(-1, x.shape[-1])
-        grad_w = x2.t() @ g2 if ctx.transposed else g2.t() @ x2
+        grad_w = (x2.t() @ g2 if ctx.transposed else g2.t() @ x2).to(weight.dtype)
     if need_b and ctx.has_bias:
         grad_b = g2.sum(0)
     return grad_x, grad_w, grad_b
@@ -363,6 +374,7 @@ def linear_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, restore_x: C
 def conv_forward(x, weight, bias, stride, padding, dilation, groups: int) -> torch.Tensor:
     """The convolution a Conv op keeps its input for, as a custom op may return it."""
     zeros = [0] * len(stride)
+    weight, bias = _to_compute(weight, x), _to_compute(bias, x)
     return owned(torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups))
 
 
@@ -375,11 +387,12 @@ def conv_grads(ctx, grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
     stride, padding, dilation, groups = ctx.conv
     if not (need_x or (need_w and need_weight) or (need_b and ctx.bias_sizes is not None)):
         return None, None, None
-    return torch.ops.aten.convolution_backward(
-        grad_out.contiguous(), x, weight, ctx.bias_sizes, stride, padding, dilation, False,
-        [0] * len(stride), groups,
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out.contiguous(), x, _to_compute(weight, grad_out), ctx.bias_sizes, stride, padding, dilation,
+        False, [0] * len(stride), groups,
         [bool(need_x), bool(need_w and need_weight), bool(need_b and ctx.bias_sizes is not None)],
     )
+    return grad_x, grad_w.to(weight.dtype) if grad_w is not None else None, grad_b
 
 
 def _linear_backward(ctx, grad_out, _grad_values, _grad_indices):
@@ -412,8 +425,8 @@ def _dropit_conv(
 
 @_dropit_conv.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, keep, chunk, selection):
-    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    out = x.new_empty(x.shape[0], weight.shape[0], *spatial)
+    # the convolution's own meta: a channels-last input gives a channels-last output
+    out = conv_forward(x, weight, bias, stride, padding, dilation, groups)
     return (out, *_fake_payload(x, keep, chunk, selection))
 
 
@@ -450,6 +463,7 @@ class DropITLinear(sfx.OpModule):
 
     #: the backward keeps only a compressed copy (read by sfx memory_plan)
     keeps_dense_inputs = False
+    recasts_weight = True
 
     def __init__(self, keep: float, chunk: int, kind: str = "linear", selection: str = "threshold"):
         super().__init__()
@@ -462,7 +476,7 @@ class DropITLinear(sfx.OpModule):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
                 return dropit_linear(
-                    cast(x), cast(weight), cast(bias), self.keep, self.chunk, self.selection,
+                    cast(x), weight, cast(bias), self.keep, self.chunk, self.selection,
                     self.kind != "linear",
                 )[0]
         return dense_call(self.kind, x, weight, bias)
@@ -488,6 +502,8 @@ class ConvOpModule(sfx.OpModule):
 class DropITConv(ConvOpModule):
     """Parameter-free op module: ``forward(x, weight, bias)`` for Conv1d/2d/3d."""
 
+    recasts_weight = True
+
     def __init__(
         self, keep: float, chunk: int, stride, padding, dilation, groups: int,
         selection: str = "threshold",
@@ -502,7 +518,7 @@ class DropITConv(ConvOpModule):
         if self.training and torch.is_grad_enabled() and weight.requires_grad:
             with autocast_region(x.device.type) as cast:
                 return dropit_conv(
-                    cast(x), cast(weight), cast(bias), self.stride, self.padding, self.dilation,
+                    cast(x), weight, cast(bias), self.stride, self.padding, self.dilation,
                     self.groups, self.keep, self.chunk, self.selection,
                 )[0]
         return self.dense(x, weight, bias)

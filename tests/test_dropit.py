@@ -366,6 +366,55 @@ def test_autocast_bf16_saves_bf16_and_grads_match_dense_at_keep1():
     assert values.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_backward_keeps_the_fp32_weight_not_a_bf16_copy(kind):
+    """Under bf16 autocast a dense Linear / Conv keeps autocast's bf16 copy of its weight for
+    backward (2 bytes a parameter each step); the DropIT op re-casts the fp32 parameter in
+    backward instead, with the same gradients."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), \
+            torch.randn(8, 16)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(16, 4, 1)), torch.randn(2, 3, 8, 8)
+    fast = sfx.sparsify(model, sfx.DropIT(keep=1.0, skip_first_last=False), example_inputs=(x,))
+    weights = {tuple(p.shape) for p in model.parameters() if p.dim() > 1}
+    weights |= {s[::-1] for s in weights if len(s) == 2}  # a Linear keeps W.t()
+    saved = {}
+
+    def step(m):
+        shapes = []
+
+        def pack(t):
+            shapes.append((tuple(t.shape), t.dtype))
+            return t
+
+        m.train().zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m(x)
+        out.float().square().sum().backward()
+        saved[m] = shapes
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = step(model)
+    got = step(fast)
+    assert any(s in weights and d == torch.bfloat16 for s, d in saved[model])  # what is saved
+    assert not any(s in weights and d == torch.bfloat16 for s, d in saved[fast]), saved[fast]
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2)
+    # and the memory plan counts autocast's weight copies for the dense graph only
+    def copies(gm):
+        return (sfx.memory_plan(gm, autocast=torch.bfloat16).total_bytes
+                - sfx.memory_plan(gm, autocast=None).total_bytes)
+
+    dense_graph = sfx.capture(model, (x,)).graph_module
+    sfx.ShapeRecorder(dense_graph).run(x)
+    assert copies(sfx.explain(fast).graph_modules[""]) == 0
+    assert copies(dense_graph) > 0
+
+
 # ---------------------------------------------------------------- fused CPU kernels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -216,12 +216,12 @@ def _autocast_copies(n: fx.Node, gm: fx.GraphModule, kept: list[fx.Node], grad: 
 
     if n.op == "call_module" and str(n.target).startswith(OPS_CONTAINER + "."):
         # a rewritten Linear / Conv (a fused or compressing op module) still keeps its weight's
-        # cast; a recomputed segment re-casts in backward and keeps none
+        # cast; a recomputed segment, or an op module that re-casts in backward, keeps none
         from sparsify_fx.analysis.segments import (
             RecomputedSegment,  # (segments is the heavier module)
         )
         mod = gm.get_submodule(str(n.target))
-        if not isinstance(mod, OpModule) or isinstance(mod, RecomputedSegment):
+        if not isinstance(mod, OpModule) or isinstance(mod, RecomputedSegment) or mod.recasts_weight:
             return kept, 0
         return kept, sum(weight_cast(a, str(a.target)) for a in n.all_input_nodes
                          if a.op == "get_attr" and _trainable(gm, a) and len(getattr(

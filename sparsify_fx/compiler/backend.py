@@ -183,7 +183,11 @@ def prepare_dynamo_graph(gm: fx.GraphModule, example_inputs: list, names: dict[i
     lifted = _lift_parameters(gm, example_inputs, names or {})
     canonicalize(gm)
     record_shapes_fake(gm, example_inputs)
-    gm.meta[meta.NO_GRAD] = not torch.is_grad_enabled()  # Dynamo guards on it: fixed per graph
+    # Dynamo guards on grad mode and autocast: both are fixed for the life of this graph
+    gm.meta[meta.NO_GRAD] = not torch.is_grad_enabled()
+    device = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
+    if torch.is_autocast_enabled(device):  # the memory plan counts the copies autocast keeps
+        gm.meta[meta.AUTOCAST] = torch.get_autocast_dtype(device)
     return lifted
 
 

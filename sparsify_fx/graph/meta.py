@@ -35,7 +35,8 @@ ORIGIN = "sfx_origin"
 
 #: a GraphModule-level key (``gm.meta``, not ``node.meta``): the autocast dtype the recorded
 #: shapes were taken under and the training forward runs at. Written by ``MemoryBudget``
-#: (``passes/memory_budget/planner.py``); read by ``memory_plan``, which then counts the
+#: (``passes/memory_budget/planner.py``) and, for a graph Dynamo captured under autocast, by
+#: the Dynamo rewrite (``compiler/backend.py``); read by ``memory_plan``, which then counts the
 #: copies autocast saves (matmul inputs and weights cast to this dtype).
 AUTOCAST = "sfx_autocast"
 

@@ -29,6 +29,9 @@ class OpModule(nn.Module):
         host_side: in training the module must run in Python on every call (SliceOut draws a
             window per step); the compile backend refuses to hand a training graph holding one
             to an AOTAutograd backend, which would bake its first result into the code.
+        recasts_weight: under autocast the module takes the fp32 weight and casts it itself,
+            in forward and again in backward, so the backward keeps the parameter (held
+            anyway) instead of autocast's low-precision copy (the memory plan counts none).
 
     Example:
         >>> import torch, sparsify_fx as sfx
@@ -43,6 +46,7 @@ class OpModule(nn.Module):
     keeps_dense_inputs: bool = True
     keeps_output: bool = False
     host_side: bool = False
+    recasts_weight: bool = False
 
     def reinitialize(self) -> None:
         """Called once by :func:`sparsify_fx.sparsify` after verification (also when it does
