@@ -94,9 +94,13 @@ def run(name: str, recipe: str, amp: str) -> dict:
     at_length = not recipe.startswith("budget")
     for length in LENGTHS:
         args, kwargs = _inputs(name, length)
+        # one autocast context per step: autocast caches weight casts until its outermost
+        # context exits, and the two models share their weights
         with cast():
             saved_tensor_bytes(fast, args, kwargs)  # warm-up: compiles (and plans) a new graph
+        with cast():
             dense = saved_tensor_bytes(model, args, kwargs)
+        with cast():
             rewritten = saved_tensor_bytes(fast, args, kwargs)
         report = sfx.explain(fast)
         rows.append({"length": length, "dense_bytes": dense, "rewritten_bytes": rewritten,

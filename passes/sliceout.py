@@ -197,23 +197,27 @@ def _linear_backward(ctx, grad_out):
 sliceout_linear = register_autograd(_sliceout_linear, _linear_backward, _linear_setup)
 
 
-@torch.library.custom_op("sparsify_fx::sliceout_conv", mutates_args=())
-def _sliceout_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    rows: list[int], cols: list[int], scale: float,
-    stride: list[int], padding: list[int], dilation: list[int],
-) -> torch.Tensor:
+def _conv_window(x, weight, bias, rows, cols, scale, stride, padding, dilation) -> torch.Tensor:
     b = _take(bias, 0, rows) if bias is not None else None
     w = _weight_window(weight, rows, cols, scale)
     zeros = [0] * len(stride)
     return owned(torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, zeros, 1))
 
 
+@torch.library.custom_op("sparsify_fx::sliceout_conv", mutates_args=())
+def _sliceout_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    rows: list[int], cols: list[int], scale: float,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> torch.Tensor:
+    return _conv_window(x, weight, bias, rows, cols, scale, stride, padding, dilation)
+
+
 @_sliceout_conv.register_fake
 def _(x, weight, bias, rows, cols, scale, stride, padding, dilation):
-    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    out = sum(rows[1::2]) if rows else weight.shape[0]
-    return x.new_empty(x.shape[0], out, *spatial)
+    # the real computation on the fake tensors: the convolution's meta gives its layout (a
+    # channels-last input gives a channels-last output)
+    return _conv_window(x, weight, bias, rows, cols, scale, stride, padding, dilation)
 
 
 def _conv_setup(ctx, inputs, output) -> None:

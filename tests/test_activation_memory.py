@@ -93,6 +93,26 @@ def test_relu_saves_one_bit_per_element():
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, y.numel() // 8)]
 
 
+@pytest.mark.parametrize("recipe", ["actmem", "dropit:keep=0.1,skip_first_last=False+actmem"])
+def test_relu_mask_only_where_the_consumer_does_not_keep_the_output(recipe):
+    """ReLU -> Conv: the dense Conv keeps the ReLU's output for its weight gradient and ReLU's
+    backward reads that same tensor, so a 1-bit mask would be held beside it. With DropIT first
+    the Conv keeps a compressed copy and the mask is what frees the output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4))
+    x = torch.randn(2, 3, 8, 8)
+    fast = sfx.sparsify(model, recipe, example_inputs=(x,))
+    report = sfx.explain(fast)
+    masks = [r for r in report.rewrites if r.pass_name == "actmem" and r.op == "relu"]
+    refused = [s for s in report.skipped if s.pass_name == "actmem" and "1-bit mask would add bytes" in s.reason]
+    if recipe == "actmem":
+        assert not masks and len(refused) == 2, (masks, refused)
+        assert saved_tensor_bytes(fast, (x,)) <= saved_tensor_bytes(model, (x,))
+    else:
+        assert len(masks) == 2 and not refused
+
+
 # ---------------------------------------------------------------- GELU / SiLU
 
 
@@ -1179,7 +1199,10 @@ def test_in_place_relu_writes_over_its_input_with_the_same_values_bits_and_grads
 def test_resnet_residual_relu_runs_in_place_and_grads_match_dense():
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(2, 3, 64, 64)
-    fast = sfx.sparsify(model, sfx.ActivationMemory(batchnorm="recompute"), example_inputs=(x,))  # exact
+    # exact; DropIT at keep=1.0 first, so the convolutions no longer keep the ReLUs' outputs
+    # dense and each ReLU gets its mask
+    recipe = [sfx.DropIT(keep=1.0, skip_first_last=False), sfx.ActivationMemory(batchnorm="recompute")]
+    fast = sfx.sparsify(model, recipe, example_inputs=(x,))
     relus = {name: m for name, m in fast.named_modules() if isinstance(m, ActMemReLU)}
     assert sum(m.inplace for m in relus.values()) >= 8  # one after each residual +=
     same = []

@@ -34,6 +34,7 @@ from sparsify_fx.passes.activation_memory.modules import (
 from sparsify_fx.passes.activation_memory.ops import (
     _bf16_copy,
     _channel_view,
+    _stat_dtype,
     bn_backward_from_payload,
     bn_payload,
 )
@@ -85,11 +86,14 @@ def _actmem_bn_relu_conv(
 @_actmem_bn_relu_conv.register_fake
 def _(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, weight, bias, stride, padding, dilation,
       groups, upper, store, bf16_mm):
-    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    stats = x.new_empty(x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    # the kernels' own metas for the layout: BatchNorm keeps x's (channels-last stays so) and
+    # the convolution follows it (running stats left out: the meta would update them)
+    y = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, None, None, True, momentum, eps)[0]
+    out = conv_forward(y.to(weight.dtype), weight, bias, stride, padding, dilation, groups)
+    stats = x.new_empty(x.shape[1], dtype=_stat_dtype(x, bn_weight, bn_bias, running_mean, running_var))
     payload = torch.empty_like(x, dtype=torch.bfloat16) if _bf16_copy(x, store) else x.new_empty(0)
-    return (x.new_empty(x.shape[0], weight.shape[0], *spatial, dtype=weight.dtype), stats,
-            torch.empty_like(stats), torch.empty_like(running_mean), torch.empty_like(running_var), payload)
+    return (out, stats, torch.empty_like(stats), torch.empty_like(running_mean), torch.empty_like(running_var),
+            payload)
 
 
 def _setup(ctx, inputs, output) -> None:

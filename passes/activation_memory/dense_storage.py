@@ -100,8 +100,9 @@ def _bf16in_conv(
 
 @_bf16in_conv.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, bf16_mm):
-    spatial = sfx.conv_output_spatial(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], *spatial), torch.empty_like(x, dtype=torch.bfloat16)
+    # the convolution's own meta: a channels-last input gives a channels-last output
+    out = conv_forward(x, weight, bias, stride, padding, dilation, groups)
+    return out, torch.empty_like(x, dtype=torch.bfloat16)
 
 
 def _conv_setup(ctx, inputs, output) -> None:

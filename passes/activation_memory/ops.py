@@ -112,6 +112,19 @@ def _compressible(x: torch.Tensor, storage: str) -> bool:
     return x.is_floating_point() and x.element_size() > (2 if storage == "bf16" else 1)
 
 
+def _stat_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype:
+    """The dtype of the statistics ``native_layer_norm`` / ``native_batch_norm`` return for
+    ``x`` beside ``params``, for the fake kernels. PyTorch's own meta kernels give ``x``'s
+    dtype, which is wrong twice: accelerators return the accumulation type (fp32 for a
+    2-byte ``x``), and the CPU returns fp32 for a 2-byte ``x`` only beside an fp32 parameter
+    (its mixed-type path), else ``x``'s dtype."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return x.dtype
+    if x.device.type != "cpu" or any(p is not None and p.dtype == torch.float32 for p in params):
+        return torch.float32
+    return x.dtype
+
+
 # ---------------------------------------------------------------- ReLU / LeakyReLU
 
 
@@ -338,10 +351,11 @@ def bn_payload(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, storag
 
 @_actmem_batch_norm.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps, storage, block):
-    c = x.shape[1]
-    stats = x.new_empty(c, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    # the kernel's own meta for the output's layout (running stats left out: it would update them)
+    out = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, momentum, eps)[0]
+    stats = x.new_empty(x.shape[1], dtype=_stat_dtype(x, weight, bias, running_mean, running_var))
     return (
-        torch.empty_like(x), *_fake_payload(x, storage, block), stats, torch.empty_like(stats),
+        out, *_fake_payload(x, storage, block), stats, torch.empty_like(stats),
         torch.empty_like(running_mean), torch.empty_like(running_var),
     )
 
@@ -383,7 +397,7 @@ def bn_backward_from_payload(grad_out, payload, scale, invstd, weight, shape, dt
     dims = [d for d in range(x_hat.dim()) if d != 1]
     centre = x_hat.mean(dims, dtype=invstd.dtype)
     return tuple(torch.ops.aten.native_batch_norm_backward(
-        grad_out, x_hat, eff_weight.to(dtype), None, None, centre, torch.ones_like(invstd), True, 0.0, list(need),
+        grad_out, x_hat, eff_weight, None, None, centre, torch.ones_like(invstd), True, 0.0, list(need),
     ))
 
 
@@ -422,10 +436,10 @@ def ln_payload(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, storage:
 
 @_actmem_layer_norm.register_fake
 def _(x, normalized_shape, weight, bias, eps, storage, block):
-    k = len(normalized_shape)
-    stats_shape = list(x.shape[: x.dim() - k]) + [1] * k
-    stats = x.new_empty(stats_shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
-    return (torch.empty_like(x), *_fake_payload(x, storage, block), stats, torch.empty_like(stats))
+    # the kernel's own meta for the output's layout (contiguous, whatever x's strides are)
+    out, mean, _ = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    stats = mean.new_empty(mean.shape, dtype=_stat_dtype(x, weight, bias))
+    return (out, *_fake_payload(x, storage, block), stats, torch.empty_like(stats))
 
 
 def _ln_setup(ctx, inputs, output) -> None:
@@ -486,7 +500,7 @@ def _actmem_ln_linear(
 @_actmem_ln_linear.register_fake
 def _(x, normalized_shape, ln_weight, ln_bias, eps, weight, bias, store, bf16_mm):
     rows = list(x.shape[: x.dim() - len(normalized_shape)]) + [1] * len(normalized_shape)
-    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    stat_dtype = _stat_dtype(x, ln_weight, ln_bias)
     payload = torch.empty_like(x, dtype=torch.bfloat16) if _bf16_copy(x, store) else x.new_empty(0)
     return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype),
             x.new_empty(rows, dtype=stat_dtype), x.new_empty(rows, dtype=stat_dtype), payload)
@@ -556,8 +570,8 @@ def _actmem_scale(
 
 @_actmem_scale.register_fake
 def _(x, scale, storage, block):
-    out = x.new_empty(torch.broadcast_shapes(x.shape, scale.shape), dtype=torch.result_type(x, scale))
-    return (out, *_fake_payload(x, storage, block))
+    # the product's meta: its layout follows x's strides (transposed, channels-last)
+    return (x * scale, *_fake_payload(x, storage, block))
 
 
 def _scale_setup(ctx, inputs, output) -> None:
@@ -619,8 +633,9 @@ def _actmem_sdpa(
         if not _flash_cpu_picked(q, k, v, is_causal, scale):
             # the dispatcher would run another kernel (an sdpa_kernel context, an unusual shape):
             # its output, so the forward stays the original's bit for bit; the flash
-            # kernel's log-sum-exp still serves its backward
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+            # kernel's log-sum-exp still serves its backward. Copied into the flash output's
+            # layout, which the fake kernel gives (it cannot tell which kernel would run)
+            out = out.copy_(F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale))
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
         lse = q.new_empty(0, dtype=torch.float32)
@@ -630,9 +645,13 @@ def _actmem_sdpa(
 
 @_actmem_sdpa.register_fake
 def _(q, k, v, is_causal, scale, storage, block, keep_out):
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    lse = (q.new_empty(q.shape[:-1], dtype=torch.float32) if keeps_attention_output(q, k, v, keep_out)
-           else q.new_empty(0, dtype=torch.float32))
+    # the kernels' own metas: the output (and log-sum-exp) layout follows q's, e.g. GPT-2's
+    # [b, seq, heads, dim] memory viewed as [b, heads, seq, dim]
+    if keeps_attention_output(q, k, v, keep_out):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        lse = q.new_empty(0, dtype=torch.float32)
     return (out, lse, *_fake_payload(q, storage, block), *_fake_payload(k, storage, block),
             *_fake_payload(v, storage, block))
 

@@ -118,7 +118,7 @@ from sparsify_fx import (
     has_hooks,
     overwritten_in_place,
 )
-from sparsify_fx.graph.op_table import BATCH_NORM_MODULES
+from sparsify_fx.graph.op_table import BATCH_NORM_MODULES, is_view
 
 # listed, not built from actmem_ops.__all__: tools (ruff's unused-import fix) only see a literal
 __all__ = [
@@ -313,6 +313,26 @@ def _plan_ln_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None,
     before, after = _fused_bytes(x, store, sfx.tensor_bytes(node))
     op_module = ActMemLnLinear(tuple(shape), float(eps), store, weight_grad)
     return op_module, (x, ln_w, ln_b, weight, bias), before, after, consumer
+
+
+def _output_kept_dense(gm: fx.GraphModule, act: fx.Node) -> str | None:
+    """Why a ReLU's 1-bit mask would add bytes: a dense Linear / Conv consuming its output
+    keeps that output for its weight gradient, and ReLU's own backward reads the same tensor
+    (a DropIT placed before actmem in the recipe compresses both)."""
+    aliases, users = {act}, list(act.users)
+    while users:  # through views (a flatten before the classifier keeps the same storage)
+        user = users.pop()
+        viewing = is_view(user) or (user.op == "call_module" and isinstance(
+            gm.get_submodule(str(user.target)), (nn.Flatten, nn.Unflatten, nn.Identity)))
+        if viewing and user.args and user.args[0] in aliases:
+            aliases.add(user)
+            users += list(user.users)
+            continue
+        op = sfx.dense_op(gm, user)
+        if isinstance(op, sfx.DenseOp) and op.input in aliases and gm.get_parameter(op.weight_name).requires_grad:
+            return (f"its output is kept dense by {user.name} ({op.kind}) backward, which ReLU's backward "
+                    "reads too: a 1-bit mask would add bytes (put dropit before actmem to compress both)")
+    return None
 
 
 def _relu_upper(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> tuple[float | None, bool] | str:
@@ -516,6 +536,9 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
         if slope < 0:
             return f"negative_slope={slope} < 0: the sign of the output does not give the mask"
         if inplace and (why := _inplace_reason(node, x)):
+            return why
+        # (with dense storage on, this pass stores those Linear / Conv inputs in bf16 too)
+        if config.dense == "off" and (why := _output_kept_dense(gm, node)):
             return why
         after = math.ceil(numel / 8) if numel is not None else None
         return ActMemReLU(slope, inplace), (x,), before, after

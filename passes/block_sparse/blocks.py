@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 from sparsify_fx.passes.block_sparse.triton_kernel import bsc_weight_grad_triton, kernel_for
+from sparsify_fx.passes.kernels.cache import eager
 
 __all__ = ["BlockGrid", "CompressedBlocks", "block_grid", "compress_blocks", "decompress_blocks",
            "block_sparse_weight_grad"]
@@ -71,8 +72,9 @@ def _kept(n: int, density: float) -> int:
 
 def block_grid(rows: int, cols: int, block: int, density: float) -> BlockGrid:
     """The block layout of a ``[rows, cols]`` input and how many blocks of each kind are kept."""
-    n_r, rem_r = divmod(rows, block)
-    n_c, rem_c = divmod(cols, block)
+    # not divmod: SymInts (torch.compile's dynamic shapes, the fake kernel) lack it
+    n_r, rem_r = rows // block, rows % block
+    n_c, rem_c = cols // block, cols % block
     largest = max(n_r, n_c) + 1
     return BlockGrid(
         rows, cols, block, n_r, n_c, rem_r, rem_c,
@@ -282,7 +284,8 @@ def block_sparse_weight_grad(
     ``_PER_BLOCK_MIN_WIDTH`` blocks wide), or ``"dense"`` (the input rebuilt dense, zeros in the
     dropped blocks, for one GEMM; for comparison, never picked automatically: it materialises
     a dense input in backward); ``None`` takes
-    :func:`sparsify_fx.passes.block_sparse.triton_kernel.kernel_for`'s choice. Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to
+    :func:`sparsify_fx.passes.block_sparse.triton_kernel.kernel_for`'s choice. Traced calls
+    (``torch.compile``) run ``"dense"`` where ``"torch"`` was asked or chosen. Every kept full block ``(i, j)`` adds ``x_ijᵀ @ grad_out[i-rows]`` to
     ``grad[j-rows]``; the partial strips are added after. Cost scales with the kept fraction:
     dropped blocks are never materialised, not even as zeros.
     """
@@ -294,6 +297,11 @@ def block_sparse_weight_grad(
     dtype = g2.dtype
     if kernel is None:
         kernel = kernel_for(blocks.values.device, b, g2.dtype)[0]
+    if kernel == "torch" and not eager(g2):
+        # the per-column GEMMs read the block counts back to the host, which a traced (fake)
+        # tensor has not: the dense rebuild is the traceable form, a temporary of backward
+        # (what forward saves stays compressed)
+        kernel = "dense"
     if kernel == "dense":
         x = decompress_blocks(blocks, rows, cols, b).to(dtype)
         return g2.t() @ x if transposed else x.t() @ g2

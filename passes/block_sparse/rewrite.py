@@ -172,11 +172,8 @@ def _in_features(x: torch.Tensor, kind: str) -> int:
 
 @_block_sparse_dense.register_fake
 def _(x, weight, bias, block, density, norm, selection, kind, dilation):
-    if kind == "conv":
-        out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
-    else:
-        out_features = weight.shape[0] if kind == "linear" else weight.shape[1]
-        out = x.new_empty(*x.shape[:-1], out_features)
+    # the dense op's own meta: its layout (a channels-last input gives a channels-last output)
+    out = owned(_dense(x, weight, bias, kind, dilation))
     cols = _in_features(x, kind)
     g = block_grid(x.numel() // cols, cols, block, density)
     b, idx = block, g.index_dtype

@@ -112,6 +112,10 @@ def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
     key = (x.device.type, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
            groups)
+    # under torch.compile's dynamic shapes the sizes are symbolic (unhashable): no shape has a
+    # verdict to look up
+    if any(isinstance(d, torch.SymInt) for d in (*x.shape, *weight.shape)):
+        return _conv_weight_grad_in(grad_out, x, weight, conv, torch.bfloat16)
     if key in _BROKEN_SHAPES:
         return _conv_weight_grad_in(grad_out, x, weight, conv, weight.dtype)
     out = _conv_weight_grad_in(grad_out, x, weight, conv, torch.bfloat16)
