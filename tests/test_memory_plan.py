@@ -302,6 +302,21 @@ class _WithTrainReturningNone(_WithOpaque):
         self.block = _TrainReturnsNone()
 
 
+class _AttentionDropout(nn.Module):
+    """Attention with dropout, as Hugging Face's BERT calls it in training: on a CPU no fused
+    kernel takes dropout, and the math path keeps three [batch, heads, L, L] tensors."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.qkv, self.out, self.p = nn.Linear(16, 48), nn.Linear(16, 16), p
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p)
+        return self.out(h.transpose(1, 2).reshape(b, n, 16))
+
+
 @pytest.mark.parametrize("model, shape", [
     (_FrozenParts, (2, 3, 8, 8)),
     (_IdentityAlias, (4, 6, 8)),
@@ -316,6 +331,22 @@ def test_plan_holds_what_autograd_saves_for_held_out_patterns(model, shape):
     assert not plan.unknown
     measured = saved_tensor_bytes(fast, (x,), loss_fn=_sum)
     torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.0])
+def test_attention_with_dropout_keeps_its_scores_on_a_cpu(p):
+    import torch.fx as fx
+
+    torch.manual_seed(0)
+    model, x = _AttentionDropout(p).train(), torch.randn(2, 40, 16)
+    gm = fx.symbolic_trace(model)
+    with torch.no_grad():
+        sfx.ShapeRecorder(gm).run(x)
+    plan = memory_plan(gm)
+    measured = saved_tensor_bytes(gm, (x,), loss_fn=_sum)
+    torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0.05, atol=0)
+    scores = 3 * 4 * 2 * 4 * 40 * 40  # fp32 [2, 4, 40, 40] three times
+    assert (plan.total_bytes > scores) == (p > 0)
 
 
 def test_frozen_and_grad_free_holders_are_not_counted():

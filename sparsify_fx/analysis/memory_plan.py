@@ -448,6 +448,8 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
             return math.prod(size[:2]) * itemsize
         on_cuda = any(p.is_cuda for p in gm.parameters())
         return numel * (1 if on_cuda else itemsize)
+    if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+        return _math_attention_bytes(n, gm)
     if isinstance(mod, nn.modules.pooling._MaxPoolNd):
         return numel * 8  # int64 indices of the output's shape
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
@@ -465,6 +467,25 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
     if groups and size:
         return 2 * size[0] * groups * 4
     return 0
+
+
+def _math_attention_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
+    """Attention with dropout in training on a CPU: no fused kernel takes dropout there, so
+    the math path runs and keeps three ``[*batch, Lq, Lk]`` tensors for backward (the
+    probabilities, the dropout mask and the dropped probabilities), in fp32 where the query or
+    a float mask is fp32 (autocast promotes to the widest operand). CUDA's fused kernels keep
+    an RNG state instead. Hugging Face's BERT passes ``dropout_p=0.1`` in training."""
+    p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+    if not isinstance(p, (int, float)) or not 0 < p < 1 or any(t.is_cuda for t in gm.parameters()):
+        return 0
+    q, k = (tensor_meta(a) if isinstance(a, fx.Node) else None for a in (list(n.args) + [None, None])[:2])
+    if q is None or k is None or len(q[0]) < 2:
+        return 0
+    mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+    mask_meta = tensor_meta(mask) if isinstance(mask, fx.Node) else None
+    wide = q[1] == torch.float32 or (mask_meta is not None and mask_meta[1] == torch.float32)
+    itemsize = 4 if wide else torch.empty((), dtype=q[1]).element_size()
+    return 3 * itemsize * math.prod(q[0][:-1]) * k[0][-2]
 
 
 def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float:
