@@ -161,6 +161,9 @@ def test_identical_blocks_get_one_price_whatever_the_noise():
     assert len(blocks) == 4
     choices = set(blocks["blocks.1"]["options"])
     assert {"keep", "compress", "recompute"} <= choices
+    # the last block's ReLU feeds the head's mean, not the next block's conv: it alone gets a
+    # 1-bit mask under ActivationMemory (a conv that keeps the output makes one redundant)
+    del blocks["blocks.3"]
     for choice in choices - {"keep"}:
         prices = {u["options"][choice]["seconds"] for u in blocks.values()}
         assert len(prices) == 1, (choice, prices)

@@ -463,6 +463,10 @@ def _plan_attention(node: fx.Node, config: ActivationMemory):
     if all(m is not None for m in metas):
         if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
             return "q, k, v batch dims differ (broadcasting attention is not supported)"
+        width = torch.empty((), dtype=metas[0][1]).element_size()
+        if width <= (2 if config.attention == "bf16" else 1):
+            # (recorded under autocast: the op module would run the dense attention)
+            return f"q, k, v are {str(metas[0][1]).removeprefix('torch.')} already: attention={config.attention!r} has nothing to compress"
         before = sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v, node))
         after = sum(_stored_bytes(_numel_of(t), config.attention, config.block_size) or 0 for t in (q, k, v))
         if keep:  # + the fp32 log-sum-exp per query row (the output itself is counted as held)
