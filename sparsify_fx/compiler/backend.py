@@ -45,7 +45,7 @@ from sparsify_fx.infra.pass_base import dense_layer_order, run_passes
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
 
 __all__ = ["backend", "default_backend", "DEFAULT_RECIPE", "INNER_BACKENDS", "prepare_dynamo_graph",
-           "rewrite_prepared", "rewrite_dynamo_graph", "rewrite_lazily"]
+           "rewrite_prepared", "rewrite_lazily"]
 
 #: recipe of ``backend="sparsify_fx"``: DropIT keeping 10% of each saved dense-layer input.
 DEFAULT_RECIPE = "dropit:keep=0.1"
@@ -201,14 +201,6 @@ def rewrite_prepared(gm: fx.GraphModule, configs: list) -> list:
     return results
 
 
-def rewrite_dynamo_graph(
-    gm: fx.GraphModule, example_inputs: list, configs: list, names: dict[int, str] | None = None
-) -> tuple[fx.GraphModule, list]:
-    """Canonicalize and rewrite one Dynamo graph in place; returns it and the pass results."""
-    prepare_dynamo_graph(gm, example_inputs, names)
-    return gm, rewrite_prepared(gm, configs)
-
-
 def _refuse_added_parameters(gm: fx.GraphModule, configs: list, results: list, why: str) -> None:
     """Raise when a pass added parameters to a Dynamo graph (nobody could train them)."""
     ops = getattr(gm, OPS_CONTAINER, None)
@@ -272,16 +264,10 @@ def default_backend(gm: fx.GraphModule, example_inputs: list) -> Any:
     return backend(DEFAULT_RECIPE, inner="inductor")(gm, example_inputs)
 
 
-def _held_or_none(graphs: dict, rewrites: list = ()) -> int | None:
-    try:
-        return held_bytes(graphs, rewrites)
-    except Exception:  # noqa: BLE001 - an estimate: an op the plan cannot analyse leaves it out
-        return None
-
-
 def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
     """For a Dynamo capture: a module that rewrites each graph Dynamo makes, on first use."""
     from sparsify_fx.frontend.export import DynamoCaptured
+    from sparsify_fx.sparsify import _planned
 
     model = cap.graph_module.model
     names = {id(p): n for n, p in model.named_parameters()}
@@ -289,11 +275,12 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
     def transform(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
         prepare_dynamo_graph(gm, example_inputs, names)
         training = not gm.meta[meta.NO_GRAD]
-        before = _held_or_none({"": gm}) if training else None
+        before = _planned(record, lambda: held_bytes({"": gm})) if training else None
         results = rewrite_prepared(gm, configs)
         if before is not None:  # the headline: the newest graph that trains
             record.held_bytes_before = before
-            record.held_bytes_after = _held_or_none({"": gm}, [r for res in results for r in res.rewrites])
+            rewrites = [r for res in results for r in res.rewrites]
+            record.held_bytes_after = _planned(record, lambda: held_bytes({"": gm}, rewrites))
         _refuse_added_parameters(gm, configs, results, "this model could only be captured by Dynamo, whose graphs "
                                  "are made per input shape and train/eval mode (each would get its own new "
                                  "parameters); make it capturable by export (e.g. no mode-dependent attention "
