@@ -17,6 +17,7 @@ from sparsify_fx.analysis.memory_plan import (
     MemoryPlan,
     TensorLiveness,
     compressed_bytes_of,
+    math_attention_bytes,
     memory_plan,
     overwritten_in_place,
 )
@@ -94,7 +95,7 @@ __all__ = [
     "DenseOp", "dense_op", "find_dense_ops", "install_module", "replace_node", "canonicalize", "module_name_of",
     "ShapeRecorder", "conv_output_spatial", "autocast_region", "tensor_meta", "tensor_bytes", "dense_op_flops", "structural_copy",
     "SparsifyError", "ConfigError", "RecipeError", "CaptureError", "PassError", "VerificationError",
-    "memory_plan", "compressed_bytes_of", "overwritten_in_place", "MemoryPlan", "TensorLiveness",
+    "memory_plan", "compressed_bytes_of", "overwritten_in_place", "math_attention_bytes", "MemoryPlan", "TensorLiveness",
     "find_blocks", "Block", "recompute_segment", "RecomputedSegment", "grad_only_linear",
     "DropIT",
     "find_slice_groups", "SliceGroup", "SliceProducer", "SliceConsumer", "ForbiddenSliceGroup", "SliceGroupAnalysis",

@@ -1081,17 +1081,136 @@ def test_attention_output_overwritten_in_place_is_not_kept():
         _eval_exact_and_grads_close(model, fast, x, 2e-2)
 
 
-def test_attention_is_opt_in_and_masked_or_dropout_attention_is_reported():
+def test_attention_is_opt_in_and_masked_attention_or_dropout_off_is_reported():
     x = torch.randn(2, 6, 64)
     report = sfx.explain(sfx.sparsify(_Attention(), sfx.ActivationMemory(), example_inputs=(x,)))
     assert any(s.reason == "attention='off'" for s in report.skipped if s.op == "attention")
     mask = torch.ones(6, 6, dtype=torch.bool).tril()
-    config = sfx.ActivationMemory(attention="bf16")
-    for model, why in ((_Attention(attn_mask=mask), "attn_mask given"), (_Attention(dropout_p=0.1), "dropout_p=0.1")):
+    for model, config, why in (
+            (_Attention(attn_mask=mask), sfx.ActivationMemory(attention="bf16"), "attn_mask given"),
+            (_Attention(dropout_p=0.1), sfx.ActivationMemory(attention_dropout="off"), "attention_dropout='off'")):
         # verify=False: the dropout model is random in eval too (SDPA's dropout_p ignores the mode)
         report = sfx.explain(sfx.sparsify(model, config, example_inputs=(x,), verify=False))
         assert not [r for r in report.rewrites if r.op == "attention"]
         assert any(why in s.reason for s in report.skipped if s.op == "attention"), report.skipped
+    with pytest.raises(sfx.ConfigError, match="attention_dropout"):
+        sfx.ActivationMemory(attention_dropout="bf16")
+
+
+# ---------------------------------------------------------------- attention with dropout
+
+
+def _saved_shapes(module: nn.Module, x: torch.Tensor, amp: bool) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return saved
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("mask", [None, "float", "bool"])
+def test_attention_with_dropout_keeps_no_scores_and_the_plan_holds(amp, mask):
+    """On a CPU, SDPA with dropout runs the math path and keeps three [b, heads, L, L] tensors
+    (and fp32 copies of bf16 q, k, v); the rewrite keeps q, k, v and a seed. The plan (made
+    under the same autocast) matches what autograd holds, before and after."""
+    torch.manual_seed(0)
+    n = 48
+    masks = {None: None, "float": torch.randn(2, 1, n, n), "bool": torch.rand(n, n) > 0.2}
+    model, x = _Attention(dropout_p=0.1, attn_mask=masks[mask]).train(), torch.randn(2, n, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,), verify=False)
+    (r,) = [r for r in sfx.explain(fast).rewrites if r.op == "attention"]
+    assert r.details["storage"] == "none" and r.details["dropout_p"] == 0.1
+
+    def scores(saved):  # per-head [b, heads, n, n] tensors (not the [b, 1, n, n] mask)
+        return [s for s, _ in saved if s[-2:] == (n, n) and math.prod(s[:-2]) == 2 * 4]
+    assert len(scores(_saved_shapes(model, x, amp))) == 3  # (what the rewrite removes is there in dense)
+    saved = _saved_shapes(fast, x, amp)
+    assert not scores(saved), saved
+    dense, after = _amp_bytes(model, fast, x, amp)
+    report = sfx.explain(fast)
+    assert after < 0.5 * dense
+    if not amp:  # (a plan made under autocast is MemoryBudget's, tested there)
+        torch.testing.assert_close(float(report.held_bytes_after), float(after), rtol=0.05, atol=0)
+        torch.testing.assert_close(float(report.held_bytes_before), float(dense), rtol=0.05, atol=0)
+
+
+def _amp_bytes(model: nn.Module, fast: nn.Module, x: torch.Tensor, amp: bool) -> tuple[int, int]:
+    out = []
+    for m in (model, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out.append(saved_tensor_bytes(m, (x,), count_inputs=True))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("dtype, storage", [(torch.float32, "none"), (torch.float32, "bf16"),
+                                            (torch.bfloat16, "none")])
+def test_attention_dropout_gradients_match_autograd_with_the_same_mask(dtype, storage):
+    from sparsify_fx.passes.activation_memory.attention_dropout import _keep_scaled, _probs, actmem_sdpa_dropout
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 8, dtype=dtype).requires_grad_() for _ in range(3))
+    mask = torch.randn(2, 1, 11, 11, dtype=dtype)
+    seed = torch.tensor(77)
+    out = actmem_sdpa_dropout(q, k, v, mask, seed, 0.3, True, 0.4, storage, 16)[0]
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    # the math path written with autograd, on the dropout mask the seed draws
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    if storage == "bf16":  # the backward sees the stored bf16 q, k, v
+        leaves = [t.detach().bfloat16().float().requires_grad_() for t in (q, k, v)]
+    probs, _ = _probs(leaves[0], leaves[1], mask, True, 0.4)
+    ref = (probs * _keep_scaled(seed, probs, 0.3)) @ leaves[2]
+    want = torch.autograd.grad(ref, leaves, grad.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    if storage == "none":
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol)
+
+
+def test_attention_dropout_drops_at_its_rate_and_is_reproducible():
+    from sparsify_fx.passes.activation_memory.attention_dropout import ActMemAttentionDropout
+
+    module = ActMemAttentionDropout(0.25, False, None, "none", 256)
+    n = 64
+    q = torch.zeros(4, 2, n, 8, requires_grad=True)  # uniform probabilities 1/n
+    v = torch.eye(n).expand(4, 2, n, n)  # the output is the dropped probability matrix
+    torch.manual_seed(3)
+    a = module(q, q, v)
+    torch.manual_seed(3)
+    b = module(q, q, v)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    dropped = (a == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.02, dropped
+    kept = a[a != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / n / 0.75), rtol=1e-6, atol=0)
+    c = module(q, q, v)  # the next draw differs
+    assert not torch.equal(a, c)
+
+
+def test_attention_dropout_compiled_backward_matches_eager():
+    """Under torch.compile (aot_eager) the backward op is traced like any op: the same
+    gradients as eager for the same seed."""
+    torch.manual_seed(0)
+    model, x = _Attention(dropout_p=0.2), torch.randn(2, 9, 64)
+    fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,), verify=False)
+    torch.manual_seed(5)
+    fast(x).square().sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend=sfx.backend([sfx.ActivationMemory()], inner="aot_eager"))
+    torch.manual_seed(5)
+    compiled(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_attention_rewrite_on_vit_eval_exact_and_memory_below_dropit_actmem():

@@ -333,20 +333,55 @@ def test_plan_holds_what_autograd_saves_for_held_out_patterns(model, shape):
     torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0.05, atol=0)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.0])
-def test_attention_with_dropout_keeps_its_scores_on_a_cpu(p):
+@pytest.mark.parametrize("p, amp", [(0.1, False), (0.0, False), (0.1, True)],
+                         ids=["dropout", "no-dropout", "dropout-bf16-autocast"])
+def test_attention_with_dropout_keeps_its_scores_on_a_cpu(p, amp):
+    """With dropout the math path keeps three [b, heads, L, L] tensors and its own copies of
+    q, k, v (fp32 under autocast: it computes in fp32 for bf16 operands), not the operands."""
     import torch.fx as fx
 
     torch.manual_seed(0)
     model, x = _AttentionDropout(p).train(), torch.randn(2, 40, 16)
     gm = fx.symbolic_trace(model)
-    with torch.no_grad():
+    # (shapes and dtypes recorded at the regime the step runs in, as MemoryBudget records them)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         sfx.ShapeRecorder(gm).run(x)
-    plan = memory_plan(gm)
-    measured = saved_tensor_bytes(gm, (x,), loss_fn=_sum)
+    plan = memory_plan(gm, autocast=torch.bfloat16 if amp else None)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        measured = saved_tensor_bytes(gm, (x,), loss_fn=_sum)
     torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0.05, atol=0)
     scores = 3 * 4 * 2 * 4 * 40 * 40  # fp32 [2, 4, 40, 40] three times
     assert (plan.total_bytes > scores) == (p > 0)
+
+
+class _Conv1DBlock(nn.Module):
+    """GPT-2's Conv1D: ``addmm(bias, x, weight)`` with an [in, out] weight, twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 48) * 0.1), nn.Parameter(torch.zeros(48))
+        self.w2, self.b2 = nn.Parameter(torch.randn(48, 16) * 0.1), nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x.view(-1, 16), self.w1)
+        return torch.addmm(self.b2, F.gelu(h), self.w2).view(x.shape)
+
+
+def test_plan_under_autocast_counts_the_weight_casts_of_addmm():
+    """Under autocast an ``addmm(bias, x, w)`` keeps the bf16 cast of its weight for the input's
+    gradient, as a Linear does (before, only Linear / Conv weights were counted: the GPT-2
+    plan was 28 % under what autocast holds)."""
+    import torch.fx as fx
+
+    torch.manual_seed(0)
+    gm, x = fx.symbolic_trace(_Conv1DBlock()), torch.randn(3, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sfx.ShapeRecorder(gm).run(x)
+    plan = memory_plan(gm, autocast=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = saved_tensor_bytes(gm, (x,), loss_fn=_sum)
+    torch.testing.assert_close(float(plan.total_bytes), float(measured), rtol=0.05, atol=0)
+    assert sum(plan.side_bytes.values()) >= 48 * 16 * 2  # the second weight's cast (x is data for the first)
 
 
 def test_frozen_and_grad_free_holders_are_not_counted():

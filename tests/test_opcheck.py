@@ -91,6 +91,26 @@ def _sdpa(layout: str, is_causal: bool, storage: str, keep_out: bool, dtype=torc
     return args
 
 
+def _sdpa_dropout(layout: str, mask: str | None, storage: str, dtype=torch.float32, is_causal: bool = False):
+    def args():
+        if layout == "heads":
+            q, k, v = (_heads(2, 2, 7, 8, dtype) for _ in range(3))
+        else:
+            q, k, v = (_t(2, 2, 7, 8, dtype=dtype) for _ in range(3))
+        m = None if mask is None else (torch.rand(2, 1, 7, 7) > 0.3 if mask == "bool" else
+                                       torch.randn(2, 1, 7, 7, dtype=dtype))
+        return q, k, v, m, torch.tensor(1234), 0.25, is_causal, None, storage, 16
+    return args
+
+
+def _sdpa_dropout_backward(layout: str, mask: str | None, dtype=torch.float32):
+    def args():
+        q, k, v, m, seed, p, is_causal, scale, _, _ = _sdpa_dropout(layout, mask, "none", dtype)()
+        return (_t(2, 2, 7, 8, dtype=dtype, grad=False), *(t.detach() for t in (q, k, v)), m, seed, p, is_causal,
+                scale)
+    return args
+
+
 def _bsc_args() -> tuple:
     from sparsify_fx.passes.block_sparse.blocks import compress_blocks
 
@@ -183,6 +203,16 @@ CASES: dict[str, list[Case]] = {
         ("bf16-input-int8-keep-out", _sdpa("contiguous", True, "int8", True, _BF16)),
         ("bf16-input-heads-layout", _sdpa("heads", False, "int8", False, _BF16)),
     ],
+    "actmem_sdpa_dropout": [
+        ("none", _sdpa_dropout("contiguous", None, "none")),
+        ("bf16-float-mask", _sdpa_dropout("contiguous", "float", "bf16")),
+        ("int8-bool-mask-heads-layout", _sdpa_dropout("heads", "bool", "int8")),
+        ("bf16-input-causal", _sdpa_dropout("heads", None, "none", _BF16, is_causal=True)),
+    ],
+    "actmem_sdpa_dropout_backward": [
+        ("float-mask", _sdpa_dropout_backward("contiguous", "float")),
+        ("bf16-heads-layout", _sdpa_dropout_backward("heads", None, _BF16)),
+    ],
     "actmem_max_pool2d": [
         ("k2", lambda: (_t(2, 3, 8, 12), [2, 2], [2, 2], [0, 0], [1, 1], False)),
         ("k3-odd-ceil", lambda: (_t(2, 3, 7, 13), [3, 3], [2, 2], [1, 1], [1, 1], True)),
@@ -272,6 +302,8 @@ _AOT_CASES = {
     "actmem_ln_linear-exact", "actmem_ln_linear-bf16-mm", "actmem_ln_linear-bf16",
     "actmem_scale-int8", "actmem_scale-channels_last",
     "actmem_sdpa-int8-causal", "actmem_sdpa-heads-layout-keep-out", "actmem_sdpa-bf16-input-heads-layout",
+    "actmem_sdpa_dropout-none", "actmem_sdpa_dropout-int8-bool-mask-heads-layout",
+    "actmem_sdpa_dropout-bf16-input-causal", "actmem_sdpa_dropout_backward-float-mask",
     "actmem_max_pool2d-k3-odd-ceil", "actmem_max_pool2d-k3-channels_last",
     "bf16in_linear-plain", "bf16in_linear-bf16-mm",
     "bf16in_conv-channels_last", "bf16in_conv-bf16-mm-channels_last",

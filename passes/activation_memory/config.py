@@ -67,6 +67,15 @@ class ActivationMemory(PassConfig):
             projection keeps a compressed copy (``dense="bf16"``, DropIT) it costs the output.
             Off the CPU flash kernel (a GPU, a head size that differs between q and v) the
             attention is re-run as with ``"recompute"``.
+        attention_dropout: ``"recompute"`` (the default): ``scaled_dot_product_attention``
+            with dropout, which on a CPU runs the math path and keeps three
+            ``[*batch, Lq, Lk]`` tensors (fp32 copies of 2-byte q, k, v too), keeps q, k, v
+            (compressed as ``attention`` says, else as they are) and a seed instead, and
+            recomputes the probabilities and the dropout mask in backward
+            (``activation_memory/attention_dropout.py``; exact for the mask drawn, one more
+            ``q @ k^T`` and softmax per attention). Its held bytes then grow with the sequence
+            length, not its square. ``"off"`` leaves it dense. Not on a GPU, whose fused
+            kernels take dropout without keeping the scores.
         dense: ``"bf16"``: Linear / Conv / matmul-against-a-weight keep their input as bf16
             for the weight gradient (``activation_memory/dense_storage.py``; forward and input gradient
             exact, the weight gradient sees the rounded input); ``"off"`` (the default).
@@ -100,6 +109,7 @@ class ActivationMemory(PassConfig):
     scale: str = "bf16"
     attention: str = "off"
     attention_output: str = "recompute"
+    attention_dropout: str = "recompute"
     dense: str = "off"
     maxpool: str = "indices"
     weight_grad: str = "auto"
@@ -120,6 +130,9 @@ class ActivationMemory(PassConfig):
         if self.attention_output not in ("recompute", "keep"):
             raise ConfigError(
                 f"ActivationMemory.attention_output must be 'recompute' or 'keep', got {self.attention_output!r}")
+        if self.attention_dropout not in ("recompute", "off"):
+            raise ConfigError(f"ActivationMemory.attention_dropout must be 'recompute' or 'off', "
+                              f"got {self.attention_dropout!r}")
         if self.dense not in ("bf16", "off"):
             raise ConfigError(f"ActivationMemory.dense must be 'bf16' or 'off', got {self.dense!r}")
         if self.maxpool not in ("indices", "off"):

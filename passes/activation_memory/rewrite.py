@@ -85,6 +85,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from sparsify_fx.passes.activation_memory.attention_dropout import ActMemAttentionDropout
 from sparsify_fx.passes.activation_memory.bn_relu_conv import ActMemBnReLUConv
 from sparsify_fx.passes.activation_memory.config import (
     FUSED_FORMS as _FUSED,
@@ -437,17 +438,50 @@ def _plan_scale(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
             _stored_bytes(_numel_of(x), config.scale, config.block_size))
 
 
-def _plan_attention(node: fx.Node, config: ActivationMemory):
-    if config.attention == "off":
-        return "attention='off'"
+def _plan_attention_dropout(gm: fx.GraphModule, node: fx.Node, args: dict, config: ActivationMemory):
+    """Attention with dropout: keep q, k, v and a seed instead of the math path's scores."""
+    if config.attention_dropout == "off":
+        return f"dropout_p={args['dropout_p']} and attention_dropout='off'"
+    p, is_causal, scale = args["dropout_p"], args["is_causal"] or False, args["scale"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+        return f"dropout_p={p!r} is not a constant probability"
+    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
+        return "is_causal / scale are not constants"
+    q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
+    if not all(isinstance(t, fx.Node) for t in (q, k, v)) or not (mask is None or isinstance(mask, fx.Node)):
+        return "q, k, v or the mask are not graph values"
+    if any(t.is_cuda for t in gm.parameters()):
+        return "on a GPU the fused attention kernels take dropout and keep no scores"
+    metas = [sfx.tensor_meta(t) for t in (q, k, v)]
+    storage, before, after = "none", None, None
+    if all(m is not None for m in metas):
+        if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
+            return "q, k, v batch dims differ (broadcasting attention is not supported)"
+        width = torch.empty((), dtype=metas[0][1]).element_size()
+        if config.attention != "off" and width > (2 if config.attention == "bf16" else 1):
+            storage = config.attention
+        mask_bytes = sfx.tensor_bytes(mask) or 0 if mask is not None else 0
+        # (the dense op keeps its own copies of q, k, v, not the operands: counted there)
+        before = sfx.math_attention_bytes(node, gm, getattr(gm, "meta", {}).get(sfx.meta.AUTOCAST))
+        kept = (sum(_stored_bytes(_numel_of(t), storage, config.block_size) or 0 for t in (q, k, v))
+                if storage != "none" else sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v)))
+        after = kept + (mask_bytes if storage != "none" else 0)
+    module = ActMemAttentionDropout(float(p), is_causal, None if scale is None else float(scale), storage,
+                                    config.block_size)
+    return module, (q, k, v) + ((mask,) if mask is not None else ()), before, after
+
+
+def _plan_attention(gm: fx.GraphModule, node: fx.Node, config: ActivationMemory):
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
     args = {name: _arg(node, i, name) for i, name in enumerate(names)}
     if node.kwargs.get("enable_gqa", False):
         return "enable_gqa=True (grouped-query attention) is not supported"
+    if args["dropout_p"] not in (None, 0, 0.0):
+        return _plan_attention_dropout(gm, node, args, config)
+    if config.attention == "off":
+        return "attention='off'"
     if args["attn_mask"] is not None:
         return "attn_mask given: the op would keep the mask dense; only unmasked / is_causal attention is rewritten"
-    if args["dropout_p"] not in (None, 0, 0.0):
-        return f"dropout_p={args['dropout_p']}: recomputing the probabilities would need the dropout mask"
     is_causal, scale = args["is_causal"] or False, args["scale"]
     if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
         return "is_causal / scale are not constants"
@@ -519,7 +553,7 @@ def _plan(gm: fx.GraphModule, node: fx.Node, op: str, module: nn.Module | None, 
     if op == "scale":
         return _plan_scale(gm, node, config)
     if op == "attention":
-        return _plan_attention(node, config)
+        return _plan_attention(gm, node, config)
     if op == "max_pool2d":
         return _plan_max_pool(node, module, config)
     x = _arg(node, 0, "input")
@@ -682,7 +716,9 @@ def _activation_memory_pass(gm: fx.GraphModule, config: ActivationMemory, ctx) -
                          **({"fused_linear": ctx.qualified(linear), "fused_node": fused[0].name} if fused else {}),
                          # (args: x, the BatchNorm's tensors, the Conv's weight, its bias)
                          **(kernel_details(args[-2]) if isinstance(op_module, ActMemBnReLUConv) else {}),
-                         **({"output": "keep"} if op_module.keeps_output else {})},
+                         **({"output": "keep"} if op_module.keeps_output else {}),
+                         **({"dropout_p": op_module.dropout_p} if isinstance(op_module, ActMemAttentionDropout)
+                            else {})},
             )
         )
         result.modified = True

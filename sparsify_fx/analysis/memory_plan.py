@@ -45,7 +45,7 @@ from sparsify_fx.graph.form import OPS_CONTAINER, is_in_place
 from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.graph.op_table import VIEW_METHODS, is_view
 
-__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "SAVES",
+__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "math_attention_bytes", "SAVES",
            "requires_grad"]
 
 _INPUT, _OUTPUT, _OPERANDS = "input", "output", "operands"
@@ -221,6 +221,9 @@ def _autocast_copies(n: fx.Node, gm: fx.GraphModule, kept: list[fx.Node], grad: 
             RecomputedSegment,  # (segments is the heavier module)
         )
         mod = gm.get_submodule(str(n.target))
+        if isinstance(mod, OpModule) and mod.casts_operands:
+            cast = [t for t in kept if t is not n and (m := tensor_meta(t)) is not None and m[1] == torch.float32]
+            return [t for t in kept if t not in cast], sum(math.prod(tensor_meta(t)[0]) * itemsize for t in cast)
         if not isinstance(mod, OpModule) or isinstance(mod, RecomputedSegment) or mod.recasts_weight:
             return kept, 0
         return kept, sum(weight_cast(a, str(a.target)) for a in n.all_input_nodes
@@ -235,11 +238,15 @@ def _autocast_copies(n: fx.Node, gm: fx.GraphModule, kept: list[fx.Node], grad: 
             copies += math.prod(shape[0]) * itemsize
         else:
             same.append(t)
-    # the weight of a Linear / Conv, kept for the input's gradient (a convolution keeps it always)
-    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-    x = n.args[0] if n.args else n.kwargs.get("input")
+    # the weight of a Linear / Conv / GPT-2's Conv1D (addmm(bias, x, w)) / x @ w, kept for the
+    # input's gradient (a convolution keeps it always)
+    if n.target is torch.addmm:
+        x, w = (list(n.args[1:3]) + [None, None])[:2]
+    else:
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight", n.kwargs.get("other"))
+        x = n.args[0] if n.args else n.kwargs.get("input")
     conv = n.target in (F.conv1d, F.conv2d, F.conv3d)
-    if n.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) and isinstance(w, fx.Node) and w.op == "get_attr" \
+    if n.target is not F.scaled_dot_product_attention and isinstance(w, fx.Node) and w.op == "get_attr" \
             and (conv or (isinstance(x, fx.Node) and grad.get(x.name, False))):
         # (a frozen weight is not in autocast's cache: cast, and kept, per call)
         copies += weight_cast(w, str(w.target) if _trainable(gm, w) else f"{w.target}@{n.name}")
@@ -418,7 +425,7 @@ def _kept_by(node: fx.Node, gm: fx.GraphModule, grad: dict[str, bool]) -> tuple[
     return [], False, True
 
 
-def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
+def _side_bytes(n: fx.Node, gm: fx.GraphModule, autocast: torch.dtype | None = None) -> int:
     """Bytes a backward keeps beside the activations: max-pool indices, normalisation stats.
 
     Small next to the activations at training sizes, but a plan that recomputes a block frees
@@ -449,7 +456,7 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
         on_cuda = any(p.is_cuda for p in gm.parameters())
         return numel * (1 if on_cuda else itemsize)
     if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
-        return _math_attention_bytes(n, gm)
+        return math_attention_bytes(n, gm, autocast)
     if isinstance(mod, nn.modules.pooling._MaxPoolNd):
         return numel * 8  # int64 indices of the output's shape
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
@@ -469,23 +476,35 @@ def _side_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
     return 0
 
 
-def _math_attention_bytes(n: fx.Node, gm: fx.GraphModule) -> int:
-    """Attention with dropout in training on a CPU: no fused kernel takes dropout there, so
-    the math path runs and keeps three ``[*batch, Lq, Lk]`` tensors for backward (the
-    probabilities, the dropout mask and the dropped probabilities), in fp32 where the query or
-    a float mask is fp32 (autocast promotes to the widest operand). CUDA's fused kernels keep
-    an RNG state instead. Hugging Face's BERT passes ``dropout_p=0.1`` in training."""
+def _math_attention(n: fx.Node, gm: fx.GraphModule, autocast: torch.dtype | None):
+    """``(q, k, v metas, the dtype the operands run at)`` for attention with dropout in
+    training on a CPU (the math path), else None."""
     p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
     if not isinstance(p, (int, float)) or not 0 < p < 1 or any(t.is_cuda for t in gm.parameters()):
+        return None
+    q, k, v = (tensor_meta(a) if isinstance(a, fx.Node) else None for a in (list(n.args) + [None] * 3)[:3])
+    if q is None or k is None or v is None or len(q[0]) < 2:
+        return None
+    # (under autocast fp32 operands are cast first)
+    return (q, k, v), autocast if autocast is not None and q[1] == torch.float32 else q[1]
+
+
+def math_attention_bytes(n: fx.Node, gm: fx.GraphModule, autocast: torch.dtype | None = None) -> int:
+    """Bytes attention with dropout keeps in training on a CPU, in place of its operands: no
+    fused kernel takes dropout there, so the math path runs and keeps three
+    ``[*batch, Lq, Lk]`` tensors for backward (the probabilities, the dropout mask and the
+    dropped probabilities) and its own copies of q, k and v (q and k scaled, v reshaped for
+    the batched matmul), in fp32 for 2-byte operands (bf16 / fp16, or fp32 ones under
+    autocast: it computes in fp32 there). The plan counts the operands themselves as kept by
+    nobody. CUDA's fused kernels keep an RNG state instead: 0. Hugging Face's BERT and GPT-2
+    pass ``dropout_p=0.1`` in training. ``autocast``: the dtype the forward runs at under
+    autocast, if any."""
+    found = _math_attention(n, gm, autocast)
+    if found is None:
         return 0
-    q, k = (tensor_meta(a) if isinstance(a, fx.Node) else None for a in (list(n.args) + [None, None])[:2])
-    if q is None or k is None or len(q[0]) < 2:
-        return 0
-    mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
-    mask_meta = tensor_meta(mask) if isinstance(mask, fx.Node) else None
-    wide = q[1] == torch.float32 or (mask_meta is not None and mask_meta[1] == torch.float32)
-    itemsize = 4 if wide else torch.empty((), dtype=q[1]).element_size()
-    return 3 * itemsize * math.prod(q[0][:-1]) * k[0][-2]
+    (q, k, v), dtype = found
+    wide = max(4, torch.empty((), dtype=dtype).element_size())
+    return 3 * wide * math.prod(q[0][:-1]) * k[0][-2] + sum(wide * math.prod(t[0]) for t in (q, k, v))
 
 
 def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float:
@@ -576,6 +595,9 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
         kept, compresses, known = _kept_by(n, gm, grad)
         if not grad.get(n.name, True):
             continue  # no autograd node: no saved tensors, no statistics, no compressed copy
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention \
+                and _math_attention(n, gm, low) is not None:
+            kept = []  # its own copies of the operands instead: math_attention_bytes
         if low is not None:
             kept, copies = _autocast_copies(n, gm, kept, grad, low, cast_weights)
             if copies:
@@ -608,7 +630,7 @@ def memory_plan(gm: fx.GraphModule, compressed_bytes: dict[str, int] | None = No
             if found is None and n.op == "call_module":
                 found = compressed_bytes.get(str(n.target))
             compressed_total += found or 0
-        if side := _side_bytes(n, gm):
+        if side := _side_bytes(n, gm, low):
             side_bytes[n.name] = side_bytes.get(n.name, 0) + side
             extra += side
     # a storage is held when any tensor sharing it is held; count each storage once

@@ -32,6 +32,9 @@ class OpModule(nn.Module):
         recasts_weight: under autocast the module takes the fp32 weight and casts it itself,
             in forward and again in backward, so the backward keeps the parameter (held
             anyway) instead of autocast's low-precision copy (the memory plan counts none).
+        casts_operands: under autocast the module casts its floating-point inputs to the
+            autocast dtype first, so the inputs it keeps (``keeps_dense_inputs``) are those
+            casts: the memory plan counts an fp32 input at the autocast dtype's width.
 
     Example:
         >>> import torch, sparsify_fx as sfx
@@ -47,6 +50,7 @@ class OpModule(nn.Module):
     keeps_output: bool = False
     host_side: bool = False
     recasts_weight: bool = False
+    casts_operands: bool = False
 
     def reinitialize(self) -> None:
         """Called once by :func:`sparsify_fx.sparsify` after verification (also when it does
