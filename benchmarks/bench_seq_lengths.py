@@ -5,12 +5,14 @@ trained at 12 lengths (16, 18, ... 38), as dynamic padding does. Both are captur
 (their attention dropout differs between train and eval). Per length, after one warm-up step
 (a new length may compile a graph first):
 
-* ``ratio``: bytes autograd holds for backward after the forward, rewritten / dense, measured
-  in the same process (``sfx.bench.saved_tensor_bytes``);
+* ``ratio``: bytes autograd holds for backward after the model's forward, rewritten / dense,
+  measured in the same process (``sfx.bench.saved_tensor_bytes`` with a loss that keeps
+  nothing, so the figure is the model's, as the plan's is);
 * ``planned``: the memory plan's held bytes after / before for the newest training graph
-  (``sfx.explain(...).held_bytes_after / held_bytes_before``); for a fixed recipe also
-  ``planned_at_length``: the plan of the model sparsified at that length (attention scores
-  grow with the square of the length, so a fixed recipe's ratio moves with it);
+  (``sfx.explain(...).held_bytes_after / held_bytes_before``); also
+  ``planned_at_length``: the plan of the model sparsified at that length (the dense model
+  holds parts that do not grow with the length, autocast's weight casts, and attention scores
+  that grow with its square where they are kept, so a ratio moves with the length);
 * ``graphs`` and ``dense calls``: graphs Dynamo captured so far, and calls that ran the
   un-rewritten model (Dynamo gave up re-capturing).
 
@@ -66,6 +68,12 @@ def _inputs(name: str, length: int) -> tuple[tuple, dict]:
     return (ids,), {}
 
 
+def _sum_loss(output) -> torch.Tensor:
+    """A loss whose backward keeps nothing (a cast and a sum): the bytes measured are the model's."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().sum() for t in leaves)
+
+
 def _planned(report: sfx.ExplainReport) -> float | None:
     b0, b1 = report.held_bytes_before, report.held_bytes_after
     return b1 / b0 if b0 and b1 is not None else None
@@ -76,7 +84,7 @@ def _planned_at(model: nn.Module, recipe: str, args: tuple, kwargs: dict, cast) 
     with cast(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fresh = sfx.sparsify(model, recipe, example_inputs=args, example_kwargs=kwargs, verify=False)
-        saved_tensor_bytes(fresh, args, kwargs)  # the training graph, made on first use
+        saved_tensor_bytes(fresh, args, kwargs, _sum_loss)  # the training graph, made on first use
     return _planned(sfx.explain(fresh))
 
 
@@ -90,18 +98,16 @@ def run(name: str, recipe: str, amp: str) -> dict:
         warnings.simplefilter("ignore")
         fast = sfx.sparsify(model, recipe, example_inputs=args, example_kwargs=kwargs)
     rows = []
-    # a budget plans each graph it is given; a fixed recipe is planned once, at the example length
-    at_length = not recipe.startswith("budget")
     for length in LENGTHS:
         args, kwargs = _inputs(name, length)
         # one autocast context per step: autocast caches weight casts until its outermost
         # context exits, and the two models share their weights
         with cast():
-            saved_tensor_bytes(fast, args, kwargs)  # warm-up: compiles (and plans) a new graph
+            saved_tensor_bytes(fast, args, kwargs, _sum_loss)  # warm-up: compiles (and plans) a new graph
         with cast():
-            dense = saved_tensor_bytes(model, args, kwargs)
+            dense = saved_tensor_bytes(model, args, kwargs, _sum_loss)
         with cast():
-            rewritten = saved_tensor_bytes(fast, args, kwargs)
+            rewritten = saved_tensor_bytes(fast, args, kwargs, _sum_loss)
         report = sfx.explain(fast)
         rows.append({"length": length, "dense_bytes": dense, "rewritten_bytes": rewritten,
                      "ratio": rewritten / dense, "planned": _planned(report),
@@ -114,7 +120,7 @@ def run(name: str, recipe: str, amp: str) -> dict:
     # measured model re-capture its graphs
     for row in rows:
         args, kwargs = _inputs(name, row["length"])
-        row["planned_at_length"] = _planned_at(model, recipe, args, kwargs, cast) if at_length else None
+        row["planned_at_length"] = _planned_at(model, recipe, args, kwargs, cast)
     return {"model": name, "recipe": recipe, "amp": amp, "capture": capture, "rows": rows}
 
 

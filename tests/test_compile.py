@@ -219,13 +219,14 @@ def test_compiled_step_holds_no_more_than_eager(recipe):
     assert saved_tensor_bytes(compiled, (x,)) <= eager
     # and the compiled step's gradients are the eager rewrite's, up to fp32 summation order: the
     # recomputed attention's backward sums in another order once compiled (torch 2.14: 7.6e-6 on
-    # one element of a 1.3-scale qkv gradient), so atol scales with each gradient's magnitude
+    # one element of a 1.3-scale qkv gradient with 2 threads, 3.1e-5 with 1), so atol scales
+    # with each gradient's magnitude
     ref = _grads_after_step(fast, x)
     got = _grads_after_step(compiled, x)
     assert got.keys() == ref.keys()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5,
-                                   atol=1e-6 + 1e-5 * float(ref[name].abs().max()), msg=name)
+                                   atol=1e-6 + 4e-5 * float(ref[name].abs().max()), msg=name)
 
 
 def _grads_after_step(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -97,6 +97,44 @@ def test_memory_budget_plans_dynamo_graphs():
     assert held <= 0.5 * dense * 1.10, (held, dense)
 
 
+def _sum_loss(out: torch.Tensor) -> torch.Tensor:
+    return out.float().sum()  # keeps nothing: the bytes measured are the model's
+
+
+def _budget_over_lengths(monkeypatch, growth: float, fraction: float) -> tuple[list[float], sfx.ExplainReport]:
+    from sparsify_fx.compiler import backend
+
+    monkeypatch.setattr(backend, "REPLAN_GROWTH", growth)
+    torch.manual_seed(0)
+    model = TokenMLP(width=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = _dynamo(model, sfx.MemoryBudget(fraction=fraction))
+    ratios = []
+    for length in range(16, 64, 6):
+        ids = _ids(length)
+        # one autocast context per step: the weight-cast cache lives until the outermost exits
+        for module in (fast, model, fast):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                held = saved_tensor_bytes(module, (ids,), loss_fn=_sum_loss)
+            if module is model:
+                dense = held
+        ratios.append(held / dense)
+    return ratios, sfx.explain(fast)
+
+
+def test_a_budget_is_replanned_as_the_length_grows(monkeypatch):
+    """Under autocast the dense graph keeps weight casts whatever the length, which the budget's
+    DropIT forms do not: a plan made at one length holds a growing fraction at longer ones. The
+    dynamic-length graph is re-planned when the length grows past 1.25x the planned one."""
+    once, _ = _budget_over_lengths(monkeypatch, float("inf"), 0.35)
+    ratios, report = _budget_over_lengths(monkeypatch, 1.25, 0.35)
+    assert max(once) > 0.35 * 1.05, once  # (planned once, the budget is exceeded at longer lengths)
+    assert max(ratios) <= 0.35 * 1.05, ratios
+    replans = [n for n in report.capture_notes if n.startswith("re-planned")]
+    assert 1 <= len(replans) <= 5, replans  # 16 -> 58: one per 1.25x step at most
+    assert report.dense_fallback_calls == 0
+
+
 def test_recording_a_dynamo_graphs_shapes_leaves_running_statistics_alone():
     torch.manual_seed(0)
     model = TokenMLP(batchnorm=True)

@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -158,6 +158,8 @@ class MemoryBudget(PassConfig):
         >>> sfx.explain(fast).memory_budget["achieved_fraction"] <= 0.5 * 1.05
         True
     """
+
+    plans_per_size: ClassVar[bool] = True
 
     fraction: float | None = 0.5
     bytes: int | None = None

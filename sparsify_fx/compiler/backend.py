@@ -26,6 +26,7 @@ How a graph is made ready for the passes and handed back:
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,7 @@ from sparsify_fx.infra.pass_base import dense_layer_order, run_passes
 from sparsify_fx.infra.recipes import Recipe, resolve_recipe
 
 __all__ = ["backend", "default_backend", "DEFAULT_RECIPE", "INNER_BACKENDS", "prepare_dynamo_graph",
-           "rewrite_prepared", "rewrite_lazily"]
+           "ReplanningGraph", "REPLAN_GROWTH", "rewrite_prepared", "rewrite_lazily"]
 
 #: recipe of ``backend="sparsify_fx"``: DropIT keeping 10% of each saved dense-layer input.
 DEFAULT_RECIPE = "dropit:keep=0.1"
@@ -191,14 +192,52 @@ def prepare_dynamo_graph(gm: fx.GraphModule, example_inputs: list, names: dict[i
     return lifted
 
 
-def rewrite_prepared(gm: fx.GraphModule, configs: list) -> list:
+def rewrite_prepared(gm: fx.GraphModule, configs: list, frame: dict[str, dict] | None = None) -> list:
     """Run the recipe on a prepared Dynamo graph; installed op modules take the mode of the
-    modules they replaced. Returns the pass results."""
+    modules they replaced (found in ``frame``, by default the one Dynamo is compiling).
+    Returns the pass results."""
     order = dense_layer_order({"": gm})
     first_last = tuple(dict.fromkeys([order[0], order[-1]])) if order else ()
     results = run_passes({"": gm}, configs, first_last)
-    _set_op_modes(gm, _dynamo_frame())
+    _set_op_modes(gm, frame if frame is not None else _dynamo_frame())
     return results
+
+
+#: a training graph with dynamic sizes, rewritten by a pass that plans per size (a budget), is
+#: re-planned when a call's dynamic size exceeds the largest it was planned at by this factor
+REPLAN_GROWTH = 1.25
+
+
+class ReplanningGraph:
+    """Runs a Dynamo graph with dynamic sizes (a sequence length) rewritten by a budget, and
+    re-plans it when a call's size grows past :data:`REPLAN_GROWTH` times the largest planned.
+
+    A budget is a fraction of what the dense graph holds at the sizes it was planned at, and
+    the parts of what it holds grow differently with a length (autocast's weight casts not at
+    all, activations linearly, attention scores with its square): a plan made at length 18
+    held 0.50x there and 0.55x at length 38 (GPT-2 under bf16 autocast). The re-plan runs the
+    recipe again on an un-rewritten copy of the graph (sharing the model's parameters) with
+    shapes recorded at the call's sizes, once per growth step, in that call. Shorter calls
+    keep the newest plan: made at a longer length, it holds at most its fraction there.
+    """
+
+    def __init__(self, pristine: fx.GraphModule, rewritten: fx.GraphModule, configs: list,
+                 size_inputs: list[int], sizes: list[int], frame: dict[str, dict] | None,
+                 on_replan: Callable[[fx.GraphModule, list, list[int], int | None], None]):
+        self.pristine, self.current, self.configs = pristine, rewritten, configs
+        self.size_inputs, self.sizes, self.frame, self.on_replan = size_inputs, sizes, frame, on_replan
+
+    def __call__(self, *args: Any) -> Any:
+        sizes = [int(args[i]) for i in self.size_inputs]
+        if any(s > REPLAN_GROWTH * p for s, p in zip(sizes, self.sizes)):
+            fresh = fx.GraphModule(self.pristine, copy.deepcopy(self.pristine.graph))
+            fresh.meta.update(self.pristine.meta)
+            record_shapes_fake(fresh, list(args))
+            before = held_bytes({"": fresh})
+            results = rewrite_prepared(fresh, self.configs, self.frame)
+            self.current, self.sizes = fresh, [max(s, p) for s, p in zip(sizes, self.sizes)]
+            self.on_replan(fresh, results, sizes, before)
+        return self.current.forward(*args)
 
 
 def _refuse_added_parameters(gm: fx.GraphModule, configs: list, results: list, why: str) -> None:
@@ -272,11 +311,7 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
     model = cap.graph_module.model
     names = {id(p): n for n, p in model.named_parameters()}
 
-    def transform(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
-        prepare_dynamo_graph(gm, example_inputs, names)
-        training = not gm.meta[meta.NO_GRAD]
-        before = _planned(record, lambda: held_bytes({"": gm})) if training else None
-        results = rewrite_prepared(gm, configs)
+    def adopt(gm: fx.GraphModule, results: list, before: int | None) -> None:
         if before is not None:  # the headline: the newest graph that trains
             record.held_bytes_before = before
             rewrites = [r for res in results for r in res.rewrites]
@@ -290,7 +325,31 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
             record.skips += result.skips
             record.plans += result.plans
             record.passes.append((config.describe(), len(result.rewrites), len(result.skips)))
-        return gm
+
+    def transform(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, Callable | None]:
+        prepare_dynamo_graph(gm, example_inputs, names)
+        training = not gm.meta[meta.NO_GRAD]
+        size_inputs = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.SymInt)]
+        replans = training and bool(size_inputs) and any(c.plans_per_size for c in configs)
+        pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if replans else None
+        if pristine is not None:
+            pristine.meta.update(gm.meta)
+        before = _planned(record, lambda: held_bytes({"": gm})) if training else None
+        frame = _dynamo_frame()
+        results = rewrite_prepared(gm, configs, frame)
+        adopt(gm, results, before)
+        if pristine is None:
+            return gm, None
+
+        def on_replan(fresh: fx.GraphModule, results: list, sizes: list[int], before: int | None) -> None:
+            record.capture_notes.append(f"re-planned a dynamic-size training graph at sizes {sizes} "
+                                        f"(grown past {REPLAN_GROWTH}x the sizes it was planned at)")
+            adopt(fresh, results, before)
+
+        hints = [example_inputs[i].node.hint for i in size_inputs]
+        if any(h is None for h in hints):
+            return gm, None
+        return gm, ReplanningGraph(pristine, gm, configs, size_inputs, [int(h) for h in hints], frame, on_replan)
 
     def on_fallback(cause: str) -> None:
         record.dense_fallback_calls += 1

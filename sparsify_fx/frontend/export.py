@@ -176,8 +176,9 @@ class _ShapeGuard:
 class DynamoCaptured(nn.Module):
     """A model captured by Dynamo: graphs are made (and rewritten) lazily on each new call.
 
-    ``graph_transform(gm, example_inputs) -> gm`` is applied to every graph Dynamo hands over;
-    ``self.graphs`` lists the graphs captured so far. Dims whose size changes between calls
+    ``graph_transform(gm, example_inputs) -> (gm, runner)`` is applied to every graph Dynamo
+    hands over (``runner``: what runs it, None for ``gm`` itself); ``self.graphs`` lists the
+    graphs captured so far. Dims whose size changes between calls
     (batch, sequence length) become dynamic on the first recompile (Dynamo's automatic dynamic
     shapes), so variable-length training reuses one rewritten graph per mode. Where Dynamo
     would still give up (its recompile limit), the call runs the un-rewritten model, warns
@@ -196,10 +197,11 @@ class DynamoCaptured(nn.Module):
         self._compiled = torch.compile(model, backend=self._backend, dynamic=None)
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        runner = None
         if self._transform is not None:
-            gm = self._transform(gm, example_inputs)
+            gm, runner = self._transform(gm, example_inputs)
         self.graphs.append(gm)
-        return gm.forward
+        return runner or gm.forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -83,6 +83,10 @@ class PassConfig:
 
     #: short name used in recipe strings ("dropit:keep=0.1"); set by register_pass.
     recipe_name: ClassVar[str] = ""
+    #: the pass's decisions are a fraction of what the graph holds at its recorded sizes (a
+    #: budget): a Dynamo graph with a dynamic length is re-planned when the length grows
+    #: (``sfx.compiler.backend.REPLAN_GROWTH``)
+    plans_per_size: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _as_patterns(self, "include", self.include))
