@@ -1125,7 +1125,7 @@ def test_attention_with_dropout_keeps_no_scores_and_the_plan_holds(amp, mask):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         fast = sfx.sparsify(model, sfx.ActivationMemory(), example_inputs=(x,), verify=False)
     (r,) = [r for r in sfx.explain(fast).rewrites if r.op == "attention"]
-    assert r.details["storage"] == "none" and r.details["dropout_p"] == 0.1
+    assert r.details["storage"] == "exact" and r.details["dropout_p"] == 0.1
 
     def scores(saved):  # per-head [b, heads, n, n] tensors (not the [b, 1, n, n] mask)
         return [s for s, _ in saved if s[-2:] == (n, n) and math.prod(s[:-2]) == 2 * 4]
@@ -1148,8 +1148,8 @@ def _amp_bytes(model: nn.Module, fast: nn.Module, x: torch.Tensor, amp: bool) ->
     return out[0], out[1]
 
 
-@pytest.mark.parametrize("dtype, storage", [(torch.float32, "none"), (torch.float32, "bf16"),
-                                            (torch.bfloat16, "none")])
+@pytest.mark.parametrize("dtype, storage", [(torch.float32, "exact"), (torch.float32, "bf16"),
+                                            (torch.bfloat16, "exact")])
 def test_attention_dropout_gradients_match_autograd_with_the_same_mask(dtype, storage):
     from sparsify_fx.passes.activation_memory.attention_dropout import _keep_scaled, _probs, actmem_sdpa_dropout
 
@@ -1168,7 +1168,7 @@ def test_attention_dropout_gradients_match_autograd_with_the_same_mask(dtype, st
     ref = (probs * _keep_scaled(seed, probs, 0.3)) @ leaves[2]
     want = torch.autograd.grad(ref, leaves, grad.float())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    if storage == "none":
+    if storage == "exact":
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
     assert out.dtype == dtype and all(g.dtype == dtype for g in got)
     for g, w in zip(got, want):
@@ -1178,7 +1178,7 @@ def test_attention_dropout_gradients_match_autograd_with_the_same_mask(dtype, st
 def test_attention_dropout_drops_at_its_rate_and_is_reproducible():
     from sparsify_fx.passes.activation_memory.attention_dropout import ActMemAttentionDropout
 
-    module = ActMemAttentionDropout(0.25, False, None, "none", 256)
+    module = ActMemAttentionDropout(0.25, False, None, "exact", 256)
     n = 64
     q = torch.zeros(4, 2, n, 8, requires_grad=True)  # uniform probabilities 1/n
     v = torch.eye(n).expand(4, 2, n, n)  # the output is the dropped probability matrix

@@ -105,7 +105,7 @@ def _sdpa_dropout(layout: str, mask: str | None, storage: str, dtype=torch.float
 
 def _sdpa_dropout_backward(layout: str, mask: str | None, dtype=torch.float32):
     def args():
-        q, k, v, m, seed, p, is_causal, scale, _, _ = _sdpa_dropout(layout, mask, "none", dtype)()
+        q, k, v, m, seed, p, is_causal, scale, _, _ = _sdpa_dropout(layout, mask, "exact", dtype)()
         return (_t(2, 2, 7, 8, dtype=dtype, grad=False), *(t.detach() for t in (q, k, v)), m, seed, p, is_causal,
                 scale)
     return args
@@ -204,10 +204,10 @@ CASES: dict[str, list[Case]] = {
         ("bf16-input-heads-layout", _sdpa("heads", False, "int8", False, _BF16)),
     ],
     "actmem_sdpa_dropout": [
-        ("none", _sdpa_dropout("contiguous", None, "none")),
+        ("exact", _sdpa_dropout("contiguous", None, "exact")),
         ("bf16-float-mask", _sdpa_dropout("contiguous", "float", "bf16")),
         ("int8-bool-mask-heads-layout", _sdpa_dropout("heads", "bool", "int8")),
-        ("bf16-input-causal", _sdpa_dropout("heads", None, "none", _BF16, is_causal=True)),
+        ("bf16-input-causal", _sdpa_dropout("heads", None, "exact", _BF16, is_causal=True)),
     ],
     "actmem_sdpa_dropout_backward": [
         ("float-mask", _sdpa_dropout_backward("contiguous", "float")),
@@ -302,7 +302,7 @@ _AOT_CASES = {
     "actmem_ln_linear-exact", "actmem_ln_linear-bf16-mm", "actmem_ln_linear-bf16",
     "actmem_scale-int8", "actmem_scale-channels_last",
     "actmem_sdpa-int8-causal", "actmem_sdpa-heads-layout-keep-out", "actmem_sdpa-bf16-input-heads-layout",
-    "actmem_sdpa_dropout-none", "actmem_sdpa_dropout-int8-bool-mask-heads-layout",
+    "actmem_sdpa_dropout-exact", "actmem_sdpa_dropout-int8-bool-mask-heads-layout",
     "actmem_sdpa_dropout-bf16-input-causal", "actmem_sdpa_dropout_backward-float-mask",
     "actmem_max_pool2d-k3-odd-ceil", "actmem_max_pool2d-k3-channels_last",
     "bf16in_linear-plain", "bf16in_linear-bf16-mm",

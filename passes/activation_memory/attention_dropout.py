@@ -86,7 +86,7 @@ def _actmem_sdpa_dropout(
         probs.mul_(_keep_scaled(seed, probs, dropout_p))
     out = (probs @ v.to(probs.dtype)).to(q.dtype)
     payload = (*compress(q, storage, block), *compress(k, storage, block), *compress(v, storage, block)) \
-        if storage != "none" else tuple(q.new_empty(0) for _ in range(6))
+        if storage != "exact" else tuple(q.new_empty(0) for _ in range(6))
     return (owned(out), *payload)
 
 
@@ -94,7 +94,7 @@ def _actmem_sdpa_dropout(
 def _(q, k, v, mask, seed, dropout_p, is_causal, scale, storage, block):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     payload = (*_fake_payload(q, storage, block), *_fake_payload(k, storage, block),
-               *_fake_payload(v, storage, block)) if storage != "none" else tuple(q.new_empty(0) for _ in range(6))
+               *_fake_payload(v, storage, block)) if storage != "exact" else tuple(q.new_empty(0) for _ in range(6))
     return (out, *payload)
 
 
@@ -128,7 +128,7 @@ def _(grad_out, q, k, v, mask, seed, dropout_p, is_causal, scale):
 
 def _setup(ctx, inputs, output) -> None:
     q, k, v, mask, seed, dropout_p, is_causal, scale, storage = inputs[:9]
-    ctx.compressed = storage != "none"
+    ctx.compressed = storage != "exact"
     kept = output[1:] if ctx.compressed else (q, k, v, None, None, None)
     ctx.save_for_backward(seed, mask, *kept)
     ctx.shapes = [list(q.shape), list(k.shape), list(v.shape)]
@@ -154,9 +154,9 @@ actmem_sdpa_dropout = register_autograd(_actmem_sdpa_dropout, _backward, _setup)
 
 class ActMemAttentionDropout(sfx.OpModule):
     """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`` in
-    training keeping q, k, v (``storage="none"``: as they are; ``"bf16"`` / ``"int8"``:
-    compressed) and a seed instead of the math path's probabilities and dropout mask; without
-    grad recording it runs the original op.
+    training keeping q, k, v (``storage="exact"``: as they are, so gradients are exact;
+    ``"bf16"`` / ``"int8"``: compressed) and a seed instead of the math path's probabilities
+    and dropout mask; without grad recording it runs the original op.
 
     ``forward(q, k, v)`` or ``forward(q, k, v, attn_mask)``.
     """
@@ -165,11 +165,11 @@ class ActMemAttentionDropout(sfx.OpModule):
         super().__init__()
         self.dropout_p, self.is_causal, self.scale = dropout_p, is_causal, scale
         self.storage, self.block = storage, block
-        #: under autocast q, k, v are cast first, and the casts are what "none" keeps
+        #: under autocast q, k, v are cast first, and the casts are what "exact" keeps
         self.casts_operands = True
-        #: ``"none"`` keeps q, k, v as they are (the memory plan counts them dense, shared
+        #: ``"exact"`` keeps q, k, v as they are (the memory plan counts them dense, shared
         #: holders once); compressed forms report their bytes in the pass's Rewrite
-        self.keeps_dense_inputs = storage == "none"
+        self.keeps_dense_inputs = storage == "exact"
 
     def extra_repr(self) -> str:
         return f"dropout_p={self.dropout_p}, is_causal={self.is_causal}, scale={self.scale}, storage={self.storage}"
@@ -182,7 +182,7 @@ class ActMemAttentionDropout(sfx.OpModule):
             with autocast_region(q.device.type) as cast:
                 q, k, v, mask = cast(q), cast(k), cast(v), cast(attn_mask)
                 if q.dtype == k.dtype == v.dtype and q.is_floating_point():
-                    storage = self.storage if self.storage == "none" or _compressible(q, self.storage) else "none"
+                    storage = self.storage if self.storage == "exact" or _compressible(q, self.storage) else "exact"
                     # (drawn from the default generator: torch.manual_seed makes a run reproducible)
                     seed = torch.randint(0, 2**62, (), dtype=torch.int64)
                     return actmem_sdpa_dropout(q, k, v, mask, seed, self.dropout_p, self.is_causal, self.scale,

@@ -453,7 +453,7 @@ def _plan_attention_dropout(gm: fx.GraphModule, node: fx.Node, args: dict, confi
     if any(t.is_cuda for t in gm.parameters()):
         return "on a GPU the fused attention kernels take dropout and keep no scores"
     metas = [sfx.tensor_meta(t) for t in (q, k, v)]
-    storage, before, after = "none", None, None
+    storage, before, after = "exact", None, None
     if all(m is not None for m in metas):
         if not (tuple(metas[0][0][:-2]) == tuple(metas[1][0][:-2]) == tuple(metas[2][0][:-2])):
             return "q, k, v batch dims differ (broadcasting attention is not supported)"
@@ -464,8 +464,8 @@ def _plan_attention_dropout(gm: fx.GraphModule, node: fx.Node, args: dict, confi
         # (the dense op keeps its own copies of q, k, v, not the operands: counted there)
         before = sfx.math_attention_bytes(node, gm, getattr(gm, "meta", {}).get(sfx.meta.AUTOCAST))
         kept = (sum(_stored_bytes(_numel_of(t), storage, config.block_size) or 0 for t in (q, k, v))
-                if storage != "none" else sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v)))
-        after = kept + (mask_bytes if storage != "none" else 0)
+                if storage != "exact" else sum(sfx.tensor_bytes(t) or 0 for t in (q, k, v)))
+        after = kept + (mask_bytes if storage != "exact" else 0)
     module = ActMemAttentionDropout(float(p), is_causal, None if scale is None else float(scale), storage,
                                     config.block_size)
     return module, (q, k, v) + ((mask,) if mask is not None else ()), before, after
