@@ -135,6 +135,26 @@ def test_a_budget_is_replanned_as_the_length_grows(monkeypatch):
     assert report.dense_fallback_calls == 0
 
 
+def test_a_failed_replan_warns_and_the_step_runs_the_plan_it_has(monkeypatch):
+    from sparsify_fx.compiler import backend
+
+    torch.manual_seed(0)
+    model = TokenMLP()
+    fast = _dynamo(model, sfx.MemoryBudget(fraction=0.5))
+    for length in (16, 20):  # the static graph, then the dynamic one planned at 20
+        saved_tensor_bytes(fast, (_ids(length),))
+    real = backend.rewrite_prepared
+
+    def failing(gm, configs, frame=None):
+        raise RuntimeError("no plan today")
+    monkeypatch.setattr(backend, "rewrite_prepared", failing)
+    with pytest.warns(UserWarning, match=r"re-planning .* at sizes \[40\] failed .*no plan today"):
+        held = saved_tensor_bytes(fast, (_ids(40),))
+    monkeypatch.setattr(backend, "rewrite_prepared", real)
+    assert held < saved_tensor_bytes(model, (_ids(40),))  # the earlier plan still rewrites
+    assert not [n for n in sfx.explain(fast).capture_notes if n.startswith("re-planned")]
+
+
 def test_recording_a_dynamo_graphs_shapes_leaves_running_statistics_alone():
     torch.manual_seed(0)
     model = TokenMLP(batchnorm=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -230,12 +231,20 @@ class ReplanningGraph:
     def __call__(self, *args: Any) -> Any:
         sizes = [int(args[i]) for i in self.size_inputs]
         if any(s > REPLAN_GROWTH * p for s, p in zip(sizes, self.sizes)):
-            fresh = fx.GraphModule(self.pristine, copy.deepcopy(self.pristine.graph))
-            fresh.meta.update(self.pristine.meta)
-            record_shapes_fake(fresh, list(args))
-            before = held_bytes({"": fresh})
-            results = rewrite_prepared(fresh, self.configs, self.frame)
-            self.current, self.sizes = fresh, [max(s, p) for s, p in zip(sizes, self.sizes)]
+            grown = [max(s, p) for s, p in zip(sizes, self.sizes)]
+            try:
+                fresh = fx.GraphModule(self.pristine, copy.deepcopy(self.pristine.graph))
+                fresh.meta.update(self.pristine.meta)
+                record_shapes_fake(fresh, list(args))
+                before = held_bytes({"": fresh})
+                results = rewrite_prepared(fresh, self.configs, self.frame)
+            except Exception as e:  # noqa: BLE001 - a training step must not fail on a re-plan
+                planned, self.sizes = self.sizes, grown  # (not retried until the size grows again)
+                warnings.warn(f"sparsify: re-planning a dynamic-size training graph at sizes {sizes} failed "
+                              f"({type(e).__name__}: {e}); the plan made at {planned} keeps running, and may "
+                              "hold more than its budget at this size", UserWarning, stacklevel=2)
+                return self.current.forward(*args)
+            self.current, self.sizes = fresh, grown
             self.on_replan(fresh, results, sizes, before)
         return self.current.forward(*args)
 
