@@ -1151,7 +1151,11 @@ def _amp_bytes(model: nn.Module, fast: nn.Module, x: torch.Tensor, amp: bool) ->
 @pytest.mark.parametrize("dtype, storage", [(torch.float32, "exact"), (torch.float32, "bf16"),
                                             (torch.bfloat16, "exact")])
 def test_attention_dropout_gradients_match_autograd_with_the_same_mask(dtype, storage):
-    from sparsify_fx.passes.activation_memory.attention_dropout import _keep_scaled, _probs, actmem_sdpa_dropout
+    from sparsify_fx.passes.activation_memory.attention_dropout import (
+        _keep_scaled,
+        _probs,
+        actmem_sdpa_dropout,
+    )
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 11, 8, dtype=dtype).requires_grad_() for _ in range(3))

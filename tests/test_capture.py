@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import pickle
 
 import pytest
 import torch
@@ -210,6 +211,59 @@ def test_export_fallback_for_shape_branch_with_raw_parameters():
     fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (x,),
                         capture_methods=("symbolic_trace", "export"))
     assert len(sfx.explain(fast).rewrites) == 3
+
+
+def test_export_keeps_the_batch_dim_dynamic_and_refuses_what_it_specialised():
+    """torch.export with ``Dim.AUTO``: the batch dim stays dynamic (2..inf: the model branches
+    on ``batch > 1``), the feature dim is fixed by a parameter; the rewrite trains and
+    evaluates at other batch sizes, and a shape outside the graph's range is refused."""
+    torch.manual_seed(0)
+    model, x = ShapeBranchRawParam(), torch.randn(4, 8)
+    fast = sfx.sparsify(model, "dropit:keep=0.5,skip_first_last=False+actmem", (x,),
+                        capture_methods=("symbolic_trace", "export"))
+    report = sfx.explain(fast)
+    assert report.capture_method == "export"
+    assert any("dim 0 of input 0 (2..inf) dynamic" in n for n in report.capture_notes), report.capture_notes
+    for batch in (7, 3):
+        y = torch.randn(batch, 8)
+        fast.train()
+        fast(y).sum().backward()
+        fast.eval(), model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fast(y), model(y), rtol=1e-6, atol=1e-6)
+        model.train()
+    with pytest.raises(sfx.CaptureError, match=r"\('2\.\.inf', 8\)"):
+        fast(torch.randn(1, 8))  # (at batch 1 the model takes the other branch)
+    with pytest.raises(sfx.CaptureError, match="input shapes"):
+        fast(torch.randn(4, 9))
+
+
+class _EvenBatchBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.v = nn.Parameter(torch.randn(8, 8) * 0.1), nn.Parameter(torch.randn(8, 8) * 0.1)
+
+    def forward(self, x):
+        if x.shape[0] % 2 == 0:  # export keeps the batch dynamic under this condition
+            x = x * 2
+        return torch.relu(x @ self.w) @ self.v
+
+
+def test_export_guards_beyond_ranges_are_checked_on_every_call():
+    """A dynamic dim export keeps only under a condition (an even batch) must not run the graph
+    where the model would take the other path: refused with the condition, also on a copy."""
+    torch.manual_seed(0)
+    model = _EvenBatchBranch()
+    fast = sfx.sparsify(model, sfx.DropIT(keep=0.5, skip_first_last=False), (torch.randn(4, 8),),
+                        capture_methods=("export",))
+    assert any("dynamic" in n for n in sfx.explain(fast).capture_notes)
+    y = torch.randn(6, 8)
+    fast.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(y), model(y), rtol=1e-6, atol=1e-6)
+    for module in (fast, pickle.loads(pickle.dumps(fast))):
+        with pytest.raises(sfx.CaptureError, match=r"% 2\) == 0.*break"):
+            module(torch.randn(3, 8))
 
 
 def test_full_cascade_reaches_export_when_submodules_miss_raw_parameters():

@@ -28,7 +28,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from sparsify_fx.passes.activation_memory.ops import _compressible, _fake_payload, compress, decompress
+from sparsify_fx.passes.activation_memory.ops import (
+    _compressible,
+    _fake_payload,
+    compress,
+    decompress,
+)
 from sparsify_fx.passes.kernels.op_autograd import in_backward, owned, register_autograd
 
 import sparsify_fx as sfx

@@ -1,8 +1,9 @@
 """The capture cascade's last two methods (``capture.py`` runs the cascade):
 
 * ``export``: ``torch.export`` (non-strict) in both modes; the graphs must agree once the
-  train/eval-dependent ops are put back as BatchNorm / Dropout module calls. The result is
-  specialised to the example inputs' shapes (:class:`_ShapeGuard` rejects others);
+  train/eval-dependent ops are put back as BatchNorm / Dropout module calls. Each input dim is
+  dynamic where export can keep it so (batch, sequence length: ``Dim.AUTO``) and specialised
+  otherwise; :class:`_ShapeGuard` rejects shapes outside what the graph was made for;
 * ``dynamo``: :class:`DynamoCaptured`, whose graphs Dynamo hands over (and a transform
   rewrites) lazily, per input shape and mode, when the module first runs.
 """
@@ -111,12 +112,18 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
         # export runs hooks once while tracing and keeps only their tensor ops: a hook that
         # logs, collects features or counts calls would silently stop running
         raise CaptureError(f"export would inline the hooks of {hooked[:3]} (their Python side effects would be lost)")
+    programs, guards = None, []
+    try:  # every dim dynamic where export can keep it so (batch, sequence length)
+        dims = _auto_dims(args, kwargs)
+        if dims is not None:
+            programs = _export_both_modes(model, args, kwargs, dims)
+            guards = _readable_guards(programs[1], model, args)
+    except Exception:  # noqa: BLE001 - a model export cannot keep dynamic: specialised instead
+        programs = None
+    if programs is None or guards is None:
+        programs, guards = _export_both_modes(model, args, kwargs, None), []
     keys = []
-    programs = []
-    for training in (True, False):
-        with _modes(model, training):
-            ep = torch.export.export(model, tuple(args), kwargs or None, strict=False)
-        programs.append(ep)
+    for ep in programs:
         buffers = ep.graph_signature.inputs_to_buffers
         keys.append(
             [
@@ -135,7 +142,9 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
     for name, m in model._modules.items():
         gm._modules[name] = m
     gm.register_forward_pre_hook(CapturedArguments(model, args, kwargs or {}), with_kwargs=True)
-    gm.register_forward_pre_hook(_ShapeGuard(args, kwargs or {}), with_kwargs=True)
+    guard = _ShapeGuard(args, kwargs or {}, _input_sizes(programs[1]) if guards else None, guards,
+                        _parameter_names(model, args))
+    gm.register_forward_pre_hook(guard, with_kwargs=True)
     # export's own input guard is a module whose forward is a local function: it cannot be
     # pickled, and the shape guard above already rejects inputs the graph was not made for
     for node in list(gm.graph.nodes):
@@ -151,24 +160,135 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
             + "; ".join(unresolved[:3])
         )
     canonicalize(gm)
-    notes = ["export specialises shapes to the example inputs; other shapes raise"]
+    notes = [f"export kept {guard.describe()} dynamic; other shapes raise" if guard.dynamic
+             else "export specialises shapes to the example inputs; other shapes raise"]
     return Capture(gm, "export", {"": gm}, notes)
 
 
-class _ShapeGuard:
-    """Rejects inputs whose shapes differ from the example's (export specialised them)."""
+def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict | None, dynamic_shapes: Any) -> list:
+    programs = []
+    for training in (True, False):
+        with _modes(model, training):
+            programs.append(torch.export.export(model, tuple(args), kwargs or None, strict=False,
+                                                dynamic_shapes=dynamic_shapes))
+    return programs
 
-    def __init__(self, args: tuple, kwargs: dict):
-        self.shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                       if isinstance(t, torch.Tensor)]
+
+def _auto_dims(args: tuple, kwargs: dict | None) -> Any:
+    """``Dim.AUTO`` for every dim of every tensor argument: export keeps a dim dynamic where the
+    model allows it and specialises the rest (a size the code branches on, a dim a parameter
+    fixes). None (all static) where there are keyword arguments, whose spec export wants in
+    signature order, or where this torch has no ``Dim.AUTO``."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if kwargs or auto is None:
+        return None
+    return tuple(torch.utils._pytree.tree_map(
+        lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None, a) for a in args)
+
+
+Sizes = list[tuple[int | tuple[int, int | None], ...]]
+
+
+def _parameter_names(model: nn.Module, args: tuple) -> list[str]:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[:len(args)]) or len(params) < len(args):
+        return []
+    return [p.name for p in params[:len(args)]]
+
+
+def _holds(guards: list[str], names: list[str], args: tuple) -> list[str]:
+    """The guards (export's, on the inputs' sizes: ``(L['x'].size()[0] % 2) == 0``) that fail."""
+    scope = {"L": dict(zip(names, args))}
+    failed = []
+    for code in guards:
+        try:
+            ok = bool(eval(code, {"__builtins__": {}}, scope))  # noqa: S307 - export's own guard text
+        except Exception:  # noqa: BLE001 - a guard that cannot be read counts as failed
+            ok = False
+        if not ok:
+            failed.append(code)
+    return failed
+
+
+def _readable_guards(program: Any, model: nn.Module, args: tuple) -> list[str] | None:
+    """Export's guards on the input sizes, beyond the dims' ranges (a branch on
+    ``batch % 2``): the dynamic graph holds only where they do, so they are checked on every
+    call. None where they cannot be read (older torch, an argument layout they do not name) or
+    do not hold on the example: the capture is then specialised."""
+    guards = getattr(program, "_guards_code", None)
+    names = _parameter_names(model, args)
+    if guards is None or not names or _holds(list(guards), names, args):
+        return None
+    return list(guards)
+
+
+def _input_sizes(program: Any) -> Sizes | None:
+    """Per tensor input, per dim: its size, or the (min, max) range export kept it dynamic in
+    (max None: unbounded). None where the inputs cannot be read back."""
+    try:
+        ranges = program.range_constraints
+        sizes: Sizes = []
+        user = set(program.graph_signature.user_inputs)
+        for node in program.graph.nodes:
+            value = node.meta.get("val")
+            if node.op != "placeholder" or node.name not in user or not isinstance(value, torch.Tensor):
+                continue
+            dims = []
+            for size in value.shape:
+                if isinstance(size, torch.SymInt) and not size.node.expr.is_Integer:
+                    bound = ranges[size.node.expr]  # (a derived expression: KeyError, all static)
+                    upper = int(bound.upper) if bound.upper.is_Integer else None  # (int_oo: unbounded)
+                    dims.append((int(bound.lower) if bound.lower.is_Integer else 0, upper))
+                else:  # (a SymInt export specialised is a constant)
+                    dims.append(int(size))
+            sizes.append(tuple(dims))
+        return sizes
+    except Exception:  # noqa: BLE001 - unknown program layout: the example's shapes only
+        return None
+
+
+class _ShapeGuard:
+    """Rejects inputs whose shapes the exported graph was not made for: a dim export kept
+    dynamic may take any size in its range, the others must equal the example's."""
+
+    def __init__(self, args: tuple, kwargs: dict, sizes: Sizes | None = None, guards: list[str] = (),
+                 names: list[str] = ()):
+        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)]
+        if sizes is None or len(sizes) != len(shapes) or any(len(a) != len(b) for a, b in zip(sizes, shapes)):
+            sizes = [tuple(s) for s in shapes]
+        self.sizes = sizes
+        self.dynamic = [(i, d, s) for i, dims in enumerate(sizes) for d, s in enumerate(dims) if isinstance(s, tuple)]
+        self.guards, self.names = (list(guards), list(names)) if self.dynamic else ([], [])
+
+    def describe(self) -> str:
+        return ", ".join(f"dim {d} of input {i} ({lo}..{hi if hi is not None else 'inf'})"
+                         for i, d, (lo, hi) in self.dynamic)
+
+    def _fits(self, shapes: list[tuple[int, ...]]) -> bool:
+        if len(shapes) != len(self.sizes) or any(len(a) != len(b) for a, b in zip(shapes, self.sizes)):
+            return False
+        return all(got == want if isinstance(want, int) else
+                   (want[0] <= got and (want[1] is None or got <= want[1]))
+                   for shape, dims in zip(shapes, self.sizes) for got, want in zip(shape, dims))
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)]
-        if shapes != self.shapes:
+        failed = _holds(self.guards, self.names, args) if self.guards and self._fits(shapes) else []
+        if failed:
+            raise CaptureError(
+                f"{type(module).__name__} was captured by torch.export with dynamic sizes under the "
+                f"conditions {failed}, which these inputs {shapes} break (the model takes another path "
+                "there). Call sparsify with example inputs of the shape you train with.")
+        if not self._fits(shapes):
+            expected = [tuple(s if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else 'inf'}"
+                              for s in dims) for dims in self.sizes]
             raise CaptureError(
                 f"{type(module).__name__} was captured by torch.export for input shapes "
-                f"{self.shapes}; got {shapes}. Call sparsify with example inputs of the shape "
+                f"{expected}; got {shapes}. Call sparsify with example inputs of the shape "
                 "you train with."
             )
 
