@@ -112,7 +112,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
         # export runs hooks once while tracing and keeps only their tensor ops: a hook that
         # logs, collects features or counts calls would silently stop running
         raise CaptureError(f"export would inline the hooks of {hooked[:3]} (their Python side effects would be lost)")
-    programs, guards = None, []
+    programs, guards = None, None
     try:  # every dim dynamic where export can keep it so (batch, sequence length)
         dims = _auto_dims(args, kwargs)
         if dims is not None:
@@ -120,7 +120,8 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
             guards = _readable_guards(programs[1], model, args)
     except Exception:  # noqa: BLE001 - a model export cannot keep dynamic: specialised instead
         programs = None
-    if programs is None or guards is None:
+    sizes = _input_sizes(programs[1]) if programs is not None and guards is not None else None
+    if sizes is None:
         programs, guards = _export_both_modes(model, args, kwargs, None), []
     keys = []
     for ep in programs:
@@ -142,8 +143,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict | None) -> Captur
     for name, m in model._modules.items():
         gm._modules[name] = m
     gm.register_forward_pre_hook(CapturedArguments(model, args, kwargs or {}), with_kwargs=True)
-    guard = _ShapeGuard(args, kwargs or {}, _input_sizes(programs[1]) if guards else None, guards,
-                        _parameter_names(model, args))
+    guard = _ShapeGuard(args, kwargs or {}, sizes, guards, _parameter_names(model, args))
     gm.register_forward_pre_hook(guard, with_kwargs=True)
     # export's own input guard is a module whose forward is a local function: it cannot be
     # pickled, and the shape guard above already rejects inputs the graph was not made for
