@@ -284,8 +284,9 @@ class _ShapeGuard:
                 f"conditions {failed}, which these inputs {shapes} break (the model takes another path "
                 "there). Call sparsify with example inputs of the shape you train with.")
         if not self._fits(shapes):
-            expected = [tuple(s if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else 'inf'}"
-                              for s in dims) for dims in self.sizes]
+            expected = "[" + ", ".join("(" + ", ".join(
+                str(s) if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else 'inf'}" for s in dims)
+                + ("," if len(dims) == 1 else "") + ")" for dims in self.sizes) + "]"
             raise CaptureError(
                 f"{type(module).__name__} was captured by torch.export for input shapes "
                 f"{expected}; got {shapes}. Call sparsify with example inputs of the shape "
