@@ -64,13 +64,19 @@ running stats as graph inputs (``get_attr`` nodes on the original module), so ``
 keys and parameter sharing are unchanged. The ops are ``torch.library.custom_op`` with
 registered autograd and fake kernels.
 
+* **Attention with dropout** (``attention_dropout="recompute"``, the default; CPU): the math
+  path's three ``[b, heads, L, L]`` tensors and its own q, k, v copies give way to q, k, v (as
+  they are, or as ``attention`` stores them) and a seed; backward recomputes the probabilities
+  and regenerates the dropout mask (``attention_dropout.py``). Exact for the mask drawn.
+
 * **MaxPool2d** (``maxpool="indices"``): keeps only the index of each maximum,
   int16 (int32 for planes over 32768 elements), not its input and int64 indices: its backward
   reads the input for its shape alone (``max_pool.py``). Exact; in ResNet's stem the
   pooled ReLU output is then held by nobody once the ReLU keeps a 1-bit mask.
 
 Modules beside this one: ``config`` (the config), ``ops`` (the custom ops), ``modules`` (their op
-modules), ``bn_relu_conv``, ``dense_storage``, ``max_pool`` and ``fp8_storage`` (one form each).
+modules), ``attention_dropout``, ``bn_relu_conv``, ``dense_storage``, ``max_pool`` and ``fp8_storage``
+(one form each).
 This one holds the per-op planning rules (one ``_plan_*`` per op family, each deciding a node's
 form from the config and the node's neighbours) and the pass: ~660 lines, most of it this
 docstring and the rules, which read best side by side.

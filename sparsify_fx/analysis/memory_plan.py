@@ -45,8 +45,8 @@ from sparsify_fx.graph.form import OPS_CONTAINER, is_in_place
 from sparsify_fx.graph.op_module import OpModule
 from sparsify_fx.graph.op_table import VIEW_METHODS, is_view
 
-__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place", "math_attention_bytes", "SAVES",
-           "requires_grad"]
+__all__ = ["TensorLiveness", "MemoryPlan", "memory_plan", "compressed_bytes_of", "overwritten_in_place",
+           "math_attention_bytes", "SAVES", "requires_grad"]
 
 _INPUT, _OUTPUT, _OPERANDS = "input", "output", "operands"
 

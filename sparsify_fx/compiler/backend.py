@@ -349,6 +349,9 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
         adopt(gm, results, before)
         if pristine is None:
             return gm, None
+        # a re-plan finds the modules' modes through the frame's modules only: its input
+        # tensors are not kept alive for the graph's life
+        frame = {"L": {k: v for k, v in frame["L"].items() if isinstance(v, nn.Module)}, "G": {}} if frame else None
 
         def on_replan(fresh: fx.GraphModule, results: list, sizes: list[int], before: int | None) -> None:
             record.capture_notes.append(f"re-planned a dynamic-size training graph at sizes {sizes} "
