@@ -155,6 +155,17 @@ def test_a_failed_replan_warns_and_the_step_runs_the_plan_it_has(monkeypatch):
     assert not [n for n in sfx.explain(fast).capture_notes if n.startswith("re-planned")]
 
 
+def test_compiling_a_dynamo_captured_model_says_it_compiles_nothing_more():
+    torch.manual_seed(0)
+    model = TokenMLP()
+    fast = _dynamo(model, "dropit:keep=0.5")
+    ids = _ids(16)
+    expected = fast(ids)
+    with pytest.warns(UserWarning, match=r"compiles nothing more.*backend=sfx\.backend\(recipe\)"):
+        out = torch.compile(fast)(ids)
+    assert out.shape == expected.shape  # (it still runs: the rewritten graphs, as they are)
+
+
 def test_recording_a_dynamo_graphs_shapes_leaves_running_statistics_alone():
     torch.manual_seed(0)
     model = TokenMLP(batchnorm=True)

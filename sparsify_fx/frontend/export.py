@@ -316,6 +316,7 @@ class DynamoCaptured(nn.Module):
         self._transform = graph_transform
         self._on_fallback = on_fallback
         self._compiled = torch.compile(model, backend=self._backend, dynamic=None)
+        self._outer_compile_warned = False
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         runner = None
@@ -325,6 +326,15 @@ class DynamoCaptured(nn.Module):
         return runner or gm.forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() and not self._outer_compile_warned:
+            # an outer torch.compile reaches this module's own compiled call and runs it as it
+            # is: Inductor makes no kernel for the rewritten graphs (HF BERT: 0 kernels)
+            self._outer_compile_warned = True
+            warnings.warn(
+                f"sparsify: torch.compile of {type(self.model).__name__}, which sparsify captured with Dynamo, "
+                "compiles nothing more: its rewritten graphs run as they are. To compile them, give the "
+                "recipe to the compiler instead: torch.compile(model, backend=sfx.backend(recipe)).",
+                UserWarning, stacklevel=2)
         try:
             # Dynamo's own fallback at its recompile limit runs the eager forward with a log
             # line only: raised instead, and taken below where it is counted and warned
