@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from sparsify_fx.passes.activation_memory.modules import _recording
 from sparsify_fx.passes.activation_memory.ops import (
     _compressible,
     _fake_payload,
@@ -181,8 +182,7 @@ class ActMemAttentionDropout(sfx.OpModule):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
-                and q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] \
+        if _recording(q, k, v) and q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] \
                 and (attn_mask is None or not attn_mask.requires_grad):
             with autocast_region(q.device.type) as cast:
                 q, k, v, mask = cast(q), cast(k), cast(v), cast(attn_mask)

@@ -466,7 +466,7 @@ def _plan_attention_dropout(gm: fx.GraphModule, node: fx.Node, args: dict, confi
         width = torch.empty((), dtype=metas[0][1]).element_size()
         if config.attention != "off" and width > (2 if config.attention == "bf16" else 1):
             storage = config.attention
-        mask_bytes = sfx.tensor_bytes(mask) or 0 if mask is not None else 0
+        mask_bytes = (sfx.tensor_bytes(mask) or 0) if mask is not None else 0
         # (the dense op keeps its own copies of q, k, v, not the operands: counted there)
         before = sfx.math_attention_bytes(node, gm, getattr(gm, "meta", {}).get(sfx.meta.AUTOCAST))
         kept = (sum(_stored_bytes(_numel_of(t), storage, config.block_size) or 0 for t in (q, k, v))

@@ -339,7 +339,9 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
         prepare_dynamo_graph(gm, example_inputs, names)
         training = not gm.meta[meta.NO_GRAD]
         size_inputs = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.SymInt)]
-        replans = training and bool(size_inputs) and any(c.plans_per_size for c in configs)
+        hints = [example_inputs[i].node.hint for i in size_inputs]
+        replans = training and bool(size_inputs) and all(h is not None for h in hints) \
+            and any(c.plans_per_size for c in configs)
         pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if replans else None
         if pristine is not None:
             pristine.meta.update(gm.meta)
@@ -358,9 +360,6 @@ def rewrite_lazily(cap: Any, configs: list, record: Any) -> nn.Module:
                                         f"(grown past {REPLAN_GROWTH}x the sizes it was planned at)")
             adopt(fresh, results, before)
 
-        hints = [example_inputs[i].node.hint for i in size_inputs]
-        if any(h is None for h in hints):
-            return gm, None
         return gm, ReplanningGraph(pristine, gm, configs, size_inputs, [int(h) for h in hints], frame, on_replan)
 
     def on_fallback(cause: str) -> None:

@@ -277,13 +277,14 @@ class _ShapeGuard:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)]
-        failed = _holds(self.guards, self.names, args) if self.guards and self._fits(shapes) else []
+        fits = self._fits(shapes)
+        failed = _holds(self.guards, self.names, args) if fits and self.guards else []
         if failed:
             raise CaptureError(
                 f"{type(module).__name__} was captured by torch.export with dynamic sizes under the "
                 f"conditions {failed}, which these inputs {shapes} break (the model takes another path "
                 "there). Call sparsify with example inputs of the shape you train with.")
-        if not self._fits(shapes):
+        if not fits:
             expected = "[" + ", ".join("(" + ", ".join(
                 str(s) if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else 'inf'}" for s in dims)
                 + ("," if len(dims) == 1 else "") + ")" for dims in self.sizes) + "]"
